@@ -1,0 +1,567 @@
+//! The flag engine (DESIGN §3.3): the current [`Snapshot`] behind an
+//! [`ArcSwap`], and everything that replaces it — reloads, overrides,
+//! custom predicates — on the writer side.
+//!
+//! Readers call [`Engine::evaluate`]: one `ArcSwap::load`, a hash lookup, a
+//! few branches and a relaxed counter increment. They never lock, block or
+//! allocate. Writers serialize on a mutex, build a complete new snapshot off
+//! to the side and publish it with one atomic store; a reader sees either the
+//! old or the new snapshot, never a mix.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use super::clock::{Clock, SystemClock};
+use super::config::{ConfigError, FlagsConfig};
+use super::metrics::{Counts, FlagCounters, Metrics};
+use super::overrides::{EnvOverrides, Overrides};
+use super::snapshot::{CompileInput, CustomPredicate, Evaluation, Explanation, FlagDetails, Snapshot};
+use super::value::Context;
+
+/// The environment used when none is given, as in the reference.
+pub const DEFAULT_ENVIRONMENT: &str = "dev";
+
+/// Builds an [`Engine`].
+#[derive(Clone)]
+pub struct EngineBuilder {
+    environment: String,
+    clock: Arc<dyn Clock>,
+    env_overrides: EnvOverrides,
+}
+
+impl Default for EngineBuilder {
+    fn default() -> Self {
+        EngineBuilder {
+            environment: DEFAULT_ENVIRONMENT.to_owned(),
+            clock: Arc::new(SystemClock),
+            env_overrides: EnvOverrides::default(),
+        }
+    }
+}
+
+impl EngineBuilder {
+    /// The environment flags are evaluated in (default `dev`).
+    pub fn environment(mut self, environment: impl Into<String>) -> Self {
+        self.environment = environment.into();
+        self
+    }
+
+    /// The clock schedules read (default the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Overrides from `ERLMCP_FEATURE_FLAGS` (see [`EnvOverrides::from_env`]).
+    pub fn env_overrides(mut self, overrides: EnvOverrides) -> Self {
+        self.env_overrides = overrides;
+        self
+    }
+
+    /// Compile `config` and start serving it.
+    pub fn build(self, config: FlagsConfig) -> Engine {
+        let mut state = State {
+            config: Arc::new(config),
+            overrides: Overrides {
+                runtime: BTreeMap::new(),
+                env: self.env_overrides,
+            },
+            customs: BTreeMap::new(),
+            counters: BTreeMap::new(),
+            generation: 0,
+            fingerprint: None,
+        };
+        let unknown = Arc::new(FlagCounters::default());
+        let snapshot = compile(&mut state, &self.environment, &unknown, &self.clock);
+        Engine {
+            current: ArcSwap::from_pointee(snapshot),
+            state: Mutex::new(state),
+            environment: self.environment,
+            clock: self.clock,
+            unknown,
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
+        }
+    }
+}
+
+struct State {
+    config: Arc<FlagsConfig>,
+    overrides: Overrides,
+    customs: BTreeMap<String, CustomPredicate>,
+    /// Per-flag counters survive reloads (and flags leaving the config).
+    counters: BTreeMap<String, Arc<FlagCounters>>,
+    generation: u64,
+    /// Content fingerprint of the last file loaded.
+    fingerprint: Option<u64>,
+}
+
+fn compile(state: &mut State, environment: &str, unknown: &Arc<FlagCounters>, clock: &Arc<dyn Clock>) -> Snapshot {
+    state.generation += 1;
+    Snapshot::compile(CompileInput {
+        config: state.config.clone(),
+        environment,
+        overrides: &state.overrides,
+        customs: &state.customs,
+        counters: &mut state.counters,
+        unknown: unknown.clone(),
+        clock: clock.clone(),
+        generation: state.generation,
+    })
+}
+
+/// The feature-flag engine. Share it with `Arc`; every method takes `&self`.
+///
+/// # Examples
+/// ```
+/// use erlmcp_rollout::flags::{Engine, FlagsConfig, MapContext, Reason};
+/// let engine = Engine::builder()
+///     .environment("production")
+///     .build(FlagsConfig::from_json(br#"{"mcp_tasks": {"enabled": true, "environments": ["dev"]}}"#)?);
+/// assert_eq!(engine.evaluate("mcp_tasks", &()).reason, Reason::Environment);
+/// assert_eq!(engine.evaluate("nope", &()).reason, Reason::UnknownFlag);
+/// engine.disable("mcp_tasks");
+/// assert!(!engine.get_all()["mcp_tasks"]);
+/// # Ok::<(), erlmcp_rollout::flags::ConfigError>(())
+/// ```
+pub struct Engine {
+    current: ArcSwap<Snapshot>,
+    state: Mutex<State>,
+    environment: String,
+    clock: Arc<dyn Clock>,
+    unknown: Arc<FlagCounters>,
+    reloads: AtomicU64,
+    reload_failures: AtomicU64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("environment", &self.environment)
+            .field("snapshot", &*self.current.load())
+            .finish()
+    }
+}
+
+/// What a successful reload did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ReloadOutcome {
+    /// `false` when the file's content was what is already loaded (nothing swapped).
+    pub changed: bool,
+    /// Flags in the config now serving.
+    pub flags: usize,
+    /// Generation of the snapshot now serving.
+    pub generation: u64,
+}
+
+impl Engine {
+    /// A builder with the defaults (environment `dev`, system clock, no overrides).
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// Load `path` and build an engine for `environment`, applying
+    /// `ERLMCP_FEATURE_FLAGS` from the process environment.
+    ///
+    /// # Errors
+    /// The config is unreadable or invalid, or the environment variable is malformed.
+    pub fn from_file(path: impl AsRef<Path>, environment: &str) -> Result<Engine, EngineError> {
+        let bytes = read(path.as_ref())?;
+        let config = FlagsConfig::from_json(&bytes)?;
+        let engine = Engine::builder()
+            .environment(environment)
+            .env_overrides(EnvOverrides::from_env()?)
+            .build(config);
+        engine.lock().fingerprint = Some(fingerprint(&bytes));
+        Ok(engine)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State half-updated in a
+        // way readers see (they read the published snapshot), so keep going.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn publish(&self, state: &mut State) {
+        let snapshot = compile(state, &self.environment, &self.unknown, &self.clock);
+        self.current.store(Arc::new(snapshot));
+    }
+
+    /// Evaluate `name` for `ctx`. Lock-free and allocation-free; never fails.
+    #[inline]
+    pub fn evaluate<N: AsRef<[u8]> + ?Sized, C: Context>(&self, name: &N, ctx: &C) -> Evaluation {
+        self.current.load().evaluate(name.as_ref(), ctx)
+    }
+
+    /// `evaluate(name, ctx).enabled`.
+    #[inline]
+    pub fn is_enabled<N: AsRef<[u8]> + ?Sized, C: Context>(&self, name: &N, ctx: &C) -> bool {
+        self.evaluate(name, ctx).enabled
+    }
+
+    /// Evaluate with the full reason chain.
+    pub fn explain<C: Context>(&self, name: &str, ctx: &C) -> Explanation {
+        self.current.load().explain(name, ctx)
+    }
+
+    /// The snapshot serving now; evaluate many flags against one consistent config.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// The environment this engine evaluates in.
+    pub fn environment(&self) -> &str {
+        &self.environment
+    }
+
+    /// Name -> effective `enabled` (see [`Snapshot::get_all`]).
+    pub fn get_all(&self) -> BTreeMap<String, bool> {
+        self.current.load().get_all()
+    }
+
+    /// Each flag's config, override and counters.
+    pub fn details(&self) -> Vec<FlagDetails> {
+        self.current.load().details()
+    }
+
+    /// Replace the config. Overrides and custom predicates carry over.
+    pub fn reload(&self, config: FlagsConfig) -> ReloadOutcome {
+        let mut state = self.lock();
+        state.config = Arc::new(config);
+        state.fingerprint = None;
+        self.publish(&mut state);
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        ReloadOutcome {
+            changed: true,
+            flags: state.config.len(),
+            generation: state.generation,
+        }
+    }
+
+    /// Parse and validate `json`, then swap it in.
+    ///
+    /// # Errors
+    /// Every problem in the config; the previous snapshot keeps serving.
+    pub fn reload_json(&self, json: &[u8]) -> Result<ReloadOutcome, ConfigError> {
+        match FlagsConfig::from_json(json) {
+            Ok(config) => Ok(self.reload(config)),
+            Err(e) => {
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Read `path` and reload it, unless its content equals what was last
+    /// loaded from a file (then nothing is swapped and `changed` is false).
+    ///
+    /// # Errors
+    /// The file is unreadable or invalid; the previous snapshot keeps serving.
+    pub fn reload_file(&self, path: impl AsRef<Path>) -> Result<ReloadOutcome, ConfigError> {
+        let bytes = match read(path.as_ref()) {
+            Ok(b) => b,
+            Err(e) => {
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        let fp = fingerprint(&bytes);
+        {
+            let state = self.lock();
+            if state.fingerprint == Some(fp) {
+                return Ok(ReloadOutcome {
+                    changed: false,
+                    flags: state.config.len(),
+                    generation: state.generation,
+                });
+            }
+        }
+        let config = match FlagsConfig::from_json(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        let mut state = self.lock();
+        state.config = Arc::new(config);
+        state.fingerprint = Some(fp);
+        self.publish(&mut state);
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        Ok(ReloadOutcome {
+            changed: true,
+            flags: state.config.len(),
+            generation: state.generation,
+        })
+    }
+
+    fn set_override(&self, name: &str, value: Option<bool>) {
+        let mut state = self.lock();
+        let changed = match value {
+            Some(v) => state.overrides.runtime.insert(name.to_owned(), v) != Some(v),
+            None => state.overrides.runtime.remove(name).is_some(),
+        };
+        if changed {
+            self.publish(&mut state);
+        }
+    }
+
+    /// Force `name` on (replaces its `enabled`) until [`Engine::clear`];
+    /// survives reloads. A name not in the config is remembered and applies
+    /// once a reload brings the flag.
+    pub fn enable(&self, name: &str) {
+        self.set_override(name, Some(true));
+    }
+
+    /// Force `name` off until [`Engine::clear`]; survives reloads.
+    pub fn disable(&self, name: &str) {
+        self.set_override(name, Some(false));
+    }
+
+    /// Remove the runtime override of `name` (the environment variable's, if
+    /// any, applies again).
+    pub fn clear(&self, name: &str) {
+        self.set_override(name, None);
+    }
+
+    /// Register (or replace) the predicate behind `{"custom": name}`.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use erlmcp_rollout::flags::{Context, Engine, FlagsConfig, MapContext, Value};
+    /// let engine = Engine::builder().build(FlagsConfig::from_json(
+    ///     br#"{"beta": {"enabled": true, "conditions": [{"custom": "staff"}]}}"#)?);
+    /// assert!(!engine.is_enabled("beta", &()));   // unregistered: false
+    /// engine.register_condition("staff", Arc::new(|ctx: &dyn Context| {
+    ///     matches!(ctx.get("email"), Some(Value::Binary(e)) if e.ends_with(b"@example.com"))
+    /// }));
+    /// assert!(engine.is_enabled("beta", &MapContext::new().binary("email", "ann@example.com")));
+    /// # Ok::<(), erlmcp_rollout::flags::ConfigError>(())
+    /// ```
+    pub fn register_condition(&self, name: &str, predicate: CustomPredicate) {
+        let mut state = self.lock();
+        state.customs.insert(name.to_owned(), predicate);
+        self.publish(&mut state);
+    }
+
+    /// Remove a custom predicate; conditions naming it evaluate to false again.
+    pub fn unregister_condition(&self, name: &str) {
+        let mut state = self.lock();
+        if state.customs.remove(name).is_some() {
+            self.publish(&mut state);
+        }
+    }
+
+    /// Evaluation counters and reload counts.
+    pub fn metrics(&self) -> Metrics {
+        let state = self.lock();
+        Metrics {
+            flags: state.counters.iter().map(|(k, c)| (k.clone(), c.read())).collect(),
+            unknown_flag_evaluations: self.unknown.read().false_count,
+            reloads: self.reloads.load(Ordering::Relaxed),
+            reload_failures: self.reload_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The counts of one flag.
+    pub fn counts(&self, name: &str) -> Counts {
+        self.lock().counters.get(name).map(|c| c.read()).unwrap_or_default()
+    }
+
+    /// Watch a config file: check its metadata every `options.check_interval`
+    /// and reload at once when it changed, and re-read it every
+    /// `options.poll_interval` regardless (reloading only if the content
+    /// changed). Failed reloads keep the last good snapshot and are reported
+    /// through [`FileWatcher::status`] and `options.on_event`.
+    ///
+    /// The watcher thread stops when the returned handle is dropped.
+    ///
+    /// # Errors
+    /// The thread could not be spawned.
+    pub fn watch_file(
+        self: &Arc<Self>,
+        path: impl Into<PathBuf>,
+        options: WatchOptions,
+    ) -> std::io::Result<FileWatcher> {
+        let path = path.into();
+        let status = Arc::new(Mutex::new(WatchStatus::default()));
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let engine = Arc::clone(self);
+        let thread_status = Arc::clone(&status);
+        let handle = std::thread::Builder::new()
+            .name("erlmcp-flags-watch".into())
+            .spawn(move || watch_loop(&engine, &path, &options, &stop_rx, &thread_status))?;
+        Ok(FileWatcher {
+            stop: Some(stop_tx),
+            handle: Some(handle),
+            status,
+        })
+    }
+}
+
+/// Why an engine could not be created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The config is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `ERLMCP_FEATURE_FLAGS` is malformed.
+    #[error(transparent)]
+    EnvOverrides(#[from] super::overrides::EnvOverrideError),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn fingerprint(bytes: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// How a [`FileWatcher`] polls.
+pub struct WatchOptions {
+    /// Full re-read interval (default 60 s, as in the reference).
+    pub poll_interval: Duration,
+    /// Metadata (size, mtime, inode) check interval (default 1 s).
+    pub check_interval: Duration,
+    /// Called after every reload attempt that changed something or failed.
+    pub on_event: Option<Box<dyn Fn(&WatchEvent) + Send>>,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            poll_interval: Duration::from_secs(60),
+            check_interval: Duration::from_secs(1),
+            on_event: None,
+        }
+    }
+}
+
+/// A reload attempt by a watcher.
+#[derive(Debug)]
+pub enum WatchEvent {
+    /// A new snapshot serves.
+    Reloaded(ReloadOutcome),
+    /// The file is bad; the previous snapshot keeps serving.
+    Failed(ConfigError),
+}
+
+/// What a watcher has done so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WatchStatus {
+    /// Reloads that swapped a new snapshot in.
+    pub reloads: u64,
+    /// Failed attempts.
+    pub failures: u64,
+    /// Every problem of the last failed attempt, cleared by the next success.
+    pub last_error: Option<Vec<super::config::Problem>>,
+}
+
+/// A running file watcher; dropping it stops the thread.
+pub struct FileWatcher {
+    stop: Option<mpsc::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+    status: Arc<Mutex<WatchStatus>>,
+}
+
+impl FileWatcher {
+    /// Reloads and failures so far.
+    pub fn status(&self) -> WatchStatus {
+        self.status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
+impl Drop for FileWatcher {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    #[cfg(unix)]
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        len: m.len(),
+        modified: m.modified().ok(),
+        #[cfg(unix)]
+        inode: std::os::unix::fs::MetadataExt::ino(&m),
+    })
+}
+
+fn watch_loop(
+    engine: &Engine,
+    path: &Path,
+    options: &WatchOptions,
+    stop: &mpsc::Receiver<()>,
+    status: &Mutex<WatchStatus>,
+) {
+    let mut last_stamp = stamp(path);
+    let mut last_full = Instant::now();
+    let tick = options
+        .check_interval
+        .min(options.poll_interval)
+        .max(Duration::from_millis(10));
+    loop {
+        match stop.recv_timeout(tick) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let now_stamp = stamp(path);
+        let due = last_full.elapsed() >= options.poll_interval;
+        if now_stamp == last_stamp && !due {
+            continue;
+        }
+        last_stamp = now_stamp;
+        last_full = Instant::now();
+        let event = match engine.reload_file(path) {
+            Ok(outcome) if !outcome.changed => continue,
+            Ok(outcome) => WatchEvent::Reloaded(outcome),
+            Err(e) => WatchEvent::Failed(e),
+        };
+        if let Ok(mut s) = status.lock() {
+            match &event {
+                WatchEvent::Reloaded(_) => {
+                    s.reloads += 1;
+                    s.last_error = None;
+                }
+                WatchEvent::Failed(e) => {
+                    s.failures += 1;
+                    s.last_error = Some(e.problems());
+                }
+            }
+        }
+        if let Some(cb) = &options.on_event {
+            cb(&event);
+        }
+    }
+}

@@ -1,0 +1,900 @@
+//! The compiled, immutable snapshot that evaluation reads (DESIGN §3.2), and
+//! `explain`.
+//!
+//! Compilation turns the JSON model into what evaluation needs and nothing
+//! else: the environment check and each schedule stage pre-decided for this
+//! engine's environment, stages as epoch milliseconds, condition operands as
+//! byte strings, hash sets and parsed versions, custom predicates resolved,
+//! overrides folded in. Evaluation is then a hash lookup and a few branches:
+//! no lock, no allocation (except parsing a context's semver pre-release
+//! longer than 8 bytes).
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::Serialize;
+
+use super::clock::{unix_ms, Clock};
+use super::config::{Condition, FlagSpec, FlagsConfig, Literal, Number, Operator};
+use super::metrics::FlagCounters;
+use super::overrides::{Override, Overrides};
+use super::phash2;
+use super::value::{Context, Value};
+
+/// A predicate registered for `{"custom": NAME}` conditions.
+pub type CustomPredicate = Arc<dyn Fn(&dyn Context) -> bool + Send + Sync>;
+
+/// The outcome of one evaluation: the value and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Evaluation {
+    /// Whether the flag is on for this context.
+    pub enabled: bool,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// Why an evaluation came out as it did (DESIGN §3.2 steps 1, 4-8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Reason {
+    /// The config has no such flag.
+    UnknownFlag,
+    /// `enabled` (after overrides and schedule) is false.
+    Disabled,
+    /// This environment is not in the flag's `environments`.
+    Environment,
+    /// The stickiness value's bucket is not below the percentage.
+    Rollout {
+        /// `phash2(Value, 100)` (or salted).
+        bucket: u8,
+        /// The percentage in force.
+        percentage: u8,
+    },
+    /// A condition did not hold.
+    Condition {
+        /// Its index in `conditions`.
+        index: u32,
+        /// How it failed.
+        failure: ConditionFailure,
+    },
+    /// Every check passed.
+    Enabled,
+}
+
+impl Reason {
+    /// The short code: `unknown_flag`, `disabled`, `environment`, `rollout`,
+    /// `condition` or `enabled`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::UnknownFlag => "unknown_flag",
+            Reason::Disabled => "disabled",
+            Reason::Environment => "environment",
+            Reason::Rollout { .. } => "rollout",
+            Reason::Condition { .. } => "condition",
+            Reason::Enabled => "enabled",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Rollout { bucket, percentage } => {
+                write!(f, "rollout (bucket {bucket} is not below {percentage}%)")
+            }
+            Reason::Condition { index, failure } => write!(f, "condition (#{index}: {failure})"),
+            other => f.write_str(other.code()),
+        }
+    }
+}
+
+/// How a condition failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConditionFailure {
+    /// The value did not match.
+    NotMet,
+    /// The context lacks the attribute.
+    MissingAttribute,
+    /// The value has the wrong type for the operator (e.g. `lt` on an atom).
+    WrongType,
+    /// No predicate is registered under the custom condition's name.
+    Unregistered,
+}
+
+impl fmt::Display for ConditionFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConditionFailure::NotMet => "not met",
+            ConditionFailure::MissingAttribute => "attribute missing from the context",
+            ConditionFailure::WrongType => "value has the wrong type for the operator",
+            ConditionFailure::Unregistered => "no custom condition registered under this name",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Rule {
+    enabled: bool,
+    percentage: u8,
+    env_allowed: bool,
+}
+
+enum Cond {
+    Equals {
+        attribute: Box<str>,
+        value: Box<[u8]>,
+    },
+    Custom {
+        name: Box<str>,
+        predicate: Option<CustomPredicate>,
+    },
+    In {
+        attribute: Box<str>,
+        texts: FxHashSet<Box<[u8]>>,
+        ints: Box<[i64]>,
+        negate: bool,
+    },
+    Text {
+        attribute: Box<str>,
+        kind: TextOp,
+        needles: Box<[Box<[u8]>]>,
+    },
+    Number {
+        attribute: Box<str>,
+        op: CmpOp,
+        operand: Number,
+    },
+    Semver {
+        attribute: Box<str>,
+        lt: bool,
+        version: semver::Version,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum TextOp {
+    Prefix,
+    Suffix,
+    Contains,
+}
+
+#[derive(Clone, Copy)]
+enum CmpOp {
+    Lt,
+    Lte,
+    Gt,
+    Gte,
+}
+
+pub(crate) struct CompiledFlag {
+    base: Rule,
+    stages: Box<[(i64, Rule)]>,
+    stickiness: Box<str>,
+    salt: Option<Box<[u8]>>,
+    conditions: Box<[Cond]>,
+    overridden: Option<Override>,
+    pub(crate) counters: Arc<FlagCounters>,
+}
+
+/// An immutable compiled config for one environment, with overrides and
+/// custom predicates folded in. Cheap to share; obtained from
+/// [`super::Engine::snapshot`].
+pub struct Snapshot {
+    flags: FxHashMap<Box<[u8]>, CompiledFlag>,
+    environment: Box<str>,
+    config: Arc<FlagsConfig>,
+    overrides: Overrides,
+    generation: u64,
+    clock: Arc<dyn Clock>,
+    pub(crate) unknown: Arc<FlagCounters>,
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("environment", &self.environment)
+            .field("flags", &self.flags.len())
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+/// Everything compilation needs besides the config.
+pub(crate) struct CompileInput<'a> {
+    pub config: Arc<FlagsConfig>,
+    pub environment: &'a str,
+    pub overrides: &'a Overrides,
+    pub customs: &'a BTreeMap<String, CustomPredicate>,
+    pub counters: &'a mut BTreeMap<String, Arc<FlagCounters>>,
+    pub unknown: Arc<FlagCounters>,
+    pub clock: Arc<dyn Clock>,
+    pub generation: u64,
+}
+
+fn env_allowed(envs: Option<&Vec<String>>, environment: &str) -> bool {
+    envs.is_none_or(|list| list.iter().any(|e| e == environment))
+}
+
+fn bytes(s: &str) -> Box<[u8]> {
+    s.as_bytes().into()
+}
+
+fn compile_condition(c: &Condition, customs: &BTreeMap<String, CustomPredicate>) -> Cond {
+    match c {
+        Condition::Equals { attribute, value } => Cond::Equals {
+            attribute: attribute.as_str().into(),
+            value: bytes(value),
+        },
+        Condition::Custom { name } => Cond::Custom {
+            name: name.as_str().into(),
+            predicate: customs.get(name).cloned(),
+        },
+        Condition::Match { attribute, op } => {
+            let attribute: Box<str> = attribute.as_str().into();
+            let text = |kind, v: &Vec<String>| Cond::Text {
+                attribute: attribute.clone(),
+                kind,
+                needles: v.iter().map(|s| bytes(s)).collect(),
+            };
+            let set = |v: &Vec<Literal>, negate| Cond::In {
+                attribute: attribute.clone(),
+                texts: v
+                    .iter()
+                    .filter_map(|l| match l {
+                        Literal::Str(s) => Some(bytes(s)),
+                        Literal::Int(_) => None,
+                    })
+                    .collect(),
+                ints: v
+                    .iter()
+                    .filter_map(|l| match l {
+                        Literal::Int(i) => Some(*i),
+                        Literal::Str(_) => None,
+                    })
+                    .collect(),
+                negate,
+            };
+            let num = |op, operand| Cond::Number {
+                attribute: attribute.clone(),
+                op,
+                operand,
+            };
+            match op {
+                Operator::In(v) => set(v, false),
+                Operator::NotIn(v) => set(v, true),
+                Operator::Prefix(v) => text(TextOp::Prefix, v),
+                Operator::Suffix(v) => text(TextOp::Suffix, v),
+                Operator::Contains(v) => text(TextOp::Contains, v),
+                Operator::Lt(n) => num(CmpOp::Lt, *n),
+                Operator::Lte(n) => num(CmpOp::Lte, *n),
+                Operator::Gt(n) => num(CmpOp::Gt, *n),
+                Operator::Gte(n) => num(CmpOp::Gte, *n),
+                Operator::SemverLt(v) => Cond::Semver {
+                    attribute,
+                    lt: true,
+                    version: v.clone(),
+                },
+                Operator::SemverGte(v) => Cond::Semver {
+                    attribute,
+                    lt: false,
+                    version: v.clone(),
+                },
+            }
+        }
+    }
+}
+
+impl CompiledFlag {
+    fn compile(name: &str, spec: &FlagSpec, input: &mut CompileInput<'_>) -> CompiledFlag {
+        let base = Rule {
+            enabled: spec.enabled,
+            percentage: spec.rollout_percentage.get(),
+            env_allowed: env_allowed(spec.environments.as_ref(), input.environment),
+        };
+        let stages = spec
+            .schedule
+            .as_ref()
+            .map(|s| {
+                s.stages()
+                    .iter()
+                    .map(|st| {
+                        let rule = Rule {
+                            enabled: st.enabled.unwrap_or(base.enabled),
+                            percentage: st.rollout_percentage.map_or(base.percentage, |p| p.get()),
+                            env_allowed: match &st.environments {
+                                Some(envs) => env_allowed(Some(envs), input.environment),
+                                None => base.env_allowed,
+                            },
+                        };
+                        (unix_ms(st.at), rule)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let counters = input.counters.entry(name.to_owned()).or_default().clone();
+        CompiledFlag {
+            base,
+            stages,
+            stickiness: spec.stickiness.as_str().into(),
+            salt: spec.salt.as_deref().map(bytes),
+            conditions: spec
+                .conditions
+                .iter()
+                .map(|c| compile_condition(c, input.customs))
+                .collect(),
+            overridden: input.overrides.lookup(name),
+            counters,
+        }
+    }
+
+    /// The rule in force at `now_ms` and the index of its stage.
+    #[inline]
+    fn rule_at(&self, now_ms: i64) -> (Rule, Option<usize>) {
+        let n = self.stages.partition_point(|(at, _)| *at <= now_ms);
+        match n
+            .checked_sub(1)
+            .and_then(|i| self.stages.get(i).map(|(_, r)| (*r, Some(i))))
+        {
+            Some(found) => found,
+            None => (self.base, None),
+        }
+    }
+
+    #[inline]
+    fn rule(&self, clock: &dyn Clock) -> (Rule, Option<usize>) {
+        if self.stages.is_empty() {
+            (self.base, None)
+        } else {
+            self.rule_at(clock.now_unix_ms())
+        }
+    }
+
+    #[inline]
+    fn bucket<C: Context>(&self, ctx: &C) -> u8 {
+        let value = ctx.get(&self.stickiness).unwrap_or(Value::Binary(b""));
+        let b = match &self.salt {
+            Some(salt) => phash2::phash2_salted(salt, &value, 100),
+            None => phash2::phash2(&value, 100),
+        };
+        // phash2(_, 100) < 100.
+        u8::try_from(b).unwrap_or(u8::MAX)
+    }
+
+    #[inline]
+    fn evaluate<C: Context>(&self, ctx: &C, clock: &dyn Clock) -> Evaluation {
+        let (rule, _) = self.rule(clock);
+        let enabled = self.overridden.map_or(rule.enabled, |o| o.enabled);
+        let reason = self.decide(enabled, rule, ctx);
+        Evaluation {
+            enabled: matches!(reason, Reason::Enabled),
+            reason,
+        }
+    }
+
+    #[inline]
+    fn decide<C: Context>(&self, enabled: bool, rule: Rule, ctx: &C) -> Reason {
+        if !enabled {
+            return Reason::Disabled;
+        }
+        if !rule.env_allowed {
+            return Reason::Environment;
+        }
+        if rule.percentage < 100 {
+            let bucket = self.bucket(ctx);
+            if bucket >= rule.percentage {
+                return Reason::Rollout {
+                    bucket,
+                    percentage: rule.percentage,
+                };
+            }
+        }
+        match self.first_failing_condition(ctx) {
+            Some((index, failure)) => Reason::Condition { index, failure },
+            None => Reason::Enabled,
+        }
+    }
+
+    fn first_failing_condition<C: Context>(&self, ctx: &C) -> Option<(u32, ConditionFailure)> {
+        for (i, c) in self.conditions.iter().enumerate() {
+            if let Err(f) = check(c, ctx) {
+                return Some((u32::try_from(i).unwrap_or(u32::MAX), f));
+            }
+        }
+        None
+    }
+}
+
+fn attribute_of(c: &Cond) -> Option<&str> {
+    match c {
+        Cond::Equals { attribute, .. }
+        | Cond::In { attribute, .. }
+        | Cond::Text { attribute, .. }
+        | Cond::Number { attribute, .. }
+        | Cond::Semver { attribute, .. } => Some(attribute),
+        Cond::Custom { .. } => None,
+    }
+}
+
+#[inline]
+fn check<C: Context>(c: &Cond, ctx: &C) -> Result<(), ConditionFailure> {
+    use ConditionFailure::{MissingAttribute, NotMet, Unregistered, WrongType};
+    let ok = |b: bool| if b { Ok(()) } else { Err(NotMet) };
+    if let Cond::Custom { predicate, .. } = c {
+        return match predicate {
+            Some(p) => ok(p(ctx as &dyn Context)),
+            None => Err(Unregistered),
+        };
+    }
+    let Some(attr) = attribute_of(c) else {
+        return Err(NotMet);
+    };
+    let Some(value) = ctx.get(attr) else {
+        return Err(MissingAttribute);
+    };
+    match c {
+        Cond::Equals { value: expected, .. } => ok(value.text() == Some(expected)),
+        Cond::In {
+            texts, ints, negate, ..
+        } => {
+            let found = match value {
+                Value::Int(i) => ints.contains(&i),
+                Value::BigInt { .. } => false,
+                Value::Binary(b) => texts.contains(b),
+                Value::Atom(a) => texts.contains(a.as_bytes()),
+            };
+            ok(found != *negate)
+        }
+        Cond::Text { kind, needles, .. } => {
+            let text = value.text().ok_or(WrongType)?;
+            ok(needles.iter().any(|n| match kind {
+                TextOp::Prefix => text.starts_with(n),
+                TextOp::Suffix => text.ends_with(n),
+                TextOp::Contains => n.is_empty() || text.windows(n.len()).any(|w| w == &**n),
+            }))
+        }
+        Cond::Number { op, operand, .. } => {
+            let ord = compare_number(&value, *operand).ok_or(WrongType)?;
+            ok(match op {
+                CmpOp::Lt => ord == Ordering::Less,
+                CmpOp::Lte => ord != Ordering::Greater,
+                CmpOp::Gt => ord == Ordering::Greater,
+                CmpOp::Gte => ord != Ordering::Less,
+            })
+        }
+        Cond::Semver { lt, version, .. } => {
+            let text = value
+                .text()
+                .and_then(|t| std::str::from_utf8(t).ok())
+                .ok_or(WrongType)?;
+            let text = text.strip_prefix('v').unwrap_or(text);
+            let v = semver::Version::parse(text).map_err(|_| WrongType)?;
+            ok((v < *version) == *lt)
+        }
+        Cond::Custom { .. } => Err(NotMet),
+    }
+}
+
+/// Compare a context value with a numeric operand; `None` if the value is
+/// not a number (binaries are parsed as decimal text).
+fn compare_number(value: &Value<'_>, operand: Number) -> Option<Ordering> {
+    match value {
+        Value::Int(i) => Some(cmp_int(*i, operand)),
+        Value::BigInt { negative, magnitude } => {
+            if magnitude.iter().all(|b| *b == 0) {
+                return Some(cmp_int(0, operand));
+            }
+            // Beyond i64 (if it fitted it would be an Int); approximate via f64.
+            let mut f = 0f64;
+            for b in magnitude.iter().rev() {
+                f = f * 256.0 + f64::from(*b);
+            }
+            let f = if *negative { -f } else { f };
+            let o = match operand {
+                Number::Int(n) => n as f64,
+                Number::Float(x) => x,
+            };
+            f.partial_cmp(&o)
+        }
+        Value::Binary(b) => {
+            let s = std::str::from_utf8(b).ok()?.trim();
+            if let Ok(i) = s.parse::<i64>() {
+                return Some(cmp_int(i, operand));
+            }
+            let f: f64 = s.parse().ok()?;
+            if !f.is_finite() {
+                return None;
+            }
+            match operand {
+                Number::Int(n) => cmp_int(n, Number::Float(f)).reverse().into(),
+                Number::Float(x) => f.partial_cmp(&x),
+            }
+        }
+        Value::Atom(_) => None,
+    }
+}
+
+/// Exact comparison of an integer with an integer or a finite float.
+fn cmp_int(i: i64, operand: Number) -> Ordering {
+    match operand {
+        Number::Int(n) => i.cmp(&n),
+        Number::Float(x) => {
+            const TWO_63: f64 = 9_223_372_036_854_775_808.0;
+            let fl = x.floor();
+            if fl >= TWO_63 {
+                return Ordering::Less;
+            }
+            if fl < -TWO_63 {
+                return Ordering::Greater;
+            }
+            let fl_i = fl as i64; // exact: fl is integral and in range
+            match i.cmp(&fl_i) {
+                Ordering::Equal if x > fl => Ordering::Less,
+                o => o,
+            }
+        }
+    }
+}
+
+impl Snapshot {
+    pub(crate) fn compile(mut input: CompileInput<'_>) -> Snapshot {
+        let config = input.config.clone();
+        let mut flags = FxHashMap::default();
+        flags.reserve(config.len());
+        for (name, spec) in config.iter() {
+            flags.insert(bytes(name), CompiledFlag::compile(name, spec, &mut input));
+        }
+        Snapshot {
+            flags,
+            environment: input.environment.into(),
+            config,
+            overrides: input.overrides.clone(),
+            generation: input.generation,
+            clock: input.clock,
+            unknown: input.unknown,
+        }
+    }
+
+    /// Evaluate `name` (bytes of a binary or atom name) for `ctx`, counting
+    /// the result. Never fails: an unknown flag is `false` with reason
+    /// [`Reason::UnknownFlag`].
+    #[inline]
+    pub fn evaluate<C: Context>(&self, name: &[u8], ctx: &C) -> Evaluation {
+        match self.flags.get(name) {
+            Some(flag) => {
+                let e = flag.evaluate(ctx, &*self.clock);
+                flag.counters.record(e.enabled);
+                e
+            }
+            None => {
+                self.unknown.record(false);
+                Evaluation {
+                    enabled: false,
+                    reason: Reason::UnknownFlag,
+                }
+            }
+        }
+    }
+
+    /// The environment this snapshot was compiled for.
+    pub fn environment(&self) -> &str {
+        &self.environment
+    }
+
+    /// The config it was compiled from.
+    pub fn config(&self) -> &FlagsConfig {
+        &self.config
+    }
+
+    /// Increases with every published snapshot of an engine.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Names the custom conditions of `name` refer to that have no predicate.
+    pub fn unregistered_conditions(&self, name: &str) -> Vec<&str> {
+        self.flags
+            .get(name.as_bytes())
+            .map(|f| {
+                f.conditions
+                    .iter()
+                    .filter_map(|c| match c {
+                        Cond::Custom { name, predicate: None } => Some(&**name),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The effective `enabled` of every flag (reference `get_all/0`
+    /// semantics): the `enabled` field after the schedule stage in force and
+    /// overrides, ignoring environment, rollout and conditions.
+    pub fn get_all(&self) -> BTreeMap<String, bool> {
+        let now = self.clock.now_unix_ms();
+        self.config
+            .iter()
+            .filter_map(|(name, _)| {
+                let f = self.flags.get(name.as_bytes())?;
+                let (rule, _) = f.rule_at(now);
+                Some((name.to_owned(), f.overridden.map_or(rule.enabled, |o| o.enabled)))
+            })
+            .collect()
+    }
+
+    /// Each flag's config, what is in force now, override and counters.
+    pub fn details(&self) -> Vec<FlagDetails> {
+        let now = self.clock.now_unix_ms();
+        self.config
+            .iter()
+            .filter_map(|(name, spec)| {
+                let f = self.flags.get(name.as_bytes())?;
+                let (rule, stage) = f.rule_at(now);
+                Some(FlagDetails {
+                    name: name.to_owned(),
+                    effective_enabled: f.overridden.map_or(rule.enabled, |o| o.enabled),
+                    environment_allowed: rule.env_allowed,
+                    rollout_percentage: rule.percentage,
+                    schedule_stage: stage,
+                    r#override: f.overridden,
+                    counts: f.counters.read(),
+                    config: spec.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Evaluate with the full reason chain. The result equals
+    /// [`Snapshot::evaluate`]'s (and is counted like it).
+    pub fn explain<C: Context>(&self, name: &str, ctx: &C) -> Explanation {
+        let result = self.evaluate(name.as_bytes(), ctx);
+        let mut steps = Vec::new();
+        let mut step = |check: &str, passed: Option<bool>, detail: String| {
+            steps.push(Step {
+                check: check.to_owned(),
+                passed,
+                detail,
+            });
+        };
+        let (Some(flag), Some(spec)) = (self.flags.get(name.as_bytes()), self.config.get(name)) else {
+            let known: Vec<&str> = self.config.iter().map(|(n, _)| n).collect();
+            let hint = closest(name, &known)
+                .map(|c| format!("; did you mean {c:?}?"))
+                .unwrap_or_default();
+            step("flag", Some(false), format!("{name:?} is not in the config{hint}"));
+            return Explanation {
+                flag: name.to_owned(),
+                environment: self.environment.to_string(),
+                result,
+                steps,
+            };
+        };
+        let now = self.clock.now_unix_ms();
+        let (rule, stage) = flag.rule_at(now);
+        match (stage, spec.schedule.as_ref()) {
+            (Some(i), Some(s)) => {
+                let at = s
+                    .stages()
+                    .get(i)
+                    .map(|st| super::config::format_time(st.at))
+                    .unwrap_or_default();
+                step(
+                    "schedule",
+                    None,
+                    format!(
+                        "stage #{i} (since {at}) in force: enabled={}, rollout_percentage={}, environment allowed={}",
+                        rule.enabled, rule.percentage, rule.env_allowed
+                    ),
+                );
+            }
+            (None, Some(s)) => {
+                let first = s
+                    .stages()
+                    .first()
+                    .map(|st| super::config::format_time(st.at))
+                    .unwrap_or_default();
+                step(
+                    "schedule",
+                    None,
+                    format!("before the first stage ({first}): base fields apply"),
+                );
+            }
+            _ => {}
+        }
+        let enabled = match flag.overridden {
+            Some(o) => {
+                step(
+                    "override",
+                    None,
+                    format!("{} sets enabled={} (config says {})", o.source, o.enabled, rule.enabled),
+                );
+                o.enabled
+            }
+            None => rule.enabled,
+        };
+        step("enabled", Some(enabled), format!("enabled={enabled}"));
+        step(
+            "environment",
+            Some(rule.env_allowed),
+            match (
+                &spec.environments,
+                stage.and_then(|i| spec.schedule.as_ref()?.stages().get(i)?.environments.as_ref()),
+            ) {
+                (_, Some(envs)) | (Some(envs), None) => {
+                    format!(
+                        "{:?} {} in {:?}",
+                        &*self.environment,
+                        if rule.env_allowed { "is" } else { "is not" },
+                        envs
+                    )
+                }
+                (None, None) => "every environment allowed (no environments list)".to_owned(),
+            },
+        );
+        if rule.percentage == 100 {
+            step("rollout", Some(true), "rollout_percentage=100: everyone".to_owned());
+        } else {
+            let value = ctx.get(&flag.stickiness);
+            let shown = match &value {
+                Some(v) => format!("{}={v}", flag.stickiness),
+                None => format!("{} missing: hashing <<>> as the reference does", flag.stickiness),
+            };
+            let bucket = flag.bucket(ctx);
+            let formula = match &spec.salt {
+                Some(s) => format!("phash2({{<<{s:?}>>, Value}}, 100)"),
+                None => "phash2(Value, 100)".to_owned(),
+            };
+            let inside = bucket < rule.percentage;
+            step(
+                "rollout",
+                Some(inside),
+                format!(
+                    "{shown}; {formula} = {bucket}, {} {}%",
+                    if inside { "below" } else { "not below" },
+                    rule.percentage
+                ),
+            );
+        }
+        for (i, (c, cfg)) in flag.conditions.iter().zip(&spec.conditions).enumerate() {
+            let r = check(c, ctx);
+            let detail = match (r, attribute_of(c).and_then(|a| ctx.get(a))) {
+                (Ok(()), _) => format!("{cfg}: holds"),
+                (Err(f), Some(v)) => format!("{cfg}: {f} (value {v})"),
+                (Err(f), None) => format!("{cfg}: {f}"),
+            };
+            step(&format!("condition[{i}]"), Some(r.is_ok()), detail);
+        }
+        Explanation {
+            flag: name.to_owned(),
+            environment: self.environment.to_string(),
+            result,
+            steps,
+        }
+    }
+
+    /// Whether a runtime override or the environment variable overrides `name`.
+    pub fn override_of(&self, name: &str) -> Option<Override> {
+        self.overrides.lookup(name)
+    }
+}
+
+/// The closest known name by edit distance, for "did you mean".
+fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let sub = prev.get(j).copied().unwrap_or(0) + usize::from(ca != *cb);
+                let del = prev.get(j + 1).copied().unwrap_or(0) + 1;
+                let ins = cur.get(j).copied().unwrap_or(0) + 1;
+                cur.push(sub.min(del).min(ins));
+            }
+            prev = cur;
+        }
+        prev.last().copied().unwrap_or(0)
+    }
+    known
+        .iter()
+        .map(|k| (distance(name, k), *k))
+        .filter(|(d, k)| *d <= 3.max(k.len() / 4))
+        .min()
+        .map(|(_, k)| k)
+}
+
+/// One flag in [`Snapshot::details`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FlagDetails {
+    /// The flag.
+    pub name: String,
+    /// `enabled` after schedule and overrides.
+    pub effective_enabled: bool,
+    /// Whether this environment is allowed now.
+    pub environment_allowed: bool,
+    /// The percentage in force now.
+    pub rollout_percentage: u8,
+    /// Index of the schedule stage in force, if any.
+    pub schedule_stage: Option<usize>,
+    /// The override in force, if any.
+    #[serde(rename = "override")]
+    pub r#override: Option<Override>,
+    /// Evaluation counts.
+    pub counts: super::metrics::Counts,
+    /// The flag as configured.
+    pub config: FlagSpec,
+}
+
+/// The result of `explain`: the evaluation and every check on the way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Explanation {
+    /// The flag asked about.
+    pub flag: String,
+    /// The environment evaluated in.
+    pub environment: String,
+    /// The same result [`Snapshot::evaluate`] gives.
+    pub result: Evaluation,
+    /// Each check in evaluation order (all of them, also after the deciding one).
+    pub steps: Vec<Step>,
+}
+
+/// One check in an [`Explanation`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Step {
+    /// `flag`, `schedule`, `override`, `enabled`, `environment`, `rollout`, `condition[i]`.
+    pub check: String,
+    /// Whether it passed; `None` for informational steps.
+    pub passed: Option<bool>,
+    /// What was compared with what.
+    pub detail: String,
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} in {:?}: {} ({})",
+            self.flag, self.environment, self.result.enabled, self.result.reason
+        )?;
+        for s in &self.steps {
+            let mark = match s.passed {
+                Some(true) => "pass",
+                Some(false) => "FAIL",
+                None => "info",
+            };
+            writeln!(f, "  [{mark}] {:<13} {}", s.check, s.detail)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integer_float_comparison_is_exact() {
+        assert_eq!(cmp_int(2, Number::Float(2.5)), Ordering::Less);
+        assert_eq!(cmp_int(3, Number::Float(2.5)), Ordering::Greater);
+        assert_eq!(cmp_int(2, Number::Float(2.0)), Ordering::Equal);
+        assert_eq!(cmp_int(-3, Number::Float(-2.5)), Ordering::Less);
+        assert_eq!(cmp_int(i64::MAX, Number::Float(9.3e18)), Ordering::Less);
+        assert_eq!(cmp_int(i64::MIN, Number::Float(-9.3e18)), Ordering::Greater);
+        assert_eq!(
+            cmp_int(9_007_199_254_740_993, Number::Float(9_007_199_254_740_992.0)),
+            Ordering::Greater
+        );
+    }
+
+    #[test]
+    fn closest_name_suggests_typos_only() {
+        assert_eq!(
+            closest("mcp_samplng", &["mcp_sampling", "mcp_tasks"]),
+            Some("mcp_sampling")
+        );
+        assert_eq!(closest("zzz", &["mcp_sampling"]), None);
+    }
+}

@@ -1,0 +1,37 @@
+//! # erlmcp_rollout
+//!
+//! The rollout toolkit for [erlmcp](https://github.com/erlsci/erlmcp), an Erlang
+//! Model Context Protocol server: feature flags evaluated from an immutable,
+//! lock-free snapshot with cohorts bit-identical to `erlang:phash2/2`, and the
+//! deployment decisions built on them. The same core is exposed to Erlang
+//! through a rustler NIF and to operators through the `erlmcp-rollout` CLI.
+//!
+//! ## Modules
+//! - [`flags`]: config model and strict validation, evaluation with reasons,
+//!   the hot-reloading [`flags::Engine`], schedules, overrides, metrics.
+//! - [`flags::phash2`]: a pure-Rust `erlang:phash2/2` for binaries, atoms and
+//!   integers.
+//!
+//! ## Features
+//! - `cli` (default): the `erlmcp-rollout` binary and its dependencies. Depend
+//!   with `default-features = false` to get flag evaluation alone.
+//!
+//! ## Example
+//! ```
+//! use erlmcp_rollout::flags::{Engine, FlagsConfig, MapContext};
+//!
+//! let config = FlagsConfig::from_json(br#"{
+//!     "mcp_sampling": {"enabled": true, "rollout_percentage": 25,
+//!                      "environments": ["dev", "production"]}
+//! }"#)?;
+//! let engine = Engine::builder().environment("production").build(config)?;
+//! let ctx = MapContext::new().binary("session_id", "session-123");
+//! let eval = engine.evaluate("mcp_sampling", &ctx);
+//! // phash2(<<"session-123">>, 100) = 98, which is not below 25.
+//! assert!(!eval.enabled);
+//! println!("{}", eval.reason);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod flags;
