@@ -434,6 +434,9 @@ fn fingerprint(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
+/// Called by a watcher after a reload attempt.
+pub type WatchCallback = Box<dyn Fn(&WatchEvent) + Send>;
+
 /// How a [`FileWatcher`] polls.
 pub struct WatchOptions {
     /// Full re-read interval (default 60 s, as in the reference).
@@ -441,7 +444,7 @@ pub struct WatchOptions {
     /// Metadata (size, mtime, inode) check interval (default 1 s).
     pub check_interval: Duration,
     /// Called after every reload attempt that changed something or failed.
-    pub on_event: Option<Box<dyn Fn(&WatchEvent) + Send>>,
+    pub on_event: Option<WatchCallback>,
 }
 
 impl Default for WatchOptions {

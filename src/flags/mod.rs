@@ -24,12 +24,12 @@ mod value;
 
 pub use clock::{unix_ms, Clock, ManualClock, SystemClock};
 pub use config::{
-    format_time, parse_time, Condition, ConfigError, FlagSpec, FlagsConfig, Literal, Number, Operator, Percentage, Problem,
-    Schedule, Stage, DEFAULT_STICKINESS, MAX_FLAG_NAME_CHARS, OPERATORS,
+    format_time, parse_time, Condition, ConfigError, FlagSpec, FlagsConfig, Literal, Number, Operator, Percentage,
+    Problem, Schedule, Stage, DEFAULT_STICKINESS, MAX_FLAG_NAME_CHARS, OPERATORS,
 };
 pub use engine::{
-    Engine, EngineBuilder, EngineError, FileWatcher, ReloadOutcome, WatchEvent, WatchOptions, WatchStatus,
-    DEFAULT_ENVIRONMENT,
+    Engine, EngineBuilder, EngineError, FileWatcher, ReloadOutcome, WatchCallback, WatchEvent, WatchOptions,
+    WatchStatus, DEFAULT_ENVIRONMENT,
 };
 pub use json::{Pos, SyntaxError};
 pub use listing::{environments_named, state_table, FlagStateRow};
