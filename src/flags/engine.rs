@@ -521,6 +521,9 @@ fn stamp(path: &Path) -> Option<FileStamp> {
     })
 }
 
+/// How long after a modification the watcher compares content, not only metadata.
+const RACY_WINDOW: Duration = Duration::from_secs(2);
+
 fn watch_loop(
     engine: &Engine,
     path: &Path,
@@ -541,7 +544,15 @@ fn watch_loop(
         }
         let now_stamp = stamp(path);
         let due = last_full.elapsed() >= options.poll_interval;
-        if now_stamp == last_stamp && !due {
+        // A rewrite within the filesystem's timestamp granularity can keep
+        // size, mtime and inode: while the mtime is recent, compare content
+        // too (reload_file is a no-op when the content is unchanged).
+        let racy = now_stamp.and_then(|s| s.modified).is_some_and(|m| {
+            std::time::SystemTime::now()
+                .duration_since(m)
+                .map_or(true, |age| age < RACY_WINDOW)
+        });
+        if now_stamp == last_stamp && !due && !racy {
             continue;
         }
         last_stamp = now_stamp;
