@@ -513,15 +513,32 @@ pub fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
         .map_err(|_| format!("{text:?} is not an RFC 3339 time (2026-02-09T00:00:00Z) or a date (2026-02-09)"))
 }
 
-/// JSONPath segment for a key.
-fn path_key(base: &str, key: &str) -> String {
-    let simple = !key.is_empty()
-        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        && !key.starts_with(|c: char| c.is_ascii_digit());
-    if simple {
-        format!("{base}.{key}")
-    } else {
-        format!("{base}[{}]", serde_json::Value::String(key.to_owned()))
+/// A JSONPath built on the stack while validating; rendered to text only
+/// when a problem is reported.
+#[derive(Clone, Copy)]
+enum JPath<'a> {
+    Root,
+    Key(&'a JPath<'a>, &'a str),
+    Index(&'a JPath<'a>, usize),
+}
+
+impl JPath<'_> {
+    fn render(&self) -> String {
+        match self {
+            JPath::Root => "$".to_owned(),
+            JPath::Key(base, key) => {
+                let base = base.render();
+                let simple = !key.is_empty()
+                    && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    && !key.starts_with(|c: char| c.is_ascii_digit());
+                if simple {
+                    format!("{base}.{key}")
+                } else {
+                    format!("{base}[{}]", serde_json::Value::String((*key).to_owned()))
+                }
+            }
+            JPath::Index(base, i) => format!("{}[{i}]", base.render()),
+        }
     }
 }
 
@@ -532,23 +549,23 @@ struct Validator {
 }
 
 impl Validator {
-    fn problem(&mut self, path: &str, pos: Pos, message: impl Into<String>) {
+    fn problem(&mut self, path: &JPath<'_>, pos: Pos, message: impl Into<String>) {
         self.problems.push(Problem {
             flag: self.flag.clone(),
-            path: path.to_owned(),
+            path: path.render(),
             line: Some(pos.line),
             column: Some(pos.column),
             message: message.into(),
         });
     }
 
-    fn wrong_type(&mut self, path: &str, node: &Node, expected: &str) {
+    fn wrong_type(&mut self, path: &JPath<'_>, node: &Node, expected: &str) {
         let got = node.kind.type_name();
         self.problem(path, node.pos, format!("expected {expected}, got {got}"));
     }
 
     /// Members of an object, reporting duplicates; `None` if not an object.
-    fn object<'n>(&mut self, path: &str, node: &'n Node, what: &str) -> Option<Vec<&'n Member>> {
+    fn object<'n>(&mut self, path: &JPath<'_>, node: &'n Node, what: &str) -> Option<Vec<&'n Member>> {
         let Kind::Object(members) = &node.kind else {
             self.wrong_type(path, node, what);
             return None;
@@ -559,11 +576,11 @@ impl Validator {
             if let Some(first) = seen.get(m.key.as_str()) {
                 let first = *first;
                 self.problem(
-                    &path_key(path, &m.key),
+                    &JPath::Key(path, &m.key),
                     m.key_pos,
                     format!("duplicate key {:?} (first at {first})", m.key),
                 );
-                if path == "$" {
+                if matches!(path, JPath::Root) {
                     // A duplicate flag name: the problem belongs to that flag.
                     if let Some(p) = self.problems.last_mut() {
                         p.flag = Some(m.key.clone());
@@ -579,11 +596,11 @@ impl Validator {
 
     fn config(&mut self, root: &Node) -> FlagsConfig {
         let mut flags = BTreeMap::new();
-        let Some(members) = self.object("$", root, "an object mapping flag names to flags") else {
+        let Some(members) = self.object(&JPath::Root, root, "an object mapping flag names to flags") else {
             return FlagsConfig { flags };
         };
         for m in members {
-            let path = path_key("$", &m.key);
+            let path = JPath::Key(&JPath::Root, &m.key);
             self.flag = Some(m.key.clone());
             let chars = m.key.chars().count();
             if chars == 0 {
@@ -605,12 +622,12 @@ impl Validator {
         FlagsConfig { flags }
     }
 
-    fn flag_spec(&mut self, path: &str, node: &Node) -> Option<FlagSpec> {
+    fn flag_spec(&mut self, path: &JPath<'_>, node: &Node) -> Option<FlagSpec> {
         let members = self.object(path, node, "an object (the flag)")?;
         let mut spec = FlagSpec::default();
         let before = self.problems.len();
         for m in members {
-            let p = path_key(path, &m.key);
+            let p = JPath::Key(path, &m.key);
             let v = &m.value;
             match m.key.as_str() {
                 "enabled" => spec.enabled = self.boolean(&p, v).unwrap_or(false),
@@ -638,7 +655,7 @@ impl Validator {
         (self.problems.len() == before).then_some(spec)
     }
 
-    fn boolean(&mut self, path: &str, node: &Node) -> Option<bool> {
+    fn boolean(&mut self, path: &JPath<'_>, node: &Node) -> Option<bool> {
         match node.kind {
             Kind::Bool(b) => Some(b),
             _ => {
@@ -648,7 +665,7 @@ impl Validator {
         }
     }
 
-    fn string(&mut self, path: &str, node: &Node) -> Option<String> {
+    fn string(&mut self, path: &JPath<'_>, node: &Node) -> Option<String> {
         match &node.kind {
             Kind::String(s) => Some(s.clone()),
             _ => {
@@ -658,7 +675,7 @@ impl Validator {
         }
     }
 
-    fn non_empty_string(&mut self, path: &str, node: &Node) -> Option<String> {
+    fn non_empty_string(&mut self, path: &JPath<'_>, node: &Node) -> Option<String> {
         let s = self.string(path, node)?;
         if s.is_empty() {
             self.problem(path, node.pos, "must not be empty");
@@ -667,7 +684,7 @@ impl Validator {
         Some(s)
     }
 
-    fn percentage(&mut self, path: &str, node: &Node) -> Option<Percentage> {
+    fn percentage(&mut self, path: &JPath<'_>, node: &Node) -> Option<Percentage> {
         let Kind::Number(text) = &node.kind else {
             self.wrong_type(path, node, "an integer 0..100");
             return None;
@@ -681,7 +698,7 @@ impl Validator {
         }
     }
 
-    fn array<'n>(&mut self, path: &str, node: &'n Node, what: &str) -> Option<&'n [Node]> {
+    fn array<'n>(&mut self, path: &JPath<'_>, node: &'n Node, what: &str) -> Option<&'n [Node]> {
         match &node.kind {
             Kind::Array(items) => Some(items),
             _ => {
@@ -691,11 +708,11 @@ impl Validator {
         }
     }
 
-    fn environments(&mut self, path: &str, node: &Node) -> Option<Vec<String>> {
+    fn environments(&mut self, path: &JPath<'_>, node: &Node) -> Option<Vec<String>> {
         let items = self.array(path, node, "a list of environment names")?;
         let mut out: Vec<String> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
-            let p = format!("{path}[{i}]");
+            let p = JPath::Index(path, i);
             if let Some(s) = self.non_empty_string(&p, item) {
                 if out.contains(&s) {
                     self.problem(&p, item.pos, format!("environment {s:?} is listed twice"));
@@ -707,13 +724,13 @@ impl Validator {
         Some(out)
     }
 
-    fn metadata(&mut self, path: &str, node: &Node) -> serde_json::Map<String, serde_json::Value> {
+    fn metadata(&mut self, path: &JPath<'_>, node: &Node) -> serde_json::Map<String, serde_json::Value> {
         let mut out = serde_json::Map::new();
         let Some(members) = self.object(path, node, "an object") else {
             return out;
         };
         for m in members {
-            let p = path_key(path, &m.key);
+            let p = JPath::Key(path, &m.key);
             if m.key == "phase" {
                 let ok = matches!(&m.value.kind, Kind::Number(t) if matches!(t.as_str(), "1" | "2" | "3" | "4"));
                 if !ok {
@@ -729,30 +746,35 @@ impl Validator {
         out
     }
 
-    fn conditions(&mut self, path: &str, node: &Node) -> Vec<Condition> {
+    fn conditions(&mut self, path: &JPath<'_>, node: &Node) -> Vec<Condition> {
         let Some(items) = self.array(path, node, "a list of conditions") else {
             return Vec::new();
         };
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            if let Some(c) = self.condition(&format!("{path}[{i}]"), item) {
+            if let Some(c) = self.condition(&JPath::Index(path, i), item) {
                 out.push(c);
             }
         }
         out
     }
 
-    fn condition(&mut self, path: &str, node: &Node) -> Option<Condition> {
-        const FORMS: &str = "{\"user_id\": S}, {\"session_type\": S}, {\"custom\": NAME} or \
-                             {\"attribute\": KEY, \"op\": OP, \"values\": [...]}";
-        let members = self.object(path, node, &format!("a condition object: {FORMS}"))?;
+    fn condition(&mut self, path: &JPath<'_>, node: &Node) -> Option<Condition> {
+        macro_rules! forms {
+            () => {
+                "{\"user_id\": S}, {\"session_type\": S}, {\"custom\": NAME} or \
+                 {\"attribute\": KEY, \"op\": OP, \"values\": [...]}"
+            };
+        }
+        const FORMS: &str = forms!();
+        let members = self.object(path, node, concat!("a condition object: ", forms!()))?;
         let get = |k: &str| members.iter().find(|m| m.key == k).map(|m| &m.value);
         let single = match members.as_slice() {
             [m] if !matches!(m.key.as_str(), "attribute" | "op" | "values") => Some(*m),
             _ => None,
         };
         if let Some(m) = single {
-            let p = path_key(path, &m.key);
+            let p = JPath::Key(path, &m.key);
             return match m.key.as_str() {
                 "user_id" | "session_type" => {
                     let value = self.string(&p, &m.value)?;
@@ -778,7 +800,7 @@ impl Validator {
         for m in &members {
             if !matches!(m.key.as_str(), "attribute" | "op" | "values") {
                 self.problem(
-                    &path_key(path, &m.key),
+                    &JPath::Key(path, &m.key),
                     m.key_pos,
                     format!("unknown field {:?} in a condition; expected {FORMS}", m.key),
                 );
@@ -796,10 +818,10 @@ impl Validator {
             );
             return None;
         };
-        let attribute = self.non_empty_string(&path_key(path, "attribute"), attr);
-        let op_path = path_key(path, "op");
+        let attribute = self.non_empty_string(&JPath::Key(path, "attribute"), attr);
+        let op_path = JPath::Key(path, "op");
         let op_name = self.string(&op_path, op);
-        let values_path = path_key(path, "values");
+        let values_path = JPath::Key(path, "values");
         let items = self.array(&values_path, values, "a list of values");
         let (Some(attribute), Some(op_name), Some(items)) = (attribute, op_name, items) else {
             return None;
@@ -820,13 +842,13 @@ impl Validator {
         (self.problems.len() == before).then_some(Condition::Match { attribute, op })
     }
 
-    fn operator(&mut self, name: &str, path: &str, node: &Node, items: &[Node]) -> Option<Operator> {
+    fn operator(&mut self, name: &str, path: &JPath<'_>, node: &Node, items: &[Node]) -> Option<Operator> {
         let strings = |v: &mut Self| -> Option<Vec<String>> {
             let before = v.problems.len();
             let out: Vec<String> = items
                 .iter()
                 .enumerate()
-                .filter_map(|(i, it)| v.string(&format!("{path}[{i}]"), it))
+                .filter_map(|(i, it)| v.string(&JPath::Index(path, i), it))
                 .collect();
             (v.problems.len() == before).then_some(out)
         };
@@ -845,7 +867,7 @@ impl Validator {
         };
         let number = |v: &mut Self| -> Option<Number> {
             let it = single(v)?;
-            let p = format!("{path}[0]");
+            let p = JPath::Index(path, 0);
             match &it.kind {
                 Kind::Number(t) => match parse_number(t) {
                     Some(n) => Some(n),
@@ -862,7 +884,7 @@ impl Validator {
         };
         let version = |v: &mut Self| -> Option<semver::Version> {
             let it = single(v)?;
-            let p = format!("{path}[0]");
+            let p = JPath::Index(path, 0);
             let s = v.string(&p, it)?;
             match semver::Version::parse(&s) {
                 Ok(ver) => Some(ver),
@@ -886,12 +908,12 @@ impl Validator {
                         Kind::Number(t) => match t.parse::<i64>() {
                             Ok(n) => lits.push(Literal::Int(n)),
                             Err(_) => self.problem(
-                                &format!("{path}[{i}]"),
+                                &JPath::Index(path, i),
                                 it.pos,
                                 format!("{t} is not an integer in the 64-bit range"),
                             ),
                         },
-                        _ => self.wrong_type(&format!("{path}[{i}]"), it, "a string or an integer"),
+                        _ => self.wrong_type(&JPath::Index(path, i), it, "a string or an integer"),
                     }
                 }
                 if self.problems.len() != before {
@@ -916,12 +938,12 @@ impl Validator {
         })
     }
 
-    fn schedule(&mut self, path: &str, node: &Node) -> Option<Schedule> {
+    fn schedule(&mut self, path: &JPath<'_>, node: &Node) -> Option<Schedule> {
         let items = self.array(path, node, "a list of stages")?;
         let before = self.problems.len();
         let mut stages: Vec<(Stage, Pos)> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
-            let p = format!("{path}[{i}]");
+            let p = JPath::Index(path, i);
             if let Some(stage) = self.stage(&p, item) {
                 stages.push((stage, item.pos));
             }
@@ -937,7 +959,7 @@ impl Validator {
             if let [(prev, _), (next, pos)] = w {
                 if next.at <= prev.at {
                     self.problem(
-                        &format!("{path}[{}].at", i + 1),
+                        &JPath::Key(&JPath::Index(path, i + 1), "at"),
                         *pos,
                         format!(
                             "stages must be sorted by time: {} is not after the previous stage's {}",
@@ -954,7 +976,7 @@ impl Validator {
         Schedule::new(stages.into_iter().map(|(s, _)| s).collect()).ok()
     }
 
-    fn stage(&mut self, path: &str, node: &Node) -> Option<Stage> {
+    fn stage(&mut self, path: &JPath<'_>, node: &Node) -> Option<Stage> {
         let members = self.object(path, node, "a stage object")?;
         let before = self.problems.len();
         let mut at = None;
@@ -965,7 +987,7 @@ impl Validator {
             environments: None,
         };
         for m in &members {
-            let p = path_key(path, &m.key);
+            let p = JPath::Key(path, &m.key);
             match m.key.as_str() {
                 "at" => {
                     if let Some(s) = self.string(&p, &m.value) {
@@ -1010,16 +1032,16 @@ pub(crate) fn parse_week_plan(input: &[u8]) -> Result<BTreeMap<String, Vec<WeekS
     let root = json::parse(input)?;
     let mut v = Validator::default();
     let mut out = BTreeMap::new();
-    if let Some(flags) = v.object("$", &root, "an object mapping flag names to week plans") {
+    if let Some(flags) = v.object(&JPath::Root, &root, "an object mapping flag names to week plans") {
         for f in flags {
             v.flag = Some(f.key.clone());
-            let fpath = path_key("$", &f.key);
+            let fpath = JPath::Key(&JPath::Root, &f.key);
             let Some(weeks) = v.object(&fpath, &f.value, "an object mapping week_N to a stage") else {
                 continue;
             };
             let mut stages: Vec<WeekStage> = Vec::new();
             for w in weeks {
-                let wpath = path_key(&fpath, &w.key);
+                let wpath = JPath::Key(&fpath, &w.key);
                 let n = w
                     .key
                     .strip_prefix("week_")
@@ -1037,7 +1059,7 @@ pub(crate) fn parse_week_plan(input: &[u8]) -> Result<BTreeMap<String, Vec<WeekS
                 if let Some(m) = w.value.kind_members() {
                     if m.iter().any(|m| m.key == "at") {
                         v.problem(
-                            &path_key(&wpath, "at"),
+                            &JPath::Key(&wpath, "at"),
                             w.value.pos,
                             "a week plan stage takes its time from week_N; remove \"at\"",
                         );

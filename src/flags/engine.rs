@@ -79,6 +79,7 @@ impl EngineBuilder {
             counters: BTreeMap::new(),
             generation: 0,
             fingerprint: None,
+            retired: None,
         };
         let unknown = Arc::new(FlagCounters::default());
         let snapshot = compile(&mut state, &self.environment, &unknown, &self.clock);
@@ -103,6 +104,8 @@ struct State {
     generation: u64,
     /// Content fingerprint of the last file loaded.
     fingerprint: Option<u64>,
+    /// The previously published snapshot (see `Engine::publish`).
+    retired: Option<Arc<Snapshot>>,
 }
 
 fn compile(state: &mut State, environment: &str, unknown: &Arc<FlagCounters>, clock: &Arc<dyn Clock>) -> Snapshot {
@@ -193,7 +196,12 @@ impl Engine {
 
     fn publish(&self, state: &mut State) {
         let snapshot = compile(state, &self.environment, &self.unknown, &self.clock);
-        self.current.store(Arc::new(snapshot));
+        let previous = self.current.swap(Arc::new(snapshot));
+        // Keep the snapshot just replaced alive until the next publish, so
+        // that a reader finishing an evaluation on it never ends up dropping
+        // the last reference (freeing a whole snapshot on the hot path); the
+        // one retired before it is freed here, on the writer's thread.
+        state.retired = Some(previous);
     }
 
     /// Evaluate `name` for `ctx`. Lock-free and allocation-free; never fails.

@@ -413,8 +413,17 @@ impl Parser<'_> {
                 }
                 0x00..=0x1f => return Err(self.error("control character in string (escape it)")),
                 _ => {
-                    out.push(b);
-                    self.bump();
+                    // Copy the run of plain bytes at once (no newlines in it).
+                    let rest = self.input.get(self.at..).unwrap_or_default();
+                    let run = rest
+                        .iter()
+                        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+                        .unwrap_or(rest.len());
+                    let chunk = rest.get(..run).unwrap_or_default();
+                    out.extend_from_slice(chunk);
+                    let chars = chunk.iter().filter(|&&c| c & 0xC0 != 0x80).count();
+                    self.col = self.col.saturating_add(u32::try_from(chars).unwrap_or(u32::MAX));
+                    self.at += run;
                 }
             }
         }
