@@ -7,6 +7,8 @@
 //! - `baseline/mutex_hashmap_get`: the same behind a `Mutex` — what a
 //!   single-owner service (the reference's gen_server) amounts to in Rust.
 
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU8, Ordering};
