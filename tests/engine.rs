@@ -202,6 +202,8 @@ fn the_watcher_reloads_on_change_and_keeps_serving_through_bad_files() {
     std::fs::write(&path, br#"{"f": {"enabled": "yes please"}}"#).unwrap();
     wait_for("the failure", &|| watcher.status().failures >= 1);
     assert!(engine.is_enabled("f", &()), "the last good snapshot keeps serving");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(watcher.status().failures, 1, "the same bad content is reported once");
     let problems = watcher.status().last_error.unwrap();
     assert_eq!(problems[0].path, "$.f.enabled");
     // A rename over the file (how editors and config management write) is seen too.

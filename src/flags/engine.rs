@@ -275,25 +275,25 @@ impl Engine {
     /// # Errors
     /// The file is unreadable or invalid; the previous snapshot keeps serving.
     pub fn reload_file(&self, path: impl AsRef<Path>) -> Result<ReloadOutcome, ConfigError> {
-        let bytes = match read(path.as_ref()) {
-            Ok(b) => b,
+        match read(path.as_ref()) {
+            Ok(bytes) => self.reload_bytes(&bytes),
             Err(e) => {
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
-                return Err(e);
+                Err(e)
             }
-        };
-        let fp = fingerprint(&bytes);
+        }
+    }
+
+    /// Reload from file content unless it equals what was last loaded from a file.
+    fn reload_bytes(&self, bytes: &[u8]) -> Result<ReloadOutcome, ConfigError> {
+        let fp = fingerprint(bytes);
         {
             let state = self.lock();
             if state.fingerprint == Some(fp) {
-                return Ok(ReloadOutcome {
-                    changed: false,
-                    flags: state.config.len(),
-                    generation: state.generation,
-                });
+                return Ok(ReloadOutcome { changed: false, flags: state.config.len(), generation: state.generation });
             }
         }
-        let config = match FlagsConfig::from_json(&bytes) {
+        let config = match FlagsConfig::from_json(bytes) {
             Ok(c) => c,
             Err(e) => {
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
@@ -305,11 +305,7 @@ impl Engine {
         state.fingerprint = Some(fp);
         self.publish(&mut state);
         self.reloads.fetch_add(1, Ordering::Relaxed);
-        Ok(ReloadOutcome {
-            changed: true,
-            flags: state.config.len(),
-            generation: state.generation,
-        })
+        Ok(ReloadOutcome { changed: true, flags: state.config.len(), generation: state.generation })
     }
 
     fn set_override(&self, name: &str, value: Option<bool>) {
@@ -541,6 +537,7 @@ fn watch_loop(
 ) {
     let mut last_stamp = stamp(path);
     let mut last_full = Instant::now();
+    let mut last_attempt: Option<Result<u64, std::io::ErrorKind>> = None;
     let tick = options
         .check_interval
         .min(options.poll_interval)
@@ -565,7 +562,26 @@ fn watch_loop(
         }
         last_stamp = now_stamp;
         last_full = Instant::now();
-        let event = match engine.reload_file(path) {
+        // Each distinct content (or read error) is tried and reported once.
+        let attempt = match read(path) {
+            Ok(bytes) => {
+                let fp = fingerprint(&bytes);
+                (last_attempt != Some(Ok(fp))).then(|| (Ok(fp), engine.reload_bytes(&bytes)))
+            }
+            Err(e) => {
+                let kind = match &e {
+                    ConfigError::Io { source, .. } => source.kind(),
+                    _ => std::io::ErrorKind::Other,
+                };
+                (last_attempt != Some(Err(kind))).then(|| {
+                    engine.reload_failures.fetch_add(1, Ordering::Relaxed);
+                    (Err(kind), Err(e))
+                })
+            }
+        };
+        let Some((key, result)) = attempt else { continue };
+        last_attempt = Some(key);
+        let event = match result {
             Ok(outcome) if !outcome.changed => continue,
             Ok(outcome) => WatchEvent::Reloaded(outcome),
             Err(e) => WatchEvent::Failed(e),
