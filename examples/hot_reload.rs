@@ -38,13 +38,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     show("after the change");
 
     println!("writing a broken config");
-    write_atomically(&path, r#"{"mcp_tasks": {"enabled": "maybe", "rollout_percentage": 180}}"#)?;
+    write_atomically(
+        &path,
+        r#"{"mcp_tasks": {"enabled": "maybe", "rollout_percentage": 180}}"#,
+    )?;
     std::thread::sleep(Duration::from_millis(500));
     show("after the broken write");
 
     println!("disabling at runtime (survives reloads until clear)");
     engine.disable("mcp_tasks");
-    write_atomically(&path, r#"{"mcp_tasks": {"enabled": true}, "mcp_sampling": {"enabled": true}}"#)?;
+    write_atomically(
+        &path,
+        r#"{"mcp_tasks": {"enabled": true}, "mcp_sampling": {"enabled": true}}"#,
+    )?;
     std::thread::sleep(Duration::from_millis(500));
     show("after another reload");
     engine.clear("mcp_tasks");

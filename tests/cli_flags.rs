@@ -281,33 +281,26 @@ fn list_plan_and_matrix() {
         merged.to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(0), "{o:?}");
-    let o = run(&[
-        "flags",
-        "eval",
-        merged.to_str().unwrap(),
-        "mcp_sampling",
-        "--env",
-        "production",
-        "--at",
-        "2026-04-01",
-    ]);
+    let eval_at = |at: &str| {
+        let o = run(&[
+            "flags",
+            "eval",
+            merged.to_str().unwrap(),
+            "mcp_sampling",
+            "--env",
+            "production",
+            "--at",
+            at,
+        ]);
+        stdout(&o).trim().to_owned()
+    };
     assert_eq!(
-        stdout(&o).trim(),
+        eval_at("2026-04-01"),
         "mcp_sampling: false (environment)",
         "week 8: staging only"
     );
-    let o = run(&[
-        "flags",
-        "eval",
-        merged.to_str().unwrap(),
-        "mcp_sampling",
-        "--env",
-        "production",
-        "--at",
-        "2026-04-13",
-    ]);
     assert_eq!(
-        stdout(&o).trim(),
+        eval_at("2026-04-13"),
         "mcp_sampling: true (enabled)",
         "week 10: production at 100%"
     );

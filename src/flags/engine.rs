@@ -290,7 +290,11 @@ impl Engine {
         {
             let state = self.lock();
             if state.fingerprint == Some(fp) {
-                return Ok(ReloadOutcome { changed: false, flags: state.config.len(), generation: state.generation });
+                return Ok(ReloadOutcome {
+                    changed: false,
+                    flags: state.config.len(),
+                    generation: state.generation,
+                });
             }
         }
         let config = match FlagsConfig::from_json(bytes) {
@@ -305,7 +309,11 @@ impl Engine {
         state.fingerprint = Some(fp);
         self.publish(&mut state);
         self.reloads.fetch_add(1, Ordering::Relaxed);
-        Ok(ReloadOutcome { changed: true, flags: state.config.len(), generation: state.generation })
+        Ok(ReloadOutcome {
+            changed: true,
+            flags: state.config.len(),
+            generation: state.generation,
+        })
     }
 
     fn set_override(&self, name: &str, value: Option<bool>) {

@@ -685,7 +685,7 @@ impl Snapshot {
                     "schedule",
                     None,
                     format!(
-                        "stage #{i} (since {at}) in force: enabled={}, rollout_percentage={}, environment allowed={}",
+                        "stage [{i}] (since {at}) in force: enabled={}, rollout_percentage={}, environment allowed={}",
                         rule.enabled, rule.percentage, rule.env_allowed
                     ),
                 );
