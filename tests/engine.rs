@@ -122,7 +122,7 @@ fn custom_conditions_are_closures_and_unregistered_ones_are_false() {
     assert_eq!(e.reason.code(), "condition");
     let x = engine.explain("beta", &());
     assert!(x.to_string().contains("no custom condition registered"), "{x}");
-    assert_eq!(engine.snapshot().unregistered_conditions("beta"), ["staff"]);
+    assert_eq!(engine.snapshot().unregistered_conditions(b"beta"), [Box::from("staff")]);
     engine.register_condition(
         "staff",
         Arc::new(|ctx: &dyn Context| matches!(ctx.get("email"), Some(Value::Binary(e)) if e.ends_with(b"@corp"))),

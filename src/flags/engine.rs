@@ -70,6 +70,7 @@ impl EngineBuilder {
     /// Compile `config` and start serving it.
     pub fn build(self, config: FlagsConfig) -> Engine {
         let mut state = State {
+            environment: self.environment,
             config: Arc::new(config),
             overrides: Overrides {
                 runtime: BTreeMap::new(),
@@ -82,11 +83,10 @@ impl EngineBuilder {
             retired: None,
         };
         let unknown = Arc::new(FlagCounters::default());
-        let snapshot = compile(&mut state, &self.environment, &unknown, &self.clock);
+        let snapshot = compile(&mut state, &unknown, &self.clock);
         Engine {
             current: ArcSwap::from_pointee(snapshot),
             state: Mutex::new(state),
-            environment: self.environment,
             clock: self.clock,
             unknown,
             reloads: AtomicU64::new(0),
@@ -96,6 +96,7 @@ impl EngineBuilder {
 }
 
 struct State {
+    environment: String,
     config: Arc<FlagsConfig>,
     overrides: Overrides,
     customs: BTreeMap<String, CustomPredicate>,
@@ -108,11 +109,11 @@ struct State {
     retired: Option<Arc<Snapshot>>,
 }
 
-fn compile(state: &mut State, environment: &str, unknown: &Arc<FlagCounters>, clock: &Arc<dyn Clock>) -> Snapshot {
+fn compile(state: &mut State, unknown: &Arc<FlagCounters>, clock: &Arc<dyn Clock>) -> Snapshot {
     state.generation += 1;
     Snapshot::compile(CompileInput {
         config: state.config.clone(),
-        environment,
+        environment: &state.environment,
         overrides: &state.overrides,
         customs: &state.customs,
         counters: &mut state.counters,
@@ -139,7 +140,6 @@ fn compile(state: &mut State, environment: &str, unknown: &Arc<FlagCounters>, cl
 pub struct Engine {
     current: ArcSwap<Snapshot>,
     state: Mutex<State>,
-    environment: String,
     clock: Arc<dyn Clock>,
     unknown: Arc<FlagCounters>,
     reloads: AtomicU64,
@@ -149,7 +149,6 @@ pub struct Engine {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("environment", &self.environment)
             .field("snapshot", &*self.current.load())
             .finish()
     }
@@ -195,7 +194,7 @@ impl Engine {
     }
 
     fn publish(&self, state: &mut State) {
-        let snapshot = compile(state, &self.environment, &self.unknown, &self.clock);
+        let snapshot = compile(state, &self.unknown, &self.clock);
         let previous = self.current.swap(Arc::new(snapshot));
         // Keep the snapshot just replaced alive until the next publish, so
         // that a reader finishing an evaluation on it never ends up dropping
@@ -216,6 +215,13 @@ impl Engine {
         self.evaluate(name, ctx).enabled
     }
 
+    /// Run `f` on the snapshot serving now, without taking a reference count
+    /// (use [`Engine::snapshot`] to keep one).
+    #[inline]
+    pub fn with_snapshot<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
+        f(&self.current.load())
+    }
+
     /// Evaluate with the full reason chain.
     pub fn explain<C: Context>(&self, name: &str, ctx: &C) -> Explanation {
         self.current.load().explain(name, ctx)
@@ -227,8 +233,24 @@ impl Engine {
     }
 
     /// The environment this engine evaluates in.
-    pub fn environment(&self) -> &str {
-        &self.environment
+    pub fn environment(&self) -> String {
+        self.lock().environment.clone()
+    }
+
+    /// Evaluate in another environment from now on (recompiles the snapshot).
+    pub fn set_environment(&self, environment: &str) {
+        let mut state = self.lock();
+        if state.environment != environment {
+            state.environment = environment.to_owned();
+            self.publish(&mut state);
+        }
+    }
+
+    /// Replace the `ERLMCP_FEATURE_FLAGS` overrides (runtime overrides stay).
+    pub fn set_env_overrides(&self, overrides: EnvOverrides) {
+        let mut state = self.lock();
+        state.overrides.env = overrides;
+        self.publish(&mut state);
     }
 
     /// Name -> effective `enabled` (see [`Snapshot::get_all`]).

@@ -177,6 +177,8 @@ pub(crate) struct CompiledFlag {
     salt: Option<Box<[u8]>>,
     conditions: Box<[Cond]>,
     overridden: Option<Override>,
+    /// Custom conditions without a Rust predicate (answered by the context).
+    external_customs: Box<[Box<str>]>,
     pub(crate) counters: Arc<FlagCounters>,
 }
 
@@ -316,7 +318,21 @@ impl CompiledFlag {
             })
             .unwrap_or_default();
         let counters = input.counters.entry(name.to_owned()).or_default().clone();
+        let conditions: Box<[Cond]> = spec
+            .conditions
+            .iter()
+            .map(|c| compile_condition(c, input.customs))
+            .collect();
+        let mut external_customs: Vec<Box<str>> = conditions
+            .iter()
+            .filter_map(|c| match c {
+                Cond::Custom { name, predicate: None } => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        external_customs.dedup();
         CompiledFlag {
+            external_customs: external_customs.into(),
             base,
             stages,
             stickiness: spec.stickiness.as_str().into(),
@@ -423,10 +439,10 @@ fn attribute_of(c: &Cond) -> Option<&str> {
 fn check<C: Context>(c: &Cond, ctx: &C) -> Result<(), ConditionFailure> {
     use ConditionFailure::{MissingAttribute, NotMet, Unregistered, WrongType};
     let ok = |b: bool| if b { Ok(()) } else { Err(NotMet) };
-    if let Cond::Custom { predicate, .. } = c {
+    if let Cond::Custom { predicate, name } = c {
         return match predicate {
             Some(p) => ok(p(ctx as &dyn Context)),
-            None => Err(Unregistered),
+            None => ctx.custom(name).map_or(Err(Unregistered), ok),
         };
     }
     let Some(attr) = attribute_of(c) else {
@@ -594,20 +610,26 @@ impl Snapshot {
         self.generation
     }
 
-    /// Names the custom conditions of `name` refer to that have no predicate.
-    pub fn unregistered_conditions(&self, name: &str) -> Vec<&str> {
-        self.flags
-            .get(name.as_bytes())
-            .map(|f| {
-                f.conditions
-                    .iter()
-                    .filter_map(|c| match c {
-                        Cond::Custom { name, predicate: None } => Some(&**name),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// Every context key some flag reads (stickiness keys and condition
+    /// attributes), sorted and deduplicated: what an adapter must be able to
+    /// look up.
+    pub fn context_keys(&self) -> Vec<&str> {
+        let mut keys: Vec<&str> = self
+            .flags
+            .values()
+            .flat_map(|f| std::iter::once(&*f.stickiness).chain(f.conditions.iter().filter_map(attribute_of)))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// The custom conditions of `name` that have no Rust predicate, in
+    /// condition order: an adapter answers them through
+    /// [`Context::custom`] (the NIF runs the registered Erlang funs).
+    /// Empty for unknown flags. Does not allocate.
+    pub fn unregistered_conditions(&self, name: &[u8]) -> &[Box<str>] {
+        self.flags.get(name).map(|f| &*f.external_customs).unwrap_or_default()
     }
 
     /// The effective `enabled` of every flag (reference `get_all/0`

@@ -87,6 +87,14 @@ fn big_to_decimal(magnitude: &[u8]) -> String {
 pub trait Context {
     /// The value under `key`, if present.
     fn get(&self, key: &str) -> Option<Value<'_>>;
+
+    /// The answer to the custom condition `name` when no Rust predicate is
+    /// registered under it (the NIF passes results of Erlang funs this way).
+    /// `None` (the default) makes the condition fail as unregistered.
+    fn custom(&self, name: &str) -> Option<bool> {
+        let _ = name;
+        None
+    }
 }
 
 /// A context that has no attributes (`is_enabled/1`).

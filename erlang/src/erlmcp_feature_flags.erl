@@ -1,0 +1,397 @@
+%% @doc Feature flags for erlmcp, evaluated in Rust (DESIGN §3.6).
+%%
+%% A drop-in for the reference's and erlmcp's `erlmcp_feature_flags'.
+%% `is_enabled/1,2' is one NIF call in the caller's process: no message to
+%% any process, no ETS, no lock. The flags live in the NIF library (an
+%% immutable snapshot behind an atomic pointer), so they outlive this
+%% gen_server: if it crashes and restarts, callers keep seeing the last loaded
+%% flags. The gen_server owns reloading: every `reload_interval_ms' (60 s by
+%% default, with +-10 % jitter) and at once when the file changes (checked every
+%% `check_interval_ms', 1 s by default). A reload that fails keeps the last good
+%% flags serving.
+%%
+%% Custom conditions (`{"custom": Name}' in the config) run the fun registered
+%% with `register_condition/2' in the caller's process; an unregistered name,
+%% a fun that crashes or returns a non-boolean makes the condition false.
+-module(erlmcp_feature_flags).
+-behaviour(gen_server).
+
+%% API
+-export([start_link/0, start_link/1, stop/0,
+         is_enabled/1, is_enabled/2,
+         enable/1, disable/1, clear/1,
+         get_all/0, details/0,
+         reload/0, reload_now/0,
+         explain/2,
+         register_condition/2, unregister_condition/1,
+         metrics/0, metrics_text/0,
+         upgrade_nif/0]).
+
+%% gen_server callbacks
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2, code_change/3]).
+
+-type flag_name() :: binary() | atom().
+-type context() :: #{atom() | binary() => binary() | atom() | integer()}.
+-type options() :: #{config => file:filename_all(),
+                     environment => atom() | binary(),
+                     reload_interval_ms => pos_integer(),
+                     check_interval_ms => pos_integer(),
+                     etcd => term()}.
+-type problem() :: erlmcp_rollout_nif:problem().
+-export_type([flag_name/0, context/0, options/0, problem/0]).
+
+-define(SERVER, ?MODULE).
+-define(DEFAULT_CONFIG, "config/feature_flags.json").
+-define(DEFAULT_RELOAD_MS, 60000).
+-define(DEFAULT_CHECK_MS, 1000).
+-define(CUSTOM_KEY(Name), {?MODULE, custom, Name}).
+
+-record(state, {
+    config :: binary(),
+    environment :: atom() | binary(),
+    reload_ms :: pos_integer(),
+    check_ms :: pos_integer(),
+    stamp :: term(),
+    overrides = #{} :: #{binary() => boolean()},
+    last_error = undefined :: undefined | [problem()]
+}).
+
+%%% API
+
+%% @doc Start with the application env of `erlmcp_core', as the reference
+%% does: `feature_flags_config' (default "config/feature_flags.json") and
+%% `environment' (default `dev').
+-spec start_link() -> {ok, pid()} | {error, term()}.
+start_link() ->
+    Config = application:get_env(erlmcp_core, feature_flags_config, ?DEFAULT_CONFIG),
+    Env = application:get_env(erlmcp_core, environment, dev),
+    start_link(#{config => Config, environment => Env}).
+
+%% @doc Start with options: `config' (path), `environment', `reload_interval_ms',
+%% `check_interval_ms'. Fails with `{error, {invalid_config, Path, Problems}}'
+%% when the first load fails (every problem listed), `{error, {bad_option, Key}}'
+%% for an option it does not know or a bad value, and
+%% `{error, {bad_env_overrides, Message}}' for a malformed `ERLMCP_FEATURE_FLAGS'.
+-spec start_link(Options :: options()) -> {ok, pid()} | {error, term()}.
+start_link(Options) when is_map(Options) ->
+    gen_server:start_link({local, ?SERVER}, ?MODULE, Options, []).
+
+%% @doc Stop the server. The flags keep serving from the NIF.
+-spec stop() -> ok.
+stop() ->
+    gen_server:stop(?SERVER).
+
+%% @doc `is_enabled(Name, #{})'.
+-spec is_enabled(Name :: flag_name()) -> boolean().
+is_enabled(Name) ->
+    eval(Name, #{}, false).
+
+%% @doc Whether flag `Name' is on for `Context'. For erlmcp compatibility the
+%% second argument may instead be a boolean: the result for a flag the config
+%% does not have (otherwise `false'). Raises `badarg' for a name that is not a
+%% binary or atom, a context that is not a map, or a context value evaluation
+%% reads that is not a binary, atom or integer.
+-spec is_enabled(Name :: flag_name(), ContextOrDefault :: context() | boolean()) -> boolean().
+is_enabled(Name, Context) when is_map(Context) ->
+    eval(Name, Context, false);
+is_enabled(Name, Default) when is_boolean(Default) ->
+    eval(Name, #{}, Default);
+is_enabled(_Name, _Other) ->
+    erlang:error(badarg).
+
+eval(Name, Context, Default) ->
+    case erlmcp_rollout_nif:flags_eval(Name, Context) of
+        true -> true;
+        false -> false;
+        unknown -> Default;
+        {custom, Names} -> eval_custom(Name, Context, Names, Default)
+    end.
+
+eval_custom(Name, Context, Names, Default) ->
+    Answers = [{N, run_custom(N, Context)} || N <- Names],
+    case erlmcp_rollout_nif:flags_eval_custom(Name, Context, Answers) of
+        unknown -> Default;
+        Bool -> Bool
+    end.
+
+run_custom(Name, Context) ->
+    case persistent_term:get(?CUSTOM_KEY(Name), undefined) of
+        undefined ->
+            false;
+        Fun ->
+            try Fun(Context) of
+                true -> true;
+                _ -> false
+            catch
+                Class:Reason ->
+                    logger:warning("feature flag custom condition ~ts crashed: ~p:~p", [Name, Class, Reason]),
+                    false
+            end
+    end.
+
+%% @doc Force `Name' on (replaces its `enabled') until `clear/1'; survives reloads.
+-spec enable(Name :: flag_name()) -> ok.
+enable(Name) ->
+    set_override(Name, true).
+
+%% @doc Force `Name' off until `clear/1'; survives reloads.
+-spec disable(Name :: flag_name()) -> ok.
+disable(Name) ->
+    set_override(Name, false).
+
+%% @doc Remove the runtime override of `Name'.
+-spec clear(Name :: flag_name()) -> ok.
+clear(Name) ->
+    set_override(Name, clear).
+
+set_override(Name, Value) when is_binary(Name); is_atom(Name) ->
+    gen_server:call(?SERVER, {override, to_binary(Name), Value});
+set_override(_Name, _Value) ->
+    erlang:error(badarg).
+
+%% @doc Name -> effective `enabled' (after schedule and overrides), as the reference.
+-spec get_all() -> #{binary() => boolean()}.
+get_all() ->
+    erlmcp_rollout_nif:flags_get_all().
+
+%% @doc Each flag's config, what is in force, override and counters.
+-spec details() -> [map()].
+details() ->
+    erlmcp_rollout_nif:flags_details().
+
+%% @doc Reload asynchronously (the result is logged).
+-spec reload() -> ok.
+reload() ->
+    gen_server:cast(?SERVER, reload).
+
+%% @doc Reload now: `ok', or `{error, Problems}' with every problem (the
+%% previous flags keep serving).
+-spec reload_now() -> ok | {error, [problem()]}.
+reload_now() ->
+    gen_server:call(?SERVER, reload_now, 30000).
+
+%% @doc The full reason chain for `Name' and `Context' (binary keys:
+%% `<<"result">>', `<<"steps">>', ...).
+-spec explain(Name :: flag_name(), Context :: context()) -> map().
+explain(Name, Context) ->
+    erlmcp_rollout_nif:flags_explain(Name, Context).
+
+%% @doc Register the predicate behind `{"custom": Name}'. It runs in the
+%% caller of `is_enabled/2' with the context map.
+-spec register_condition(Name :: flag_name(), Fun :: fun((map()) -> boolean())) -> ok.
+register_condition(Name, Fun) when (is_binary(Name) orelse is_atom(Name)), is_function(Fun, 1) ->
+    persistent_term:put(?CUSTOM_KEY(to_binary(Name)), Fun);
+register_condition(_Name, _Fun) ->
+    erlang:error(badarg).
+
+%% @doc Remove a custom predicate (its conditions become false).
+-spec unregister_condition(Name :: flag_name()) -> ok.
+unregister_condition(Name) when is_binary(Name); is_atom(Name) ->
+    _ = persistent_term:erase(?CUSTOM_KEY(to_binary(Name))),
+    ok.
+
+%% @doc Per-flag true/false counts, unknown-flag evaluations, reload counts.
+-spec metrics() -> map().
+metrics() ->
+    erlmcp_rollout_nif:flags_metrics().
+
+%% @doc The metrics in the Prometheus text format.
+-spec metrics_text() -> binary().
+metrics_text() ->
+    erlmcp_rollout_nif:flags_metrics_text().
+
+%% @doc Load a new build of the NIF library (rustler libraries have no
+%% upgrade callback, so `code:load_file/1' alone fails with
+%% `{upgrade, ...}'): wait until no process runs the old stub code, purge and
+%% delete `erlmcp_rollout_nif', load it again (which loads the new .so), then
+%% reconfigure, reload the config and reapply runtime overrides. Between the
+%% delete and the reload, `is_enabled' calls auto-load the new module and may
+%% answer with the default for a few milliseconds; none fails.
+-spec upgrade_nif() -> ok | {error, term()}.
+upgrade_nif() ->
+    gen_server:call(?SERVER, upgrade_nif, 60000).
+
+%%% gen_server callbacks
+
+%% @private
+-spec init(options()) -> {ok, #state{}} | {stop, term()}.
+init(Options) ->
+    case options(Options) of
+        {ok, State} ->
+            case configure(State) of
+                ok -> first_load(State);
+                {error, Reason} -> {stop, Reason}
+            end;
+        {error, Reason} ->
+            {stop, Reason}
+    end.
+
+first_load(#state{config = Path} = State) ->
+    case erlmcp_rollout_nif:flags_load_file(Path) of
+        {ok, _Info} ->
+            {ok, schedule(State#state{stamp = stamp(Path)})};
+        {error, Problems} ->
+            case erlmcp_rollout_nif:flags_status() of
+                {_Gen, _Flags, Reloads} when Reloads > 0 ->
+                    %% A restart: keep serving what was loaded before.
+                    logger:warning("feature flags: ~ts is invalid, keeping the flags loaded before: ~p",
+                                   [Path, Problems]),
+                    {ok, schedule(State#state{stamp = stamp(Path), last_error = Problems})};
+                _ ->
+                    {stop, {invalid_config, Path, Problems}}
+            end
+    end.
+
+%% @private
+-spec handle_call(term(), gen_server:from(), #state{}) -> {reply, term(), #state{}}.
+handle_call(reload_now, _From, State) ->
+    {Reply, NewState} = load(State),
+    {reply, Reply, NewState};
+handle_call({override, Name, Value}, _From, #state{overrides = O} = State) ->
+    ok = erlmcp_rollout_nif:flags_set_override(Name, Value),
+    NewO = case Value of
+               clear -> maps:remove(Name, O);
+               _ -> O#{Name => Value}
+           end,
+    {reply, ok, State#state{overrides = NewO}};
+handle_call(upgrade_nif, _From, State) ->
+    {reply, do_upgrade_nif(State), State};
+handle_call(_Request, _From, State) ->
+    {reply, {error, unknown_call}, State}.
+
+%% @private
+-spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
+handle_cast(reload, State) ->
+    {_Reply, NewState} = load(State),
+    {noreply, NewState};
+handle_cast(_Msg, State) ->
+    {noreply, State}.
+
+%% @private
+-spec handle_info(term(), #state{}) -> {noreply, #state{}}.
+handle_info(reload, State) ->
+    {_Reply, NewState} = load(State),
+    erlang:send_after(jitter(State#state.reload_ms), self(), reload),
+    {noreply, NewState};
+handle_info(check, #state{config = Path, stamp = Old} = State) ->
+    erlang:send_after(State#state.check_ms, self(), check),
+    case stamp(Path) of
+        Old -> {noreply, State};
+        _New -> {_Reply, NewState} = load(State), {noreply, NewState}
+    end;
+handle_info(_Info, State) ->
+    {noreply, State}.
+
+%% @private
+-spec terminate(term(), #state{}) -> ok.
+terminate(_Reason, _State) ->
+    ok.
+
+%% @private
+-spec code_change(term(), #state{}, term()) -> {ok, #state{}}.
+code_change(_OldVsn, State, _Extra) ->
+    {ok, State}.
+
+%%% Internal
+
+options(Options) ->
+    Known = [config, environment, reload_interval_ms, check_interval_ms, etcd],
+    case [K || K <- maps:keys(Options), not lists:member(K, Known)] of
+        [Unknown | _] ->
+            {error, {bad_option, Unknown}};
+        [] ->
+            Config = maps:get(config, Options, ?DEFAULT_CONFIG),
+            Env = maps:get(environment, Options, dev),
+            Reload = maps:get(reload_interval_ms, Options, ?DEFAULT_RELOAD_MS),
+            Check = maps:get(check_interval_ms, Options, ?DEFAULT_CHECK_MS),
+            if
+                is_map_key(etcd, Options) ->
+                    {error, {bad_option, etcd, <<"flag distribution through etcd is not available yet">>}};
+                not (is_binary(Config) orelse is_list(Config)) ->
+                    {error, {bad_option, config}};
+                not (is_atom(Env) orelse is_binary(Env)) ->
+                    {error, {bad_option, environment}};
+                not (is_integer(Reload) andalso Reload > 0) ->
+                    {error, {bad_option, reload_interval_ms}};
+                not (is_integer(Check) andalso Check > 0) ->
+                    {error, {bad_option, check_interval_ms}};
+                true ->
+                    case unicode:characters_to_binary(Config) of
+                        Path when is_binary(Path) ->
+                            {ok, #state{config = Path, environment = Env, reload_ms = Reload, check_ms = Check}};
+                        _ ->
+                            {error, {bad_option, config}}
+                    end
+            end
+    end.
+
+configure(#state{environment = Env}) ->
+    Overrides = case os:getenv("ERLMCP_FEATURE_FLAGS") of
+                    false -> <<>>;
+                    Value -> unicode:characters_to_binary(Value)
+                end,
+    erlmcp_rollout_nif:flags_configure(Env, Overrides).
+
+load(#state{config = Path} = State) ->
+    Stamp = stamp(Path),
+    case erlmcp_rollout_nif:flags_load_file(Path) of
+        {ok, #{changed := true, flags := N}} ->
+            logger:info("feature flags reloaded from ~ts: ~b flags", [Path, N]),
+            {ok, State#state{stamp = Stamp, last_error = undefined}};
+        {ok, _Unchanged} ->
+            {ok, State#state{stamp = Stamp, last_error = undefined}};
+        {error, Problems} ->
+            case State#state.last_error of
+                Problems -> ok;
+                _ -> logger:warning("feature flags: reload of ~ts failed, keeping the last good flags: ~p",
+                                    [Path, Problems])
+            end,
+            {{error, Problems}, State#state{stamp = Stamp, last_error = Problems}}
+    end.
+
+schedule(#state{reload_ms = Reload, check_ms = Check} = State) ->
+    erlang:send_after(jitter(Reload), self(), reload),
+    erlang:send_after(Check, self(), check),
+    State.
+
+%% +-10 % so that a fleet started together does not reload in lockstep.
+jitter(Ms) ->
+    Spread = max(1, Ms div 10),
+    max(1, Ms - Spread + rand:uniform(2 * Spread)).
+
+stamp(Path) ->
+    case file:read_file_info(Path, [{time, posix}]) of
+        {ok, Info} -> {element(2, Info), element(6, Info), element(13, Info)};  % size, mtime, inode
+        {error, Reason} -> {error, Reason}
+    end.
+
+do_upgrade_nif(#state{overrides = Overrides} = State) ->
+    Mod = erlmcp_rollout_nif,
+    case wait_soft_purge(Mod, 100) of
+        false ->
+            {error, old_code_in_use};
+        true ->
+            _ = code:delete(Mod),
+            _ = code:purge(Mod),
+            case code:load_file(Mod) of
+                {module, Mod} ->
+                    _ = configure(State),
+                    _ = erlmcp_rollout_nif:flags_load_file(State#state.config),
+                    maps:foreach(fun(Name, Value) -> ok = erlmcp_rollout_nif:flags_set_override(Name, Value) end,
+                                 Overrides),
+                    ok;
+                {error, Reason} ->
+                    {error, Reason}
+            end
+    end.
+
+wait_soft_purge(_Mod, 0) ->
+    false;
+wait_soft_purge(Mod, Tries) ->
+    case code:soft_purge(Mod) of
+        true -> true;
+        false -> timer:sleep(10), wait_soft_purge(Mod, Tries - 1)
+    end.
+
+to_binary(Name) when is_binary(Name) -> Name;
+to_binary(Name) when is_atom(Name) -> atom_to_binary(Name, utf8).

@@ -1,0 +1,76 @@
+%% @doc The NIF stub module: loads `priv/liberlmcp_rollout_nif.so' (built by
+%% cargo from `native/erlmcp_rollout_nif') and declares every NIF. Keep it
+%% small and stable: rustler NIF libraries cannot be hot-upgraded (see
+%% `erlmcp_feature_flags:upgrade_nif/0' for the procedure). Call the API
+%% modules, not this one.
+-module(erlmcp_rollout_nif).
+
+-export([flags_eval/2, flags_eval_custom/3, flags_status/0, flags_configure/2,
+         flags_load_file/1, flags_load_json/1, flags_set_override/2, flags_get_all/0,
+         flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
+         flags_phash2/2]).
+
+-on_load(init/0).
+
+-type name() :: binary() | atom().
+-type problem() :: #{flag := binary() | undefined, path := binary(),
+                     line := pos_integer() | undefined, column := pos_integer() | undefined,
+                     message := binary()}.
+-type load_info() :: #{changed := boolean(), flags := non_neg_integer(), generation := pos_integer()}.
+-export_type([problem/0, load_info/0]).
+
+-spec init() -> ok | {error, term()}.
+init() ->
+    erlang:load_nif(lib_path(), 0).
+
+lib_path() ->
+    Priv = case code:priv_dir(erlmcp_rollout) of
+               {error, bad_name} ->
+                   filename:join(filename:dirname(filename:dirname(code:which(?MODULE))), "priv");
+               Dir ->
+                   Dir
+           end,
+    filename:join(Priv, "liberlmcp_rollout_nif").
+
+-define(NOT_LOADED, erlang:nif_error(nif_not_loaded)).
+
+-spec flags_eval(Name :: name(), Context :: map()) -> boolean() | unknown | {custom, [binary()]}.
+flags_eval(_Name, _Context) -> ?NOT_LOADED.
+
+-spec flags_eval_custom(Name :: name(), Context :: map(), Answers :: [{binary(), boolean()}]) ->
+    boolean() | unknown.
+flags_eval_custom(_Name, _Context, _Answers) -> ?NOT_LOADED.
+
+-spec flags_status() -> {Generation :: pos_integer(), Flags :: non_neg_integer(), Reloads :: non_neg_integer()}.
+flags_status() -> ?NOT_LOADED.
+
+-spec flags_configure(Environment :: name(), EnvOverrides :: binary()) -> ok | {error, {bad_env_overrides, binary()}}.
+flags_configure(_Environment, _EnvOverrides) -> ?NOT_LOADED.
+
+-spec flags_load_file(Path :: binary()) -> {ok, load_info()} | {error, [problem()]}.
+flags_load_file(_Path) -> ?NOT_LOADED.
+
+-spec flags_load_json(Json :: binary()) -> {ok, load_info()} | {error, [problem()]}.
+flags_load_json(_Json) -> ?NOT_LOADED.
+
+-spec flags_set_override(Name :: name(), Value :: true | false | clear) -> ok.
+flags_set_override(_Name, _Value) -> ?NOT_LOADED.
+
+-spec flags_get_all() -> #{binary() => boolean()}.
+flags_get_all() -> ?NOT_LOADED.
+
+-spec flags_details() -> [map()].
+flags_details() -> ?NOT_LOADED.
+
+-spec flags_explain(Name :: name(), Context :: map()) -> map().
+flags_explain(_Name, _Context) -> ?NOT_LOADED.
+
+-spec flags_metrics() -> map().
+flags_metrics() -> ?NOT_LOADED.
+
+-spec flags_metrics_text() -> binary().
+flags_metrics_text() -> ?NOT_LOADED.
+
+-spec flags_phash2(Term :: binary() | atom() | integer() | {binary(), binary() | atom() | integer()},
+                   Range :: pos_integer()) -> non_neg_integer().
+flags_phash2(_Term, _Range) -> ?NOT_LOADED.

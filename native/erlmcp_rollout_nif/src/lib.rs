@@ -1,0 +1,61 @@
+//! The rustler NIF of erlmcp_rollout, loaded by the Erlang module
+//! `erlmcp_rollout_nif`. It converts Erlang terms to core types, calls the
+//! core crate and encodes the results: no logic of its own.
+//!
+//! One file per area (`flags.rs`; sessions and migration follow), NIF names
+//! prefixed by area, errors as atoms or tagged tuples.
+
+mod flags;
+mod term;
+
+/// Atoms the NIFs return or compare with.
+pub mod atoms {
+    rustler::atoms! {
+    ok,
+    error,
+    unknown,
+    custom,
+    true_ = "true",
+    false_ = "false",
+    undefined,
+    enabled,
+    reason,
+    bucket,
+    percentage,
+    index,
+    failure,
+    changed,
+    flags,
+    generation,
+    flag,
+    path,
+    line,
+    column,
+    message,
+    syntax,
+    io,
+    invalid,
+    bad_env_overrides,
+    check,
+    passed,
+    detail,
+    environment,
+    result,
+    steps,
+    counts,
+    unknown_flag_evaluations,
+    reloads,
+    reload_failures,
+    effective_enabled,
+    environment_allowed,
+    rollout_percentage,
+    schedule_stage,
+    override_ = "override",
+    source,
+    config,
+    nil,
+    clear,
+    }
+}
+
+rustler::init!("erlmcp_rollout_nif");

@@ -1,0 +1,219 @@
+//! Erlang terms -> core values, without copying where the term allows it.
+
+use std::cell::{Cell, RefCell};
+
+use erlmcp_rollout::flags::{Context, Value};
+use rustc_hash::FxHashMap;
+use rustler::sys::{c_char, c_uint, enif_get_atom, ErlNifCharEncoding};
+use rustler::types::map::MapIterator;
+use rustler::{Atom, Binary, Term, TermType};
+
+/// Longest atom text in UTF-8: 255 characters of up to 4 bytes.
+pub const ATOM_BUF: usize = 1024;
+
+/// The UTF-8 text of an atom, written into `buf`.
+///
+/// OTP 25's NIF API reads atoms only as latin-1; atoms with characters above
+/// 255 are read from their external term format (`ATOM_UTF8_EXT`).
+pub fn atom_text<'b>(term: Term<'_>, buf: &'b mut [u8; ATOM_BUF]) -> Option<&'b str> {
+    let mut latin1 = [0u8; 256];
+    // SAFETY: enif_get_atom writes at most `len` bytes (including the NUL)
+    // into the buffer we own, and returns 0 when the term is not an atom or
+    // does not fit latin-1.
+    let n = unsafe {
+        enif_get_atom(
+            term.get_env().as_c_arg(),
+            term.as_c_arg(),
+            latin1.as_mut_ptr() as *mut c_char,
+            latin1.len() as c_uint,
+            ErlNifCharEncoding::ERL_NIF_LATIN1,
+        )
+    };
+    if n > 0 {
+        let len = (n as usize).saturating_sub(1);
+        let mut at = 0;
+        for &b in latin1.get(..len)? {
+            let mut tmp = [0u8; 4];
+            let s = char::from(b).encode_utf8(&mut tmp);
+            buf.get_mut(at..at + s.len())?.copy_from_slice(s.as_bytes());
+            at += s.len();
+        }
+        return std::str::from_utf8(buf.get(..at)?).ok();
+    }
+    if term.get_type() != TermType::Atom {
+        return None;
+    }
+    // Characters above latin-1: <<131, 118, Len:16, Text>> or <<131, 119, Len:8, Text>>.
+    let ext = term.to_binary();
+    let (len, text) = match ext.as_slice() {
+        [131, 118, hi, lo, rest @ ..] => (usize::from(*hi) << 8 | usize::from(*lo), rest),
+        [131, 119, len, rest @ ..] => (usize::from(*len), rest),
+        _ => return None,
+    };
+    let text = text.get(..len)?;
+    buf.get_mut(..len)?.copy_from_slice(text);
+    std::str::from_utf8(buf.get(..len)?).ok()
+}
+
+/// A name given as a binary or an atom, as bytes.
+#[allow(clippy::large_enum_variant)] // lives on the stack on purpose: atom names decode without allocating
+pub enum Name<'a> {
+    Binary(Binary<'a>),
+    Atom([u8; ATOM_BUF], usize),
+}
+
+impl<'a> Name<'a> {
+    /// `badarg` unless the term is a binary or an atom.
+    pub fn decode(term: Term<'a>) -> rustler::NifResult<Name<'a>> {
+        if let Ok(b) = term.decode::<Binary<'a>>() {
+            return Ok(Name::Binary(b));
+        }
+        let mut buf = [0u8; ATOM_BUF];
+        let len = atom_text(term, &mut buf).map(str::len).ok_or(rustler::Error::BadArg)?;
+        Ok(Name::Atom(buf, len))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Name::Binary(b) => b.as_slice(),
+            Name::Atom(buf, len) => buf.get(..*len).unwrap_or_default(),
+        }
+    }
+
+    /// As text (flag names are UTF-8 in the config; other bytes match nothing).
+    pub fn text(&self) -> rustler::NifResult<&str> {
+        std::str::from_utf8(self.bytes()).map_err(|_| rustler::Error::BadArg)
+    }
+}
+
+/// An Erlang context map read lazily: only the keys evaluation asks for are
+/// looked up (atom keys first, through atoms made once per config; then
+/// binary keys). Binaries are borrowed, not copied; atom texts and big
+/// integers are decoded into an arena that lives as long as the context.
+pub struct MapCtx<'a, 'k> {
+    map: Term<'a>,
+    empty: bool,
+    key_atoms: &'k FxHashMap<Box<str>, Atom>,
+    arena: RefCell<Vec<Box<[u8]>>>,
+    customs: &'k [(Vec<u8>, bool)],
+    bad: Cell<bool>,
+}
+
+impl<'a, 'k> MapCtx<'a, 'k> {
+    /// `badarg` unless `map` is a map.
+    pub fn new(
+        map: Term<'a>,
+        key_atoms: &'k FxHashMap<Box<str>, Atom>,
+        customs: &'k [(Vec<u8>, bool)],
+    ) -> rustler::NifResult<Self> {
+        let size = map.map_size()?;
+        Ok(MapCtx {
+            map,
+            empty: size == 0,
+            key_atoms,
+            arena: RefCell::new(Vec::new()),
+            customs,
+            bad: Cell::new(false),
+        })
+    }
+
+    /// A holder for decoding single terms (no map).
+    pub fn holder(term: Term<'a>, key_atoms: &'k FxHashMap<Box<str>, Atom>) -> Self {
+        MapCtx {
+            map: term,
+            empty: true,
+            key_atoms,
+            arena: RefCell::new(Vec::new()),
+            customs: &[],
+            bad: Cell::new(false),
+        }
+    }
+
+    /// Whether evaluation read a value of a type it does not understand
+    /// (float, list, tuple, pid, ...): the caller's mistake, `badarg`.
+    pub fn saw_bad_value(&self) -> bool {
+        self.bad.get()
+    }
+
+    /// A term as a core [`Value`]: binaries borrowed; atom text and big
+    /// integer digits kept in the arena. `None` for other types.
+    pub fn value_of(&self, term: Term<'a>) -> Option<Value<'_>> {
+        match term.get_type() {
+            TermType::Binary => term.decode::<Binary<'a>>().ok().map(|b| Value::Binary(b.as_slice())),
+            TermType::Atom => {
+                let mut buf = [0u8; ATOM_BUF];
+                let text = atom_text(term, &mut buf)?;
+                let kept = self.keep(text.as_bytes().into());
+                std::str::from_utf8(kept).ok().map(Value::Atom)
+            }
+            TermType::Integer => {
+                if let Ok(i) = term.decode::<i64>() {
+                    return Some(Value::Int(i));
+                }
+                // A bignum: SMALL_BIG_EXT <<131, 110, N, Sign, Digits:N>> or
+                // LARGE_BIG_EXT <<131, 111, N:32, Sign, Digits:N>>, digits little-endian.
+                let ext = term.to_binary();
+                let (sign, digits) = match ext.as_slice() {
+                    [131, 110, n, sign, rest @ ..] => (*sign, rest.get(..usize::from(*n))?),
+                    [131, 111, a, b, c, d, sign, rest @ ..] => {
+                        let n = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
+                        (*sign, rest.get(..n)?)
+                    }
+                    _ => return None,
+                };
+                let magnitude = self.keep(digits.into());
+                Some(Value::BigInt {
+                    negative: sign != 0,
+                    magnitude,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn lookup(&self, key: &str) -> Option<Term<'a>> {
+        if self.empty {
+            return None;
+        }
+        let atom_key = match self.key_atoms.get(key) {
+            Some(a) => Some(*a),
+            None => Atom::existing_from_utf8_bytes(self.map.get_env(), key.as_bytes()).ok(),
+        };
+        if let Some(v) = atom_key.and_then(|a| self.map.map_get(a).ok()) {
+            return Some(v);
+        }
+        // Binary keys: scan (context maps are small flatmaps).
+        MapIterator::new(self.map)?.find_map(|(k, v)| {
+            let b = k.decode::<Binary>().ok()?;
+            (b.as_slice() == key.as_bytes()).then_some(v)
+        })
+    }
+
+    /// Keep `bytes` alive as long as the context and borrow them.
+    fn keep(&self, bytes: Box<[u8]>) -> &[u8] {
+        let ptr: *const [u8] = &*bytes;
+        self.arena.borrow_mut().push(bytes);
+        // SAFETY: the boxed slice is owned by the arena, which only ever
+        // grows while `self` lives: moving the Box into the Vec (or the Vec
+        // reallocating) moves the pointer, not the heap bytes it points to.
+        unsafe { &*ptr }
+    }
+}
+
+impl Context for MapCtx<'_, '_> {
+    fn get(&self, key: &str) -> Option<Value<'_>> {
+        let term = self.lookup(key)?;
+        let v = self.value_of(term);
+        if v.is_none() {
+            self.bad.set(true);
+        }
+        v
+    }
+
+    fn custom(&self, name: &str) -> Option<bool> {
+        self.customs
+            .iter()
+            .find(|(n, _)| n.as_slice() == name.as_bytes())
+            .map(|(_, v)| *v)
+    }
+}
