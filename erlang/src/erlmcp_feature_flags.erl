@@ -24,8 +24,7 @@
          reload/0, reload_now/0,
          explain/2,
          register_condition/2, unregister_condition/1,
-         metrics/0, metrics_text/0,
-         upgrade_nif/0]).
+         metrics/0, metrics_text/0]).
 
 %% gen_server callbacks
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2, code_change/3]).
@@ -52,7 +51,6 @@
     reload_ms :: pos_integer(),
     check_ms :: pos_integer(),
     stamp :: term(),
-    overrides = #{} :: #{binary() => boolean()},
     last_error = undefined :: undefined | [problem()]
 }).
 
@@ -200,17 +198,6 @@ metrics() ->
 metrics_text() ->
     erlmcp_rollout_nif:flags_metrics_text().
 
-%% @doc Load a new build of the NIF library (rustler libraries have no
-%% upgrade callback, so `code:load_file/1' alone fails with
-%% `{upgrade, ...}'): wait until no process runs the old stub code, purge and
-%% delete `erlmcp_rollout_nif', load it again (which loads the new .so), then
-%% reconfigure, reload the config and reapply runtime overrides. Between the
-%% delete and the reload, `is_enabled' calls auto-load the new module and may
-%% answer with the default for a few milliseconds; none fails.
--spec upgrade_nif() -> ok | {error, term()}.
-upgrade_nif() ->
-    gen_server:call(?SERVER, upgrade_nif, 60000).
-
 %%% gen_server callbacks
 
 %% @private
@@ -247,15 +234,8 @@ first_load(#state{config = Path} = State) ->
 handle_call(reload_now, _From, State) ->
     {Reply, NewState} = load(State),
     {reply, Reply, NewState};
-handle_call({override, Name, Value}, _From, #state{overrides = O} = State) ->
-    ok = erlmcp_rollout_nif:flags_set_override(Name, Value),
-    NewO = case Value of
-               clear -> maps:remove(Name, O);
-               _ -> O#{Name => Value}
-           end,
-    {reply, ok, State#state{overrides = NewO}};
-handle_call(upgrade_nif, _From, State) ->
-    {reply, do_upgrade_nif(State), State};
+handle_call({override, Name, Value}, _From, State) ->
+    {reply, erlmcp_rollout_nif:flags_set_override(Name, Value), State};
 handle_call(_Request, _From, State) ->
     {reply, {error, unknown_call}, State}.
 
@@ -363,34 +343,6 @@ stamp(Path) ->
     case file:read_file_info(Path, [{time, posix}]) of
         {ok, Info} -> {element(2, Info), element(6, Info), element(13, Info)};  % size, mtime, inode
         {error, Reason} -> {error, Reason}
-    end.
-
-do_upgrade_nif(#state{overrides = Overrides} = State) ->
-    Mod = erlmcp_rollout_nif,
-    case wait_soft_purge(Mod, 100) of
-        false ->
-            {error, old_code_in_use};
-        true ->
-            _ = code:delete(Mod),
-            _ = code:purge(Mod),
-            case code:load_file(Mod) of
-                {module, Mod} ->
-                    _ = configure(State),
-                    _ = erlmcp_rollout_nif:flags_load_file(State#state.config),
-                    maps:foreach(fun(Name, Value) -> ok = erlmcp_rollout_nif:flags_set_override(Name, Value) end,
-                                 Overrides),
-                    ok;
-                {error, Reason} ->
-                    {error, Reason}
-            end
-    end.
-
-wait_soft_purge(_Mod, 0) ->
-    false;
-wait_soft_purge(Mod, Tries) ->
-    case code:soft_purge(Mod) of
-        true -> true;
-        false -> timer:sleep(10), wait_soft_purge(Mod, Tries - 1)
     end.
 
 to_binary(Name) when is_binary(Name) -> Name;

@@ -1,14 +1,21 @@
 %% @doc The NIF stub module: loads `priv/liberlmcp_rollout_nif.so' (built by
-%% cargo from `native/erlmcp_rollout_nif') and declares every NIF. Keep it
-%% small and stable: rustler NIF libraries cannot be hot-upgraded (see
-%% `erlmcp_feature_flags:upgrade_nif/0' for the procedure). Call the API
-%% modules, not this one.
+%% cargo from `native/erlmcp_rollout_nif') and declares every NIF. Call the
+%% API modules, not this one.
+%%
+%% Upgrading the NIF library: rustler libraries have no NIF `upgrade'
+%% callback, so `code:load_file(erlmcp_rollout_nif)' fails with
+%% `{error, {upgrade, ...}}' (harmlessly: the loaded library keeps serving),
+%% and a Rust library with thread-locals is never unloaded from the OS
+%% process. A new library therefore takes a node restart: drain the node,
+%% stop it, install the new `priv/' and start it (a rolling restart across
+%% the cluster). The API modules are pure Erlang and hot-load freely; the
+%% flag engine lives in the library, not in any process.
 -module(erlmcp_rollout_nif).
 
 -export([flags_eval/2, flags_eval_custom/3, flags_status/0, flags_configure/2,
          flags_load_file/1, flags_load_json/1, flags_set_override/2, flags_get_all/0,
          flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
-         flags_phash2/2]).
+         flags_phash2/2, flags_set_clock/1]).
 
 -on_load(init/0).
 
@@ -74,3 +81,6 @@ flags_metrics_text() -> ?NOT_LOADED.
 -spec flags_phash2(Term :: binary() | atom() | integer() | {binary(), binary() | atom() | integer()},
                    Range :: pos_integer()) -> non_neg_integer().
 flags_phash2(_Term, _Range) -> ?NOT_LOADED.
+
+-spec flags_set_clock(UnixMs :: integer() | system) -> ok.
+flags_set_clock(_UnixMs) -> ?NOT_LOADED.

@@ -2,11 +2,13 @@
 //! process (a restarted `erlmcp_feature_flags` server finds the last loaded
 //! flags still serving).
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use arc_swap::ArcSwap;
 use erlmcp_rollout::flags::{
-    phash2, ConditionFailure, ConfigError, Engine, EnvOverrides, FlagsConfig, Problem, Reason, ReloadOutcome, Value,
+    phash2, Clock, ConditionFailure, ConfigError, Engine, EnvOverrides, FlagsConfig, Problem, Reason, ReloadOutcome,
+    SystemClock, Value,
 };
 use rustc_hash::FxHashMap;
 use rustler::{Atom, Encoder, Env, Error, NifResult, Term};
@@ -14,7 +16,25 @@ use rustler::{Atom, Encoder, Env, Error, NifResult, Term};
 use crate::atoms;
 use crate::term::{MapCtx, Name};
 
-static ENGINE: LazyLock<Engine> = LazyLock::new(|| Engine::builder().build(FlagsConfig::default()));
+/// The system clock unless a time is pinned (`flags_set_clock/1`, for
+/// tests and "what will this look like at T" checks).
+struct PinnableClock(AtomicI64);
+
+const UNPINNED: i64 = i64::MIN;
+
+impl Clock for PinnableClock {
+    fn now_unix_ms(&self) -> i64 {
+        match self.0.load(Ordering::Relaxed) {
+            UNPINNED => SystemClock.now_unix_ms(),
+            pinned => pinned,
+        }
+    }
+}
+
+static CLOCK: LazyLock<Arc<PinnableClock>> = LazyLock::new(|| Arc::new(PinnableClock(AtomicI64::new(UNPINNED))));
+
+static ENGINE: LazyLock<Engine> =
+    LazyLock::new(|| Engine::builder().clock(CLOCK.clone()).build(FlagsConfig::default()));
 
 /// Atoms for every context key the current config reads, made once per load
 /// so the hot path looks keys up without touching the atom table.
@@ -279,4 +299,21 @@ fn flags_phash2<'a>(term: Term<'a>, range: u32) -> NifResult<u32> {
     }
     let v: Value<'_> = holder.value_of(term).ok_or(Error::BadArg)?;
     Ok(phash2::phash2(&v, range))
+}
+
+/// Pin schedule evaluation to `UnixMs` (milliseconds since the epoch), or
+/// back to the system clock with `system`.
+#[rustler::nif]
+fn flags_set_clock(at: Term<'_>) -> NifResult<Atom> {
+    let v = if at.decode::<Atom>().ok() == Some(atoms::system()) {
+        UNPINNED
+    } else {
+        let ms: i64 = at.decode()?;
+        if ms == UNPINNED {
+            return Err(Error::BadArg);
+        }
+        ms
+    };
+    CLOCK.0.store(v, Ordering::Relaxed);
+    Ok(atoms::ok())
 }

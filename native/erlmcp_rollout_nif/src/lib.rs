@@ -55,6 +55,7 @@ pub mod atoms {
     config,
     nil,
     clear,
+        system,
     }
 }
 
