@@ -26,10 +26,7 @@ impl Term {
             Term::Bin(b) => Value::Binary(b),
             Term::Atom(a) => Value::Atom(a),
             Term::Int(i) => Value::Int(*i),
-            Term::Big {
-                negative,
-                magnitude,
-            } => Value::BigInt {
+            Term::Big { negative, magnitude } => Value::BigInt {
                 negative: *negative,
                 magnitude,
             },
@@ -50,10 +47,7 @@ impl Term {
             Term::Int(i) => {
                 let _ = write!(out, "i,{i}");
             }
-            Term::Big {
-                negative,
-                magnitude,
-            } => {
+            Term::Big { negative, magnitude } => {
                 out.push_str(if *negative { "n," } else { "p," });
                 push_hex(out, magnitude);
             }
@@ -214,9 +208,7 @@ fn cases() -> Vec<Case> {
         cases.push(Case::plain(Term::Atom(a.to_string())));
     }
     for c in ['a', '\u{e9}', '\u{ff}', '\u{65e5}', '\u{1f600}'] {
-        cases.push(Case::plain(Term::Atom(
-            std::iter::repeat_n(c, 255).collect(),
-        )));
+        cases.push(Case::plain(Term::Atom(std::iter::repeat_n(c, 255).collect())));
     }
     for _ in 0..2000 {
         let chars = match rng.below(4) {
@@ -226,11 +218,7 @@ fn cases() -> Vec<Case> {
         };
         let atom = if rng.below(4) == 0 {
             // Pure ASCII and pure latin-1 atoms.
-            let (lo, span) = if rng.below(2) == 0 {
-                (0x20, 0x5f)
-            } else {
-                (0x80, 0x80)
-            };
+            let (lo, span) = if rng.below(2) == 0 { (0x20, 0x5f) } else { (0x80, 0x80) };
             (0..chars)
                 .map(|_| char::from_u32(lo + rng.below(span) as u32).unwrap_or('x'))
                 .collect()
@@ -241,20 +229,7 @@ fn cases() -> Vec<Case> {
     }
 
     // Integers: boundaries as Int and as BigInt (with and without padding).
-    let mut ints: Vec<i64> = vec![
-        0,
-        1,
-        -1,
-        2,
-        -2,
-        42,
-        -42,
-        255,
-        256,
-        i64::MAX,
-        i64::MIN,
-        i64::MIN + 1,
-    ];
+    let mut ints: Vec<i64> = vec![0, 1, -1, 2, -2, 42, -42, 255, 256, i64::MAX, i64::MIN, i64::MIN + 1];
     // 2^27 is the SINT32_HASH bound, 2^59 - 1 = MAX_SMALL on 64-bit.
     for bits in [27u32, 28, 31, 32, 33, 59, 60, 62] {
         let p = 1i64 << bits;
@@ -342,10 +317,7 @@ fn cases() -> Vec<Case> {
                 magnitude: rng.bytes(len % 33),
             },
         };
-        cases.push(Case {
-            salt: Some(salt),
-            term,
-        });
+        cases.push(Case { salt: Some(salt), term });
     }
     for (salt, term) in [
         (&b"mcp_sampling"[..], Term::Bin(b"session-123".to_vec())),
@@ -446,11 +418,7 @@ fn phash2_matches_real_erl() {
             (h.parse().expect("hash"), b.parse().expect("bucket"))
         })
         .collect();
-    assert_eq!(
-        results.len(),
-        cases.len(),
-        "erl returned a different number of hashes"
-    );
+    assert_eq!(results.len(), cases.len(), "erl returned a different number of hashes");
 
     let mut mismatches = Vec::new();
     for (case, &(erl_hash, erl_bucket)) in cases.iter().zip(&results) {
@@ -476,12 +444,7 @@ fn phash2_matches_real_erl() {
         "{} of {} terms hash differently from erlang:phash2/2; first ones:\n{}",
         mismatches.len(),
         cases.len(),
-        mismatches
-            .iter()
-            .take(20)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        mismatches.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
     );
 }
 

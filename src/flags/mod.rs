@@ -24,8 +24,8 @@ mod value;
 
 pub use clock::{unix_ms, Clock, ManualClock, SystemClock};
 pub use config::{
-    format_time, parse_time, Condition, ConfigError, FlagSpec, FlagsConfig, Literal, Number, Operator, Percentage, Problem,
-    Schedule, Stage, DEFAULT_STICKINESS, MAX_FLAG_NAME_CHARS, OPERATORS,
+    format_time, parse_time, Condition, ConfigError, FlagSpec, FlagsConfig, Literal, Number, Operator, Percentage,
+    Problem, Schedule, Stage, DEFAULT_STICKINESS, MAX_FLAG_NAME_CHARS, OPERATORS,
 };
 pub use engine::{
     Engine, EngineBuilder, EngineError, FileWatcher, ReloadOutcome, WatchEvent, WatchOptions, WatchStatus,

@@ -160,10 +160,7 @@ fn mix_term(h: u32, term: &Value<'_>) -> u32 {
             }
         }
         Value::Int(i) => mix_integer(h, i < 0, i.unsigned_abs()),
-        Value::BigInt {
-            negative,
-            magnitude,
-        } => mix_bigint(h, negative, magnitude),
+        Value::BigInt { negative, magnitude } => mix_bigint(h, negative, magnitude),
     }
 }
 
@@ -193,10 +190,7 @@ fn mix_integer(h: u32, negative: bool, magnitude: u64) -> u32 {
 /// Mix an integer given as sign and little-endian magnitude bytes.
 fn mix_bigint(h: u32, negative: bool, magnitude: &[u8]) -> u32 {
     // Drop most significant zero bytes: the VM's bignums are normalized.
-    let len = magnitude
-        .iter()
-        .rposition(|&b| b != 0)
-        .map_or(0, |last| last + 1);
+    let len = magnitude.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1);
     let digits = magnitude.get(..len).unwrap_or_default();
     if digits.len() <= 8 {
         return mix_integer(h, negative, limb(digits));
@@ -211,10 +205,7 @@ fn mix_bigint(h: u32, negative: bool, magnitude: &[u8]) -> u32 {
 /// Up to 8 little-endian bytes as a `u64`.
 #[inline]
 fn limb(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .rev()
-        .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+    bytes.iter().rev().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
 }
 
 /// Mix a binary: `block_hash(bytes, HCONST_13 + h)`.
