@@ -47,7 +47,7 @@ use crate::flags::SyntaxError;
 #[non_exhaustive]
 pub enum CanaryError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// The file.
         path: String,
@@ -57,13 +57,19 @@ pub enum CanaryError {
     },
     /// The metrics file is not JSON.
     #[error("invalid JSON at {0}")]
-    Syntax(#[from] SyntaxError),
+    Syntax(SyntaxError),
     /// JSON, but not the metrics format: every problem found.
     #[error("{} problem(s) in the metrics:\n  {}", .0.len(), .0.join("\n  "))]
     InvalidMetrics(Vec<String>),
     /// A threshold is unknown or out of range.
     #[error("invalid thresholds: {0}")]
     InvalidThresholds(String),
+}
+
+impl From<SyntaxError> for CanaryError {
+    fn from(e: SyntaxError) -> Self {
+        CanaryError::Syntax(e)
+    }
 }
 
 /// Why a metric has no usable value.
@@ -1093,11 +1099,15 @@ fn finish(mut rules: Vec<RuleResult>, t: &Thresholds) -> Verdict {
             }
             Outcome::Continue => Decision::Continue,
             Outcome::NoData => {
-                warnings.push(Warning {
-                    metric: r.metric,
-                    rule: r.rule,
-                    message: format!("{}; not promoting", r.message),
-                });
+                let message = format!("{}; not promoting", r.message);
+                // Two rules that lack the same input say the same thing once.
+                if !warnings.iter().any(|w: &Warning| w.message == message) {
+                    warnings.push(Warning {
+                        metric: r.metric,
+                        rule: r.rule,
+                        message,
+                    });
+                }
                 match t.on_no_data {
                     NoDataPolicy::Continue => Decision::Continue,
                     NoDataPolicy::Rollback => {
