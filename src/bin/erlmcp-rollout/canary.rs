@@ -27,7 +27,7 @@ Exit codes:
 pub enum Command {
     /// Decide promote, continue or rollback from canary vs stable metrics.
     #[command(after_help = DECIDE_EXIT_CODES)]
-    Decide(DecideArgs),
+    Decide(Box<DecideArgs>),
     /// Print the ramp (traffic stages and observation periods) and the rollback matrix.
     Plan(PlanArgs),
 }
@@ -97,7 +97,7 @@ pub struct PlanArgs {
 
 pub fn run(cmd: Command) -> Result<u8> {
     match cmd {
-        Command::Decide(a) => decide_cmd(a),
+        Command::Decide(a) => decide_cmd(*a),
         Command::Plan(a) => plan_cmd(a),
     }
 }
