@@ -31,7 +31,7 @@ pub struct ScopeArgs {
     /// The revision under test.
     #[arg(long, default_value = "HEAD")]
     head: String,
-    /// The repository (default: the current directory).
+    /// The repository.
     #[arg(long, value_name = "DIR", default_value = ".")]
     repo: PathBuf,
     /// A path that forces the full suite (exact, or a directory ending in /). Repeatable;
