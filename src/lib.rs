@@ -28,7 +28,7 @@
 //!     "mcp_sampling": {"enabled": true, "rollout_percentage": 25,
 //!                      "environments": ["dev", "production"]}
 //! }"#)?;
-//! let engine = Engine::builder().environment("production").build(config)?;
+//! let engine = Engine::builder().environment("production").build(config);
 //! let ctx = MapContext::new().binary("session_id", "session-123");
 //! let eval = engine.evaluate("mcp_sampling", &ctx);
 //! // phash2(<<"session-123">>, 100) = 98, which is not below 25.

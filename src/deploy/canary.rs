@@ -455,13 +455,15 @@ impl CanaryMetrics {
     /// # Errors
     /// As [`CanaryMetrics::from_json`], plus [`CanaryError::Io`].
     pub fn from_file(path: impl AsRef<Path>) -> Result<CanaryMetrics, CanaryError> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| CanaryError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        CanaryMetrics::from_json(&bytes)
+        CanaryMetrics::from_json(&read(path.as_ref())?)
     }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CanaryError> {
+    std::fs::read(path).map_err(|source| CanaryError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn parse_side(side: Side, node: &Node, problems: &mut Vec<String>) -> SideMetrics {
@@ -626,11 +628,8 @@ impl Thresholds {
     /// As [`Thresholds::from_json`], plus [`CanaryError::Io`].
     pub fn from_file(path: impl AsRef<Path>) -> Result<Thresholds, CanaryError> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| CanaryError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Thresholds::from_json(&bytes).map_err(|e| CanaryError::InvalidThresholds(format!("{}: {e}", path.display())))
+        Thresholds::from_json(&read(path)?)
+            .map_err(|e| CanaryError::InvalidThresholds(format!("{}: {e}", path.display())))
     }
 
     /// Set one threshold by name; `value` is JSON (`0.002`, `true`,
@@ -742,6 +741,19 @@ pub enum Outcome {
     Rollback,
 }
 
+impl Outcome {
+    /// `pass`, `warn`, `continue`, `no_data` or `rollback`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Pass => "pass",
+            Outcome::Warn => "warn",
+            Outcome::Continue => "continue",
+            Outcome::NoData => "no_data",
+            Outcome::Rollback => "rollback",
+        }
+    }
+}
+
 /// One rule's inputs, outcome and explanation.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RuleResult {
@@ -809,11 +821,7 @@ impl Verdict {
         }
         out.push_str("rules:\n");
         for r in &self.rules {
-            let outcome = serde_json::to_value(r.outcome)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            out.push_str(&format!("  {outcome:<8} {:<22} {}\n", r.rule, r.message));
+            out.push_str(&format!("  {:<8} {:<22} {}\n", r.outcome.as_str(), r.rule, r.message));
         }
         if !self.warnings.is_empty() {
             out.push_str("warnings:\n");
