@@ -230,7 +230,8 @@ fn require_tools() {
 struct Server {
     url: String,
     port: u16,
-    _dir: tempfile::TempDir,
+    /// Removed by the wrapper once Prometheus is gone.
+    _dir: PathBuf,
     child: Mutex<Child>,
     /// Closing this pipe makes the wrapper kill Prometheus.
     lifeline: Mutex<Option<ChildStdin>>,
@@ -254,15 +255,17 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// Runs Prometheus in the background and kills it when stdin closes.
+/// Runs Prometheus in the background; when stdin closes (the test process
+/// exited, however it exited) kills it and removes its directory.
 const WRAPPER: &str = r#"
-log="$1"; shift
-prometheus "$@" >"$log" 2>&1 &
+dir="$1"; shift
+prometheus "$@" >"$dir/prometheus.log" 2>&1 &
 p=$!
 echo "$p"
 cat >/dev/null
 kill "$p" 2>/dev/null
 wait "$p" 2>/dev/null
+rm -rf "$dir"
 exit 0
 "#;
 
@@ -283,74 +286,88 @@ fn ready(port: u16) -> bool {
 
 fn start_server() -> Server {
     require_tools();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().join("data.om");
+    for _attempt in 0..3 {
+        match try_start_server() {
+            Ok(server) => return server,
+            // The port was taken between free_port() and bind: try another one.
+            Err(PortTaken) => continue,
+        }
+    }
+    panic!("no free loopback port for Prometheus after 3 attempts");
+}
+
+struct PortTaken;
+
+/// Write the dataset into a fresh directory, load it and start Prometheus on
+/// it. The wrapper removes the directory when it stops Prometheus (a static
+/// server is never dropped).
+fn try_start_server() -> Result<Server, PortTaken> {
+    let dir = tempfile::tempdir().expect("temp dir").keep();
+    let data = dir.join("data.om");
     std::fs::write(&data, openmetrics()).expect("write data.om");
-    let tsdb = dir.path().join("tsdb");
+    let tsdb = dir.join("tsdb");
     let out = Command::new("promtool")
         .args(["tsdb", "create-blocks-from", "openmetrics"])
         .arg(&data)
         .arg(&tsdb)
         .output()
         .expect("run promtool");
-    assert!(
-        out.status.success(),
-        "promtool failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config = dir.path().join("empty.yml");
-    std::fs::write(&config, "").expect("write config");
-    let log = dir.path().join("prometheus.log");
-    for _attempt in 0..3 {
-        let port = free_port();
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(WRAPPER)
-            .arg("sh")
-            .arg(&log)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", tsdb.display()))
-            .arg("--storage.tsdb.retention.time=100y")
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn sh");
-        let mut lifeline = child.stdin.take();
-        let mut pid = String::new();
-        if let Some(stdout) = child.stdout.take() {
-            let _ = BufReader::new(stdout).read_line(&mut pid);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut clash = false;
-        while Instant::now() < deadline {
-            if ready(port) {
-                return Server {
-                    url: format!("http://127.0.0.1:{port}"),
-                    port,
-                    _dir: dir,
-                    child: Mutex::new(child),
-                    lifeline: Mutex::new(lifeline),
-                };
-            }
-            // The wrapper outlives a Prometheus that failed to start: read its log.
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            clash = text.contains("address already in use");
-            if clash || text.contains("level=error") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        lifeline.take();
-        let _ = child.wait();
-        if !clash {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            panic!("Prometheus (pid {}) did not become ready:\n{text}", pid.trim());
-        }
-        // The port was taken between free_port() and bind: try another one.
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&dir);
+        panic!(
+            "promtool failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    panic!("no free loopback port for Prometheus after 3 attempts");
+    let config = dir.join("empty.yml");
+    std::fs::write(&config, "").expect("write config");
+    let log = dir.join("prometheus.log");
+    let port = free_port();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(WRAPPER)
+        .arg("sh")
+        .arg(&dir)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", tsdb.display()))
+        .arg("--storage.tsdb.retention.time=100y")
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn sh");
+    let mut lifeline = child.stdin.take();
+    let mut pid = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = BufReader::new(stdout).read_line(&mut pid);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        if ready(port) {
+            return Ok(Server {
+                url: format!("http://127.0.0.1:{port}"),
+                port,
+                _dir: dir,
+                child: Mutex::new(child),
+                lifeline: Mutex::new(lifeline),
+            });
+        }
+        // The wrapper outlives a Prometheus that failed to start: read its log.
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("address already in use") || text.contains("level=error") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Stop it (the wrapper also removes the directory), then report.
+    lifeline.take();
+    let _ = child.wait();
+    if text.contains("address already in use") {
+        return Err(PortTaken);
+    }
+    panic!("Prometheus (pid {}) did not become ready:\n{text}", pid.trim());
 }
 
 fn server() -> &'static Server {
