@@ -144,6 +144,27 @@ fn malformed_metrics_are_an_error_not_a_verdict() {
 }
 
 #[test]
+fn bad_prometheus_options_are_invalid_input_before_any_query() {
+    // Nothing listens on port 1, so exit 1 (not 12) proves nothing was sent.
+    for args in [
+        &["--prometheus", "http://127.0.0.1:1", "--window", "5"][..],
+        &["--prometheus", "https://prometheus.example"],
+        &["--prometheus", "127.0.0.1:9090"],
+        &["--prometheus", "http://127.0.0.1:1", "--at", "yesterday"],
+        &["--prometheus", "http://127.0.0.1:1", "--query", "bogus=up"],
+        &["--prometheus", "http://127.0.0.1:1", "--query", "requests="],
+    ] {
+        let mut all = vec!["canary", "decide"];
+        all.extend_from_slice(args);
+        let r = run(&all);
+        assert_eq!(r.code, 1, "{args:?}: {}", r.stderr);
+        assert!(r.stdout.is_empty());
+    }
+    let r = run(&["canary", "decide", "--prometheus", "http://127.0.0.1:1"]);
+    assert_eq!(r.code, 12, "{}", r.stderr);
+}
+
+#[test]
 fn decide_help_documents_exit_codes() {
     let r = run(&["canary", "decide", "--help"]);
     for line in [

@@ -494,6 +494,10 @@ fn human_output_names_the_decision_and_source() {
     let at = at("failing").to_string();
     let (code, out, _) = decide(&["--prometheus", &s.url, "--at", &at]);
     assert_eq!(code, 11);
+    // --at also takes RFC 3339: the healthy slot ends at 00:10 on 2026-01-01.
+    let (code, healthy, err) = decide(&["--prometheus", &s.url, "--at", "2026-01-01T00:10:00Z"]);
+    assert_eq!(code, 0, "{healthy}{err}");
+    assert!(healthy.contains("decision: promote"), "{healthy}");
     assert!(out.contains("decision: rollback"), "{out}");
     assert!(out.contains("Error rate >0.1%"), "{out}");
 }
