@@ -628,8 +628,10 @@ impl Thresholds {
     /// As [`Thresholds::from_json`], plus [`CanaryError::Io`].
     pub fn from_file(path: impl AsRef<Path>) -> Result<Thresholds, CanaryError> {
         let path = path.as_ref();
-        Thresholds::from_json(&read(path)?)
-            .map_err(|e| CanaryError::InvalidThresholds(format!("{}: {e}", path.display())))
+        Thresholds::from_json(&read(path)?).map_err(|e| match e {
+            CanaryError::InvalidThresholds(msg) => CanaryError::InvalidThresholds(format!("{}: {msg}", path.display())),
+            other => other,
+        })
     }
 
     /// Set one threshold by name; `value` is JSON (`0.002`, `true`,
