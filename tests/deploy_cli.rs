@@ -95,6 +95,17 @@ fn decide_human_output() {
 }
 
 #[test]
+fn decide_github_output() {
+    let f = fixture("failing");
+    let r = run(&["canary", "decide", "--metrics", &f, "--github-output"]);
+    assert_eq!(r.code, 11);
+    assert_eq!(
+        r.stdout,
+        "decision=rollback\ntriggers=error_rate_absolute,error_rate_relative\nwarnings=0\n"
+    );
+}
+
+#[test]
 fn thresholds_from_flags_and_files() {
     let (code, _) = decide_json(
         "failing",

@@ -81,8 +81,11 @@ pub struct DecideArgs {
     #[arg(long = "threshold", value_name = "NAME=VALUE")]
     threshold: Vec<String>,
     /// Machine-readable output.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "github_output")]
     json: bool,
+    /// Print key=value lines for $GITHUB_OUTPUT (decision, triggers, warnings).
+    #[arg(long)]
+    github_output: bool,
 }
 
 #[derive(Args)]
@@ -191,7 +194,12 @@ fn decide_cmd(a: DecideArgs) -> Result<u8> {
     };
     let verdict = decide(&metrics, &t);
     let mut o = out();
-    if a.json {
+    if a.github_output {
+        let ids: Vec<&str> = verdict.triggers.iter().map(|t| t.id.as_str()).collect();
+        writeln!(o, "decision={}", verdict.decision)?;
+        writeln!(o, "triggers={}", ids.join(","))?;
+        writeln!(o, "warnings={}", verdict.warnings.len())?;
+    } else if a.json {
         let source = match &collected {
             Some(Collected { at, queries, .. }) => json!({"prometheus": origin, "at": at, "queries": queries}),
             None => json!({"metrics_file": origin}),
