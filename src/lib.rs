@@ -11,10 +11,14 @@
 //!   the hot-reloading [`flags::Engine`], schedules, overrides, metrics.
 //! - [`flags::phash2`]: a pure-Rust `erlang:phash2/2` for binaries, atoms and
 //!   integers.
+//! - [`deploy`] (feature `deploy`): canary verdicts from Prometheus or a
+//!   metrics file, the ramp and rollback matrix, CI test scope.
 //!
 //! ## Features
 //! - `cli` (default): the `erlmcp-rollout` binary and its dependencies. Depend
 //!   with `default-features = false` to get flag evaluation alone.
+//! - `deploy` (included in `cli`): the [`deploy`] module and its HTTP client
+//!   (`ureq`, plain `http://`, no TLS).
 //!
 //! ## Example
 //! ```
@@ -34,4 +38,6 @@
 //! ```
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+#[cfg(feature = "deploy")]
+pub mod deploy;
 pub mod flags;

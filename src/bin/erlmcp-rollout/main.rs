@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod canary;
+mod ci;
 mod flags;
 
 /// Exit codes shared by every command.
@@ -17,6 +19,18 @@ pub mod exit {
     pub const INVALID: u8 = 1;
     /// Bad command-line usage (clap's own code).
     pub const USAGE: u8 = 2;
+    /// `canary decide`: keep observing (too little traffic, or no data).
+    pub const CONTINUE: u8 = 10;
+    /// `canary decide`: roll back.
+    pub const ROLLBACK: u8 = 11;
+    /// The metrics source failed: Prometheus unreachable, a rejected or
+    /// failed query (HTTP 400/422/503), an unexpected answer. No verdict.
+    pub const SOURCE: u8 = 12;
+    /// `ci scope`: git failed (not a repository, unknown revision, no merge
+    /// base, git missing).
+    pub const GIT: u8 = 13;
+    /// `canary decide`: promote (the same as [`OK`]).
+    pub const PROMOTE: u8 = OK;
 }
 
 /// Rollout toolkit for erlmcp: feature flags, session stores, migration and
@@ -33,12 +47,20 @@ enum Command {
     /// Validate, evaluate and plan feature flags.
     #[command(subcommand)]
     Flags(flags::Command),
+    /// Canary verdicts from Prometheus or a metrics file; the ramp and rollback matrix.
+    #[command(subcommand)]
+    Canary(canary::Command),
+    /// CI helpers: which tests a change needs.
+    #[command(subcommand)]
+    Ci(ci::Command),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Flags(cmd) => flags::run(cmd),
+        Command::Canary(cmd) => canary::run(cmd),
+        Command::Ci(cmd) => ci::run(cmd),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -52,9 +74,27 @@ fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 let _ = writeln!(stderr, "  caused by: {cause}");
             }
-            ExitCode::from(exit::INVALID)
+            ExitCode::from(error_code(&e))
         }
     }
+}
+
+/// The exit code for an error: [`exit::SOURCE`] when Prometheus failed,
+/// [`exit::GIT`] when git did, [`exit::INVALID`] otherwise.
+fn error_code(e: &anyhow::Error) -> u8 {
+    use erlmcp_rollout::deploy::{PrometheusError, ScopeError};
+    for cause in e.chain() {
+        if let Some(p) = cause.downcast_ref::<PrometheusError>() {
+            return match p {
+                PrometheusError::BadUrl { .. } | PrometheusError::Config(_) => exit::INVALID,
+                _ => exit::SOURCE,
+            };
+        }
+        if cause.downcast_ref::<ScopeError>().is_some() {
+            return exit::GIT;
+        }
+    }
+    exit::INVALID
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
