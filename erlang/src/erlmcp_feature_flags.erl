@@ -91,7 +91,13 @@ is_enabled(Name) ->
 %% reads that is not a binary, atom or integer.
 -spec is_enabled(Name :: flag_name(), ContextOrDefault :: context() | boolean()) -> boolean().
 is_enabled(Name, Context) when is_map(Context) ->
-    eval(Name, Context, false);
+    %% The hot path, spelled out (no extra local call).
+    case erlmcp_rollout_nif:flags_eval(Name, Context) of
+        true -> true;
+        false -> false;
+        unknown -> false;
+        {custom, Names} -> eval_custom(Name, Context, Names, false)
+    end;
 is_enabled(Name, Default) when is_boolean(Default) ->
     eval(Name, #{}, Default);
 is_enabled(_Name, _Other) ->

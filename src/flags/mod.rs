@@ -35,5 +35,7 @@ pub use json::{Pos, SyntaxError};
 pub use listing::{environments_named, state_table, FlagStateRow};
 pub use metrics::{Counts, Metrics};
 pub use overrides::{EnvOverrideError, EnvOverrides, Override, OverrideSource, ENV_VAR};
-pub use snapshot::{ConditionFailure, CustomPredicate, Evaluation, Explanation, FlagDetails, Reason, Snapshot, Step};
+pub use snapshot::{
+    ConditionFailure, CustomPredicate, Deferred, Evaluation, Explanation, FlagDetails, Reason, Snapshot, Step,
+};
 pub use value::{Context, MapContext, OwnedValue, Value};

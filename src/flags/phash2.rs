@@ -80,6 +80,7 @@ const SSMALL28_LIMIT: u64 = 1 << 27;
 /// An [`Value::Int`] and a [`Value::BigInt`] of the same value hash the same,
 /// whatever leading zero bytes the magnitude has, and `-0` is `0`.
 #[must_use]
+#[inline]
 pub fn hash(term: &Value<'_>) -> u32 {
     mix_term(0, term)
 }
@@ -87,6 +88,7 @@ pub fn hash(term: &Value<'_>) -> u32 {
 /// `make_hash2({Salt, Term})` with `Salt` a binary: the full 32-bit hash,
 /// `erlang:phash2({Salt, Term}, 4294967296)`.
 #[must_use]
+#[inline]
 pub fn hash_salted(salt: &[u8], term: &Value<'_>) -> u32 {
     let h = uint32_hash_2(0, 2, 0, HCONST_9);
     let h = mix_binary(h, salt);
@@ -103,6 +105,7 @@ pub fn hash_salted(salt: &[u8], term: &Value<'_>) -> u32 {
 /// assert_eq!(phash2(&Value::Int(42), 1 << 27), 30328728);
 /// ```
 #[must_use]
+#[inline]
 pub fn phash2(term: &Value<'_>, range: u32) -> u32 {
     hash(term) % range.max(1)
 }
@@ -110,6 +113,7 @@ pub fn phash2(term: &Value<'_>, range: u32) -> u32 {
 /// `erlang:phash2({Salt, Term}, Range)` with `Salt` a binary: the salted hash
 /// modulo `range`, in `0..range`. A `range` of `0` is treated as `1`.
 #[must_use]
+#[inline]
 pub fn phash2_salted(salt: &[u8], term: &Value<'_>, range: u32) -> u32 {
     hash_salted(salt, term) % range.max(1)
 }

@@ -595,6 +595,30 @@ impl Snapshot {
         }
     }
 
+    /// Like [`Snapshot::evaluate`], but when the flag has custom conditions
+    /// without a Rust predicate, return their names instead of evaluating
+    /// (nothing is counted then): the caller gets the answers (the NIF runs
+    /// the registered Erlang funs) and evaluates again with a context whose
+    /// [`Context::custom`] supplies them. One hash lookup either way.
+    #[inline]
+    pub fn evaluate_or_defer<C: Context>(&self, name: &[u8], ctx: &C) -> Deferred<'_> {
+        match self.flags.get(name) {
+            Some(flag) if !flag.external_customs.is_empty() => Deferred::NeedsCustom(&flag.external_customs),
+            Some(flag) => {
+                let e = flag.evaluate(ctx, &*self.clock);
+                flag.counters.record(e.enabled);
+                Deferred::Evaluated(e)
+            }
+            None => {
+                self.unknown.record(false);
+                Deferred::Evaluated(Evaluation {
+                    enabled: false,
+                    reason: Reason::UnknownFlag,
+                })
+            }
+        }
+    }
+
     /// The environment this snapshot was compiled for.
     pub fn environment(&self) -> &str {
         &self.environment
@@ -826,6 +850,16 @@ fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
         .filter(|(d, k)| *d <= 3.max(k.len() / 4))
         .min()
         .map(|(_, k)| k)
+}
+
+/// The outcome of [`Snapshot::evaluate_or_defer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deferred<'s> {
+    /// Evaluated (and counted).
+    Evaluated(Evaluation),
+    /// The flag's custom conditions without a Rust predicate, to be answered
+    /// through [`Context::custom`].
+    NeedsCustom(&'s [Box<str>]),
 }
 
 /// One flag in [`Snapshot::details`].

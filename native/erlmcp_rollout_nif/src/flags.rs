@@ -3,18 +3,17 @@
 //! flags still serving).
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 use erlmcp_rollout::flags::{
-    phash2, Clock, ConditionFailure, ConfigError, Engine, EnvOverrides, FlagsConfig, Problem, Reason, ReloadOutcome,
-    SystemClock, Value,
+    phash2, Clock, ConditionFailure, ConfigError, Deferred, Engine, EnvOverrides, FlagsConfig, Problem, Reason,
+    ReloadOutcome, Snapshot, SystemClock, Value,
 };
-use rustc_hash::FxHashMap;
 use rustler::{Atom, Encoder, Env, Error, NifResult, Term};
 
 use crate::atoms;
-use crate::term::{MapCtx, Name};
+use crate::term::{name_text, MapCtx, Tables};
 
 /// The system clock unless a time is pinned (`flags_set_clock/1`, for
 /// tests and "what will this look like at T" checks).
@@ -36,55 +35,110 @@ static CLOCK: LazyLock<Arc<PinnableClock>> = LazyLock::new(|| Arc::new(PinnableC
 static ENGINE: LazyLock<Engine> =
     LazyLock::new(|| Engine::builder().clock(CLOCK.clone()).build(FlagsConfig::default()));
 
-/// Atoms for every context key the current config reads, made once per load
-/// so the hot path looks keys up without touching the atom table.
-static KEY_ATOMS: LazyLock<ArcSwap<FxHashMap<Box<str>, Atom>>> = LazyLock::new(Default::default);
-
-fn refresh_key_atoms(env: Env<'_>) {
-    let snapshot = ENGINE.snapshot();
-    let map: FxHashMap<Box<str>, Atom> = snapshot
-        .context_keys()
-        .into_iter()
-        .filter(|k| k.chars().count() <= 255)
-        .filter_map(|k| Atom::from_str(env, k).ok().map(|a| (Box::from(k), a)))
-        .collect();
-    KEY_ATOMS.store(Arc::new(map));
+/// What the hot path reads, published together in one atomic pointer: the
+/// engine's current snapshot and the atoms for its context keys and flag
+/// names (made once per change, so evaluation never touches the atom table).
+struct Published {
+    snapshot: Arc<Snapshot>,
+    tables: Tables,
 }
 
-/// Evaluate with `customs` answering custom conditions; `badarg` when the
-/// context is not a map or a value evaluation reads has an unsupported type.
-fn evaluate<'a>(name: Term<'a>, ctx: Term<'a>, customs: &[(Vec<u8>, bool)]) -> NifResult<(Name<'a>, Reason)> {
-    let name = Name::decode(name)?;
-    let keys = KEY_ATOMS.load();
-    let c = MapCtx::new(ctx, &keys, customs)?;
-    let e = ENGINE.evaluate(name.bytes(), &c);
-    if c.saw_bad_value() {
-        return Err(Error::BadArg);
-    }
-    Ok((name, e.reason))
+static PUBLISHED: LazyLock<ArcSwap<Published>> = LazyLock::new(|| {
+    ArcSwap::from_pointee(Published {
+        snapshot: ENGINE.snapshot(),
+        tables: Tables::default(),
+    })
+});
+
+/// Serializes engine changes with their publication, so that a slower
+/// writer can never publish an older snapshot over a newer one.
+static WRITER: Mutex<()> = Mutex::new(());
+
+fn writer() -> MutexGuard<'static, ()> {
+    WRITER.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn atom(env: Env<'_>, text: &str) -> Option<Atom> {
+    (text.chars().count() <= 255)
+        .then(|| Atom::from_str(env, text).ok())
+        .flatten()
+}
+
+/// Publish the engine's current snapshot; call with the writer lock held.
+fn publish(env: Env<'_>) {
+    let snapshot = ENGINE.snapshot();
+    let key_atoms = snapshot
+        .context_keys()
+        .into_iter()
+        .filter_map(|k| atom(env, k).map(|a| (Box::from(k), a)))
+        .collect();
+    let flag_atoms = snapshot
+        .config()
+        .iter()
+        .filter_map(|(name, _)| atom(env, name).map(|a| (a.as_c_arg(), Box::from(name.as_bytes()))))
+        .collect();
+    PUBLISHED.store(Arc::new(Published {
+        snapshot,
+        tables: Tables { key_atoms, flag_atoms },
+    }));
 }
 
 /// `true | false | unknown | {custom, [Name]}`: the hot path of
 /// `erlmcp_feature_flags:is_enabled/2`. `{custom, Names}` asks the caller to
 /// run the Erlang funs registered for the flag's custom conditions and call
-/// `flags_eval_custom/3` with the answers.
-#[rustler::nif]
+/// `flags_eval_custom/3` with the answers. `badarg` when the name is not a
+/// binary or atom, the context not a map, or a value evaluation reads is not
+/// a binary, atom or integer.
 fn flags_eval<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>) -> NifResult<Term<'a>> {
-    let n = Name::decode(name)?;
-    let keys = KEY_ATOMS.load();
-    let c = MapCtx::new(ctx, &keys, &[])?;
-    ENGINE.with_snapshot(|s| {
-        let external = s.unregistered_conditions(n.bytes());
-        if !external.is_empty() {
-            let names: Vec<&str> = external.iter().map(|s| &**s).collect();
-            return Ok((atoms::custom(), names).encode(env));
+    let published = PUBLISHED.load();
+    let tables = &published.tables;
+    let Some(name) = tables.flag_name(name)? else {
+        MapCtx::new(ctx, &[], &[])?;
+        return Ok(atoms::unknown().encode(env));
+    };
+    let c = MapCtx::new(ctx, &tables.key_atoms, &[])?;
+    match published.snapshot.evaluate_or_defer(name, &c) {
+        Deferred::NeedsCustom(names) => {
+            let names: Vec<&str> = names.iter().map(|n| &**n).collect();
+            Ok((atoms::custom(), names).encode(env))
         }
-        let e = s.evaluate(n.bytes(), &c);
-        if c.saw_bad_value() {
-            return Err(Error::BadArg);
+        Deferred::Evaluated(_) if c.saw_bad_value() => Err(Error::BadArg),
+        Deferred::Evaluated(e) => Ok(reason_atom(e.reason).encode(env)),
+    }
+}
+
+// `flags_eval/2` is registered by hand rather than with `#[rustler::nif]`:
+// rustler 0.39's generated wrapper collects the arguments into a `Vec` on
+// every call, a heap allocation on the hottest path (measured ~15 % of the
+// call). Same contract otherwise: panics are caught and raised as
+// `nif_panicked`, errors become `badarg`.
+rustler::codegen_runtime::inventory::submit!(rustler::Nif {
+    name: c"flags_eval".as_ptr(),
+    arity: 2,
+    flags: rustler::SchedulerFlags::Normal as rustler::codegen_runtime::c_uint,
+    raw_func: flags_eval_raw,
+});
+
+unsafe extern "C" fn flags_eval_raw(
+    nif_env: *mut rustler::sys::ErlNifEnv,
+    argc: rustler::codegen_runtime::c_int,
+    argv: *const rustler::sys::ErlNifTerm,
+) -> rustler::sys::ErlNifTerm {
+    let lifetime = ();
+    // SAFETY: the VM calls this with a valid env and `argc` terms at `argv`
+    // (arity 2 is registered above); the terms live as long as the env.
+    unsafe {
+        let env = Env::new(&lifetime, nif_env);
+        if argc != 2 || argv.is_null() {
+            return rustler::sys::enif_make_badarg(nif_env);
         }
-        Ok(reason_atom(e.reason).encode(env))
-    })
+        let name = Term::new(env, *argv);
+        let ctx = Term::new(env, *argv.add(1));
+        match std::panic::catch_unwind(move || flags_eval(env, name, ctx)) {
+            Ok(Ok(term)) => term.as_c_arg(),
+            other => rustler::codegen_runtime::handle_nif_result(other, env).apply(env),
+        }
+    }
 }
 
 /// `{Generation, Flags, Reloads}`: the snapshot serving now and how many
@@ -92,7 +146,8 @@ fn flags_eval<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>) -> NifResult<Term
 /// VM loaded the library).
 #[rustler::nif]
 fn flags_status() -> (u64, usize, u64) {
-    let (generation, flags) = ENGINE.with_snapshot(|s| (s.generation(), s.config().len()));
+    let published = PUBLISHED.load();
+    let (generation, flags) = (published.snapshot.generation(), published.snapshot.config().len());
     (generation, flags, ENGINE.metrics().reloads)
 }
 
@@ -115,10 +170,19 @@ fn flags_eval_custom<'a>(
 ) -> NifResult<Term<'a>> {
     let mut customs = Vec::with_capacity(answers.len());
     for (n, b) in answers {
-        customs.push((Name::decode(n)?.bytes().to_vec(), b));
+        customs.push((name_text(n)?.into_bytes(), b));
     }
-    let (_, reason) = evaluate(name, ctx, &customs)?;
-    let reason = match reason {
+    let published = PUBLISHED.load();
+    let tables = &published.tables;
+    let Some(name) = tables.flag_name(name)? else {
+        return Ok(atoms::unknown().encode(env));
+    };
+    let c = MapCtx::new(ctx, &tables.key_atoms, &customs)?;
+    let e = published.snapshot.evaluate(name, &c);
+    if c.saw_bad_value() {
+        return Err(Error::BadArg);
+    }
+    let reason = match e.reason {
         Reason::Condition {
             failure: ConditionFailure::Unregistered,
             ..
@@ -131,13 +195,13 @@ fn flags_eval_custom<'a>(
 /// Set the environment and the `ERLMCP_FEATURE_FLAGS` value (`<<>>` = none).
 #[rustler::nif]
 fn flags_configure<'a>(env: Env<'a>, environment: Term<'a>, overrides: &str) -> NifResult<Term<'a>> {
-    let environment = Name::decode(environment)?;
-    let environment = environment.text()?;
+    let environment = name_text(environment)?;
     match EnvOverrides::parse(overrides) {
         Ok(o) => {
+            let _w = writer();
             ENGINE.set_env_overrides(o);
-            ENGINE.set_environment(environment);
-            refresh_key_atoms(env);
+            ENGINE.set_environment(&environment);
+            publish(env);
             Ok(atoms::ok().encode(env))
         }
         Err(e) => Ok((atoms::error(), (atoms::bad_env_overrides(), e.to_string())).encode(env)),
@@ -147,7 +211,6 @@ fn flags_configure<'a>(env: Env<'a>, environment: Term<'a>, overrides: &str) -> 
 fn reload_result<'a>(env: Env<'a>, r: Result<ReloadOutcome, ConfigError>) -> Term<'a> {
     match r {
         Ok(o) => {
-            refresh_key_atoms(env);
             let info = Term::map_from_pairs(
                 env,
                 &[
@@ -191,20 +254,27 @@ fn problem<'a>(env: Env<'a>, p: &Problem) -> Term<'a> {
 /// Runs on a dirty I/O scheduler: it reads a file.
 #[rustler::nif(schedule = "DirtyIo")]
 fn flags_load_file<'a>(env: Env<'a>, path: &str) -> Term<'a> {
-    reload_result(env, ENGINE.reload_file(path))
+    let _w = writer();
+    let r = ENGINE.reload_file(path);
+    publish(env);
+    reload_result(env, r)
 }
 
 /// Load a config from JSON text (dirty CPU: a large config takes milliseconds).
 #[rustler::nif(schedule = "DirtyCpu")]
 fn flags_load_json<'a>(env: Env<'a>, json: rustler::Binary<'a>) -> Term<'a> {
-    reload_result(env, ENGINE.reload_json(json.as_slice()))
+    let _w = writer();
+    let r = ENGINE.reload_json(json.as_slice());
+    publish(env);
+    reload_result(env, r)
 }
 
 /// `Value :: true | false | clear`.
 #[rustler::nif]
-fn flags_set_override(name: Term<'_>, value: Atom) -> NifResult<Atom> {
-    let name = Name::decode(name)?;
-    let name = name.text()?;
+fn flags_set_override<'a>(env: Env<'a>, name: Term<'a>, value: Atom) -> NifResult<Atom> {
+    let name = name_text(name)?;
+    let name = name.as_str();
+    let _w = writer();
     if value == atoms::true_() {
         ENGINE.enable(name);
     } else if value == atoms::false_() {
@@ -214,13 +284,14 @@ fn flags_set_override(name: Term<'_>, value: Atom) -> NifResult<Atom> {
     } else {
         return Err(Error::BadArg);
     }
+    publish(env);
     Ok(atoms::ok())
 }
 
 /// `#{Name :: binary() => boolean()}`: effective `enabled` per flag.
 #[rustler::nif]
 fn flags_get_all(env: Env<'_>) -> Term<'_> {
-    let all = ENGINE.get_all();
+    let all = PUBLISHED.load().snapshot.get_all();
     let pairs: Vec<(&str, bool)> = all.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
 }
@@ -255,17 +326,16 @@ fn to_term<'a, T: serde::Serialize>(env: Env<'a>, v: &T) -> Term<'a> {
 /// Each flag's config, what is in force, override and counters (binary keys).
 #[rustler::nif]
 fn flags_details(env: Env<'_>) -> Term<'_> {
-    to_term(env, &ENGINE.details())
+    to_term(env, &PUBLISHED.load().snapshot.details())
 }
 
 /// The full reason chain (binary keys), as `erlmcp-rollout flags explain --json`.
 #[rustler::nif]
 fn flags_explain<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>) -> NifResult<Term<'a>> {
-    let name = Name::decode(name)?;
-    let text = name.text()?;
-    let keys = KEY_ATOMS.load();
-    let c = MapCtx::new(ctx, &keys, &[])?;
-    let x = ENGINE.explain(text, &c);
+    let text = name_text(name)?;
+    let published = PUBLISHED.load();
+    let c = MapCtx::new(ctx, &published.tables.key_atoms, &[])?;
+    let x = published.snapshot.explain(&text, &c);
     if c.saw_bad_value() {
         return Err(Error::BadArg);
     }
@@ -291,8 +361,7 @@ fn flags_phash2<'a>(term: Term<'a>, range: u32) -> NifResult<u32> {
     if range == 0 {
         return Err(Error::BadArg);
     }
-    let keys = FxHashMap::default();
-    let holder = MapCtx::holder(term, &keys);
+    let holder = MapCtx::holder(term, &[]);
     if let Ok((salt, inner)) = term.decode::<(rustler::Binary<'a>, Term<'a>)>() {
         let v = holder.value_of(inner).ok_or(Error::BadArg)?;
         return Ok(phash2::phash2_salted(salt.as_slice(), &v, range));

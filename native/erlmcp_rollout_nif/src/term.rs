@@ -4,7 +4,9 @@ use std::cell::{Cell, RefCell};
 
 use erlmcp_rollout::flags::{Context, Value};
 use rustc_hash::FxHashMap;
-use rustler::sys::{c_char, c_uint, enif_get_atom, ErlNifCharEncoding};
+use rustler::sys::{
+    c_char, c_uint, enif_get_atom, enif_get_map_size, enif_get_map_value, ErlNifCharEncoding, ErlNifTerm,
+};
 use rustler::types::map::MapIterator;
 use rustler::{Atom, Binary, Term, TermType};
 
@@ -55,35 +57,42 @@ pub fn atom_text<'b>(term: Term<'_>, buf: &'b mut [u8; ATOM_BUF]) -> Option<&'b 
     std::str::from_utf8(buf.get(..len)?).ok()
 }
 
-/// A name given as a binary or an atom, as bytes.
-#[allow(clippy::large_enum_variant)] // lives on the stack on purpose: atom names decode without allocating
-pub enum Name<'a> {
-    Binary(Binary<'a>),
-    Atom([u8; ATOM_BUF], usize),
+/// Atoms made once per loaded config: the context keys it reads (looked up
+/// by name, few enough for a linear scan) and its flag names (looked up by
+/// the atom's term word, so an atom name costs no text decoding).
+#[derive(Default)]
+pub struct Tables {
+    pub key_atoms: Vec<(Box<str>, Atom)>,
+    pub flag_atoms: FxHashMap<ErlNifTerm, Box<[u8]>>,
 }
 
-impl<'a> Name<'a> {
-    /// `badarg` unless the term is a binary or an atom.
-    pub fn decode(term: Term<'a>) -> rustler::NifResult<Name<'a>> {
-        if let Ok(b) = term.decode::<Binary<'a>>() {
-            return Ok(Name::Binary(b));
+impl Tables {
+    /// The bytes of a flag name given as a binary or an atom, without
+    /// copying. `Ok(None)`: an atom that names no flag of the loaded config.
+    #[inline]
+    pub fn flag_name<'s, 't: 's>(&'s self, term: Term<'t>) -> rustler::NifResult<Option<&'s [u8]>> {
+        if let Ok(b) = term.decode::<Binary<'t>>() {
+            return Ok(Some(b.as_slice()));
         }
-        let mut buf = [0u8; ATOM_BUF];
-        let len = atom_text(term, &mut buf).map(str::len).ok_or(rustler::Error::BadArg)?;
-        Ok(Name::Atom(buf, len))
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        match self {
-            Name::Binary(b) => b.as_slice(),
-            Name::Atom(buf, len) => buf.get(..*len).unwrap_or_default(),
+        if term.get_type() == TermType::Atom {
+            return Ok(self.flag_atoms.get(&term.as_c_arg()).map(|b| &**b));
         }
+        Err(rustler::Error::BadArg)
     }
+}
 
-    /// As text (flag names are UTF-8 in the config; other bytes match nothing).
-    pub fn text(&self) -> rustler::NifResult<&str> {
-        std::str::from_utf8(self.bytes()).map_err(|_| rustler::Error::BadArg)
+/// The text of a name given as a binary (UTF-8) or an atom (any), copied;
+/// for the non-hot-path NIFs (overrides, explain, configure).
+pub fn name_text(term: Term<'_>) -> rustler::NifResult<String> {
+    if let Ok(b) = term.decode::<Binary>() {
+        return std::str::from_utf8(b.as_slice())
+            .map(str::to_owned)
+            .map_err(|_| rustler::Error::BadArg);
     }
+    let mut buf = [0u8; ATOM_BUF];
+    atom_text(term, &mut buf)
+        .map(str::to_owned)
+        .ok_or(rustler::Error::BadArg)
 }
 
 /// An Erlang context map read lazily: only the keys evaluation asks for are
@@ -93,7 +102,7 @@ impl<'a> Name<'a> {
 pub struct MapCtx<'a, 'k> {
     map: Term<'a>,
     empty: bool,
-    key_atoms: &'k FxHashMap<Box<str>, Atom>,
+    key_atoms: &'k [(Box<str>, Atom)],
     arena: RefCell<Vec<Box<[u8]>>>,
     customs: &'k [(Vec<u8>, bool)],
     bad: Cell<bool>,
@@ -103,10 +112,16 @@ impl<'a, 'k> MapCtx<'a, 'k> {
     /// `badarg` unless `map` is a map.
     pub fn new(
         map: Term<'a>,
-        key_atoms: &'k FxHashMap<Box<str>, Atom>,
+        key_atoms: &'k [(Box<str>, Atom)],
         customs: &'k [(Vec<u8>, bool)],
     ) -> rustler::NifResult<Self> {
-        let size = map.map_size()?;
+        let mut size: usize = 0;
+        // SAFETY: a valid env and term; enif_get_map_size writes `size` and
+        // returns 0 (false) when the term is not a map.
+        let is_map = unsafe { enif_get_map_size(map.get_env().as_c_arg(), map.as_c_arg(), &mut size) } != 0;
+        if !is_map {
+            return Err(rustler::Error::BadArg);
+        }
         Ok(MapCtx {
             map,
             empty: size == 0,
@@ -118,7 +133,7 @@ impl<'a, 'k> MapCtx<'a, 'k> {
     }
 
     /// A holder for decoding single terms (no map).
-    pub fn holder(term: Term<'a>, key_atoms: &'k FxHashMap<Box<str>, Atom>) -> Self {
+    pub fn holder(term: Term<'a>, key_atoms: &'k [(Box<str>, Atom)]) -> Self {
         MapCtx {
             map: term,
             empty: true,
@@ -138,8 +153,11 @@ impl<'a, 'k> MapCtx<'a, 'k> {
     /// A term as a core [`Value`]: binaries borrowed; atom text and big
     /// integer digits kept in the arena. `None` for other types.
     pub fn value_of(&self, term: Term<'a>) -> Option<Value<'_>> {
+        // Binaries first, without asking the type: the common case.
+        if let Ok(b) = term.decode::<Binary<'a>>() {
+            return Some(Value::Binary(b.as_slice()));
+        }
         match term.get_type() {
-            TermType::Binary => term.decode::<Binary<'a>>().ok().map(|b| Value::Binary(b.as_slice())),
             TermType::Atom => {
                 let mut buf = [0u8; ATOM_BUF];
                 let text = atom_text(term, &mut buf)?;
@@ -175,12 +193,19 @@ impl<'a, 'k> MapCtx<'a, 'k> {
         if self.empty {
             return None;
         }
-        let atom_key = match self.key_atoms.get(key) {
-            Some(a) => Some(*a),
+        let atom_key = match self.key_atoms.iter().find(|(k, _)| &**k == key) {
+            Some((_, a)) => Some(*a),
             None => Atom::existing_from_utf8_bytes(self.map.get_env(), key.as_bytes()).ok(),
         };
-        if let Some(v) = atom_key.and_then(|a| self.map.map_get(a).ok()) {
-            return Some(v);
+        if let Some(a) = atom_key {
+            let env = self.map.get_env();
+            let mut value: ErlNifTerm = self.map.as_c_arg();
+            // SAFETY: valid env, map and key terms; enif_get_map_value writes
+            // `value` and returns non-zero only when the key is present.
+            if unsafe { enif_get_map_value(env.as_c_arg(), self.map.as_c_arg(), a.as_c_arg(), &mut value) } != 0 {
+                // SAFETY: `value` is a term of this env, read from the map.
+                return Some(unsafe { Term::new(env, value) });
+            }
         }
         // Binary keys: scan (context maps are small flatmaps).
         MapIterator::new(self.map)?.find_map(|(k, v)| {
