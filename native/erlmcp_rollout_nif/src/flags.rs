@@ -193,7 +193,7 @@ fn flags_eval_custom<'a>(
 }
 
 /// Set the environment and the `ERLMCP_FEATURE_FLAGS` value (`<<>>` = none).
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyCpu")]
 fn flags_configure<'a>(env: Env<'a>, environment: Term<'a>, overrides: &str) -> NifResult<Term<'a>> {
     let environment = name_text(environment)?;
     match EnvOverrides::parse(overrides) {
@@ -270,7 +270,7 @@ fn flags_load_json<'a>(env: Env<'a>, json: rustler::Binary<'a>) -> Term<'a> {
 }
 
 /// `Value :: true | false | clear`.
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyCpu")]
 fn flags_set_override<'a>(env: Env<'a>, name: Term<'a>, value: Atom) -> NifResult<Atom> {
     let name = name_text(name)?;
     let name = name.as_str();
@@ -289,7 +289,7 @@ fn flags_set_override<'a>(env: Env<'a>, name: Term<'a>, value: Atom) -> NifResul
 }
 
 /// `#{Name :: binary() => boolean()}`: effective `enabled` per flag.
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyCpu")]
 fn flags_get_all(env: Env<'_>) -> Term<'_> {
     let all = PUBLISHED.load().snapshot.get_all();
     let pairs: Vec<(&str, bool)> = all.iter().map(|(k, v)| (k.as_str(), *v)).collect();
@@ -324,7 +324,7 @@ fn to_term<'a, T: serde::Serialize>(env: Env<'a>, v: &T) -> Term<'a> {
 }
 
 /// Each flag's config, what is in force, override and counters (binary keys).
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyCpu")]
 fn flags_details(env: Env<'_>) -> Term<'_> {
     to_term(env, &PUBLISHED.load().snapshot.details())
 }
@@ -343,13 +343,13 @@ fn flags_explain<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>) -> NifResult<T
 }
 
 /// Counters and reload counts (binary keys).
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyCpu")]
 fn flags_metrics(env: Env<'_>) -> Term<'_> {
     to_term(env, &ENGINE.metrics())
 }
 
 /// The same in the Prometheus text format.
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyCpu")]
 fn flags_metrics_text(env: Env<'_>) -> Term<'_> {
     ENGINE.metrics().to_prometheus().encode(env)
 }

@@ -4,6 +4,11 @@
 //!
 //! One file per area (`flags.rs`; sessions and migration follow), NIF names
 //! prefixed by area, errors as atoms or tagged tuples.
+//!
+//! Scheduling: evaluation runs on the caller's normal scheduler (well under
+//! a microsecond); anything that recompiles the snapshot or walks every flag
+//! (load, configure, overrides, details, metrics, get_all) can take
+//! milliseconds with a thousand flags and runs on a dirty scheduler.
 
 mod flags;
 mod term;
