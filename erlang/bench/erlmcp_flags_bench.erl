@@ -13,6 +13,11 @@
 %% run with 1 caller and with 16 concurrent callers, repeated (variants
 %% interleaved) and reported as the median. ns/call = wall time / total calls;
 %% for 16 callers also the per-caller latency (each caller's own time / its calls).
+%% A breakdown (1 caller) follows: loop overhead, phash2 BIF vs NIF, a near
+%% no-op NIF, the NIF's unknown-flag path, flags_eval vs is_enabled, (b) with a
+%% persistent_term key per flag, and the same evaluator over ets:lookup/2.
+%% The process exits 0 after printing (PASS/FAIL are in the table), 2 if the
+%% variants disagree, 3 if the bench itself crashed.
 -module(erlmcp_flags_bench).
 
 -export([main/1]).
@@ -23,6 +28,10 @@
 %% All flags in one map under one atom key: faster to look up than a key per
 %% flag ({M, flag, Name} hashes a tuple and a binary), so it is (b).
 -define(PT_ALL, erlmcp_flags_bench_flags).
+%% DESIGN §7 also asks for ets:lookup/2: the same compiled flags in a named
+%% read_concurrency table (by name, and by tid kept in a persistent_term).
+-define(ETS, erlmcp_flags_bench_ets).
+-define(ETS_TID, erlmcp_flags_bench_ets_tid).
 
 %% One loop function per measured expression: no fun in the inner loop.
 %% Each counts `true' results so the work cannot be dropped and the
@@ -48,6 +57,8 @@ Fn(N, Name, Ctxs, Acc) ->
 ?LOOP(loop_pt_get, is_map(Ctx) andalso is_tuple(persistent_term:get(?PT(Name), false))).
 ?LOOP(loop_pt_get_all, is_map(Ctx) andalso is_map_key(Name, persistent_term:get(?PT_ALL))).
 ?LOOP(loop_b_per_key, pt_is_enabled_per_key(Name, Ctx)).
+?LOOP(loop_ets_named, ets_is_enabled(?ETS, Name, Ctx)).
+?LOOP(loop_ets_tid, ets_is_enabled(persistent_term:get(?ETS_TID), Name, Ctx)).
 ?LOOP(loop_nif_noop, is_map(Ctx) andalso erlmcp_rollout_nif:flags_set_clock(system) =:= ok).
 ?LOOP(loop_nif_status, is_map(Ctx) andalso is_tuple(erlmcp_rollout_nif:flags_status())).
 
@@ -67,6 +78,8 @@ run_loop(bif_phash2, N, Name, Ctxs) -> loop_bif_phash2(N, Name, Ctxs, 0);
 run_loop(pt_get, N, Name, Ctxs) -> loop_pt_get(N, Name, Ctxs, 0);
 run_loop(pt_get_all, N, Name, Ctxs) -> loop_pt_get_all(N, Name, Ctxs, 0);
 run_loop(b_per_key, N, Name, Ctxs) -> loop_b_per_key(N, Name, Ctxs, 0);
+run_loop(ets_named, N, Name, Ctxs) -> loop_ets_named(N, Name, Ctxs, 0);
+run_loop(ets_tid, N, Name, Ctxs) -> loop_ets_tid(N, Name, Ctxs, 0);
 run_loop(nif_noop, N, Name, Ctxs) -> loop_nif_noop(N, Name, Ctxs, 0);
 run_loop(nif_status, N, Name, Ctxs) -> loop_nif_status(N, Name, Ctxs, 0).
 
@@ -115,6 +128,9 @@ pt_load(Config, Env) ->
     EnvBin = atom_to_binary(Env, utf8),
     Compiled = maps:map(fun(_Name, Cfg) -> pt_compile(Cfg, EnvBin) end, Config),
     persistent_term:put(?PT_ALL, Compiled),
+    Tid = ets:new(?ETS, [named_table, public, set, {read_concurrency, true}]),
+    true = ets:insert(?ETS, maps:to_list(Compiled)),
+    persistent_term:put(?ETS_TID, Tid),
     maps:foreach(fun(Name, F) -> persistent_term:put(?PT(Name), F) end, Compiled).
 
 pt_compile(Cfg, Env) ->
@@ -137,6 +153,13 @@ pt_is_enabled(Name, Ctx) ->
     case persistent_term:get(?PT_ALL) of
         #{Name := F} -> pt_eval(F, Ctx);
         #{} -> false
+    end.
+
+%% The same from ETS (breakdown only).
+ets_is_enabled(Tab, Name, Ctx) ->
+    case ets:lookup(Tab, Name) of
+        [{_, F}] -> pt_eval(F, Ctx);
+        [] -> false
     end.
 
 %% The same with a persistent_term key per flag (breakdown only).
@@ -286,15 +309,16 @@ verify(_Config, Scenarios) ->
                                   B = pt_is_enabled(Name, Ctx),
                                   C = erlmcp_feature_flags:is_enabled(Name, Ctx),
                                   B2 = pt_is_enabled_per_key(Name, Ctx),
-                                  case {A, B, C, B2} of
-                                      {X, X, X, X} when is_boolean(X) -> ok;
+                                  B3 = ets_is_enabled(?ETS, Name, Ctx),
+                                  case {A, B, C, B2, B3} of
+                                      {X, X, X, X, X} when is_boolean(X) -> ok;
                                       _ -> throw({abort, io_lib:format("disagreement on ~ts ~p: a=~p b=~p c=~p",
                                                                        [Name, Ctx, A, B, C])})
                                   end
                           end, Ctxs),
                         Acc + length(Ctxs)
                 end, 0, Names),
-    io:format("agreement check: (a), (b), (c) return identical booleans on ~b (flag, context) pairs~n",
+    io:format("agreement check: (a), (b), (c), (b) with a key per flag and from ETS return identical booleans on ~b (flag, context) pairs~n",
               [Checked]).
 
 row({Label, Name, Ctxs}, P, Reps, NFast, NRef) ->
@@ -357,10 +381,13 @@ breakdown(Scenarios, Reps, N) ->
              {"is_enabled(static, Ctx)", c, Static, SCtxs},
              {"pt evaluator (b), static", b, Static, SCtxs},
              {"pt evaluator with a key per flag, static", b_per_key, Static, SCtxs},
+             {"ets:lookup(named table) + same evaluator, static", ets_named, Static, SCtxs},
+             {"ets:lookup(tid from persistent_term) + same evaluator, static", ets_tid, Static, SCtxs},
              {"flags_eval(rollout, Ctx) direct", nif_eval, Rollout, RCtxs},
              {"is_enabled(rollout, Ctx)", c, Rollout, RCtxs},
              {"pt evaluator (b), rollout", b, Rollout, RCtxs},
              {"pt evaluator with a key per flag, rollout", b_per_key, Rollout, RCtxs},
+             {"ets:lookup(named table) + same evaluator, rollout", ets_named, Rollout, RCtxs},
              {"flags_eval(condition, Ctx) direct", nif_eval, Cond, CCtxs},
              {"is_enabled(condition, Ctx)", c, Cond, CCtxs},
              {"pt evaluator (b), condition", b, Cond, CCtxs}],

@@ -79,7 +79,7 @@ flags_metrics() -> ?NOT_LOADED.
 flags_metrics_text() -> ?NOT_LOADED.
 
 -spec flags_phash2(Term :: binary() | atom() | integer() | {binary(), binary() | atom() | integer()},
-                   Range :: pos_integer()) -> non_neg_integer().
+                   Range :: 1..4294967296) -> non_neg_integer().
 flags_phash2(_Term, _Range) -> ?NOT_LOADED.
 
 -spec flags_set_clock(UnixMs :: integer() | system) -> ok.

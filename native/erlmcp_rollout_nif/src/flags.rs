@@ -162,14 +162,12 @@ fn reason_atom(reason: Reason) -> Atom {
 /// Like `flags_eval/2` with the custom conditions answered:
 /// `Answers :: [{Name :: binary(), boolean()}]`; a name without an answer is false.
 #[rustler::nif]
-fn flags_eval_custom<'a>(
-    env: Env<'a>,
-    name: Term<'a>,
-    ctx: Term<'a>,
-    answers: Vec<(Term<'a>, bool)>,
-) -> NifResult<Term<'a>> {
-    let mut customs = Vec::with_capacity(answers.len());
-    for (n, b) in answers {
+fn flags_eval_custom<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>, answers: Term<'a>) -> NifResult<Term<'a>> {
+    // Not `Vec<_>` as the argument type: rustler 0.39's list decoding panics
+    // on an improper list; `list_length` refuses one first.
+    let mut customs = Vec::with_capacity(answers.list_length()?);
+    for item in answers.decode::<rustler::ListIterator<'a>>()? {
+        let (n, b): (Term<'a>, bool) = item.decode()?;
         customs.push((name_text(n)?.into_bytes(), b));
     }
     let published = PUBLISHED.load();
@@ -357,17 +355,21 @@ fn flags_metrics_text(env: Env<'_>) -> Term<'_> {
 /// `erlang:phash2(Term, Range)` computed by the core (for parity tests);
 /// Term a binary, atom or integer; `{Salt, Term}` with a binary Salt.
 #[rustler::nif]
-fn flags_phash2<'a>(term: Term<'a>, range: u32) -> NifResult<u32> {
-    if range == 0 {
+fn flags_phash2<'a>(term: Term<'a>, range: u64) -> NifResult<u64> {
+    // 1..=2^32 as erlang:phash2/2 takes; 2^32 is the whole 32-bit hash.
+    if range == 0 || range > 1 << 32 {
         return Err(Error::BadArg);
     }
     let holder = MapCtx::holder(term, &[]);
-    if let Ok((salt, inner)) = term.decode::<(rustler::Binary<'a>, Term<'a>)>() {
+    let hash = if term.is_tuple() {
+        let (salt, inner) = term.decode::<(rustler::Binary<'a>, Term<'a>)>()?;
         let v = holder.value_of(inner).ok_or(Error::BadArg)?;
-        return Ok(phash2::phash2_salted(salt.as_slice(), &v, range));
-    }
-    let v: Value<'_> = holder.value_of(term).ok_or(Error::BadArg)?;
-    Ok(phash2::phash2(&v, range))
+        phash2::hash_salted(salt.as_slice(), &v)
+    } else {
+        let v: Value<'_> = holder.value_of(term).ok_or(Error::BadArg)?;
+        phash2::hash(&v)
+    };
+    Ok(u64::from(hash) % range)
 }
 
 /// Pin schedule evaluation to `UnixMs` (milliseconds since the epoch), or
