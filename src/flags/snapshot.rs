@@ -125,7 +125,7 @@ struct Rule {
 
 enum Cond {
     Equals {
-        attribute: Box<str>,
+        attribute: Arc<str>,
         value: Box<[u8]>,
     },
     Custom {
@@ -133,23 +133,23 @@ enum Cond {
         predicate: Option<CustomPredicate>,
     },
     In {
-        attribute: Box<str>,
+        attribute: Arc<str>,
         texts: FxHashSet<Box<[u8]>>,
         ints: Box<[i64]>,
         negate: bool,
     },
     Text {
-        attribute: Box<str>,
+        attribute: Arc<str>,
         kind: TextOp,
         needles: Box<[Box<[u8]>]>,
     },
     Number {
-        attribute: Box<str>,
+        attribute: Arc<str>,
         op: CmpOp,
         operand: Number,
     },
     Semver {
-        attribute: Box<str>,
+        attribute: Arc<str>,
         lt: bool,
         version: semver::Version,
     },
@@ -173,7 +173,7 @@ enum CmpOp {
 pub(crate) struct CompiledFlag {
     base: Rule,
     stages: Box<[(i64, Rule)]>,
-    stickiness: Box<str>,
+    stickiness: Arc<str>,
     salt: Option<Box<[u8]>>,
     conditions: Box<[Cond]>,
     overridden: Option<Override>,
@@ -225,10 +225,27 @@ fn bytes(s: &str) -> Box<[u8]> {
     s.as_bytes().into()
 }
 
-fn compile_condition(c: &Condition, customs: &BTreeMap<String, CustomPredicate>) -> Cond {
+/// One shared allocation per distinct context key in a snapshot, so that
+/// adapters can recognize a key by its address ([`Snapshot::context_keys`]
+/// returns these same strings).
+#[derive(Default)]
+struct Interner(FxHashMap<Box<str>, Arc<str>>);
+
+impl Interner {
+    fn get(&mut self, key: &str) -> Arc<str> {
+        if let Some(k) = self.0.get(key) {
+            return k.clone();
+        }
+        let k: Arc<str> = Arc::from(key);
+        self.0.insert(key.into(), k.clone());
+        k
+    }
+}
+
+fn compile_condition(c: &Condition, customs: &BTreeMap<String, CustomPredicate>, keys: &mut Interner) -> Cond {
     match c {
         Condition::Equals { attribute, value } => Cond::Equals {
-            attribute: attribute.as_str().into(),
+            attribute: keys.get(attribute),
             value: bytes(value),
         },
         Condition::Custom { name } => Cond::Custom {
@@ -236,7 +253,7 @@ fn compile_condition(c: &Condition, customs: &BTreeMap<String, CustomPredicate>)
             predicate: customs.get(name).cloned(),
         },
         Condition::Match { attribute, op } => {
-            let attribute: Box<str> = attribute.as_str().into();
+            let attribute = keys.get(attribute);
             let text = |kind, v: &Vec<String>| Cond::Text {
                 attribute: attribute.clone(),
                 kind,
@@ -291,7 +308,7 @@ fn compile_condition(c: &Condition, customs: &BTreeMap<String, CustomPredicate>)
 }
 
 impl CompiledFlag {
-    fn compile(name: &str, spec: &FlagSpec, input: &mut CompileInput<'_>) -> CompiledFlag {
+    fn compile(name: &str, spec: &FlagSpec, input: &mut CompileInput<'_>, keys: &mut Interner) -> CompiledFlag {
         let base = Rule {
             enabled: spec.enabled,
             percentage: spec.rollout_percentage.get(),
@@ -321,7 +338,7 @@ impl CompiledFlag {
         let conditions: Box<[Cond]> = spec
             .conditions
             .iter()
-            .map(|c| compile_condition(c, input.customs))
+            .map(|c| compile_condition(c, input.customs, keys))
             .collect();
         let mut external_customs: Vec<Box<str>> = conditions
             .iter()
@@ -330,18 +347,15 @@ impl CompiledFlag {
                 _ => None,
             })
             .collect();
-        external_customs.dedup();
+        let mut seen = FxHashSet::default();
+        external_customs.retain(|n| seen.insert(n.clone()));
         CompiledFlag {
             external_customs: external_customs.into(),
             base,
             stages,
-            stickiness: spec.stickiness.as_str().into(),
+            stickiness: keys.get(&spec.stickiness),
             salt: spec.salt.as_deref().map(bytes),
-            conditions: spec
-                .conditions
-                .iter()
-                .map(|c| compile_condition(c, input.customs))
-                .collect(),
+            conditions,
             overridden: input.overrides.lookup(name),
             counters,
         }
@@ -560,8 +574,9 @@ impl Snapshot {
         let config = input.config.clone();
         let mut flags = FxHashMap::default();
         flags.reserve(config.len());
+        let mut keys = Interner::default();
         for (name, spec) in config.iter() {
-            flags.insert(bytes(name), CompiledFlag::compile(name, spec, &mut input));
+            flags.insert(bytes(name), CompiledFlag::compile(name, spec, &mut input, &mut keys));
         }
         Snapshot {
             flags,
@@ -636,7 +651,9 @@ impl Snapshot {
 
     /// Every context key some flag reads (stickiness keys and condition
     /// attributes), sorted and deduplicated: what an adapter must be able to
-    /// look up.
+    /// look up. Each is the very string (same address) that evaluation later
+    /// passes to [`Context::get`], so an adapter may match keys by pointer
+    /// first.
     pub fn context_keys(&self) -> Vec<&str> {
         let mut keys: Vec<&str> = self
             .flags

@@ -13,7 +13,7 @@ use erlmcp_rollout::flags::{
 use rustler::{Atom, Encoder, Env, Error, NifResult, Term};
 
 use crate::atoms;
-use crate::term::{name_text, MapCtx, Tables};
+use crate::term::{name_text, KeyAtom, MapCtx, Tables};
 
 /// The system clock unless a time is pinned (`flags_set_clock/1`, for
 /// tests and "what will this look like at T" checks).
@@ -70,7 +70,13 @@ fn publish(env: Env<'_>) {
     let key_atoms = snapshot
         .context_keys()
         .into_iter()
-        .filter_map(|k| atom(env, k).map(|a| (Box::from(k), a)))
+        .filter_map(|k| {
+            atom(env, k).map(|a| KeyAtom {
+                addr: k.as_ptr() as usize,
+                text: Box::from(k),
+                atom: a,
+            })
+        })
         .collect();
     let flag_atoms = snapshot
         .config()

@@ -57,12 +57,22 @@ pub fn atom_text<'b>(term: Term<'_>, buf: &'b mut [u8; ATOM_BUF]) -> Option<&'b 
     std::str::from_utf8(buf.get(..len)?).ok()
 }
 
+/// A context key of the published snapshot and its atom. `addr` is the
+/// address of the snapshot's own copy of the key, which evaluation passes
+/// back to [`Context::get`]: matching it is one integer compare.
+pub struct KeyAtom {
+    pub addr: usize,
+    pub text: Box<str>,
+    pub atom: Atom,
+}
+
 /// Atoms made once per loaded config: the context keys it reads (looked up
 /// by name, few enough for a linear scan) and its flag names (looked up by
 /// the atom's term word, so an atom name costs no text decoding).
 #[derive(Default)]
 pub struct Tables {
-    pub key_atoms: Vec<(Box<str>, Atom)>,
+    /// (address of the snapshot's key string, its text, its atom).
+    pub key_atoms: Vec<KeyAtom>,
     pub flag_atoms: FxHashMap<ErlNifTerm, Box<[u8]>>,
 }
 
@@ -102,7 +112,7 @@ pub fn name_text(term: Term<'_>) -> rustler::NifResult<String> {
 pub struct MapCtx<'a, 'k> {
     map: Term<'a>,
     empty: bool,
-    key_atoms: &'k [(Box<str>, Atom)],
+    key_atoms: &'k [KeyAtom],
     arena: RefCell<Vec<Box<[u8]>>>,
     customs: &'k [(Vec<u8>, bool)],
     bad: Cell<bool>,
@@ -110,11 +120,7 @@ pub struct MapCtx<'a, 'k> {
 
 impl<'a, 'k> MapCtx<'a, 'k> {
     /// `badarg` unless `map` is a map.
-    pub fn new(
-        map: Term<'a>,
-        key_atoms: &'k [(Box<str>, Atom)],
-        customs: &'k [(Vec<u8>, bool)],
-    ) -> rustler::NifResult<Self> {
+    pub fn new(map: Term<'a>, key_atoms: &'k [KeyAtom], customs: &'k [(Vec<u8>, bool)]) -> rustler::NifResult<Self> {
         let mut size: usize = 0;
         // SAFETY: a valid env and term; enif_get_map_size writes `size` and
         // returns 0 (false) when the term is not a map.
@@ -133,7 +139,7 @@ impl<'a, 'k> MapCtx<'a, 'k> {
     }
 
     /// A holder for decoding single terms (no map).
-    pub fn holder(term: Term<'a>, key_atoms: &'k [(Box<str>, Atom)]) -> Self {
+    pub fn holder(term: Term<'a>, key_atoms: &'k [KeyAtom]) -> Self {
         MapCtx {
             map: term,
             empty: true,
@@ -193,8 +199,13 @@ impl<'a, 'k> MapCtx<'a, 'k> {
         if self.empty {
             return None;
         }
-        let atom_key = match self.key_atoms.iter().find(|(k, _)| &**k == key) {
-            Some((_, a)) => Some(*a),
+        let addr = key.as_ptr() as usize;
+        let found = self
+            .key_atoms
+            .iter()
+            .find(|k| k.addr == addr && k.text.len() == key.len());
+        let atom_key = match found.or_else(|| self.key_atoms.iter().find(|k| &*k.text == key)) {
+            Some(k) => Some(k.atom),
             None => Atom::existing_from_utf8_bytes(self.map.get_env(), key.as_bytes()).ok(),
         };
         if let Some(a) = atom_key {
