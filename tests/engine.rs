@@ -274,3 +274,56 @@ fn readers_during_reloads_see_whole_snapshots() {
     let total: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
     assert!(total > 0);
 }
+
+/// A context that answers custom conditions itself (how the NIF passes the
+/// results of Erlang funs).
+struct Answering<'a> {
+    inner: MapContext,
+    answers: &'a [(&'a str, bool)],
+}
+
+impl Context for Answering<'_> {
+    fn get(&self, key: &str) -> Option<Value<'_>> {
+        self.inner.get(key)
+    }
+    fn custom(&self, name: &str) -> Option<bool> {
+        self.answers.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
+    }
+}
+
+#[test]
+fn evaluate_or_defer_asks_for_custom_answers_then_evaluates_once() {
+    use erlmcp_rollout::flags::Deferred;
+    let engine = Engine::builder().build(config(
+        r#"{"beta": {"enabled": true, "conditions": [{"custom": "staff"}, {"custom": "staff"}, {"custom": "paid"}]},
+            "plain": {"enabled": true}}"#,
+    ));
+    let snap = engine.snapshot();
+    let plain = Answering {
+        inner: MapContext::new(),
+        answers: &[],
+    };
+    match snap.evaluate_or_defer(b"beta", &plain) {
+        Deferred::NeedsCustom(names) => assert_eq!(names, [Box::from("staff"), Box::from("paid")]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(engine.counts("beta"), Default::default(), "deferring counts nothing");
+    assert!(matches!(snap.evaluate_or_defer(b"plain", &plain), Deferred::Evaluated(e) if e.enabled));
+    let yes = Answering {
+        inner: MapContext::new(),
+        answers: &[("staff", true), ("paid", true)],
+    };
+    let half = Answering {
+        inner: MapContext::new(),
+        answers: &[("staff", true)],
+    };
+    assert!(snap.evaluate(b"beta", &yes).enabled);
+    assert_eq!(
+        snap.evaluate(b"beta", &half).reason,
+        Reason::Condition {
+            index: 2,
+            failure: erlmcp_rollout::flags::ConditionFailure::Unregistered
+        }
+    );
+    assert_eq!(engine.counts("beta").true_count, 1);
+}
