@@ -5,10 +5,31 @@ use std::cell::{Cell, RefCell};
 use erlmcp_rollout::flags::{Context, Value};
 use rustc_hash::FxHashMap;
 use rustler::sys::{
-    c_char, c_uint, enif_get_atom, enif_get_map_size, enif_get_map_value, ErlNifCharEncoding, ErlNifTerm,
+    c_char, c_uint, enif_get_atom, enif_get_map_size, enif_get_map_value, enif_inspect_binary, ErlNifBinary,
+    ErlNifCharEncoding, ErlNifTerm,
 };
 use rustler::types::map::MapIterator;
 use rustler::{Atom, Binary, Term, TermType};
+
+/// The bytes of a binary term, borrowed for the term's lifetime; `None` for
+/// other terms. (rustler's `Binary` decode does the same plus bookkeeping.)
+#[inline]
+pub fn binary_bytes<'t>(term: Term<'t>) -> Option<&'t [u8]> {
+    let mut bin = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
+    // SAFETY: valid env and term; on success enif_inspect_binary fills `bin`
+    // with a pointer to `size` bytes that stay valid while the term's env
+    // lives, which `'t` bounds.
+    unsafe {
+        if enif_inspect_binary(term.get_env().as_c_arg(), term.as_c_arg(), bin.as_mut_ptr()) == 0 {
+            return None;
+        }
+        let bin = bin.assume_init();
+        if bin.size == 0 {
+            return Some(&[]);
+        }
+        Some(std::slice::from_raw_parts(bin.data, bin.size))
+    }
+}
 
 /// Longest atom text in UTF-8: 255 characters of up to 4 bytes.
 pub const ATOM_BUF: usize = 1024;
@@ -81,8 +102,8 @@ impl Tables {
     /// copying. `Ok(None)`: an atom that names no flag of the loaded config.
     #[inline]
     pub fn flag_name<'s, 't: 's>(&'s self, term: Term<'t>) -> rustler::NifResult<Option<&'s [u8]>> {
-        if let Ok(b) = term.decode::<Binary<'t>>() {
-            return Ok(Some(b.as_slice()));
+        if let Some(b) = binary_bytes(term) {
+            return Ok(Some(b));
         }
         if term.get_type() == TermType::Atom {
             return Ok(self.flag_atoms.get(&term.as_c_arg()).map(|b| &**b));
@@ -160,8 +181,8 @@ impl<'a, 'k> MapCtx<'a, 'k> {
     /// integer digits kept in the arena. `None` for other types.
     pub fn value_of(&self, term: Term<'a>) -> Option<Value<'_>> {
         // Binaries first, without asking the type: the common case.
-        if let Ok(b) = term.decode::<Binary<'a>>() {
-            return Some(Value::Binary(b.as_slice()));
+        if let Some(b) = binary_bytes(term) {
+            return Some(Value::Binary(b));
         }
         match term.get_type() {
             TermType::Atom => {
