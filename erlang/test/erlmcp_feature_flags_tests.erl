@@ -25,7 +25,15 @@ api_test_() ->
       {"bad arguments raise badarg, never crash the VM", fun bad_arguments/0},
       {"get_all, details, metrics, explain shapes", fun introspection/0},
       {"enable/disable/clear", fun overrides/0},
-      {"register_condition validates its arguments", fun register_condition/0}]}.
+      {"register_condition validates its arguments", fun register_condition/0},
+      {"unknown flags are counted, by binary and by atom name", fun unknown_counted/0}]}.
+
+unknown_counted() ->
+    #{<<"unknown_flag_evaluations">> := Before} = erlmcp_feature_flags:metrics(),
+    false = erlmcp_feature_flags:is_enabled(<<"not_a_flag">>, #{}),
+    false = erlmcp_feature_flags:is_enabled(not_a_flag_atom, #{}),
+    #{<<"unknown_flag_evaluations">> := After} = erlmcp_feature_flags:metrics(),
+    ?assertEqual(Before + 2, After).
 
 names() ->
     ?assert(erlmcp_feature_flags:is_enabled(<<"mcp_sampling">>, #{session_id => <<"user-7">>})),

@@ -634,6 +634,14 @@ impl Snapshot {
         }
     }
 
+    /// Count one evaluation of a name the config does not have, for an
+    /// adapter that recognized the name as unknown without evaluating (the
+    /// NIF, for an atom that names no flag).
+    #[inline]
+    pub fn count_unknown(&self) {
+        self.unknown.record(false);
+    }
+
     /// The environment this snapshot was compiled for.
     pub fn environment(&self) -> &str {
         &self.environment

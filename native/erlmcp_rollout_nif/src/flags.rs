@@ -100,6 +100,7 @@ fn flags_eval<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>) -> NifResult<Term
     let tables = &published.tables;
     let Some(name) = tables.flag_name(name)? else {
         MapCtx::new(ctx, &[], &[])?;
+        published.snapshot.count_unknown();
         return Ok(atoms::unknown().encode(env));
     };
     let c = MapCtx::new(ctx, &tables.key_atoms, &[])?;
