@@ -11,6 +11,9 @@
 //!   the hot-reloading [`flags::Engine`], schedules, overrides, metrics.
 //! - [`flags::phash2`]: a pure-Rust `erlang:phash2/2` for binaries, atoms and
 //!   integers.
+//! - [`session`]: the session record (versions, tombstones, sliding expiry, touch
+//!   policy), the [`session::Store`] contract, its binary encoding and the sharded
+//!   [`session::MemoryStore`].
 //! - [`deploy`] (feature `deploy`): canary verdicts from Prometheus or a
 //!   metrics file, the ramp and rollback matrix, CI test scope.
 //!
@@ -41,3 +44,4 @@
 #[cfg(feature = "deploy")]
 pub mod deploy;
 pub mod flags;
+pub mod session;

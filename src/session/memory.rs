@@ -1,0 +1,277 @@
+//! [`MemoryStore`]: sessions in a sharded concurrent map.
+
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+use std::ops::Bound;
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::{
+    BatchOutcome, InvalidInput, ScanPage, Session, SessionId, Store, StoreError, StoreOptions, SweepOutcome, Visibility,
+};
+
+/// Shards of a [`MemoryStore::new`] store.
+pub const DEFAULT_SHARDS: usize = 64;
+
+type Shard = RwLock<BTreeMap<SessionId, Session>>;
+
+/// Sessions in memory: `N` shards, each an `RwLock<BTreeMap>`, chosen by a hash of the id.
+/// Operations on one key lock one shard (reads share it); there is no global lock. Scans
+/// take each shard's read lock in turn and merge the shards in key order.
+///
+/// Acknowledged means applied in memory: nothing survives the process.
+///
+/// # Examples
+/// ```
+/// use erlmcp_rollout::session::{MemoryStore, Session, SessionId, Store, StoreOptions, Timeout};
+/// let store = MemoryStore::new(StoreOptions::default());
+/// let now = store.options().clock.now_unix_ms();
+/// let s = store.create(Session::new(SessionId::new("s1")?, now, Timeout::Infinity, vec![]))?;
+/// assert_eq!(s.version, 1);
+/// assert!(store.delete(&s.id)?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct MemoryStore {
+    shards: Box<[Shard]>,
+    options: StoreOptions,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("shards", &self.shards.len())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new(StoreOptions::default())
+    }
+}
+
+impl MemoryStore {
+    /// A store with [`DEFAULT_SHARDS`] shards.
+    pub fn new(options: StoreOptions) -> Self {
+        MemoryStore::with_shards(options, DEFAULT_SHARDS)
+    }
+
+    /// A store with `shards` shards (at least 1).
+    pub fn with_shards(options: StoreOptions, shards: usize) -> Self {
+        MemoryStore {
+            shards: (0..shards.max(1)).map(|_| RwLock::new(BTreeMap::new())).collect(),
+            options,
+        }
+    }
+
+    /// The options the store was built with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    /// Number of records held, tombstones and expired sessions included.
+    pub fn raw_len(&self) -> usize {
+        self.shards.iter().map(|s| read(s).len()).sum()
+    }
+
+    fn shard(&self, id: &SessionId) -> &Shard {
+        // The modulo keeps the index below the shard count, which is at least 1.
+        let i = (rustc_hash::FxBuildHasher.hash_one(id) % self.shards.len() as u64) as usize;
+        &self.shards[i]
+    }
+
+    fn now(&self) -> i64 {
+        self.options.clock.now_unix_ms()
+    }
+}
+
+fn read(shard: &Shard) -> RwLockReadGuard<'_, BTreeMap<SessionId, Session>> {
+    // No code panics while holding a shard lock, so a poisoned lock holds consistent data.
+    shard.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(shard: &Shard) -> RwLockWriteGuard<'_, BTreeMap<SessionId, Session>> {
+    shard.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn next_version(stored: Option<&Session>) -> u64 {
+    stored.map_or(1, |s| s.version.saturating_add(1))
+}
+
+impl Store for MemoryStore {
+    fn create(&self, mut session: Session) -> Result<Session, StoreError> {
+        session.validate()?;
+        let now = self.now();
+        let mut map = write(self.shard(&session.id));
+        let stored = map.get(&session.id);
+        if stored.is_some_and(|s| s.is_live(now)) {
+            return Err(StoreError::AlreadyExists { key: session.id });
+        }
+        session.version = next_version(stored);
+        session.tombstone = false;
+        map.insert(session.id.clone(), session.clone());
+        Ok(session)
+    }
+
+    fn get(&self, id: &SessionId) -> Result<Session, StoreError> {
+        let now = self.now();
+        let map = read(self.shard(id));
+        match map.get(id) {
+            Some(s) if s.is_live(now) => Ok(s.clone()),
+            _ => Err(StoreError::NotFound { key: id.clone() }),
+        }
+    }
+
+    fn put(&self, mut session: Session) -> Result<Session, StoreError> {
+        session.validate()?;
+        let mut map = write(self.shard(&session.id));
+        session.version = next_version(map.get(&session.id));
+        session.tombstone = false;
+        map.insert(session.id.clone(), session.clone());
+        Ok(session)
+    }
+
+    fn update_if_version(&self, mut session: Session, expected: u64) -> Result<Session, StoreError> {
+        session.validate()?;
+        let now = self.now();
+        let mut map = write(self.shard(&session.id));
+        match map.get(&session.id) {
+            Some(s) if s.is_live(now) => {
+                if s.version != expected {
+                    return Err(StoreError::Conflict {
+                        key: session.id,
+                        expected,
+                        actual: s.version,
+                    });
+                }
+            }
+            _ => return Err(StoreError::NotFound { key: session.id }),
+        }
+        session.version = expected.saturating_add(1);
+        session.tombstone = false;
+        map.insert(session.id.clone(), session.clone());
+        Ok(session)
+    }
+
+    fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
+        let now = self.now();
+        let mut map = write(self.shard(id));
+        match map.get_mut(id) {
+            Some(s) if !s.tombstone => {
+                let was_live = s.is_live(now);
+                s.tombstone = true;
+                s.version = s.version.saturating_add(1);
+                s.last_accessed = now;
+                Ok(was_live)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn touch(&self, id: &SessionId) -> Result<Session, StoreError> {
+        let now = self.now();
+        let not_found = || StoreError::NotFound { key: id.clone() };
+        let shard = self.shard(id);
+        {
+            let map = read(shard);
+            let s = map.get(id).filter(|s| s.is_live(now)).ok_or_else(not_found)?;
+            if !self.options.touch.should_persist(s.last_accessed, now, s.timeout) {
+                let mut s = s.clone();
+                s.last_accessed = s.last_accessed.max(now);
+                return Ok(s);
+            }
+        }
+        // Decide again under the write lock: another touch may have written meanwhile.
+        let mut map = write(shard);
+        let s = map.get_mut(id).filter(|s| s.is_live(now)).ok_or_else(not_found)?;
+        if self.options.touch.should_persist(s.last_accessed, now, s.timeout) {
+            s.last_accessed = now;
+            s.version = s.version.saturating_add(1);
+            return Ok(s.clone());
+        }
+        let mut s = s.clone();
+        s.last_accessed = s.last_accessed.max(now);
+        Ok(s)
+    }
+
+    fn scan(&self, after: Option<&SessionId>, limit: usize, visibility: Visibility) -> Result<ScanPage, StoreError> {
+        if limit == 0 {
+            return Err(InvalidInput::ZeroLimit.into());
+        }
+        let now = self.now();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let keep = |s: &Session| visibility == Visibility::Raw || s.is_live(now);
+        // Each shard contributes its first `limit + 1` matching records; the smallest
+        // `limit + 1` of their union are the global ones.
+        let mut merged: Vec<Session> = Vec::new();
+        for shard in self.shards.iter() {
+            let map = read(shard);
+            let from_shard = map
+                .range::<SessionId, _>((lower, Bound::Unbounded))
+                .map(|(_, s)| s)
+                .filter(|s| keep(s))
+                .take(limit.saturating_add(1))
+                .cloned();
+            merged.extend(from_shard);
+            if merged.len() > limit.saturating_mul(2) {
+                merged.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+                merged.truncate(limit.saturating_add(1));
+            }
+        }
+        merged.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let more = merged.len() > limit;
+        merged.truncate(limit);
+        let next = if more {
+            merged.last().map(|s| s.id.clone())
+        } else {
+            None
+        };
+        Ok(ScanPage { records: merged, next })
+    }
+
+    fn apply_batch_if_newer(&self, records: Vec<Session>) -> Result<BatchOutcome, StoreError> {
+        for r in &records {
+            r.validate()?;
+            if r.version == 0 {
+                return Err(InvalidInput::ZeroVersion { key: r.id.clone() }.into());
+            }
+        }
+        let mut outcome = BatchOutcome::default();
+        for r in records {
+            let mut map = write(self.shard(&r.id));
+            if map.get(&r.id).is_some_and(|s| s.version >= r.version) {
+                outcome.skipped += 1;
+            } else {
+                map.insert(r.id.clone(), r);
+                outcome.applied += 1;
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn sweep_expired(&self, now_ms: i64) -> Result<SweepOutcome, StoreError> {
+        let retention = i128::from(self.options.tombstone_retention_ms);
+        let mut outcome = SweepOutcome::default();
+        for shard in self.shards.iter() {
+            let mut map = write(shard);
+            map.retain(|_, s| {
+                if s.tombstone {
+                    let keep = i128::from(now_ms) - i128::from(s.last_accessed) <= retention;
+                    if !keep {
+                        outcome.tombstones += 1;
+                    }
+                    keep
+                } else {
+                    if s.is_expired(now_ms) {
+                        s.tombstone = true;
+                        s.version = s.version.saturating_add(1);
+                        s.last_accessed = now_ms;
+                        outcome.expired += 1;
+                    }
+                    true
+                }
+            });
+        }
+        Ok(outcome)
+    }
+}
