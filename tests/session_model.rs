@@ -1,0 +1,9 @@
+//! Model-based property test of every `Store` backend against a `BTreeMap` model.
+
+#[path = "session_support/model.rs"]
+mod model;
+
+use erlmcp_rollout::session::{MemoryStore, StoreOptions};
+
+store_model!(memory, |opts: StoreOptions| MemoryStore::with_shards(opts, 4));
+store_model!(memory_one_shard, |opts: StoreOptions| MemoryStore::with_shards(opts, 1));
