@@ -1,6 +1,6 @@
 //! [`MemoryStore`]: sessions in a sharded concurrent map.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::ops::Bound;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -12,11 +12,44 @@ use super::{
 /// Shards of a [`MemoryStore::new`] store.
 pub const DEFAULT_SHARDS: usize = 64;
 
-type Shard = RwLock<BTreeMap<SessionId, Session>>;
+/// A shard's lock on its own cache lines, so that locking one shard does not slow
+/// readers of its neighbours (false sharing).
+#[repr(align(128))]
+struct Shard(RwLock<ShardMap>);
 
-/// Sessions in memory: `N` shards, each an `RwLock<BTreeMap>`, chosen by a hash of the id.
-/// Operations on one key lock one shard (reads share it); there is no global lock. Scans
-/// take each shard's read lock in turn and merge the shards in key order.
+/// One shard: records by key for point operations, plus the keys in order for scans.
+/// Invariant: `order` holds exactly the keys of `records`.
+#[derive(Default)]
+struct ShardMap {
+    records: HashMap<SessionId, Session, rustc_hash::FxBuildHasher>,
+    order: BTreeSet<SessionId>,
+}
+
+impl ShardMap {
+    fn get(&self, id: &SessionId) -> Option<&Session> {
+        self.records.get(id)
+    }
+
+    fn get_mut(&mut self, id: &SessionId) -> Option<&mut Session> {
+        self.records.get_mut(id)
+    }
+
+    fn insert(&mut self, s: Session) {
+        let id = s.id.clone();
+        if self.records.insert(id.clone(), s).is_none() {
+            self.order.insert(id);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+}
+
+/// Sessions in memory: `N` shards chosen by a hash of the id, each an `RwLock` around a
+/// hash map (point operations) and an ordered key set (scans; updated only when a key is
+/// added or removed). Operations on one key lock one shard (reads share it); there is no
+/// global lock. Scans take each shard's read lock in turn and merge the shards in key order.
 ///
 /// Acknowledged means applied in memory: nothing survives the process.
 ///
@@ -59,7 +92,9 @@ impl MemoryStore {
     /// A store with `shards` shards (at least 1).
     pub fn with_shards(options: StoreOptions, shards: usize) -> Self {
         MemoryStore {
-            shards: (0..shards.max(1)).map(|_| RwLock::new(BTreeMap::new())).collect(),
+            shards: (0..shards.max(1))
+                .map(|_| Shard(RwLock::new(ShardMap::default())))
+                .collect(),
             options,
         }
     }
@@ -75,9 +110,12 @@ impl MemoryStore {
     }
 
     fn shard(&self, id: &SessionId) -> &Shard {
-        // The modulo keeps the index below the shard count, which is at least 1.
-        let i = (rustc_hash::FxBuildHasher.hash_one(id) % self.shards.len() as u64) as usize;
-        &self.shards[i]
+        // Bits 24..56 of the hash pick the shard (multiply-shift keeps the index below the
+        // shard count); the shard's own map uses the low bits and the top 7, so keys in one
+        // shard still spread over its buckets.
+        let h = rustc_hash::FxBuildHasher.hash_one(id);
+        let i = (((h >> 24) & 0xffff_ffff) * self.shards.len() as u64) >> 32;
+        &self.shards[i as usize]
     }
 
     fn now(&self) -> i64 {
@@ -85,13 +123,13 @@ impl MemoryStore {
     }
 }
 
-fn read(shard: &Shard) -> RwLockReadGuard<'_, BTreeMap<SessionId, Session>> {
+fn read(shard: &Shard) -> RwLockReadGuard<'_, ShardMap> {
     // No code panics while holding a shard lock, so a poisoned lock holds consistent data.
-    shard.read().unwrap_or_else(PoisonError::into_inner)
+    shard.0.read().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn write(shard: &Shard) -> RwLockWriteGuard<'_, BTreeMap<SessionId, Session>> {
-    shard.write().unwrap_or_else(PoisonError::into_inner)
+fn write(shard: &Shard) -> RwLockWriteGuard<'_, ShardMap> {
+    shard.0.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn next_version(stored: Option<&Session>) -> u64 {
@@ -109,7 +147,7 @@ impl Store for MemoryStore {
         }
         session.version = next_version(stored);
         session.tombstone = false;
-        map.insert(session.id.clone(), session.clone());
+        map.insert(session.clone());
         Ok(session)
     }
 
@@ -127,7 +165,7 @@ impl Store for MemoryStore {
         let mut map = write(self.shard(&session.id));
         session.version = next_version(map.get(&session.id));
         session.tombstone = false;
-        map.insert(session.id.clone(), session.clone());
+        map.insert(session.clone());
         Ok(session)
     }
 
@@ -149,7 +187,7 @@ impl Store for MemoryStore {
         }
         session.version = expected.saturating_add(1);
         session.tombstone = false;
-        map.insert(session.id.clone(), session.clone());
+        map.insert(session.clone());
         Ok(session)
     }
 
@@ -207,8 +245,9 @@ impl Store for MemoryStore {
         for shard in self.shards.iter() {
             let map = read(shard);
             let from_shard = map
+                .order
                 .range::<SessionId, _>((lower, Bound::Unbounded))
-                .map(|(_, s)| s)
+                .filter_map(|id| map.records.get(id))
                 .filter(|s| keep(s))
                 .take(limit.saturating_add(1))
                 .cloned();
@@ -242,7 +281,7 @@ impl Store for MemoryStore {
             if map.get(&r.id).is_some_and(|s| s.version >= r.version) {
                 outcome.skipped += 1;
             } else {
-                map.insert(r.id.clone(), r);
+                map.insert(r);
                 outcome.applied += 1;
             }
         }
@@ -253,8 +292,10 @@ impl Store for MemoryStore {
         let retention = i128::from(self.options.tombstone_retention_ms);
         let mut outcome = SweepOutcome::default();
         for shard in self.shards.iter() {
-            let mut map = write(shard);
-            map.retain(|_, s| {
+            let mut guard = write(shard);
+            let map = &mut *guard;
+            let before = map.records.len();
+            map.records.retain(|_, s| {
                 if s.tombstone {
                     let keep = i128::from(now_ms) - i128::from(s.last_accessed) <= retention;
                     if !keep {
@@ -271,6 +312,10 @@ impl Store for MemoryStore {
                     true
                 }
             });
+            if map.records.len() != before {
+                let records = &map.records;
+                map.order.retain(|id| records.contains_key(id));
+            }
         }
         Ok(outcome)
     }
