@@ -1,7 +1,9 @@
 //! The session record encoding: round trips, the documented layout, and a decoder that
 //! returns `Corrupt` (never panics) on arbitrary bytes.
 
-use erlmcp_rollout::session::{codec, Session, SessionId, StoreError, Timeout, MAX_ID_LEN};
+use erlmcp_rollout::session::{
+    codec, InvalidInput, Session, SessionId, StoreError, Timeout, MAX_ID_LEN, MAX_METADATA_LEN,
+};
 use proptest::prelude::*;
 
 fn session_strategy() -> impl Strategy<Value = Session> {
@@ -36,7 +38,7 @@ proptest! {
 
     #[test]
     fn round_trips(s in session_strategy()) {
-        let bytes = codec::encode(&s);
+        let bytes = codec::encode(&s).unwrap();
         prop_assert_eq!(bytes.len(), codec::HEADER_LEN + s.id.as_bytes().len() + s.metadata.len());
         prop_assert_eq!(codec::decode(&bytes).unwrap(), s);
     }
@@ -52,7 +54,7 @@ proptest! {
     /// session or is `Corrupt`, never panics.
     #[test]
     fn damaged_records_are_corrupt_or_valid(s in session_strategy(), at in 0usize..64, byte in any::<u8>(), cut in any::<bool>()) {
-        let mut bytes = codec::encode(&s);
+        let mut bytes = codec::encode(&s).unwrap();
         let at = at % bytes.len();
         if cut {
             bytes.truncate(at);
@@ -60,7 +62,7 @@ proptest! {
         } else {
             bytes[at] = byte;
             match codec::decode(&bytes) {
-                Ok(d) => prop_assert_eq!(codec::encode(&d), bytes),
+                Ok(d) => prop_assert_eq!(codec::encode(&d).unwrap(), bytes),
                 Err(e) => prop_assert!(matches!(e, StoreError::Corrupt { .. }), "{e:?}"),
             }
         }
@@ -87,20 +89,27 @@ fn layout_is_as_documented() {
     expected.extend_from_slice(&1u32.to_be_bytes());
     expected.extend_from_slice(b"ab");
     expected.push(9);
-    assert_eq!(codec::encode(&s), expected);
+    assert_eq!(codec::encode(&s).unwrap(), expected);
     let inf = Session {
         timeout: Timeout::Infinity,
         tombstone: false,
         ..s
     };
-    assert_eq!(codec::encode(&inf)[1], 0b10);
-    assert_eq!(codec::encode(&inf)[26..34], [0; 8]);
+    assert_eq!(codec::encode(&inf).unwrap()[1], 0b10);
+    assert_eq!(codec::encode(&inf).unwrap()[26..34], [0; 8]);
+}
+
+#[test]
+fn oversized_metadata_is_not_encoded() {
+    let mut s = Session::new(SessionId::new("big").unwrap(), 0, Timeout::Infinity, vec![]);
+    s.metadata = vec![0u8; MAX_METADATA_LEN + 1].into();
+    assert!(matches!(codec::encode(&s), Err(InvalidInput::MetadataTooLarge { .. })));
 }
 
 #[test]
 fn each_malformation_is_named() {
     let s = Session::new(SessionId::new("k").unwrap(), 0, Timeout::ms(5).unwrap(), vec![1, 2]);
-    let good = codec::encode(&s);
+    let good = codec::encode(&s).unwrap();
     let corrupt_with = |f: &dyn Fn(&mut Vec<u8>), needle: &str| {
         let mut b = good.clone();
         f(&mut b);

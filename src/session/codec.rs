@@ -22,7 +22,7 @@
 
 use std::num::NonZeroU64;
 
-use super::{Session, SessionId, StoreError, Timeout, MAX_ID_LEN, MAX_METADATA_LEN};
+use super::{InvalidInput, Session, SessionId, StoreError, Timeout, MAX_ID_LEN, MAX_METADATA_LEN};
 
 /// The format byte written by [`encode`].
 pub const FORMAT: u8 = 1;
@@ -35,16 +35,21 @@ const FLAG_INFINITY: u8 = 2;
 
 /// Encodes a record (format [`FORMAT`]).
 ///
+/// # Errors
+/// [`InvalidInput::MetadataTooLarge`] above [`MAX_METADATA_LEN`] (what [`decode`] would
+/// reject); ids are valid by construction.
+///
 /// # Examples
 /// ```
 /// use erlmcp_rollout::session::{codec, Session, SessionId, Timeout};
 /// let s = Session::new(SessionId::new("s1")?, 5, Timeout::Infinity, b"m".to_vec());
-/// let bytes = codec::encode(&s);
+/// let bytes = codec::encode(&s)?;
 /// assert_eq!(bytes.len(), codec::HEADER_LEN + 2 + 1);
 /// assert_eq!(codec::decode(&bytes)?, s);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub fn encode(s: &Session) -> Vec<u8> {
+pub fn encode(s: &Session) -> Result<Vec<u8>, InvalidInput> {
+    s.validate()?;
     let id = s.id.as_bytes();
     let mut out = Vec::with_capacity(HEADER_LEN + id.len() + s.metadata.len());
     let mut flags = 0;
@@ -64,12 +69,12 @@ pub fn encode(s: &Session) -> Vec<u8> {
     out.extend_from_slice(&s.created_at.to_be_bytes());
     out.extend_from_slice(&s.last_accessed.to_be_bytes());
     out.extend_from_slice(&timeout_ms.to_be_bytes());
-    // Lengths fit: ids are at most MAX_ID_LEN and stores reject larger metadata.
+    // Lengths fit in u32: ids are at most MAX_ID_LEN, metadata was validated above.
     out.extend_from_slice(&(id.len() as u32).to_be_bytes());
     out.extend_from_slice(&(s.metadata.len() as u32).to_be_bytes());
     out.extend_from_slice(id);
     out.extend_from_slice(&s.metadata);
-    out
+    Ok(out)
 }
 
 /// Decodes a record written by [`encode`].
