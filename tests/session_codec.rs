@@ -134,3 +134,16 @@ fn each_malformation_is_named() {
     let e = codec::decode(&good[..10]).unwrap_err();
     assert!(e.to_string().starts_with("corrupt session record: "), "{e}");
 }
+
+#[test]
+fn keyed_decoding_names_the_key() {
+    let s = Session::new(SessionId::new("k1").unwrap(), 0, Timeout::Infinity, vec![]);
+    let bytes = codec::encode(&s).unwrap();
+    let e = codec::decode_keyed(&SessionId::new("k1").unwrap(), &bytes[..5]).unwrap_err();
+    assert!(e.to_string().starts_with("corrupt session record \"k1\": "), "{e}");
+    let e = codec::decode_keyed(&SessionId::new("k2").unwrap(), &bytes).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "corrupt session record \"k2\": the record holds id \"k1\""
+    );
+}

@@ -142,3 +142,36 @@ pub fn decode(bytes: &[u8]) -> Result<Session, StoreError> {
         tombstone: flags & FLAG_TOMBSTONE != 0,
     })
 }
+
+/// Decodes the record stored under `key`, as a backend reads it: a [`StoreError::Corrupt`]
+/// names the key, and a record whose id differs from its key is corrupt too.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] for malformed bytes or a mismatched id.
+///
+/// # Examples
+/// ```
+/// use erlmcp_rollout::session::{codec, Session, SessionId, StoreError, Timeout};
+/// let s = Session::new(SessionId::new("a")?, 0, Timeout::Infinity, vec![]);
+/// let bytes = codec::encode(&s)?;
+/// assert_eq!(codec::decode_keyed(&s.id, &bytes)?, s);
+/// let other = SessionId::new("b")?;
+/// assert!(matches!(codec::decode_keyed(&other, &bytes), Err(StoreError::Corrupt { key: Some(_), .. })));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn decode_keyed(key: &SessionId, bytes: &[u8]) -> Result<Session, StoreError> {
+    let session = decode(bytes).map_err(|e| match e {
+        StoreError::Corrupt { key: None, reason } => StoreError::Corrupt {
+            key: Some(key.clone()),
+            reason,
+        },
+        other => other,
+    })?;
+    if &session.id != key {
+        return Err(StoreError::Corrupt {
+            key: Some(key.clone()),
+            reason: format!("the record holds id {}", session.id),
+        });
+    }
+    Ok(session)
+}
