@@ -20,6 +20,8 @@
 //! ## Features
 //! - `cli` (default): the `erlmcp-rollout` binary and its dependencies. Depend
 //!   with `default-features = false` to get flag evaluation alone.
+//! - `disk` (included in `cli`): `session::DiskStore`, the session store in one
+//!   redb file.
 //! - `deploy` (included in `cli`): the [`deploy`] module and its HTTP client
 //!   (`ureq`, plain `http://`, no TLS).
 //!

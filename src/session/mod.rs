@@ -5,6 +5,7 @@
 //! - [`TouchPolicy`]: which touches are written, so reads do not all become writes.
 //! - [`Store`]: the contract every backend implements; [`StoreError`]: its one error enum.
 //! - [`MemoryStore`]: a sharded concurrent map, no global lock.
+//! - `DiskStore` (feature `disk`): one redb file; acknowledged writes are durable.
 //! - [`codec`]: the versioned binary record encoding persistent backends store.
 //!
 //! Time comes from a [`Clock`] (the same trait the flag schedules use), so tests move it
@@ -25,12 +26,16 @@
 //! ```
 
 pub mod codec;
+#[cfg(feature = "disk")]
+mod disk;
 mod memory;
 mod model;
 
 use std::sync::Arc;
 
 pub use crate::flags::{Clock, ManualClock, SystemClock};
+#[cfg(feature = "disk")]
+pub use disk::DiskStore;
 pub use memory::{MemoryStore, DEFAULT_SHARDS};
 pub use model::{Session, SessionId, Timeout, TouchPolicy, MAX_ID_LEN, MAX_METADATA_LEN};
 

@@ -304,17 +304,21 @@ pub fn run<S: Store>(make: impl Fn(StoreOptions) -> S, ops: Vec<Op>) -> Result<(
     Ok(())
 }
 
-/// `store_model!(name, factory)`: the model-based proptest for one backend.
+/// `store_model!(name, factory)`: the model-based proptest for one backend (512 cases;
+/// `store_model!(name, factory, cases = N)` for slow backends).
 #[macro_export]
 macro_rules! store_model {
     ($name:ident, $make:expr) => {
+        $crate::store_model!($name, $make, cases = 512);
+    };
+    ($name:ident, $make:expr, cases = $cases:expr) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
             use proptest::prelude::*;
 
             proptest! {
-                #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+                #![proptest_config(ProptestConfig { cases: $cases, ..ProptestConfig::default() })]
                 #[test]
                 fn behaves_like_the_model(ops in proptest::collection::vec($crate::model::op(), 1..80)) {
                     $crate::model::run($make, ops)?;
