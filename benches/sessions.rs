@@ -3,7 +3,8 @@
 //! - `*/get`, `*/put`, `*/touch`: one thread, 10 000 sessions (40-byte ids, 64-byte
 //!   metadata), keys visited in a fixed pseudo-random order;
 //! - `*/get_with_writer`: the same gets while a second thread puts continuously
-//!   (the machine has 2 cores), where a global lock makes readers wait.
+//!   (the machine has 2 cores), where a global lock makes readers wait;
+//! - `disk/*`: the redb store on the same sessions (each put is one durable commit).
 
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
@@ -14,7 +15,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use erlmcp_rollout::session::{Clock, MemoryStore, Session, SessionId, Store, StoreOptions, SystemClock, Timeout};
+use erlmcp_rollout::session::{
+    Clock, DiskStore, MemoryStore, Session, SessionId, Store, StoreOptions, SystemClock, Timeout,
+};
 
 const N: usize = 10_000;
 
@@ -178,5 +181,45 @@ fn bench_contended(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_single, bench_contended);
+/// The redb store: reads on a snapshot; each write one durable commit (fsync).
+fn bench_disk(c: &mut Criterion) {
+    let ids = ids();
+    let order = order();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = DiskStore::create(dir.path().join("bench.redb"), StoreOptions::default()).unwrap();
+    disk.apply_batch_if_newer(
+        ids.iter()
+            .map(|id| Session {
+                version: 1,
+                ..session(id)
+            })
+            .collect(),
+    )
+    .unwrap();
+    let mut g = c.benchmark_group("sessions");
+    let mut i = 0;
+    g.bench_function("disk/get", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(disk.get(&ids[order[i]]).unwrap())
+        })
+    });
+    g.bench_function("disk/touch", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(disk.touch(&ids[order[i]]).unwrap())
+        })
+    });
+    let prepared: Vec<Session> = ids.iter().map(session).collect();
+    g.sample_size(20);
+    g.bench_function("disk/put", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(disk.put(prepared[order[i]].clone()).unwrap())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_single, bench_contended, bench_disk);
 criterion_main!(benches);
