@@ -5,8 +5,8 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
 
 use super::{
-    codec, BatchOutcome, InvalidInput, ScanPage, Session, SessionId, Store, StoreError, StoreOptions, SweepOutcome,
-    Visibility,
+    codec, next_version, validate_batch, BatchOutcome, InvalidInput, ScanPage, Session, SessionId, Store, StoreError,
+    StoreOptions, SweepOutcome, Visibility,
 };
 
 /// Records by id bytes; values are [`codec`] records.
@@ -72,10 +72,6 @@ fn save(table: &mut SessionTable<'_>, s: &Session) -> Result<(), StoreError> {
     let bytes = codec::encode(s)?;
     table.insert(s.id.as_bytes(), bytes.as_slice()).map_err(unavailable)?;
     Ok(())
-}
-
-fn next_version(stored: Option<&Session>) -> u64 {
-    stored.map_or(1, |s| s.version.saturating_add(1))
 }
 
 impl DiskStore {
@@ -188,9 +184,7 @@ impl Store for DiskStore {
         self.write(|table, now| match load(table, id)? {
             Some(mut s) if !s.tombstone => {
                 let was_live = s.is_live(now);
-                s.tombstone = true;
-                s.version = s.version.saturating_add(1);
-                s.last_accessed = now;
+                s.bury(now);
                 save(table, &s)?;
                 Ok(was_live)
             }
@@ -260,12 +254,7 @@ impl Store for DiskStore {
     }
 
     fn apply_batch_if_newer(&self, records: Vec<Session>) -> Result<BatchOutcome, StoreError> {
-        for r in &records {
-            r.validate()?;
-            if r.version == 0 {
-                return Err(InvalidInput::ZeroVersion { key: r.id.clone() }.into());
-            }
-        }
+        validate_batch(&records)?;
         // One transaction: the whole batch is applied atomically here (the contract only
         // requires each record to be).
         self.write(|table, _| {
@@ -311,9 +300,7 @@ impl Store for DiskStore {
             outcome.tombstones = purge.len();
             outcome.expired = expire.len();
             for mut s in expire {
-                s.tombstone = true;
-                s.version = s.version.saturating_add(1);
-                s.last_accessed = now_ms;
+                s.bury(now_ms);
                 save(table, &s)?;
             }
             Ok(outcome)

@@ -6,7 +6,8 @@ use std::ops::Bound;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{
-    BatchOutcome, InvalidInput, ScanPage, Session, SessionId, Store, StoreError, StoreOptions, SweepOutcome, Visibility,
+    next_version, validate_batch, BatchOutcome, InvalidInput, ScanPage, Session, SessionId, Store, StoreError,
+    StoreOptions, SweepOutcome, Visibility,
 };
 
 /// Shards of a [`MemoryStore::new`] store.
@@ -132,10 +133,6 @@ fn write(shard: &Shard) -> RwLockWriteGuard<'_, ShardMap> {
     shard.0.write().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn next_version(stored: Option<&Session>) -> u64 {
-    stored.map_or(1, |s| s.version.saturating_add(1))
-}
-
 impl Store for MemoryStore {
     fn create(&self, mut session: Session) -> Result<Session, StoreError> {
         session.validate()?;
@@ -197,9 +194,7 @@ impl Store for MemoryStore {
         match map.get_mut(id) {
             Some(s) if !s.tombstone => {
                 let was_live = s.is_live(now);
-                s.tombstone = true;
-                s.version = s.version.saturating_add(1);
-                s.last_accessed = now;
+                s.bury(now);
                 Ok(was_live)
             }
             _ => Ok(false),
@@ -269,12 +264,7 @@ impl Store for MemoryStore {
     }
 
     fn apply_batch_if_newer(&self, records: Vec<Session>) -> Result<BatchOutcome, StoreError> {
-        for r in &records {
-            r.validate()?;
-            if r.version == 0 {
-                return Err(InvalidInput::ZeroVersion { key: r.id.clone() }.into());
-            }
-        }
+        validate_batch(&records)?;
         let mut outcome = BatchOutcome::default();
         for r in records {
             let mut map = write(self.shard(&r.id));
@@ -304,9 +294,7 @@ impl Store for MemoryStore {
                     keep
                 } else {
                     if s.is_expired(now_ms) {
-                        s.tombstone = true;
-                        s.version = s.version.saturating_add(1);
-                        s.last_accessed = now_ms;
+                        s.bury(now_ms);
                         outcome.expired += 1;
                     }
                     true

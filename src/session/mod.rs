@@ -227,6 +227,22 @@ impl StoreOptions {
     }
 }
 
+/// The version of the next write of a key whose stored record is `stored`.
+pub(crate) fn next_version(stored: Option<&Session>) -> u64 {
+    stored.map_or(1, |s| s.version.saturating_add(1))
+}
+
+/// The checks of [`Store::apply_batch_if_newer`] before anything is written.
+pub(crate) fn validate_batch(records: &[Session]) -> Result<(), StoreError> {
+    for r in records {
+        r.validate()?;
+        if r.version == 0 {
+            return Err(InvalidInput::ZeroVersion { key: r.id.clone() }.into());
+        }
+    }
+    Ok(())
+}
+
 /// A session store. Every backend implements this one contract, and one conformance
 /// suite (`tests/session_conformance.rs`) checks it for each.
 ///

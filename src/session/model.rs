@@ -178,6 +178,14 @@ impl Session {
         !self.tombstone && !self.is_expired(now_ms)
     }
 
+    /// Turns the record into a tombstone at `now_ms`: the next version, `last_accessed` set
+    /// to the deletion time (tombstone retention counts from it).
+    pub(crate) fn bury(&mut self, now_ms: i64) {
+        self.tombstone = true;
+        self.version = self.version.saturating_add(1);
+        self.last_accessed = now_ms;
+    }
+
     /// Checks the limits a store enforces on every write.
     ///
     /// # Errors
