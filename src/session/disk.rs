@@ -243,14 +243,7 @@ impl Store for DiskStore {
                 }
             }
         }
-        let more = records.len() > limit;
-        records.truncate(limit);
-        let next = if more {
-            records.last().map(|s| s.id.clone())
-        } else {
-            None
-        };
-        Ok(ScanPage { records, next })
+        Ok(ScanPage::from_overfetch(records, limit))
     }
 
     fn apply_batch_if_newer(&self, records: Vec<Session>) -> Result<BatchOutcome, StoreError> {

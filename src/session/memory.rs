@@ -253,14 +253,8 @@ impl Store for MemoryStore {
             }
         }
         merged.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        let more = merged.len() > limit;
-        merged.truncate(limit);
-        let next = if more {
-            merged.last().map(|s| s.id.clone())
-        } else {
-            None
-        };
-        Ok(ScanPage { records: merged, next })
+        merged.truncate(limit.saturating_add(1));
+        Ok(ScanPage::from_overfetch(merged, limit))
     }
 
     fn apply_batch_if_newer(&self, records: Vec<Session>) -> Result<BatchOutcome, StoreError> {

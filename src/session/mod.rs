@@ -159,6 +159,21 @@ pub struct ScanPage {
     pub next: Option<SessionId>,
 }
 
+impl ScanPage {
+    /// A page from up to `limit + 1` records in key order: the extra one only says that
+    /// more follow.
+    pub(crate) fn from_overfetch(mut records: Vec<Session>, limit: usize) -> Self {
+        let more = records.len() > limit;
+        records.truncate(limit);
+        let next = if more {
+            records.last().map(|s| s.id.clone())
+        } else {
+            None
+        };
+        ScanPage { records, next }
+    }
+}
+
 /// What [`Store::apply_batch_if_newer`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
