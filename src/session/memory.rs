@@ -13,6 +13,9 @@ use super::{
 /// Shards of a [`MemoryStore::new`] store.
 pub const DEFAULT_SHARDS: usize = 64;
 
+/// At most this many shards (so the shard choice cannot overflow).
+const MAX_SHARDS: usize = 1 << 16;
+
 /// A shard's lock on its own cache lines, so that locking one shard does not slow
 /// readers of its neighbours (false sharing).
 #[repr(align(128))]
@@ -90,10 +93,10 @@ impl MemoryStore {
         MemoryStore::with_shards(options, DEFAULT_SHARDS)
     }
 
-    /// A store with `shards` shards (at least 1).
+    /// A store with `shards` shards, clamped to `1..=65536`.
     pub fn with_shards(options: StoreOptions, shards: usize) -> Self {
         MemoryStore {
-            shards: (0..shards.max(1))
+            shards: (0..shards.clamp(1, MAX_SHARDS))
                 .map(|_| Shard(RwLock::new(ShardMap::default())))
                 .collect(),
             options,
