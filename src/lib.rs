@@ -11,12 +11,17 @@
 //!   the hot-reloading [`flags::Engine`], schedules, overrides, metrics.
 //! - [`flags::phash2`]: a pure-Rust `erlang:phash2/2` for binaries, atoms and
 //!   integers.
+//! - [`session`]: the session record (versions, tombstones, sliding expiry, touch
+//!   policy), the [`session::Store`] contract, its binary encoding and the sharded
+//!   [`session::MemoryStore`].
 //! - [`deploy`] (feature `deploy`): canary verdicts from Prometheus or a
 //!   metrics file, the ramp and rollback matrix, CI test scope.
 //!
 //! ## Features
 //! - `cli` (default): the `erlmcp-rollout` binary and its dependencies. Depend
 //!   with `default-features = false` to get flag evaluation alone.
+//! - `disk` (included in `cli`): `session::DiskStore`, the session store in one
+//!   redb file.
 //! - `deploy` (included in `cli`): the [`deploy`] module and its HTTP client
 //!   (`ureq`, plain `http://`, no TLS).
 //!
@@ -41,3 +46,4 @@
 #[cfg(feature = "deploy")]
 pub mod deploy;
 pub mod flags;
+pub mod session;

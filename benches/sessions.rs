@@ -1,0 +1,225 @@
+//! Session store benchmarks: `MemoryStore` get / put / touch, each with a same-run
+//! baseline, a `std::sync::RwLock<HashMap<SessionId, Session>>` (one global lock):
+//! - `*/get`, `*/put`, `*/touch`: one thread, 10 000 sessions (40-byte ids, 64-byte
+//!   metadata), keys visited in a fixed pseudo-random order;
+//! - `*/get_with_writer`: the same gets while a second thread puts continuously
+//!   (the machine has 2 cores), where a global lock makes readers wait;
+//! - `disk/*`: the redb store on the same sessions (each put is one durable commit).
+
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use erlmcp_rollout::session::{
+    Clock, DiskStore, MemoryStore, Session, SessionId, Store, StoreOptions, SystemClock, Timeout,
+};
+
+const N: usize = 10_000;
+
+fn ids() -> Vec<SessionId> {
+    (0..N)
+        .map(|i| {
+            SessionId::new(format!(
+                "session-{:032x}",
+                (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ))
+            .unwrap()
+        })
+        .collect()
+}
+
+fn session(id: &SessionId) -> Session {
+    let now = SystemClock.now_unix_ms();
+    Session::new(id.clone(), now, Timeout::ms(3_600_000).unwrap(), vec![7u8; 64])
+}
+
+/// The baseline: one global `RwLock` around a std `HashMap`.
+#[derive(Default)]
+struct Baseline(RwLock<HashMap<SessionId, Session>>);
+
+impl Baseline {
+    fn get(&self, id: &SessionId) -> Option<Session> {
+        self.0.read().unwrap().get(id).cloned()
+    }
+    fn put(&self, s: Session) {
+        self.0.write().unwrap().insert(s.id.clone(), s);
+    }
+}
+
+fn order() -> Vec<usize> {
+    (0..N).map(|i| (i * 7_919) % N).collect()
+}
+
+fn bench_single(c: &mut Criterion) {
+    let ids = ids();
+    let order = order();
+    let memory = MemoryStore::new(StoreOptions::default());
+    let baseline = Baseline::default();
+    for id in &ids {
+        memory.put(session(id)).unwrap();
+        baseline.put(session(id));
+    }
+    let mut g = c.benchmark_group("sessions");
+    let mut i = 0;
+    g.bench_function("memory/get", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(memory.get(&ids[order[i]]).unwrap())
+        })
+    });
+    g.bench_function("baseline/get", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(baseline.get(&ids[order[i]]).unwrap())
+        })
+    });
+    let prepared: Vec<Session> = ids.iter().map(session).collect();
+    g.bench_function("memory/put", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(memory.put(prepared[order[i]].clone()).unwrap())
+        })
+    });
+    g.bench_function("baseline/put", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            baseline.put(black_box(prepared[order[i]].clone()))
+        })
+    });
+    // Touches within 10 % of the timeout: read-only under the default policy.
+    g.bench_function("memory/touch", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(memory.touch(&ids[order[i]]).unwrap())
+        })
+    });
+    // What a store that writes every touch pays: a write-locked update.
+    g.bench_function("baseline/touch", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            let mut map = baseline.0.write().unwrap();
+            let s = map.get_mut(&ids[order[i]]).unwrap();
+            s.last_accessed = SystemClock.now_unix_ms();
+            black_box(s.clone())
+        })
+    });
+    g.finish();
+}
+
+/// Times `iters` gets on this thread while another thread puts without pause.
+fn gets_with_writer(
+    iters: u64,
+    ids: &Arc<Vec<SessionId>>,
+    get: impl Fn(&SessionId),
+    put: impl Fn(Session) + Send + 'static,
+) -> Duration {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        let ids = Arc::clone(ids);
+        std::thread::spawn(move || {
+            let mut j = 0;
+            while !stop.load(Ordering::Relaxed) {
+                j = (j + 13) % N;
+                put(session(&ids[j]));
+            }
+        })
+    };
+    let order = order();
+    let start = Instant::now();
+    for k in 0..iters as usize {
+        get(&ids[order[k % N]]);
+    }
+    let elapsed = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    elapsed
+}
+
+fn bench_contended(c: &mut Criterion) {
+    let ids = Arc::new(ids());
+    let memory = Arc::new(MemoryStore::new(StoreOptions::default()));
+    let baseline = Arc::new(Baseline::default());
+    for id in ids.iter() {
+        memory.put(session(id)).unwrap();
+        baseline.put(session(id));
+    }
+    let mut g = c.benchmark_group("sessions");
+    g.bench_function("memory/get_with_writer", |b| {
+        b.iter_custom(|iters| {
+            let w = Arc::clone(&memory);
+            gets_with_writer(
+                iters,
+                &ids,
+                |id| {
+                    black_box(memory.get(id).unwrap());
+                },
+                move |s| {
+                    w.put(s).unwrap();
+                },
+            )
+        })
+    });
+    g.bench_function("baseline/get_with_writer", |b| {
+        b.iter_custom(|iters| {
+            let w = Arc::clone(&baseline);
+            gets_with_writer(
+                iters,
+                &ids,
+                |id| {
+                    black_box(baseline.get(id).unwrap());
+                },
+                move |s| w.put(s),
+            )
+        })
+    });
+    g.finish();
+}
+
+/// The redb store: reads on a snapshot; each write one durable commit (fsync).
+fn bench_disk(c: &mut Criterion) {
+    let ids = ids();
+    let order = order();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = DiskStore::create(dir.path().join("bench.redb"), StoreOptions::default()).unwrap();
+    disk.apply_batch_if_newer(
+        ids.iter()
+            .map(|id| Session {
+                version: 1,
+                ..session(id)
+            })
+            .collect(),
+    )
+    .unwrap();
+    let mut g = c.benchmark_group("sessions");
+    let mut i = 0;
+    g.bench_function("disk/get", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(disk.get(&ids[order[i]]).unwrap())
+        })
+    });
+    g.bench_function("disk/touch", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(disk.touch(&ids[order[i]]).unwrap())
+        })
+    });
+    let prepared: Vec<Session> = ids.iter().map(session).collect();
+    g.sample_size(20);
+    g.bench_function("disk/put", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(disk.put(prepared[order[i]].clone()).unwrap())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_single, bench_contended, bench_disk);
+criterion_main!(benches);

@@ -1,0 +1,307 @@
+//! [`MemoryStore`]: sessions in a sharded concurrent map.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::BuildHasher;
+use std::ops::Bound;
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::{
+    next_version, validate_batch, BatchOutcome, InvalidInput, ScanPage, Session, SessionId, Store, StoreError,
+    StoreOptions, SweepOutcome, Visibility,
+};
+
+/// Shards of a [`MemoryStore::new`] store.
+pub const DEFAULT_SHARDS: usize = 64;
+
+/// At most this many shards (so the shard choice cannot overflow).
+const MAX_SHARDS: usize = 1 << 16;
+
+/// A shard's lock on its own cache lines, so that locking one shard does not slow
+/// readers of its neighbours (false sharing).
+#[repr(align(128))]
+struct Shard(RwLock<ShardMap>);
+
+/// One shard: records by key for point operations, plus the keys in order for scans.
+/// Invariant: `order` holds exactly the keys of `records`.
+#[derive(Default)]
+struct ShardMap {
+    records: HashMap<SessionId, Session, rustc_hash::FxBuildHasher>,
+    order: BTreeSet<SessionId>,
+}
+
+impl ShardMap {
+    fn get(&self, id: &SessionId) -> Option<&Session> {
+        self.records.get(id)
+    }
+
+    fn get_mut(&mut self, id: &SessionId) -> Option<&mut Session> {
+        self.records.get_mut(id)
+    }
+
+    fn insert(&mut self, s: Session) {
+        let id = s.id.clone();
+        if self.records.insert(id.clone(), s).is_none() {
+            self.order.insert(id);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+}
+
+/// Sessions in memory: `N` shards chosen by a hash of the id, each an `RwLock` around a
+/// hash map (point operations) and an ordered key set (scans; updated only when a key is
+/// added or removed). Operations on one key lock one shard (reads share it); there is no
+/// global lock. Scans take each shard's read lock in turn and merge the shards in key order.
+///
+/// Acknowledged means applied in memory: nothing survives the process.
+///
+/// # Examples
+/// ```
+/// use erlmcp_rollout::session::{MemoryStore, Session, SessionId, Store, StoreOptions, Timeout};
+/// let store = MemoryStore::new(StoreOptions::default());
+/// let now = store.options().clock.now_unix_ms();
+/// let s = store.create(Session::new(SessionId::new("s1")?, now, Timeout::Infinity, vec![]))?;
+/// assert_eq!(s.version, 1);
+/// assert!(store.delete(&s.id)?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct MemoryStore {
+    shards: Box<[Shard]>,
+    options: StoreOptions,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("shards", &self.shards.len())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new(StoreOptions::default())
+    }
+}
+
+impl MemoryStore {
+    /// A store with [`DEFAULT_SHARDS`] shards.
+    pub fn new(options: StoreOptions) -> Self {
+        MemoryStore::with_shards(options, DEFAULT_SHARDS)
+    }
+
+    /// A store with `shards` shards, clamped to `1..=65536`.
+    pub fn with_shards(options: StoreOptions, shards: usize) -> Self {
+        MemoryStore {
+            shards: (0..shards.clamp(1, MAX_SHARDS))
+                .map(|_| Shard(RwLock::new(ShardMap::default())))
+                .collect(),
+            options,
+        }
+    }
+
+    /// The options the store was built with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    /// Number of records held, tombstones and expired sessions included.
+    pub fn raw_len(&self) -> usize {
+        self.shards.iter().map(|s| read(s).len()).sum()
+    }
+
+    fn shard(&self, id: &SessionId) -> &Shard {
+        // Bits 24..56 of the hash pick the shard (multiply-shift keeps the index below the
+        // shard count); the shard's own map uses the low bits and the top 7, so keys in one
+        // shard still spread over its buckets.
+        let h = rustc_hash::FxBuildHasher.hash_one(id);
+        let i = (((h >> 24) & 0xffff_ffff) * self.shards.len() as u64) >> 32;
+        &self.shards[i as usize]
+    }
+
+    fn now(&self) -> i64 {
+        self.options.clock.now_unix_ms()
+    }
+}
+
+fn read(shard: &Shard) -> RwLockReadGuard<'_, ShardMap> {
+    // No code panics while holding a shard lock, so a poisoned lock holds consistent data.
+    shard.0.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(shard: &Shard) -> RwLockWriteGuard<'_, ShardMap> {
+    shard.0.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Store for MemoryStore {
+    fn create(&self, mut session: Session) -> Result<Session, StoreError> {
+        session.validate()?;
+        let now = self.now();
+        let mut map = write(self.shard(&session.id));
+        let stored = map.get(&session.id);
+        if stored.is_some_and(|s| s.is_live(now)) {
+            return Err(StoreError::AlreadyExists { key: session.id });
+        }
+        session.version = next_version(stored);
+        session.tombstone = false;
+        map.insert(session.clone());
+        Ok(session)
+    }
+
+    fn get(&self, id: &SessionId) -> Result<Session, StoreError> {
+        let now = self.now();
+        let map = read(self.shard(id));
+        match map.get(id) {
+            Some(s) if s.is_live(now) => Ok(s.clone()),
+            _ => Err(StoreError::NotFound { key: id.clone() }),
+        }
+    }
+
+    fn put(&self, mut session: Session) -> Result<Session, StoreError> {
+        session.validate()?;
+        let mut map = write(self.shard(&session.id));
+        session.version = next_version(map.get(&session.id));
+        session.tombstone = false;
+        map.insert(session.clone());
+        Ok(session)
+    }
+
+    fn update_if_version(&self, mut session: Session, expected: u64) -> Result<Session, StoreError> {
+        session.validate()?;
+        let now = self.now();
+        let mut map = write(self.shard(&session.id));
+        match map.get(&session.id) {
+            Some(s) if s.is_live(now) => {
+                if s.version != expected {
+                    return Err(StoreError::Conflict {
+                        key: session.id,
+                        expected,
+                        actual: s.version,
+                    });
+                }
+            }
+            _ => return Err(StoreError::NotFound { key: session.id }),
+        }
+        session.version = expected.saturating_add(1);
+        session.tombstone = false;
+        map.insert(session.clone());
+        Ok(session)
+    }
+
+    fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
+        let now = self.now();
+        let mut map = write(self.shard(id));
+        match map.get_mut(id) {
+            Some(s) if !s.tombstone => {
+                let was_live = s.is_live(now);
+                s.bury(now);
+                Ok(was_live)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn touch(&self, id: &SessionId) -> Result<Session, StoreError> {
+        let now = self.now();
+        let not_found = || StoreError::NotFound { key: id.clone() };
+        let shard = self.shard(id);
+        {
+            let map = read(shard);
+            let s = map.get(id).filter(|s| s.is_live(now)).ok_or_else(not_found)?;
+            if !self.options.touch.should_persist(s.last_accessed, now, s.timeout) {
+                let mut s = s.clone();
+                s.last_accessed = s.last_accessed.max(now);
+                return Ok(s);
+            }
+        }
+        // Decide again under the write lock: another touch may have written meanwhile.
+        let mut map = write(shard);
+        let s = map.get_mut(id).filter(|s| s.is_live(now)).ok_or_else(not_found)?;
+        if self.options.touch.should_persist(s.last_accessed, now, s.timeout) {
+            s.last_accessed = now;
+            s.version = s.version.saturating_add(1);
+            return Ok(s.clone());
+        }
+        let mut s = s.clone();
+        s.last_accessed = s.last_accessed.max(now);
+        Ok(s)
+    }
+
+    fn scan(&self, after: Option<&SessionId>, limit: usize, visibility: Visibility) -> Result<ScanPage, StoreError> {
+        if limit == 0 {
+            return Err(InvalidInput::ZeroLimit.into());
+        }
+        let now = self.now();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let keep = |s: &Session| visibility == Visibility::Raw || s.is_live(now);
+        // Each shard contributes its first `limit + 1` matching records; the smallest
+        // `limit + 1` of their union are the global ones.
+        let mut merged: Vec<Session> = Vec::new();
+        for shard in self.shards.iter() {
+            let map = read(shard);
+            let from_shard = map
+                .order
+                .range::<SessionId, _>((lower, Bound::Unbounded))
+                .filter_map(|id| map.records.get(id))
+                .filter(|s| keep(s))
+                .take(limit.saturating_add(1))
+                .cloned();
+            merged.extend(from_shard);
+            if merged.len() > limit.saturating_mul(2) {
+                merged.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+                merged.truncate(limit.saturating_add(1));
+            }
+        }
+        merged.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        merged.truncate(limit.saturating_add(1));
+        Ok(ScanPage::from_overfetch(merged, limit))
+    }
+
+    fn apply_batch_if_newer(&self, records: Vec<Session>) -> Result<BatchOutcome, StoreError> {
+        validate_batch(&records)?;
+        let mut outcome = BatchOutcome::default();
+        for r in records {
+            let mut map = write(self.shard(&r.id));
+            if map.get(&r.id).is_some_and(|s| s.version >= r.version) {
+                outcome.skipped += 1;
+            } else {
+                map.insert(r);
+                outcome.applied += 1;
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn sweep_expired(&self, now_ms: i64) -> Result<SweepOutcome, StoreError> {
+        let retention = i128::from(self.options.tombstone_retention_ms);
+        let mut outcome = SweepOutcome::default();
+        for shard in self.shards.iter() {
+            let mut guard = write(shard);
+            let map = &mut *guard;
+            let before = map.records.len();
+            map.records.retain(|_, s| {
+                if s.tombstone {
+                    let keep = i128::from(now_ms) - i128::from(s.last_accessed) <= retention;
+                    if !keep {
+                        outcome.tombstones += 1;
+                    }
+                    keep
+                } else {
+                    if s.is_expired(now_ms) {
+                        s.bury(now_ms);
+                        outcome.expired += 1;
+                    }
+                    true
+                }
+            });
+            if map.records.len() != before {
+                let records = &map.records;
+                map.order.retain(|id| records.contains_key(id));
+            }
+        }
+        Ok(outcome)
+    }
+}
