@@ -215,13 +215,6 @@ impl Engine {
         self.evaluate(name, ctx).enabled
     }
 
-    /// Run `f` on the snapshot serving now, without taking a reference count
-    /// (use [`Engine::snapshot`] to keep one).
-    #[inline]
-    pub fn with_snapshot<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
-        f(&self.current.load())
-    }
-
     /// Evaluate with the full reason chain.
     pub fn explain<C: Context>(&self, name: &str, ctx: &C) -> Explanation {
         self.current.load().explain(name, ctx)
