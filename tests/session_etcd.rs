@@ -1,0 +1,262 @@
+//! The `Store` contract and the model-based proptest against a real 3-member etcd
+//! cluster (started by this test binary, shared by its tests, one key prefix per store),
+//! plus what only the etcd store has: typed errors for oversized records and for an
+//! unreachable cluster.
+
+#![cfg(feature = "etcd")]
+
+#[path = "session_support/conformance.rs"]
+mod conformance;
+#[path = "session_support/etcd_cluster.rs"]
+mod etcd_cluster;
+#[path = "session_support/model.rs"]
+mod model;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use erlmcp_rollout::session::{
+    EtcdOptions, EtcdStore, InvalidInput, ManualClock, Session, SessionId, Store, StoreError, StoreOptions, Timeout,
+    Visibility,
+};
+
+store_conformance!(etcd, etcd_cluster::store);
+store_model!(etcd_model, etcd_cluster::store, cases = 24);
+
+const T0: i64 = 1_700_000_000_000;
+
+fn id(s: &str) -> SessionId {
+    SessionId::new(s).unwrap()
+}
+
+#[test]
+fn oversized_records_are_a_typed_error_naming_the_limit() {
+    let store = etcd_cluster::store(StoreOptions::with_clock(ManualClock::new(T0)));
+    let meta = vec![7u8; 2 * 1024 * 1024];
+    let err = store
+        .put(Session::new(id("big"), T0, Timeout::Infinity, meta.clone()))
+        .unwrap_err();
+    match &err {
+        StoreError::Invalid(InvalidInput::RecordTooLarge { key, len, max }) => {
+            assert_eq!(key, &id("big"));
+            assert!(*len > meta.len() && *max < 1_572_864, "{err}");
+        }
+        other => panic!("expected RecordTooLarge, got {other:?}"),
+    }
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("\"big\""), "{err}");
+    assert!(
+        matches!(store.get(&id("big")), Err(StoreError::NotFound { .. })),
+        "nothing written"
+    );
+    // The largest accepted record is really accepted by the cluster.
+    let StoreError::Invalid(InvalidInput::RecordTooLarge { max, .. }) = err else {
+        unreachable!()
+    };
+    let fits = max - erlmcp_rollout::session::codec::HEADER_LEN - 3;
+    let stored = store
+        .put(Session::new(id("big"), T0, Timeout::Infinity, vec![1u8; fits]))
+        .unwrap();
+    assert_eq!(store.get(&id("big")).unwrap(), stored);
+    // A cluster limit below the configured one still gives the typed error, not a gRPC string.
+    let lying = EtcdStore::connect(
+        &etcd_cluster::shared().endpoints(),
+        etcd_cluster::unique_prefix(),
+        EtcdOptions {
+            max_request_bytes: 8 * 1024 * 1024,
+            ..EtcdOptions::default()
+        },
+        StoreOptions::with_clock(ManualClock::new(T0)),
+    )
+    .unwrap();
+    let err = lying
+        .put(Session::new(id("big"), T0, Timeout::Infinity, meta))
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Invalid(InvalidInput::RecordTooLarge { .. })),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn unreachable_cluster_is_unavailable_within_the_timeout() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoints = vec![format!("http://127.0.0.1:{port}")];
+    let etcd = EtcdOptions {
+        connect_timeout: Duration::from_millis(800),
+        request_timeout: Duration::from_millis(300),
+        operation_timeout: Duration::from_millis(800),
+        ..EtcdOptions::default()
+    };
+    let started = Instant::now();
+    let err = EtcdStore::connect(&endpoints, "x/", etcd.clone(), StoreOptions::default()).unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(err.to_string().contains(&endpoints[0]), "names the endpoint: {err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+
+    // Bad endpoints are input errors, not outages.
+    assert!(matches!(
+        EtcdStore::connect(&[], "x/", etcd.clone(), StoreOptions::default()),
+        Err(StoreError::Invalid(InvalidInput::Endpoint { .. }))
+    ));
+    assert!(matches!(
+        EtcdStore::connect(
+            &["127.0.0.1:2379".to_string()],
+            "x/",
+            etcd.clone(),
+            StoreOptions::default()
+        ),
+        Err(StoreError::Invalid(InvalidInput::Endpoint { .. }))
+    ));
+}
+
+#[test]
+fn a_stopped_cluster_makes_every_call_unavailable_without_panicking() {
+    let mut cluster = etcd_cluster::Cluster::start();
+    let etcd = EtcdOptions {
+        request_timeout: Duration::from_millis(300),
+        operation_timeout: Duration::from_millis(1_000),
+        ..EtcdOptions::default()
+    };
+    let store = EtcdStore::connect(
+        &cluster.endpoints(),
+        "s/",
+        etcd,
+        StoreOptions::with_clock(ManualClock::new(T0)),
+    )
+    .unwrap();
+    store.put(Session::new(id("a"), T0, Timeout::Infinity, vec![])).unwrap();
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    type Call<'a> = Box<dyn Fn() -> Result<(), StoreError> + 'a>;
+    let calls: Vec<(&str, Call)> = vec![
+        ("get", Box::new(|| store.get(&id("a")).map(drop))),
+        (
+            "put",
+            Box::new(|| {
+                store
+                    .put(Session::new(id("a"), T0, Timeout::Infinity, vec![]))
+                    .map(drop)
+            }),
+        ),
+        (
+            "create",
+            Box::new(|| {
+                store
+                    .create(Session::new(id("b"), T0, Timeout::Infinity, vec![]))
+                    .map(drop)
+            }),
+        ),
+        ("delete", Box::new(|| store.delete(&id("a")).map(drop))),
+        ("touch", Box::new(|| store.touch(&id("a")).map(drop))),
+        ("scan", Box::new(|| store.scan(None, 10, Visibility::Raw).map(drop))),
+        ("sweep", Box::new(|| store.sweep_expired(T0).map(drop))),
+    ];
+    for (name, call) in calls {
+        let started = Instant::now();
+        let err = call().unwrap_err();
+        assert!(err.is_retryable(), "{name}: {err:?}");
+        assert!(err.to_string().contains("etcd at [http://127.0.0.1:"), "{name}: {err}");
+        // operation_timeout (1 s) plus at most one request timeout, with slack for a loaded CI box.
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{name}: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn callable_from_inside_a_tokio_runtime() {
+    let store = Arc::new(etcd_cluster::store(StoreOptions::with_clock(ManualClock::new(T0))));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = Arc::clone(&store);
+    let got = rt.block_on(async move {
+        s.put(Session::new(id("in-async"), T0, Timeout::Infinity, b"x".to_vec()))
+            .unwrap();
+        s.get(&id("in-async")).unwrap()
+    });
+    assert_eq!(got.metadata.as_ref(), b"x");
+    // Dropping the store inside a runtime must not panic either.
+    rt.block_on(async move { drop(store) });
+}
+
+#[test]
+fn records_are_plain_codec_values_under_the_prefix() {
+    let cluster = etcd_cluster::shared();
+    let prefix = etcd_cluster::unique_prefix();
+    let store = EtcdStore::connect(
+        &cluster.endpoints(),
+        prefix.clone(),
+        EtcdOptions::default(),
+        StoreOptions::with_clock(ManualClock::new(T0)),
+    )
+    .unwrap();
+    let s = store
+        .create(Session::new(
+            SessionId::new([0xff, 0x00, b'k']).unwrap(),
+            T0,
+            Timeout::ms(60_000).unwrap(),
+            vec![9],
+        ))
+        .unwrap();
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &cluster.endpoints().join(","),
+            "get",
+            &prefix,
+            "--prefix",
+            "-w",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kv = &v["kvs"][0];
+    let key = base64_decode(kv["key"].as_str().unwrap());
+    let mut expected_key = prefix.into_bytes();
+    expected_key.extend_from_slice(&[0xff, 0x00, b'k']);
+    assert_eq!(key, expected_key);
+    let value = base64_decode(kv["value"].as_str().unwrap());
+    assert_eq!(erlmcp_rollout::session::codec::decode(&value).unwrap(), s);
+    assert_ne!(
+        kv["lease"].as_i64().unwrap_or(0),
+        0,
+        "a finite session is attached to a bucket lease"
+    );
+}
+
+/// Standard base64 (etcdctl's JSON output), enough for this test.
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= u32::from(val(c)) << (18 - 6 * i);
+        }
+        for i in 0..chunk.len() - 1 {
+            out.push((acc >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
