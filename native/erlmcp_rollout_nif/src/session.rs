@@ -131,14 +131,30 @@ fn store_options(o: &OpenOptions) -> StoreOptions {
 }
 
 fn open_shared(key: StoreKey, o: &OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
+    // Held while opening: two inits of one file open it once.
     let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-    registry.retain(|_, w| w.strong_count() > 0);
     if let Some(store) = registry.get(&key).and_then(Weak::upgrade) {
         return Ok(store);
     }
+    // A handle of this store may be being dropped right now (its last
+    // reference was garbage collected): its file stays locked until the drop
+    // ends, so wait for that briefly rather than fail.
+    let closing = registry.contains_key(&key);
+    registry.retain(|_, w| w.strong_count() > 0);
     let store: Arc<dyn Store> = match &key {
         StoreKey::Memory(_) => Arc::new(MemoryStore::new(store_options(o))),
-        StoreKey::Disk(path) => Arc::new(DiskStore::create(path, store_options(o))?),
+        StoreKey::Disk(path) => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            loop {
+                match DiskStore::create(path, store_options(o)) {
+                    Ok(store) => break Arc::new(store),
+                    Err(StoreError::Unavailable { .. }) if closing && std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
     };
     registry.insert(key, Arc::downgrade(&store));
     Ok(store)
