@@ -24,7 +24,9 @@
 %% (DESIGN §4.1): an expired session is never returned (`fetch' says
 %% `not_found' and `list' leaves it out, before any cleanup ran);
 %% `cleanup_expired/1' returns how many sessions it expired; `fetch' slides
-%% `last_accessed' without turning every read into a write.
+%% `last_accessed' without turning every read into a write (it is written
+%% only when it moved by more than `touch_permille' of the timeout, and
+%% never for a session whose timeout is `infinity').
 %%
 %% Sessions round-trip exactly. A session in erlmcp's shape (exactly `id',
 %% `created_at', `last_accessed', `timeout_ms', `metadata', with `id' equal
