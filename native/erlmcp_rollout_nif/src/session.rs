@@ -273,7 +273,7 @@ fn encode_reply<'a>(env: Env<'a>, reply: &Reply) -> Term<'a> {
 /// `{Tag, Result}` to the caller (returns `async`).
 fn run<'a>(
     env: Env<'a>,
-    handle: &ResourceArc<StoreHandle>,
+    handle: &StoreHandle,
     tag: Term<'a>,
     always_async: bool,
     call: impl FnOnce(&dyn Store) -> Reply + Send + 'static,
@@ -458,7 +458,7 @@ fn decode_open_options(opts: Term<'_>) -> Result<OpenOptions, String> {
 #[rustler::nif]
 fn session_put<'a>(
     env: Env<'a>,
-    handle: ResourceArc<StoreHandle>,
+    handle: &StoreHandle,
     tag: Term<'a>,
     id: Term<'a>,
     fields: Term<'a>,
@@ -474,14 +474,14 @@ fn session_put<'a>(
         let last_accessed = decode_time(accessed, "last_accessed")?;
         let timeout = decode_timeout(timeout)?;
         let meta = binary_bytes(meta).ok_or("metadata must be a binary")?;
-        let mut s = Session::new(id, created_at, timeout, meta.to_vec());
+        let mut s = Session::new(id, created_at, timeout, Arc::<[u8]>::from(meta));
         s.last_accessed = last_accessed;
         Ok(s)
     })() {
         Ok(s) => s,
         Err(e) => return Ok(invalid(env, &e)),
     };
-    Ok(run(env, &handle, tag, false, move |store| match store.put(session) {
+    Ok(run(env, handle, tag, false, move |store| match store.put(session) {
         Ok(_) => Reply::Ok,
         Err(e) => Reply::Failed(e),
     }))
@@ -490,12 +490,12 @@ fn session_put<'a>(
 /// `session_touch(Handle, Tag, Id) -> {ok, {Created, LastAccessed, Timeout,
 /// Meta, Version}} | {error, not_found | E} | async`: read and slide expiry.
 #[rustler::nif]
-fn session_touch<'a>(env: Env<'a>, handle: ResourceArc<StoreHandle>, tag: Term<'a>, id: Term<'a>) -> Term<'a> {
+fn session_touch<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, id: Term<'a>) -> Term<'a> {
     let id = match session_id(id) {
         Ok(id) => id,
         Err(e) => return invalid(env, &e),
     };
-    run(env, &handle, tag, false, move |store| match store.touch(&id) {
+    run(env, handle, tag, false, move |store| match store.touch(&id) {
         Ok(s) => Reply::Session(s),
         Err(e) => Reply::Failed(e),
     })
@@ -503,12 +503,12 @@ fn session_touch<'a>(env: Env<'a>, handle: ResourceArc<StoreHandle>, tag: Term<'
 
 /// `session_get(Handle, Tag, Id)`: like `session_touch/3` without touching.
 #[rustler::nif]
-fn session_get<'a>(env: Env<'a>, handle: ResourceArc<StoreHandle>, tag: Term<'a>, id: Term<'a>) -> Term<'a> {
+fn session_get<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, id: Term<'a>) -> Term<'a> {
     let id = match session_id(id) {
         Ok(id) => id,
         Err(e) => return invalid(env, &e),
     };
-    run(env, &handle, tag, false, move |store| match store.get(&id) {
+    run(env, handle, tag, false, move |store| match store.get(&id) {
         Ok(s) => Reply::Session(s),
         Err(e) => Reply::Failed(e),
     })
@@ -516,12 +516,12 @@ fn session_get<'a>(env: Env<'a>, handle: ResourceArc<StoreHandle>, tag: Term<'a>
 
 /// `session_delete(Handle, Tag, Id) -> {ok, WasLive} | {error, E} | async`.
 #[rustler::nif]
-fn session_delete<'a>(env: Env<'a>, handle: ResourceArc<StoreHandle>, tag: Term<'a>, id: Term<'a>) -> Term<'a> {
+fn session_delete<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, id: Term<'a>) -> Term<'a> {
     let id = match session_id(id) {
         Ok(id) => id,
         Err(e) => return invalid(env, &e),
     };
-    run(env, &handle, tag, false, move |store| match store.delete(&id) {
+    run(env, handle, tag, false, move |store| match store.delete(&id) {
         Ok(d) => Reply::Deleted(d),
         Err(e) => Reply::Failed(e),
     })
@@ -536,7 +536,7 @@ const MAX_PAGE: usize = 1000;
 #[rustler::nif]
 fn session_list_page<'a>(
     env: Env<'a>,
-    handle: ResourceArc<StoreHandle>,
+    handle: &StoreHandle,
     tag: Term<'a>,
     after: Term<'a>,
     limit: Term<'a>,
@@ -553,7 +553,7 @@ fn session_list_page<'a>(
         Ok(l) if (1..=MAX_PAGE).contains(&l) => l,
         _ => return invalid(env, &format!("limit must be an integer 1..{MAX_PAGE}")),
     };
-    run(env, &handle, tag, false, move |store| {
+    run(env, handle, tag, false, move |store| {
         match store.scan(after.as_ref(), limit, Visibility::Live) {
             Ok(page) => Reply::Page(page.records.into_iter().map(|s| s.id).collect(), page.next),
             Err(e) => Reply::Failed(e),
@@ -564,9 +564,9 @@ fn session_list_page<'a>(
 /// `session_sweep(Handle, Tag) -> async`; replies `{ok, Expired,
 /// TombstonesRemoved} | {error, E}`. Always on a worker: it walks the store.
 #[rustler::nif]
-fn session_sweep<'a>(env: Env<'a>, handle: ResourceArc<StoreHandle>, tag: Term<'a>) -> Term<'a> {
+fn session_sweep<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>) -> Term<'a> {
     let now = CLOCK.now_unix_ms();
-    run(env, &handle, tag, true, move |store| match store.sweep_expired(now) {
+    run(env, handle, tag, true, move |store| match store.sweep_expired(now) {
         Ok(o) => Reply::Swept(o.expired, o.tombstones),
         Err(e) => Reply::Failed(e),
     })
