@@ -44,7 +44,7 @@
 -module(erlmcp_session_native).
 
 -export([init/1, store/3, fetch/2, delete/2, list/1, cleanup_expired/1]).
--export([get/2, to_native/2, from_native/2]).
+-export([get/2, to_native/2, from_native/2, apply_batch/2, stored/2]).
 
 -record(native, {handle :: erlmcp_rollout_nif:store_handle(),
                  kind :: erlmcp_rollout_nif:store_kind()}).
@@ -148,6 +148,24 @@ cleanup_expired(#native{handle = H} = S) ->
             logger:error("erlmcp_session_native: cleanup_expired failed: ~p", [E]),
             {ok, 0, S}
     end.
+
+%% @doc Writes each `{Id, Fields, Version}' whose version is newer than the
+%% stored record's (or where none is stored), exactly as given; version 1
+%% therefore means "only where absent" (legacy import). At most 10 000
+%% records. Returns how many were applied and skipped.
+-spec apply_batch([{session_id(), erlmcp_rollout_nif:native_fields(), pos_integer()}], state()) ->
+    {ok, Applied :: non_neg_integer(), Skipped :: non_neg_integer()} | {error, term()}.
+apply_batch([], #native{}) ->
+    {ok, 0, 0};
+apply_batch(Records, #native{handle = H}) ->
+    Tag = make_ref(),
+    ?AWAIT(Tag, erlmcp_rollout_nif:session_apply_batch(H, Tag, Records)).
+
+%% @doc The stored fields and version of a live session, without touching it.
+-spec stored(session_id(), state()) -> {ok, erlmcp_rollout_nif:stored()} | {error, term()}.
+stored(Id, #native{handle = H}) ->
+    Tag = make_ref(),
+    ?AWAIT(Tag, erlmcp_rollout_nif:session_get(H, Tag, Id)).
 
 %% @doc The stored fields of an erlmcp session map (see the module doc).
 -spec to_native(session_id(), session()) ->

@@ -246,6 +246,7 @@ enum Reply {
     Deleted(bool),
     Page(Vec<SessionId>, Option<SessionId>),
     Swept(usize, usize),
+    Batch(usize, usize),
     Failed(StoreError),
     Panicked,
 }
@@ -264,6 +265,7 @@ fn encode_reply<'a>(env: Env<'a>, reply: &Reply) -> Term<'a> {
             (atoms::ok(), list, next).encode(env)
         }
         Reply::Swept(expired, tombstones) => (atoms::ok(), *expired, *tombstones).encode(env),
+        Reply::Batch(applied, skipped) => (atoms::ok(), *applied, *skipped).encode(env),
         Reply::Failed(e) => (atoms::error(), error_term(env, e)).encode(env),
         Reply::Panicked => (atoms::error(), atoms::nif_panicked()).encode(env),
     }
@@ -453,6 +455,22 @@ fn decode_open_options(opts: Term<'_>) -> Result<OpenOptions, String> {
     Ok(o)
 }
 
+/// A session from `Id` and `{CreatedAt, LastAccessed, Timeout, Meta}`.
+fn decode_session(id: Term<'_>, fields: Term<'_>) -> Result<Session, String> {
+    let id = session_id(id)?;
+    let [created, accessed, timeout, meta]: [Term<'_>; 4] = get_tuple(fields)
+        .ok()
+        .and_then(|t| t.try_into().ok())
+        .ok_or("session fields must be {CreatedAt, LastAccessed, TimeoutMs | infinity, Metadata}")?;
+    let created_at = decode_time(created, "created_at")?;
+    let last_accessed = decode_time(accessed, "last_accessed")?;
+    let timeout = decode_timeout(timeout)?;
+    let meta = binary_bytes(meta).ok_or("metadata must be a binary")?;
+    let mut s = Session::new(id, created_at, timeout, Arc::<[u8]>::from(meta));
+    s.last_accessed = last_accessed;
+    Ok(s)
+}
+
 /// `session_put(Handle, Tag, Id, {CreatedAt, LastAccessed, Timeout, Meta})
 /// -> ok | {error, E} | async`: create or replace.
 #[rustler::nif]
@@ -463,21 +481,7 @@ fn session_put<'a>(
     id: Term<'a>,
     fields: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    let id = match session_id(id) {
-        Ok(id) => id,
-        Err(e) => return Ok(invalid(env, &e)),
-    };
-    let [created, accessed, timeout, meta]: [Term<'a>; 4] =
-        get_tuple(fields)?.try_into().map_err(|_| rustler::Error::BadArg)?;
-    let session = match (|| -> Result<Session, String> {
-        let created_at = decode_time(created, "created_at")?;
-        let last_accessed = decode_time(accessed, "last_accessed")?;
-        let timeout = decode_timeout(timeout)?;
-        let meta = binary_bytes(meta).ok_or("metadata must be a binary")?;
-        let mut s = Session::new(id, created_at, timeout, Arc::<[u8]>::from(meta));
-        s.last_accessed = last_accessed;
-        Ok(s)
-    })() {
+    let session = match decode_session(id, fields) {
         Ok(s) => s,
         Err(e) => return Ok(invalid(env, &e)),
     };
@@ -558,6 +562,50 @@ fn session_list_page<'a>(
             Ok(page) => Reply::Page(page.records.into_iter().map(|s| s.id).collect(), page.next),
             Err(e) => Reply::Failed(e),
         }
+    })
+}
+
+/// Most records one `session_apply_batch/3` takes.
+const MAX_BATCH: usize = 10_000;
+
+/// `session_apply_batch(Handle, Tag, [{Id, Fields, Version}]) -> {ok,
+/// Applied, Skipped} | {error, E} | async`: write each record whose version
+/// is newer than the stored one (or when none is stored), as given; with
+/// version 1 that is "only where absent" (legacy import). Always on a worker.
+#[rustler::nif]
+fn session_apply_batch<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, records: Term<'a>) -> Term<'a> {
+    let Ok(n) = records.list_length() else {
+        return invalid(env, "records must be a proper list of {Id, Fields, Version}");
+    };
+    if n > MAX_BATCH {
+        return invalid(env, &format!("a batch holds at most {MAX_BATCH} records, got {n}"));
+    }
+    let mut batch = Vec::with_capacity(n);
+    let Ok(iter) = records.into_list_iterator() else {
+        return invalid(env, "records must be a proper list");
+    };
+    for (i, r) in iter.enumerate() {
+        let decoded = get_tuple(r)
+            .ok()
+            .and_then(|t| <[Term<'a>; 3]>::try_from(t).ok())
+            .ok_or_else(|| "each record must be {Id, Fields, Version}".to_string())
+            .and_then(|[id, fields, version]| {
+                let mut s = decode_session(id, fields)?;
+                s.version = version
+                    .decode::<u64>()
+                    .ok()
+                    .filter(|v| *v > 0)
+                    .ok_or("Version must be a positive integer")?;
+                Ok(s)
+            });
+        match decoded {
+            Ok(s) => batch.push(s),
+            Err(e) => return invalid(env, &format!("record {}: {e}", i + 1)),
+        }
+    }
+    run(env, handle, tag, true, move |store| match store.apply_batch_if_newer(batch) {
+        Ok(o) => Reply::Batch(o.applied, o.skipped),
+        Err(e) => Reply::Failed(e),
     })
 }
 
