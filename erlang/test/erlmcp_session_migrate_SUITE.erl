@@ -10,7 +10,7 @@
 all() ->
     [dets_into_disk, dets_into_memory, ets_into_disk, mnesia_into_disk, rerun_copies_nothing_twice,
      newer_target_data_is_kept, corrupt_dets_changes_nothing, bad_target_is_reported,
-     invalid_objects_are_listed, drain_a_live_service].
+     invalid_objects_are_listed, drain_a_live_service, cutover_arguments, cutover_command_end_to_end].
 
 init_per_suite(Config) ->
     {ok, _} = application:ensure_all_started(erlmcp_rollout),
@@ -250,4 +250,56 @@ writer(Server, W, N, Parent) ->
 collect_acks(Acc) ->
     receive {acked, Id} -> collect_acks([Id | Acc])
     after 100 -> Acc
+    end.
+
+%%% The cutover command
+
+cutover_arguments(_Config) ->
+    %% doc: every bad command line is refused with the reason.
+    P = fun erlmcp_session_cutover:parse_args/1,
+    ?assertMatch({ok, #{source := {dets, "a.dets"}, target := {disk, "b.redb"}}},
+                 P(["--dets", "a.dets", "--to", "disk:b.redb"])),
+    ?assertMatch({ok, #{source := {mnesia, erlmcp_session}, mnesia_dir := "M"}},
+                 P(["--mnesia-dir", "M", "--to", "disk:b.redb"])),
+    ?assertMatch({ok, #{source := {mnesia, sessions}}}, P(["--mnesia-dir", "M", "--table", "sessions", "--to", "memory:"])),
+    ?assertMatch({ok, #{target := {{etcd, [<<"127.0.0.1:2379">>, <<"h:1">>]}, #{prefix := <<"p">>}}}},
+                 P(["--dets", "a", "--to", "etcd:127.0.0.1:2379,h:1/p"])),
+    [?assertMatch({error, _}, P(A))
+     || A <- [[], ["--dets", "a"], ["--to", "disk:x"], ["--dets", "a", "--mnesia-dir", "m", "--to", "disk:x"],
+              ["--dets", "a", "--to", "tape:x"], ["--dets", "a", "--to", "disk:"], ["--dets", "a", "--to"],
+              ["--dets", "a", "--to", "etcd:host"], ["--dets", "a", "--to", "etcd:h:99999"],
+              ["--dets", "a", "--to", "disk:x", "--batch", "0"], ["--dets", "a", "--to", "disk:x", "--frobnicate"]]].
+
+cutover_command_end_to_end(Config) ->
+    %% doc: scripts/session-cutover imports a legacy DETS file; exit status 0, JSON report.
+    Dets = filename:join(?config(priv_dir, Config), "cutover.dets"),
+    Live = sessions(250),
+    make_dets(Dets, Live),
+    Target = filename:join(?config(priv_dir, Config), "cutover.redb"),
+    {0, Out} = run_script(["--dets", Dets, "--to", "disk:" ++ Target, "--json"]),
+    Last = lists:last(string:lexemes(Out, "\n")),
+    ?assertNotEqual(nomatch, string:find(Last, "\"copied\":252")),
+    ?assertNotEqual(nomatch, string:find(Last, "\"verified\":252")),
+    %% The command's VM has exited: the file is free to open here.
+    {Pid, Mon} = spawn_monitor(fun() -> assert_all_present({disk, Target}, Live) end),
+    receive {'DOWN', Mon, process, Pid, R} -> ?assertEqual(normal, R) end,
+    {1, Err} = run_script(["--dets", "/nonexistent.dets", "--to", "disk:" ++ Target]),
+    ct:log("~s", [Err]),
+    ?assertNotEqual(nomatch, string:find(Err, "nonexistent")),
+    {1, _} = run_script(["--to", "disk:" ++ Target]).
+
+repo_root() ->
+    %% erlang/_build/test/lib/erlmcp_rollout -> the repository
+    filename:dirname(filename:dirname(filename:dirname(filename:dirname(filename:dirname(code:lib_dir(erlmcp_rollout)))))).
+
+run_script(Args) ->
+    Script = filename:join([repo_root(), "scripts", "session-cutover"]),
+    Port = open_port({spawn_executable, Script}, [{args, Args}, exit_status, stderr_to_stdout, binary]),
+    collect_port(Port, []).
+
+collect_port(Port, Acc) ->
+    receive
+        {Port, {data, D}} -> collect_port(Port, [D | Acc]);
+        {Port, {exit_status, St}} -> {St, binary_to_list(iolist_to_binary(lists:reverse(Acc)))}
+    after 120000 -> ct:fail(script_timeout)
     end.
