@@ -141,7 +141,7 @@ eta(S) -> io_lib:format("~bs", [round(S)]).
 
 report({ok, R}, Json) ->
     #{invalid := Invalid, mismatched := Mismatched} = R,
-    case Json of
+    _ = case Json of
         true ->
             io:format("~s~n", [json(R#{invalid => [iolist_to_binary(io_lib:format("~0p: ~s", [K, W]))
                                                  || {K, W} <- Invalid]})]);
