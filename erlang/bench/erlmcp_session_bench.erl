@@ -63,6 +63,27 @@ run(Dir, Secs) ->
     io:format("  disk/DETS+sync durable writes/s at 64: ~.1fx ~s~n", [DiskX, verdict(DiskX >= 50)]),
     DiskX1 = per_sec(maps:get(store1, Disk)) / per_sec(maps:get(store1, Sync)),
     io:format("  disk/DETS+sync durable writes/s at 1:  ~.1fx~n", [DiskX1]),
+    legacy_import(Dir, case Secs < 1 of true -> 20000; false -> 100000 end),
+    ok.
+
+%% The cutover path: a DETS file in erlmcp's format -> native disk store,
+%% with and without read-back verification (erlmcp_session_migrate:import/3).
+legacy_import(Dir, N) ->
+    File = filename:join(Dir, "legacy_import.dets"),
+    {ok, T} = dets:open_file(make_ref(), [{file, File}, {type, set}]),
+    Batch = 5000,
+    [ok = dets:insert(T, [{key(0, I), session(key(0, I))} || I <- lists:seq(B, min(N, B + Batch) - 1)])
+     || B <- lists:seq(0, N - 1, Batch)],
+    ok = dets:close(T),
+    io:format("~nlegacy import, DETS (~b sessions, ~.1f MB) -> native disk:~n",
+              [N, filelib:file_size(File) / 1048576]),
+    [begin
+         Target = {disk, filename:join(Dir, "import_" ++ atom_to_list(Verify) ++ ".redb")},
+         {Us, {ok, #{copied := N} = R}} =
+             timer:tc(erlmcp_session_migrate, import, [{dets, File}, Target, #{verify => Verify, batch_size => 2000}]),
+         io:format("  verify=~-5s ~8b sessions/s (copied ~b, verified ~b, ~.2f s)~n",
+                   [Verify, round(N * 1.0e6 / Us), N, maps:get(verified, R), Us / 1.0e6])
+     end || Verify <- [false, true]],
     ok.
 
 verdict(true) -> "PASS";

@@ -17,7 +17,7 @@
          flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
          flags_phash2/2, flags_set_clock/1]).
 -export([session_open/2, session_put/4, session_touch/3, session_get/3, session_delete/3,
-         session_list_page/4, session_sweep/2, session_apply_batch/3, session_set_clock/1, session_now/0]).
+         session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_set_clock/1, session_now/0]).
 
 -on_load(init/0).
 
@@ -130,6 +130,10 @@ session_list_page(_Handle, _Tag, _After, _Limit) -> ?NOT_LOADED.
                           [{Id :: binary(), native_fields(), Version :: pos_integer()}]) ->
     async | {error, store_error()}.
 session_apply_batch(_Handle, _Tag, _Records) -> ?NOT_LOADED.
+
+-spec session_get_many(store_handle(), Tag :: reference(), [binary()]) ->
+    {ok, [{ok, stored()} | {error, store_error()}]} | {error, store_error()} | async.
+session_get_many(_Handle, _Tag, _Ids) -> ?NOT_LOADED.
 
 -spec session_sweep(store_handle(), Tag :: reference()) -> async | {error, store_error()}.
 session_sweep(_Handle, _Tag) -> ?NOT_LOADED.

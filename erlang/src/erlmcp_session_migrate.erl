@@ -203,20 +203,25 @@ import_batch(Objects, #acc{s = S} = Acc0) ->
 %% holds a later version of it (written by the new code since: legitimate),
 %% `mismatched' otherwise (missing, or a different first version).
 verify(Records, #acc{s = S} = Acc0) ->
-    lists:foldl(
-      fun({{Id, _Fields, 1}, Source}, Acc) ->
-              case erlmcp_session_native:stored(Id, S) of
-                  {ok, {_, _, _, _, 1} = Stored} ->
-                      case same(erlmcp_session_native:from_native(Id, Stored), Source) of
-                          true -> Acc#acc{verified = Acc#acc.verified + 1};
-                          false -> Acc#acc{mismatched = [Id | Acc#acc.mismatched]}
-                      end;
-                  {ok, _Newer} ->
-                      Acc#acc{newer = Acc#acc.newer + 1};
-                  {error, _} ->
-                      Acc#acc{mismatched = [Id | Acc#acc.mismatched]}
-              end
-      end, Acc0, Records).
+    case erlmcp_session_native:stored_many([Id || {{Id, _, _}, _} <- Records], S) of
+        {ok, Results} ->
+            lists:foldl(fun verify_one/2, Acc0, lists:zip(Records, Results));
+        {error, _} ->
+            Acc0#acc{mismatched = lists:reverse([Id || {{Id, _, _}, _} <- Records], Acc0#acc.mismatched)}
+    end.
+
+verify_one({{{Id, _Fields, 1}, Source}, Result}, Acc) ->
+    case Result of
+        {ok, {_, _, _, _, 1} = Stored} ->
+            case same(erlmcp_session_native:from_native(Id, Stored), Source) of
+                true -> Acc#acc{verified = Acc#acc.verified + 1};
+                false -> Acc#acc{mismatched = [Id | Acc#acc.mismatched]}
+            end;
+        {ok, _Newer} ->
+            Acc#acc{newer = Acc#acc.newer + 1};
+        {error, _} ->
+            Acc#acc{mismatched = [Id | Acc#acc.mismatched]}
+    end.
 
 %% A source session without `last_accessed' got the import time: compare the rest.
 same(Got, Source) when is_map_key(last_accessed, Source) -> Got =:= Source;

@@ -44,7 +44,7 @@
 -module(erlmcp_session_native).
 
 -export([init/1, store/3, fetch/2, delete/2, list/1, cleanup_expired/1]).
--export([get/2, to_native/2, from_native/2, apply_batch/2, stored/2]).
+-export([get/2, to_native/2, from_native/2, apply_batch/2, stored/2, stored_many/2]).
 
 -record(native, {handle :: erlmcp_rollout_nif:store_handle(),
                  kind :: erlmcp_rollout_nif:store_kind()}).
@@ -166,6 +166,15 @@ apply_batch(Records, #native{handle = H}) ->
 stored(Id, #native{handle = H}) ->
     Tag = make_ref(),
     ?AWAIT(Tag, erlmcp_rollout_nif:session_get(H, Tag, Id)).
+
+%% @doc `stored/2' for many ids in one call (at most 10 000), in order.
+-spec stored_many([session_id()], state()) ->
+    {ok, [{ok, erlmcp_rollout_nif:stored()} | {error, term()}]} | {error, term()}.
+stored_many([], #native{}) ->
+    {ok, []};
+stored_many(Ids, #native{handle = H}) ->
+    Tag = make_ref(),
+    ?AWAIT(Tag, erlmcp_rollout_nif:session_get_many(H, Tag, Ids)).
 
 %% @doc The stored fields of an erlmcp session map (see the module doc).
 -spec to_native(session_id(), session()) ->

@@ -176,6 +176,7 @@ valid_args(session_get) -> [store_handle(), make_ref(), <<"g-1">>];
 valid_args(session_delete) -> [store_handle(), make_ref(), <<"g-1">>];
 valid_args(session_list_page) -> [store_handle(), make_ref(), start, 10];
 valid_args(session_sweep) -> [store_handle(), make_ref()];
+valid_args(session_get_many) -> [store_handle(), make_ref(), [<<"g-1">>, <<"g-2">>]];
 valid_args(session_apply_batch) -> [store_handle(), make_ref(), [{<<"g-2">>, {0, 0, infinity, <<>>}, 1}]];
 valid_args(session_set_clock) -> [system];
 valid_args(_) -> undefined.

@@ -247,6 +247,7 @@ enum Reply {
     Page(Vec<SessionId>, Option<SessionId>),
     Swept(usize, usize),
     Batch(usize, usize),
+    Many(Vec<Result<Session, StoreError>>),
     Failed(StoreError),
     Panicked,
 }
@@ -266,6 +267,16 @@ fn encode_reply<'a>(env: Env<'a>, reply: &Reply) -> Term<'a> {
         }
         Reply::Swept(expired, tombstones) => (atoms::ok(), *expired, *tombstones).encode(env),
         Reply::Batch(applied, skipped) => (atoms::ok(), *applied, *skipped).encode(env),
+        Reply::Many(results) => {
+            let list: Vec<Term<'a>> = results
+                .iter()
+                .map(|r| match r {
+                    Ok(s) => (atoms::ok(), session_tuple(env, s)).encode(env),
+                    Err(e) => (atoms::error(), error_term(env, e)).encode(env),
+                })
+                .collect();
+            (atoms::ok(), list).encode(env)
+        }
         Reply::Failed(e) => (atoms::error(), error_term(env, e)).encode(env),
         Reply::Panicked => (atoms::error(), atoms::nif_panicked()).encode(env),
     }
@@ -606,6 +617,32 @@ fn session_apply_batch<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, re
     run(env, handle, tag, true, move |store| match store.apply_batch_if_newer(batch) {
         Ok(o) => Reply::Batch(o.applied, o.skipped),
         Err(e) => Reply::Failed(e),
+    })
+}
+
+/// `session_get_many(Handle, Tag, [Id]) -> {ok, [{ok, Stored} | {error,
+/// E}]} | {error, E} | async`: `session_get/3` for each id, in order, in one
+/// call (verification reads batches back). At most 10 000 ids.
+#[rustler::nif]
+fn session_get_many<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, ids: Term<'a>) -> Term<'a> {
+    let Ok(n) = ids.list_length() else {
+        return invalid(env, "ids must be a proper list of binaries");
+    };
+    if n > MAX_BATCH {
+        return invalid(env, &format!("at most {MAX_BATCH} ids, got {n}"));
+    }
+    let Ok(iter) = ids.into_list_iterator() else {
+        return invalid(env, "ids must be a proper list");
+    };
+    let mut keys = Vec::with_capacity(n);
+    for (i, t) in iter.enumerate() {
+        match session_id(t) {
+            Ok(id) => keys.push(id),
+            Err(e) => return invalid(env, &format!("id {}: {e}", i + 1)),
+        }
+    }
+    run(env, handle, tag, false, move |store| {
+        Reply::Many(keys.iter().map(|id| store.get(id)).collect())
     })
 }
 
