@@ -614,9 +614,11 @@ fn session_apply_batch<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, re
             Err(e) => return invalid(env, &format!("record {}: {e}", i + 1)),
         }
     }
-    run(env, handle, tag, true, move |store| match store.apply_batch_if_newer(batch) {
-        Ok(o) => Reply::Batch(o.applied, o.skipped),
-        Err(e) => Reply::Failed(e),
+    run(env, handle, tag, true, move |store| {
+        match store.apply_batch_if_newer(batch) {
+            Ok(o) => Reply::Batch(o.applied, o.skipped),
+            Err(e) => Reply::Failed(e),
+        }
     })
 }
 
