@@ -106,13 +106,21 @@ fn unreachable_cluster_is_unavailable_within_the_timeout() {
     ));
     assert!(matches!(
         EtcdStore::connect(
-            &["127.0.0.1:2379".to_string()],
+            &["https://127.0.0.1:2379".to_string()],
             "x/",
             etcd.clone(),
             StoreOptions::default()
         ),
         Err(StoreError::Invalid(InvalidInput::Endpoint { .. }))
     ));
+    // host:port without a scheme means http://.
+    let bare: Vec<String> = etcd_cluster::shared()
+        .endpoints()
+        .iter()
+        .map(|e| e.trim_start_matches("http://").to_string())
+        .collect();
+    let store = EtcdStore::connect(&bare, etcd_cluster::unique_prefix(), etcd, StoreOptions::default()).unwrap();
+    assert!(matches!(store.get(&id("none")), Err(StoreError::NotFound { .. })));
 }
 
 #[test]
@@ -259,4 +267,119 @@ fn base64_decode(s: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// `etcdctl get PREFIX --prefix -w json`: (key without the prefix, value, lease) per key.
+fn etcdctl_records(prefix: &str) -> Vec<(Vec<u8>, Vec<u8>, i64)> {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &etcd_cluster::shared().endpoints().join(","),
+            "get",
+            prefix,
+            "--prefix",
+            "-w",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["kvs"]
+        .as_array()
+        .map(|kvs| {
+            kvs.iter()
+                .map(|kv| {
+                    let key = base64_decode(kv["key"].as_str().unwrap());
+                    (
+                        key[prefix.len()..].to_vec(),
+                        base64_decode(kv["value"].as_str().unwrap()),
+                        kv["lease"].as_i64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Remaining TTL (s) of a lease, as etcd reports it.
+fn lease_ttl(lease: i64) -> i64 {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &etcd_cluster::shared().endpoints().join(","),
+            "lease",
+            "timetolive",
+        ])
+        .arg(format!("{lease:x}"))
+        .args(["-w", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["ttl"].as_i64().unwrap()
+}
+
+#[test]
+fn leases_are_shared_per_bucket_and_outlive_expiry_plus_retention() {
+    use erlmcp_rollout::session::{Clock, SystemClock};
+    // The system clock: leases run in real time, so their TTLs can be compared with it.
+    let prefix = etcd_cluster::unique_prefix();
+    let mut opts = StoreOptions::default();
+    opts.tombstone_retention_ms = 120_000;
+    let store = EtcdStore::connect(
+        &etcd_cluster::shared().endpoints(),
+        prefix.clone(),
+        EtcdOptions::default(),
+        opts,
+    )
+    .unwrap();
+    let now = SystemClock.now_unix_ms();
+    for i in 0..20 {
+        store
+            .create(Session::new(
+                id(&format!("s{i:02}")),
+                now,
+                Timeout::ms(30_000).unwrap(),
+                vec![],
+            ))
+            .unwrap();
+    }
+    store
+        .create(Session::new(id("forever"), now, Timeout::Infinity, vec![]))
+        .unwrap();
+    store
+        .create(Session::new(id("gone"), now, Timeout::ms(3_600_000).unwrap(), vec![]))
+        .unwrap();
+    store.delete(&id("gone")).unwrap();
+
+    let records = etcdctl_records(&prefix);
+    assert_eq!(records.len(), 22);
+    let mut leases: Vec<i64> = records.iter().filter(|r| r.0.starts_with(b"s")).map(|r| r.2).collect();
+    leases.sort_unstable();
+    leases.dedup();
+    assert!(
+        !leases.contains(&0) && leases.len() <= 2,
+        "20 sessions expiring together share one bucket lease (two if a minute boundary fell between): {leases:?}"
+    );
+    let checked_at = SystemClock.now_unix_ms();
+    for (key, value, lease) in &records {
+        let s = erlmcp_rollout::session::codec::decode(value).unwrap();
+        let removal = match (s.tombstone, s.timeout) {
+            (true, _) => s.last_accessed + 120_000,
+            (false, Timeout::Infinity) => {
+                assert_eq!(*lease, 0, "an infinite session has no lease");
+                continue;
+            }
+            (false, Timeout::Ms(t)) => s.last_accessed + t.get() as i64 + 120_000,
+        };
+        assert_ne!(*lease, 0, "{}", String::from_utf8_lossy(key));
+        let ttl_ms = lease_ttl(*lease) * 1000;
+        assert!(
+            checked_at + ttl_ms >= removal,
+            "{}: lease ends {ttl_ms} ms from now, before expiry + retention ({} ms from now)",
+            String::from_utf8_lossy(key),
+            removal - checked_at
+        );
+    }
 }

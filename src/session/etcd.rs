@@ -780,13 +780,15 @@ fn collect<T>(
 }
 
 impl EtcdStore {
-    /// Connects to the cluster at `endpoints` (client URLs such as `http://127.0.0.1:2379`;
-    /// give every member so the store can fail over) and stores sessions under `prefix`.
+    /// Connects to the cluster at `endpoints` (client URLs such as `http://127.0.0.1:2379`,
+    /// or `host:port`; give every member so the store can fail over) and stores sessions
+    /// under `prefix`.
     /// Checks that some member answers a linearizable read within
     /// [`EtcdOptions::connect_timeout`].
     ///
     /// # Errors
-    /// [`InvalidInput::Endpoint`] when no endpoint is given or one is not an `http://` URL;
+    /// [`InvalidInput::Endpoint`] when no endpoint is given or one is neither `host:port`
+    /// nor an `http://` URL (TLS is not supported);
     /// [`StoreError::Unavailable`] when no member answers in time.
     ///
     /// # Examples
@@ -810,15 +812,23 @@ impl EtcdStore {
             }
             .into());
         }
+        let mut urls = Vec::with_capacity(endpoints.len());
         for e in endpoints {
-            if !e.starts_with("http://") || e.len() <= "http://".len() {
+            let url = if e.contains("://") {
+                e.clone()
+            } else {
+                format!("http://{e}")
+            };
+            if !url.starts_with("http://") || url.len() <= "http://".len() {
                 return Err(InvalidInput::Endpoint {
                     endpoint: e.clone(),
-                    reason: "expected an http:// URL such as http://127.0.0.1:2379 (TLS is not supported)".into(),
+                    reason: "expected host:port or an http:// URL such as http://127.0.0.1:2379 (no TLS)".into(),
                 }
                 .into());
             }
+            urls.push(url);
         }
+        let endpoints = urls.as_slice();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("erlmcp-etcd")
