@@ -325,8 +325,10 @@ fn leases_are_shared_per_bucket_and_outlive_expiry_plus_retention() {
     use erlmcp_rollout::session::{Clock, SystemClock};
     // The system clock: leases run in real time, so their TTLs can be compared with it.
     let prefix = etcd_cluster::unique_prefix();
-    let mut opts = StoreOptions::default();
-    opts.tombstone_retention_ms = 120_000;
+    let opts = StoreOptions {
+        tombstone_retention_ms: 120_000,
+        ..StoreOptions::default()
+    };
     let store = EtcdStore::connect(
         &etcd_cluster::shared().endpoints(),
         prefix.clone(),
