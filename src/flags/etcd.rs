@@ -226,9 +226,12 @@ impl std::fmt::Debug for EtcdWatcher {
 }
 
 impl Engine {
-    /// Keeps this engine on the config JSON stored in etcd under `options.key` (see the
-    /// [module docs](self)): reads it now, then reloads every change. Invalid values, a
-    /// deleted key and outages keep the last good snapshot serving.
+    /// Keeps this engine on the config JSON stored in etcd under `options.key` (written
+    /// by [`push_flags`]): reads the key, then watches it from the next revision and
+    /// reloads every change as it arrives (milliseconds after the commit). When the watch
+    /// breaks (member down, leader lost, history compacted) it reconnects, trying the
+    /// endpoints in turn, and re-reads the key in full. Invalid values, a deleted key and
+    /// outages keep the last good snapshot serving; [`EtcdWatcher::status`] says why.
     ///
     /// The watcher runs on its own thread; dropping the returned handle stops it.
     ///
