@@ -385,3 +385,72 @@ fn leases_are_shared_per_bucket_and_outlive_expiry_plus_retention() {
         );
     }
 }
+
+#[path = "session_support/blackhole_proxy.rs"]
+mod blackhole_proxy;
+
+/// A store whose first endpoint is a proxy to member 0 (then members 1 and 2 directly),
+/// with short timeouts; the proxy's connection is established before it is returned.
+fn store_behind_proxy(prefix: &str) -> (EtcdStore, blackhole_proxy::Proxy) {
+    let endpoints = etcd_cluster::shared().endpoints();
+    let proxy = blackhole_proxy::Proxy::start(endpoints[0].trim_start_matches("http://"));
+    let etcd = EtcdOptions {
+        request_timeout: Duration::from_millis(400),
+        operation_timeout: Duration::from_secs(5),
+        ..EtcdOptions::default()
+    };
+    let store = EtcdStore::connect(
+        &[proxy.url(), endpoints[1].clone(), endpoints[2].clone()],
+        prefix,
+        etcd,
+        StoreOptions::with_clock(ManualClock::new(T0)),
+    )
+    .unwrap();
+    (store, proxy)
+}
+
+#[test]
+fn writes_whose_answer_was_lost_are_recognised_not_repeated() {
+    let prefix = etcd_cluster::unique_prefix();
+    let observer = EtcdStore::connect(
+        &etcd_cluster::shared().endpoints(),
+        prefix.clone(),
+        EtcdOptions::default(),
+        StoreOptions::with_clock(ManualClock::new(T0)),
+    )
+    .unwrap();
+    // Infinite sessions have no lease, so the txn is the first request after arming.
+    let fresh = |key: &str, meta: &[u8]| Session::new(id(key), T0, Timeout::Infinity, meta.to_vec());
+
+    // create: applied, answer lost; the retry finds its own record: Ok, not AlreadyExists.
+    let (store, proxy) = store_behind_proxy(&prefix);
+    proxy.arm();
+    let created = store.create(fresh("c", b"1")).unwrap();
+    assert_eq!(created.version, 1);
+    assert_eq!(observer.get(&id("c")).unwrap(), created);
+
+    // update_if_version: applied, answer lost: Ok, not Conflict.
+    let (store, proxy) = store_behind_proxy(&prefix);
+    proxy.arm();
+    let updated = store.update_if_version(fresh("c", b"2"), 1).unwrap();
+    assert_eq!(updated.version, 2);
+    assert_eq!(observer.get(&id("c")).unwrap(), updated);
+
+    // put: applied once, not twice.
+    let (store, proxy) = store_behind_proxy(&prefix);
+    proxy.arm();
+    let put = store.put(fresh("c", b"3")).unwrap();
+    assert_eq!(put.version, 3, "applied exactly once");
+    assert_eq!(observer.get(&id("c")).unwrap(), put);
+
+    // delete: the tombstone is written once and the answer is still "a live session was deleted".
+    let (store, proxy) = store_behind_proxy(&prefix);
+    store.create(fresh("warm", b"")).unwrap();
+    store.delete(&id("warm")).unwrap(); // grants the tombstones' bucket lease before arming
+    proxy.arm();
+    assert!(store.delete(&id("c")).unwrap());
+    let raw = observer.scan(None, 10, Visibility::Raw).unwrap().records;
+    assert_eq!((&raw[0].id, raw[0].version, raw[0].tombstone), (&id("c"), 4, true));
+
+    proxy.disarm();
+}

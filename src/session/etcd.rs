@@ -34,6 +34,13 @@
 //! `--experimental-enable-lease-checkpoint` (and `-persist`) so a leader change does not
 //! reset TTLs; without it, a leader change only *extends* them.
 //!
+//! # Operating the cluster
+//! Every write is a new etcd revision and the store never compacts: run the cluster with
+//! `--auto-compaction-mode=periodic --auto-compaction-retention=1h` (as
+//! `scripts/etcd-cluster` does) or compact otherwise, and size `--quota-backend-bytes`
+//! for the sessions plus that history. Records larger than the cluster's
+//! `--max-request-bytes` are refused ([`EtcdOptions::max_request_bytes`]).
+//!
 //! # Failures
 //! The store keeps one connection per endpoint and sends each request to one member,
 //! moving to the next member when a request fails, so it fails over across the cluster.
