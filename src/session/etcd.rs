@@ -642,7 +642,13 @@ impl Inner {
                 }
                 // The bucket's lease is gone (e.g. the store clock runs slower than real
                 // time): forget it and grant a new one. Nothing was written.
-                Err(Failure::LeaseNotFound) => self.forget_lease(lease),
+                Err(Failure::LeaseNotFound) => {
+                    self.forget_lease(lease);
+                    guard_failures += 1;
+                    if guard_failures > MAX_GUARD_FAILURES {
+                        return Err(self.unavailable(&what(), "etcd keeps reporting fresh leases as not found"));
+                    }
+                }
                 // The cluster's limit is below `max_request_bytes`: still a typed error.
                 Err(Failure::TooLarge(_)) => {
                     return Err(InvalidInput::RecordTooLarge {
