@@ -7,6 +7,9 @@
 //!   last wrote, put with a lease, read back on failure), the store adds versioning,
 //!   encoding and its retry bookkeeping.
 //!
+//! - `*_16_threads/put`: the same puts from 16 threads at once (each thread its own keys),
+//!   where etcd batches concurrent proposals into one Raft round.
+//!
 //! 1 000 sessions (40-byte ids, 64-byte metadata), visited in a fixed scattered order.
 
 #![allow(missing_docs)] // criterion_group! generates undocumented items
@@ -15,7 +18,8 @@
 mod etcd_cluster;
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use erlmcp_rollout::session::{
@@ -128,6 +132,66 @@ fn bench(c: &mut Criterion) {
             let resp = rt.block_on(kv.txn(txn)).unwrap();
             assert!(resp.succeeded());
             raw_revs[k] = resp.header().unwrap().revision();
+        })
+    });
+    g.finish();
+
+    const THREADS: u64 = 16;
+    let revs: Vec<AtomicI64> = raw_revs.iter().map(|&r| AtomicI64::new(r)).collect();
+    let mut g = c.benchmark_group("sessions_concurrent");
+    g.sample_size(10).measurement_time(Duration::from_secs(10));
+    // Each of THREADS threads does `iters / THREADS` puts on keys t, t + THREADS, ...
+    let per_thread = |iters: u64| iters.div_ceil(THREADS).max(1);
+    let scaled = |elapsed: Duration, iters: u64| elapsed.mul_f64(iters as f64 / (per_thread(iters) * THREADS) as f64);
+    g.bench_function("etcd_store_16_threads/put", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for t in 0..THREADS {
+                    let (store, ids) = (&store, &ids);
+                    s.spawn(move || {
+                        for j in 0..per_thread(iters) {
+                            let k = ((t + j * THREADS) % (N as u64 / THREADS * THREADS)) as usize;
+                            black_box(store.put(session(&ids[k])).unwrap());
+                        }
+                    });
+                }
+            });
+            scaled(start.elapsed(), iters)
+        })
+    });
+    g.bench_function("etcd_raw_16_threads/put", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for t in 0..THREADS {
+                    let (rt, ids, revs, raw_key) = (&rt, &ids, &revs, &raw_key);
+                    let mut kv = kv.clone();
+                    s.spawn(move || {
+                        for j in 0..per_thread(iters) {
+                            let k = ((t + j * THREADS) % (N as u64 / THREADS * THREADS)) as usize;
+                            let key = raw_key(&ids[k]);
+                            let value = codec::encode(&session(&ids[k])).unwrap();
+                            let txn = Txn::new()
+                                .when([Compare::mod_revision(
+                                    key.clone(),
+                                    CompareOp::Equal,
+                                    revs[k].load(Ordering::Relaxed),
+                                )])
+                                .and_then([TxnOp::put(
+                                    key.clone(),
+                                    value,
+                                    Some(PutOptions::new().with_lease(lease_id)),
+                                )])
+                                .or_else([TxnOp::get(key, None)]);
+                            let resp = rt.block_on(kv.txn(txn)).unwrap();
+                            assert!(resp.succeeded());
+                            revs[k].store(resp.header().unwrap().revision(), Ordering::Relaxed);
+                        }
+                    });
+                }
+            });
+            scaled(start.elapsed(), iters)
         })
     });
     g.finish();
