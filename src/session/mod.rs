@@ -296,6 +296,16 @@ pub trait Store: Send + Sync {
     /// [`StoreError::NotFound`] when absent, deleted or expired.
     fn get(&self, id: &SessionId) -> Result<Session, StoreError>;
 
+    /// The record stored under `id` whatever its state — live, expired or tombstone —
+    /// exactly as [`Visibility::Raw`] scans return it, or `None` when no record is
+    /// stored (never written, or a tombstone a sweep has removed). Migration reads keys
+    /// with it (the relay copies the current record, deletes included; verify compares
+    /// records). It never touches and never writes.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] when the stored record cannot be decoded; backend errors.
+    fn get_raw(&self, id: &SessionId) -> Result<Option<Session>, StoreError>;
+
     /// Creates or replaces the record of `session.id` with a live session, at the stored
     /// version + 1 (1 when none). Returns what was stored.
     ///
