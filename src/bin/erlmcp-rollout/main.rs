@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod canary;
 mod ci;
 mod flags;
+mod sessions;
 
 /// Exit codes shared by every command.
 pub mod exit {
@@ -29,6 +30,8 @@ pub mod exit {
     /// `ci scope`: git failed (not a repository, unknown revision, no merge
     /// base, git missing).
     pub const GIT: u8 = 13;
+    /// `sessions get`: no record is stored under the id.
+    pub const NOT_FOUND: u8 = 14;
     /// `canary decide`: promote (the same as [`OK`]).
     pub const PROMOTE: u8 = OK;
 }
@@ -53,6 +56,9 @@ enum Command {
     /// CI helpers: which tests a change needs.
     #[command(subcommand)]
     Ci(ci::Command),
+    /// Session stores: inspect, migrate, verify, migration phases.
+    #[command(subcommand)]
+    Sessions(sessions::Command),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +67,7 @@ fn main() -> ExitCode {
         Command::Flags(cmd) => flags::run(cmd),
         Command::Canary(cmd) => canary::run(cmd),
         Command::Ci(cmd) => ci::run(cmd),
+        Command::Sessions(cmd) => sessions::run(cmd),
     };
     match result {
         Ok(code) => ExitCode::from(code),
