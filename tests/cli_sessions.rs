@@ -179,3 +179,197 @@ fn bad_store_uris_and_missing_files_are_clear_errors() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("etcd store not built in"), "{}", stderr(&o));
 }
+
+fn big_store(path: &Path, n: u64) {
+    let store = DiskStore::create(path, StoreOptions::default()).unwrap();
+    let now = 1_700_000_000_000; // fixed: two stores built apart hold equal records
+    let records: Vec<Session> = (0..n)
+        .map(|i| {
+            let mut s = Session::new(id(format!("s{i:05}")), now, Timeout::Infinity, vec![i as u8]);
+            s.version = 1 + i % 3;
+            s.tombstone = i % 10 == 0;
+            s
+        })
+        .collect();
+    store.apply_batch_if_newer(records).unwrap();
+}
+
+#[test]
+fn migrate_copies_verifies_and_resumes_with_progress_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, cp) = (
+        dir.path().join("a.redb"),
+        dir.path().join("b.redb"),
+        dir.path().join("cp.json"),
+    );
+    big_store(&src, 3000);
+    let from = format!("disk:{}", src.display());
+    let to = format!("disk:{}", dst.display());
+    let cp_s = cp.to_str().unwrap();
+    let o = run(&[
+        "sessions",
+        "migrate",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--checkpoint",
+        cp_s,
+        "--chunk",
+        "500",
+        "--verify",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v = json(&o);
+    assert_eq!(v["backfill"]["scanned"], 3000);
+    assert_eq!(v["backfill"]["applied"], 3000);
+    assert_eq!(v["verify"]["difference_count"], 0);
+    // Not a terminal: plain progress lines, the last one complete.
+    let err = stderr(&o);
+    assert!(!err.contains('\r'), "{err:?}");
+    assert!(
+        err.lines().last().unwrap().starts_with("backfill: 3000/3000 (100.0%)"),
+        "{err}"
+    );
+    // A finished checkpoint refuses a second run without --resume; with it, nothing to do.
+    let o = run(&[
+        "sessions",
+        "migrate",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--checkpoint",
+        cp_s,
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("finished; remove it"), "{}", stderr(&o));
+    let o = run(&[
+        "sessions",
+        "migrate",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--checkpoint",
+        cp_s,
+        "--resume",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(json(&o)["backfill"]["resumed"], true);
+    // --resume needs --checkpoint; a missing source is an error, not an empty copy.
+    let o = run(&["sessions", "migrate", "--from", &from, "--to", &to, "--resume"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["sessions", "migrate", "--from", "disk:/nonexistent/a.redb", "--to", &to]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no such file"), "{}", stderr(&o));
+}
+
+#[test]
+fn verify_reports_differences_and_repairs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("a.redb"), dir.path().join("b.redb"));
+    big_store(&src, 200);
+    big_store(&dst, 150);
+    {
+        let b = DiskStore::create(&dst, StoreOptions::default()).unwrap();
+        let now = b.options().clock.now_unix_ms();
+        b.create(Session::new(id("zz-only-b"), now, Timeout::Infinity, vec![]))
+            .unwrap();
+    }
+    let from = format!("disk:{}", src.display());
+    let to = format!("disk:{}", dst.display());
+    let o = run(&["sessions", "verify", "--from", &from, "--to", &to, "--leaf", "16"]);
+    assert_eq!(o.status.code(), Some(16), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("200 source records, 151 target records"), "{out}");
+    assert!(out.contains("51 differing key(s)"), "{out}");
+    assert!(out.contains("s00150: \"missing_on_target\""), "{out}");
+    assert!(out.trim_end().ends_with("DIFFERENT"), "{out}");
+    let o = run(&["sessions", "verify", "--from", &from, "--to", &to, "--repair", "--json"]);
+    assert_eq!(o.status.code(), Some(16), "target-only key left: {}", stdout(&o));
+    let v = json(&o);
+    assert_eq!(v["repair"]["copied"], 50);
+    assert_eq!(v["after_repair"]["difference_count"], 1);
+    let o = run(&[
+        "sessions",
+        "verify",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--repair",
+        "--delete-target-only",
+    ]);
+    // The tombstone left on the target still differs from "no record" on the source.
+    assert_eq!(o.status.code(), Some(16), "{}", stdout(&o));
+    assert!(stdout(&o).contains("1 deleted"), "{}", stdout(&o));
+    let twin = dir.path().join("c.redb");
+    big_store(&twin, 200);
+    let o = run(&[
+        "sessions",
+        "verify",
+        "--from",
+        &from,
+        "--to",
+        &format!("disk:{}", twin.display()),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).trim_end().ends_with("clean"));
+}
+
+#[test]
+fn phase_show_set_advance_rollback_with_gates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("a.redb"), dir.path().join("b.redb"));
+    big_store(&src, 100);
+    let state = dir.path().join("phase.json");
+    let state_s = state.to_str().unwrap();
+    let outbox = dir.path().join("outbox.redb");
+    let outbox_s = outbox.to_str().unwrap();
+    let from = format!("disk:{}", src.display());
+    let to = format!("disk:{}", dst.display());
+    let o = run(&["sessions", "phase", "show", "--state", state_s, "--json"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        (json(&o)["phase"].as_str(), json(&o)["saved"].as_bool()),
+        (Some("off"), Some(false))
+    );
+    let mv = |dir: &str| {
+        run(&[
+            "sessions", "phase", dir, "--state", state_s, "--from", &from, "--to", &to, "--outbox", outbox_s, "--json",
+        ])
+    };
+    let o = mv("advance");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(json(&o)["phase"], "phase1");
+    // The secondary is empty: the verify gate refuses phase2, with the reason.
+    let o = mv("advance");
+    assert_eq!(o.status.code(), Some(15), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot move from phase1 to phase2: verification found 100 differing key(s)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["sessions", "migrate", "--from", &from, "--to", &to, "--quiet"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = mv("advance");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(json(&o)["phase"], "phase2");
+    let o = mv("rollback");
+    assert_eq!((o.status.code(), json(&o)["phase"].as_str()), (Some(0), Some("phase1")));
+    let o = run(&["sessions", "phase", "set", "cleanup", "--state", state_s]);
+    assert_eq!(o.status.code(), Some(0));
+    let o = mv("rollback");
+    assert_eq!(o.status.code(), Some(15));
+    assert!(stderr(&o).contains("cleanup"), "{}", stderr(&o));
+    let o = run(&["sessions", "phase", "show", "--state", state_s]);
+    let out = stdout(&o);
+    assert!(out.starts_with("phase: cleanup\nreverse outbox: off\n"), "{out}");
+    assert!(out.contains("phase1 -> cleanup (set)"), "{out}");
+    let o = run(&["sessions", "phase", "set", "phase9", "--state", state_s]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("unknown phase \"phase9\""), "{}", stderr(&o));
+}

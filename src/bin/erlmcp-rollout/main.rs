@@ -32,6 +32,10 @@ pub mod exit {
     pub const GIT: u8 = 13;
     /// `sessions get`: no record is stored under the id.
     pub const NOT_FOUND: u8 = 14;
+    /// `sessions phase advance|rollback`: a gate refused the move; nothing changed.
+    pub const GATE: u8 = 15;
+    /// `sessions verify` / `migrate --verify`: the stores differ.
+    pub const DIFFERENCES: u8 = 16;
     /// `canary decide`: promote (the same as [`OK`]).
     pub const PROMOTE: u8 = OK;
 }
@@ -99,6 +103,9 @@ fn error_code(e: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<ScopeError>().is_some() {
             return exit::GIT;
+        }
+        if let Some(erlmcp_rollout::migrate::MigrateError::Gate(_)) = cause.downcast_ref() {
+            return exit::GATE;
         }
     }
     exit::INVALID
