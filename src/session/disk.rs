@@ -144,6 +144,12 @@ impl Store for DiskStore {
         self.read_live(id)
     }
 
+    fn get_raw(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let table = txn.open_table(SESSIONS).map_err(unavailable)?;
+        load(&table, id)
+    }
+
     fn put(&self, mut session: Session) -> Result<Session, StoreError> {
         session.validate()?;
         self.write(|table, _| {
