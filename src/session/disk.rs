@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::Thread;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, Table, TableDefinition};
 
@@ -166,8 +167,11 @@ trait Job: Send {
     fn plan(&mut self, table: &SessionTable<'_>, now: i64) -> Option<Writes>;
 
     /// Hands the caller its result: the operation's own when the commit succeeded,
-    /// `Unavailable` when it failed.
-    fn finish(self: Box<Self>, commit: &Result<(), StoreError>);
+    /// `Unavailable` when it failed. Returns the caller's thread, to wake it.
+    fn finish(self: Box<Self>, commit: &Result<(), StoreError>) -> Thread;
+
+    /// The thread waiting for this operation.
+    fn waiter(&self) -> &Thread;
 }
 
 /// Where a waiting writer finds its result.
@@ -177,6 +181,7 @@ struct Op<T, F> {
     f: Option<F>,
     result: Option<Result<T, StoreError>>,
     slot: Arc<Slot<T>>,
+    waiter: Thread,
 }
 
 impl<T, F> Job for Op<T, F>
@@ -202,7 +207,7 @@ where
         }
     }
 
-    fn finish(mut self: Box<Self>, commit: &Result<(), StoreError>) {
+    fn finish(mut self: Box<Self>, commit: &Result<(), StoreError>) -> Thread {
         let result = match (commit, self.result.take()) {
             (Ok(()), Some(r)) => r,
             (Err(e), _) => Err(e.clone()),
@@ -211,6 +216,11 @@ where
             }),
         };
         *lock(&self.slot.0) = Some(result);
+        self.waiter.clone()
+    }
+
+    fn waiter(&self) -> &Thread {
+        &self.waiter
     }
 }
 
@@ -222,16 +232,17 @@ impl<T, F> Drop for Op<T, F> {
             *slot = Some(Err(StoreError::Unavailable {
                 reason: "the group commit was abandoned; nothing in it is acknowledged".into(),
             }));
+            drop(slot);
+            self.waiter.unpark();
         }
     }
 }
 
-/// The group-commit queue.
+/// The group-commit queue. Waiting writers park; a leader unparks exactly the writers
+/// whose results it delivered, plus the first queued one to lead the next commit.
 #[derive(Default)]
 struct Group {
     state: Mutex<GroupState>,
-    /// Signalled when a commit ends (results handed out, leadership free).
-    done: Condvar,
 }
 
 #[derive(Default)]
@@ -299,11 +310,13 @@ impl DiskStore {
         F: FnOnce(&mut Stage<'_, '_>, i64) -> Result<T, StoreError> + Send + 'static,
     {
         let slot = Arc::new(Slot(Mutex::new(None)));
+        let me = std::thread::current();
         let mut state = lock(&self.group.state);
         state.queue.push(Box::new(Op {
             f: Some(f),
             result: None,
             slot: Arc::clone(&slot),
+            waiter: me.clone(),
         }));
         loop {
             if let Some(result) = lock(&slot.0).take() {
@@ -319,15 +332,23 @@ impl DiskStore {
                         reason: "a panic interrupted the group commit; nothing in it is acknowledged".into(),
                     })
                 });
-                state = lock(&self.group.state);
-                for job in batch {
-                    job.finish(&commit);
+                let done: Vec<Thread> = batch.into_iter().map(|job| job.finish(&commit)).collect();
+                let next_leader = {
+                    let mut state = lock(&self.group.state);
+                    state.committing = false;
+                    state.queue.first().map(|job| job.waiter().clone())
+                };
+                for t in done.iter().chain(&next_leader) {
+                    if t.id() != me.id() {
+                        t.unpark();
+                    }
                 }
-                state.committing = false;
-                self.group.done.notify_all();
-                continue;
+            } else {
+                drop(state);
+                // Woken when our result is in, or to lead; spurious wake-ups just loop.
+                std::thread::park();
             }
-            state = self.group.done.wait(state).unwrap_or_else(PoisonError::into_inner);
+            state = lock(&self.group.state);
         }
     }
 
