@@ -9,7 +9,9 @@
 //!   threads: `group_commit` is `DiskStore::put` (writers share commits), and the
 //!   same-run baseline `one_commit_per_write` is what `DiskStore::put` did before group
 //!   commit (one redb write transaction with `Durability::Immediate` per put: load,
-//!   decode, next version, encode, insert, commit), on raw redb.
+//!   decode, next version, encode, insert, commit), on raw redb;
+//! - `disk_writes_in_memory/*`: the same two paths, one thread, on redb's in-memory
+//!   backend (no fsync): what the group-commit machinery costs a lone writer in CPU.
 
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
@@ -314,5 +316,37 @@ fn bench_disk_writes(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_single, bench_contended, bench_disk, bench_disk_writes);
+/// The CPU cost of the group-commit machinery for a lone writer: the same two write
+/// paths on redb's `InMemoryBackend` (no fsync), one thread.
+fn bench_disk_writes_cpu(c: &mut Criterion) {
+    let ids = ids();
+    let prepared: Vec<Session> = ids.iter().map(session).collect();
+    let mut g = c.benchmark_group("disk_writes_in_memory");
+    g.throughput(Throughput::Elements(1));
+    let store = DiskStore::with_backend(redb::backends::InMemoryBackend::new(), StoreOptions::default()).unwrap();
+    g.bench_function("group_commit/1", |b| {
+        b.iter_custom(|iters| {
+            timed_writes(iters, 1, &prepared, &|s| {
+                store.put(s).unwrap();
+            })
+        })
+    });
+    let db = redb::Database::builder()
+        .create_with_backend(redb::backends::InMemoryBackend::new())
+        .unwrap();
+    let baseline = OneCommitPerWrite(db);
+    g.bench_function("one_commit_per_write/1", |b| {
+        b.iter_custom(|iters| timed_writes(iters, 1, &prepared, &|s| baseline.put(s)))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_single,
+    bench_contended,
+    bench_disk,
+    bench_disk_writes,
+    bench_disk_writes_cpu
+);
 criterion_main!(benches);
