@@ -14,6 +14,9 @@
 //! - [`session`]: the session record (versions, tombstones, sliding expiry, touch
 //!   policy), the [`session::Store`] contract, its binary encoding and the sharded
 //!   [`session::MemoryStore`].
+//! - [`migrate`]: online migration between session stores: backfill with
+//!   checkpoints, Merkle-style verify and repair, phases, and (feature `disk`) the
+//!   dual-write migrator with its durable outbox.
 //! - [`deploy`] (feature `deploy`): canary verdicts from Prometheus or a
 //!   metrics file, the ramp and rollback matrix, CI test scope.
 //!
@@ -46,4 +49,5 @@
 #[cfg(feature = "deploy")]
 pub mod deploy;
 pub mod flags;
+pub mod migrate;
 pub mod session;

@@ -454,3 +454,25 @@ fn writes_whose_answer_was_lost_are_recognised_not_repeated() {
 
     proxy.disarm();
 }
+
+#[test]
+fn an_etcd_store_uri_opens_the_cluster_under_its_prefix() {
+    use erlmcp_rollout::session::uri::StoreUri;
+    let endpoints = etcd_cluster::shared().endpoints();
+    let members: Vec<&str> = endpoints.iter().map(|e| e.trim_start_matches("http://")).collect();
+    let prefix = etcd_cluster::unique_prefix();
+    let uri = StoreUri::parse(&format!("etcd:{}/{}", members.join(","), prefix.trim_end_matches('/'))).unwrap();
+    let store = uri.open(StoreOptions::with_clock(ManualClock::new(T0))).unwrap();
+    let s = store
+        .create(Session::new(id("via-uri"), T0, Timeout::Infinity, vec![1]))
+        .unwrap();
+    // The same record through a store on the same prefix, built directly.
+    let direct = EtcdStore::connect(
+        &endpoints,
+        prefix,
+        EtcdOptions::default(),
+        StoreOptions::with_clock(ManualClock::new(T0)),
+    )
+    .unwrap();
+    assert_eq!(direct.get(&id("via-uri")).unwrap(), s);
+}

@@ -17,7 +17,7 @@
          flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
          flags_phash2/2, flags_set_clock/1]).
 -export([session_open/2, session_put/4, session_touch/3, session_get/3, session_delete/3,
-         session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_set_clock/1, session_now/0]).
+         session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_set_clock/1, session_now/0]).
 
 -on_load(init/0).
 
@@ -29,7 +29,7 @@
 -export_type([problem/0, load_info/0]).
 
 -type store_handle() :: reference().
--type store_kind() :: memory | disk | etcd.
+-type store_kind() :: memory | disk | etcd | hybrid.
 %% What a session NIF returns, now or (`async') later as `{Tag, Result}'.
 -type store_error() :: not_found | already_exists | {conflict, non_neg_integer(), non_neg_integer()}
                      | {unavailable | corrupt | invalid | internal, binary()} | nif_panicked.
@@ -134,6 +134,14 @@ session_apply_batch(_Handle, _Tag, _Records) -> ?NOT_LOADED.
 -spec session_get_many(store_handle(), Tag :: reference(), [binary()]) ->
     {ok, [{ok, stored()} | {error, store_error()}]} | {error, store_error()} | async.
 session_get_many(_Handle, _Tag, _Ids) -> ?NOT_LOADED.
+
+-spec session_migration(store_handle(), Tag :: reference(),
+                        Action :: advance | rollback | drain | {set, atom()}, TimeoutMs :: non_neg_integer()) ->
+    async | {error, {invalid, binary()}}.
+session_migration(_Handle, _Tag, _Action, _TimeoutMs) -> ?NOT_LOADED.
+
+-spec session_migration_status(store_handle()) -> {ok, atom(), map()} | {error, term()}.
+session_migration_status(_Handle) -> ?NOT_LOADED.
 
 -spec session_sweep(store_handle(), Tag :: reference()) -> async | {error, store_error()}.
 session_sweep(_Handle, _Tag) -> ?NOT_LOADED.

@@ -33,7 +33,7 @@ run(Args) ->
             Json = maps:get(json, Opts, false),
             Result = erlmcp_session_migrate:import(Source, Target, #{progress => progress_fun(Json),
                                                                      batch_size => maps:get(batch, Opts, 500)}),
-            Json orelse io:format(standard_error, "~n", []),
+            _ = Json orelse io:format(standard_error, "~n", []),
             report(Result, Json);
         {error, Msg} ->
             io:format(standard_error, "session-cutover: ~s~n~s", [Msg, usage()]),
@@ -131,9 +131,21 @@ start_source(_) ->
 progress_fun(true) ->
     fun(P) -> io:format(standard_error, "~s~n", [json(P)]) end;
 progress_fun(false) ->
+    Tty = is_list(element(2, io:columns(standard_error))) orelse is_integer(element(2, io:columns(standard_error))),
     fun(#{read := R, total := T, rate := Rate, eta_s := Eta, copied := C}) ->
-            io:format(standard_error, "\r~b/~p read, ~b copied, ~b/s, ETA ~s   ",
-                      [R, T, C, round(Rate), eta(Eta)])
+            Line = io_lib:format("~b/~p read, ~b copied, ~b/s, ETA ~s", [R, T, C, round(Rate), eta(Eta)]),
+            case Tty of
+                true -> io:format(standard_error, "\r~s   ", [Line]);
+                false -> every_second(fun() -> io:format(standard_error, "~s~n", [Line]) end)
+            end
+    end.
+
+%% Not a terminal (a log): one progress line a second at most.
+every_second(F) ->
+    Now = erlang:monotonic_time(millisecond),
+    case get(last_progress) of
+        T when is_integer(T), Now - T < 1000 -> ok;
+        _ -> put(last_progress, Now), F()
     end.
 
 eta(unknown) -> "?";

@@ -45,6 +45,7 @@
 
 -export([init/1, store/3, fetch/2, delete/2, list/1, cleanup_expired/1]).
 -export([get/2, to_native/2, from_native/2, apply_batch/2, stored/2, stored_many/2]).
+-export([migration/3, migration_status/1]).
 
 -record(native, {handle :: erlmcp_rollout_nif:store_handle(),
                  kind :: erlmcp_rollout_nif:store_kind()}).
@@ -166,6 +167,18 @@ apply_batch(Records, #native{handle = H}) ->
 stored(Id, #native{handle = H}) ->
     Tag = make_ref(),
     ?AWAIT(Tag, erlmcp_rollout_nif:session_get(H, Tag, Id)).
+
+%% @doc A migration step of a hybrid store (see `erlmcp_session_backend_hybrid').
+-spec migration(advance | rollback | drain | {set, atom()}, non_neg_integer(), state()) ->
+    {ok, atom() | non_neg_integer()} | {error, term()}.
+migration(Action, TimeoutMs, #native{handle = H}) ->
+    Tag = make_ref(),
+    ?AWAIT(Tag, erlmcp_rollout_nif:session_migration(H, Tag, Action, TimeoutMs)).
+
+%% @doc The phase and counters of a hybrid store.
+-spec migration_status(state()) -> {ok, atom(), map()} | {error, term()}.
+migration_status(#native{handle = H}) ->
+    erlmcp_rollout_nif:session_migration_status(H).
 
 %% @doc `stored/2' for many ids in one call (at most 10 000), in order.
 -spec stored_many([session_id()], state()) ->

@@ -175,3 +175,60 @@ pub fn decode_keyed(key: &SessionId, bytes: &[u8]) -> Result<Session, StoreError
     }
     Ok(session)
 }
+
+/// The length of [`encode`]'s output for `s`, without encoding it.
+///
+/// # Examples
+/// ```
+/// use erlmcp_rollout::session::{codec, Session, SessionId, Timeout};
+/// let s = Session::new(SessionId::new("abc")?, 0, Timeout::Infinity, vec![7; 10]);
+/// assert_eq!(codec::encoded_len(&s), codec::encode(&s)?.len());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn encoded_len(s: &Session) -> usize {
+    HEADER_LEN + s.id.as_bytes().len() + s.metadata.len()
+}
+
+/// Lower-case hex of `bytes` (ids and metadata in machine-readable output).
+///
+/// # Examples
+/// ```
+/// assert_eq!(erlmcp_rollout::session::codec::to_hex(&[0, 0xab, 0x10]), "00ab10");
+/// ```
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
+}
+
+/// Bytes from hex (either case).
+///
+/// # Errors
+/// A message naming the first bad character's position, or an odd length.
+///
+/// # Examples
+/// ```
+/// use erlmcp_rollout::session::codec::from_hex;
+/// assert_eq!(from_hex("00AB10").unwrap(), vec![0, 0xab, 0x10]);
+/// assert!(from_hex("0g").unwrap_err().contains("position 2"));
+/// ```
+pub fn from_hex(text: &str) -> Result<Vec<u8>, String> {
+    if text.len() % 2 != 0 {
+        return Err(format!("hex text has an odd length ({})", text.len()));
+    }
+    let digit = |i: usize, c: u8| {
+        char::from(c)
+            .to_digit(16)
+            .map(|d| d as u8)
+            .ok_or_else(|| format!("{:?} at position {} is not a hex digit", char::from(c), i + 1))
+    };
+    text.as_bytes()
+        .chunks(2)
+        .enumerate()
+        .map(|(i, pair)| Ok(digit(2 * i, pair[0])? << 4 | digit(2 * i + 1, pair[1])?))
+        .collect()
+}

@@ -1,8 +1,20 @@
-//! [`DiskStore`]: sessions in one redb file (feature `disk`).
+//! [`DiskStore`]: sessions in one redb file (feature `disk`), with group commit.
+//!
+//! Every write is an operation (a closure) queued for the next durable commit. The first
+//! writer that finds no commit running becomes the *leader*: it takes every queued
+//! operation, runs them in order in one redb write transaction, commits it with
+//! `Durability::Immediate` and hands each waiting writer its own result. Writers that
+//! arrive while a commit runs queue up and wait; when it ends, one of them leads the next
+//! commit with everything queued meanwhile. A lone writer leads its own commit at once:
+//! there is no linger and no background thread.
 
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::Thread;
 
-use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, Table, TableDefinition};
 
 use super::{
     codec, next_version, validate_batch, BatchOutcome, InvalidInput, ScanPage, Session, SessionId, Store, StoreError,
@@ -12,17 +24,33 @@ use super::{
 /// Records by id bytes; values are [`codec`] records.
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
 
-/// Sessions in one redb file. Every write is one redb write transaction committed with
-/// `Durability::Immediate`.
+/// Sessions in one redb file, written with **group commit**.
 ///
-/// **Acknowledged** means durable: when a write method returns `Ok`, its commit has been
-/// flushed (fsync) and survives a crash or power loss. Writers are serialized by redb and
-/// each pays its own flush (no group commit yet: ~2 k writes/s on this project's VM);
-/// reads run concurrently with writes on a snapshot. Records use the [`codec`] encoding;
-/// one that does not decode (or holds another id than its key) is [`StoreError::Corrupt`]
-/// and is never returned. Writes to a corrupt key, scans over it and sweeps fail with
-/// `Corrupt` too (its version is unknown, so overwriting could move versions back) until
-/// the record is repaired or removed.
+/// **Acknowledged** means durable. A write method returns only after the redb write
+/// transaction that ran it has been committed with `Durability::Immediate` (flushed with
+/// fsync), or has failed. So `Ok` means the write survives a process crash (`kill -9`)
+/// and a power loss; a refusal that reports on stored state ([`StoreError::AlreadyExists`],
+/// [`StoreError::Conflict`], [`StoreError::NotFound`]) was decided on state that is
+/// durable when it is returned. [`StoreError::Invalid`] input is rejected before anything
+/// is queued.
+///
+/// **Group commit.** Concurrent writers share commits: each write is an operation queued
+/// for the next commit; one writer (the leader) runs every queued operation in order in
+/// one write transaction, commits once, and only then hands each writer its result.
+/// Within a commit every operation sees the effects of the ones before it, and one that
+/// fails writes nothing and does not affect the others. If the commit itself fails, every
+/// operation in it gets [`StoreError::Unavailable`] (retryable; as for any `Unavailable`,
+/// the write may or may not be on disk) and none is acknowledged. A lone writer commits at
+/// once (no waiting for company), so it pays one fsync per write; with many writers the
+/// fsyncs are shared. There is no background thread: dropping the store closes the file,
+/// and nothing is pending then (every call has returned, each acknowledged write is
+/// already durable).
+///
+/// Reads run concurrently with writes on the last committed snapshot. Records use the
+/// [`codec`] encoding; one that does not decode (or holds another id than its key) is
+/// [`StoreError::Corrupt`] and is never returned. Writes to a corrupt key, scans over it
+/// and sweeps fail with `Corrupt` too (its version is unknown, so overwriting could move
+/// versions back) until the record is repaired or removed.
 ///
 /// # Examples
 /// ```
@@ -31,12 +59,13 @@ const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions")
 /// let store = DiskStore::create(dir.path().join("sessions.redb"), StoreOptions::default())?;
 /// let now = store.options().clock.now_unix_ms();
 /// let s = store.create(Session::new(SessionId::new("s1")?, now, Timeout::Infinity, vec![]))?;
-/// assert_eq!(store.get(&s.id)?, s);
+/// assert_eq!(store.get(&s.id)?, s); // `create` returned after its commit was fsynced
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct DiskStore {
     db: Database,
     options: StoreOptions,
+    group: Group,
 }
 
 impl std::fmt::Debug for DiskStore {
@@ -56,6 +85,17 @@ fn unavailable(e: impl Into<redb::Error>) -> StoreError {
     }
 }
 
+/// A failed commit: whatever redb said, the operations in it are retryable.
+fn commit_failed(e: StoreError) -> StoreError {
+    let reason = match e {
+        StoreError::Unavailable { reason } => reason,
+        other => other.to_string(),
+    };
+    StoreError::Unavailable {
+        reason: format!("group commit failed, nothing in it is acknowledged: {reason}"),
+    }
+}
+
 type SessionTable<'txn> = Table<'txn, &'static [u8], &'static [u8]>;
 
 fn load(
@@ -68,10 +108,147 @@ fn load(
     }
 }
 
-fn save(table: &mut SessionTable<'_>, s: &Session) -> Result<(), StoreError> {
-    let bytes = codec::encode(s)?;
-    table.insert(s.id.as_bytes(), bytes.as_slice()).map_err(unavailable)?;
+/// Writes an operation has decided on: key -> new value (`None`: remove).
+type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// What one operation sees inside the shared write transaction: the table (with the
+/// effects of the operations before it) plus its own staged writes, which reach the table
+/// only if the operation succeeds.
+struct Stage<'a, 'txn> {
+    table: &'a SessionTable<'txn>,
+    writes: Writes,
+}
+
+impl Stage<'_, '_> {
+    /// The record of `id`, the operation's own staged writes included.
+    fn load(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
+        match self.writes.get(id.as_bytes()) {
+            Some(Some(bytes)) => codec::decode_keyed(id, bytes).map(Some),
+            Some(None) => Ok(None),
+            None => load(self.table, id),
+        }
+    }
+
+    fn save(&mut self, s: &Session) -> Result<(), StoreError> {
+        let bytes = codec::encode(s)?;
+        self.writes.insert(s.id.as_bytes().to_vec(), Some(bytes));
+        Ok(())
+    }
+
+    fn remove(&mut self, id: &SessionId) {
+        self.writes.insert(id.as_bytes().to_vec(), None);
+    }
+}
+
+fn apply(table: &mut SessionTable<'_>, writes: Writes) -> Result<(), StoreError> {
+    for (key, value) in writes {
+        match value {
+            Some(bytes) => {
+                table.insert(key.as_slice(), bytes.as_slice()).map_err(unavailable)?;
+            }
+            None => {
+                table.remove(key.as_slice()).map_err(unavailable)?;
+            }
+        }
+    }
     Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; should something, the state they guard
+    // is still consistent (every update is a single assignment or push), so go on.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One queued write, type-erased so one queue holds every kind.
+trait Job: Send {
+    /// Runs the operation against the shared transaction's table at `now`; keeps its
+    /// result and returns its writes if it succeeded.
+    fn plan(&mut self, table: &SessionTable<'_>, now: i64) -> Option<Writes>;
+
+    /// Hands the caller its result: the operation's own when the commit succeeded,
+    /// `Unavailable` when it failed. Returns the caller's thread, to wake it.
+    fn finish(self: Box<Self>, commit: &Result<(), StoreError>) -> Thread;
+
+    /// The thread waiting for this operation.
+    fn waiter(&self) -> &Thread;
+}
+
+/// Where a waiting writer finds its result.
+struct Slot<T>(Mutex<Option<Result<T, StoreError>>>);
+
+struct Op<T, F> {
+    f: Option<F>,
+    result: Option<Result<T, StoreError>>,
+    slot: Arc<Slot<T>>,
+    waiter: Thread,
+}
+
+impl<T, F> Job for Op<T, F>
+where
+    T: Send,
+    F: FnOnce(&mut Stage<'_, '_>, i64) -> Result<T, StoreError> + Send,
+{
+    fn plan(&mut self, table: &SessionTable<'_>, now: i64) -> Option<Writes> {
+        let f = self.f.take()?;
+        let mut stage = Stage {
+            table,
+            writes: Writes::new(),
+        };
+        match f(&mut stage, now) {
+            Ok(v) => {
+                self.result = Some(Ok(v));
+                Some(stage.writes)
+            }
+            Err(e) => {
+                self.result = Some(Err(e));
+                None
+            }
+        }
+    }
+
+    fn finish(mut self: Box<Self>, commit: &Result<(), StoreError>) -> Thread {
+        let result = match (commit, self.result.take()) {
+            (Ok(()), Some(r)) => r,
+            (Err(e), _) => Err(e.clone()),
+            (Ok(()), None) => Err(StoreError::Unavailable {
+                reason: "the write was not run by the group commit".into(),
+            }),
+        };
+        *lock(&self.slot.0) = Some(result);
+        self.waiter.clone()
+    }
+
+    fn waiter(&self) -> &Thread {
+        &self.waiter
+    }
+}
+
+impl<T, F> Drop for Op<T, F> {
+    /// A job dropped without [`Job::finish`] (a leader that unwound) still answers.
+    fn drop(&mut self) {
+        let mut slot = lock(&self.slot.0);
+        if slot.is_none() {
+            *slot = Some(Err(StoreError::Unavailable {
+                reason: "the group commit was abandoned; nothing in it is acknowledged".into(),
+            }));
+            drop(slot);
+            self.waiter.unpark();
+        }
+    }
+}
+
+/// The group-commit queue. Waiting writers park; a leader unparks exactly the writers
+/// whose results it delivered, plus the first queued one to lead the next commit.
+#[derive(Default)]
+struct Group {
+    state: Mutex<GroupState>,
+}
+
+#[derive(Default)]
+struct GroupState {
+    queue: Vec<Box<dyn Job>>,
+    committing: bool,
 }
 
 impl DiskStore {
@@ -82,8 +259,39 @@ impl DiskStore {
     /// [`StoreError::Corrupt`] when redb finds it corrupted.
     pub fn create(path: impl AsRef<Path>, options: StoreOptions) -> Result<Self, StoreError> {
         let db = Database::create(path).map_err(unavailable)?;
-        let store = DiskStore { db, options };
-        store.write(|_, _| Ok(()))?;
+        Self::from_db(db, options)
+    }
+
+    /// Opens the store on any redb [`StorageBackend`] instead of a file (crash recovery
+    /// runs here): fault injection, power-loss simulation, or redb's
+    /// [`InMemoryBackend`](redb::backends::InMemoryBackend). "Durable" then means what
+    /// the backend's `sync_data` guarantees.
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::session::{DiskStore, Session, SessionId, Store, StoreOptions, Timeout};
+    /// let store = DiskStore::with_backend(redb::backends::InMemoryBackend::new(), StoreOptions::default())?;
+    /// let s = store.put(Session::new(SessionId::new("s1")?, 0, Timeout::Infinity, vec![]))?;
+    /// assert_eq!(s.version, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the backend fails, [`StoreError::Corrupt`] when
+    /// redb finds its bytes corrupted.
+    pub fn with_backend(backend: impl StorageBackend, options: StoreOptions) -> Result<Self, StoreError> {
+        let db = Database::builder().create_with_backend(backend).map_err(unavailable)?;
+        Self::from_db(db, options)
+    }
+
+    fn from_db(db: Database, options: StoreOptions) -> Result<Self, StoreError> {
+        let store = DiskStore {
+            db,
+            options,
+            group: Group::default(),
+        };
+        // Create the table now, so reads of a fresh file find it.
+        store.commit_batch(&mut [])?;
         Ok(store)
     }
 
@@ -92,22 +300,80 @@ impl DiskStore {
         &self.options
     }
 
-    /// Runs `f` in one write transaction; commits (durably) if it returns `Ok`, aborts otherwise.
-    fn write<T>(&self, f: impl FnOnce(&mut SessionTable<'_>, i64) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let now = self.options.clock.now_unix_ms();
-        let txn = self.db.begin_write().map_err(unavailable)?;
-        let result = {
-            let mut table = txn.open_table(SESSIONS).map_err(unavailable)?;
-            f(&mut table, now)
-        };
-        match result {
-            Ok(v) => {
-                txn.commit().map_err(unavailable)?;
-                Ok(v)
+    /// Queues `f` for the next group commit and returns its result once that commit is
+    /// durable (or has failed). `f` sees the table as left by the operations before it in
+    /// the same commit and the store clock's now; its writes are applied only if it
+    /// returns `Ok`.
+    fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Stage<'_, '_>, i64) -> Result<T, StoreError> + Send + 'static,
+    {
+        let slot = Arc::new(Slot(Mutex::new(None)));
+        let me = std::thread::current();
+        let mut state = lock(&self.group.state);
+        state.queue.push(Box::new(Op {
+            f: Some(f),
+            result: None,
+            slot: Arc::clone(&slot),
+            waiter: me.clone(),
+        }));
+        loop {
+            if let Some(result) = lock(&slot.0).take() {
+                return result;
             }
+            if !state.committing {
+                // Lead: commit everything queued so far (our own operation included).
+                state.committing = true;
+                let mut batch = std::mem::take(&mut state.queue);
+                drop(state);
+                let commit = catch_unwind(AssertUnwindSafe(|| self.commit_batch(&mut batch))).unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable {
+                        reason: "a panic interrupted the group commit; nothing in it is acknowledged".into(),
+                    })
+                });
+                let done: Vec<Thread> = batch.into_iter().map(|job| job.finish(&commit)).collect();
+                let next_leader = {
+                    let mut state = lock(&self.group.state);
+                    state.committing = false;
+                    state.queue.first().map(|job| job.waiter().clone())
+                };
+                for t in done.iter().chain(&next_leader) {
+                    if t.id() != me.id() {
+                        t.unpark();
+                    }
+                }
+            } else {
+                drop(state);
+                // Woken when our result is in, or to lead; spurious wake-ups just loop.
+                std::thread::park();
+            }
+            state = lock(&self.group.state);
+        }
+    }
+
+    /// Runs `batch` in one write transaction and commits it durably.
+    fn commit_batch(&self, batch: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
+        let now = self.options.clock.now_unix_ms();
+        let mut txn = self.db.begin_write().map_err(|e| commit_failed(unavailable(e)))?;
+        let planned = txn
+            .set_durability(Durability::Immediate)
+            .map_err(|e| unavailable(redb::Error::from(e)))
+            .and_then(|()| {
+                let mut table = txn.open_table(SESSIONS).map_err(unavailable)?;
+                for job in batch.iter_mut() {
+                    if let Some(writes) = job.plan(&table, now) {
+                        apply(&mut table, writes)?;
+                    }
+                }
+                Ok(())
+            });
+        match planned {
+            Ok(()) => txn.commit().map_err(|e| commit_failed(unavailable(e))),
             Err(e) => {
-                txn.abort().map_err(unavailable)?;
-                Err(e)
+                // Best effort: an abort that fails leaves nothing committed either.
+                let _ = txn.abort();
+                Err(commit_failed(e))
             }
         }
     }
@@ -126,8 +392,8 @@ impl DiskStore {
 impl Store for DiskStore {
     fn create(&self, mut session: Session) -> Result<Session, StoreError> {
         session.validate()?;
-        self.write(|table, now| {
-            let stored = load(table, &session.id)?;
+        self.write(move |stage, now| {
+            let stored = stage.load(&session.id)?;
             if stored.as_ref().is_some_and(|s| s.is_live(now)) {
                 return Err(StoreError::AlreadyExists {
                     key: session.id.clone(),
@@ -135,7 +401,7 @@ impl Store for DiskStore {
             }
             session.version = next_version(stored.as_ref());
             session.tombstone = false;
-            save(table, &session)?;
+            stage.save(&session)?;
             Ok(session)
         })
     }
@@ -144,20 +410,26 @@ impl Store for DiskStore {
         self.read_live(id)
     }
 
+    fn get_raw(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let table = txn.open_table(SESSIONS).map_err(unavailable)?;
+        load(&table, id)
+    }
+
     fn put(&self, mut session: Session) -> Result<Session, StoreError> {
         session.validate()?;
-        self.write(|table, _| {
-            session.version = next_version(load(table, &session.id)?.as_ref());
+        self.write(move |stage, _| {
+            session.version = next_version(stage.load(&session.id)?.as_ref());
             session.tombstone = false;
-            save(table, &session)?;
+            stage.save(&session)?;
             Ok(session)
         })
     }
 
     fn update_if_version(&self, mut session: Session, expected: u64) -> Result<Session, StoreError> {
         session.validate()?;
-        self.write(|table, now| {
-            match load(table, &session.id)? {
+        self.write(move |stage, now| {
+            match stage.load(&session.id)? {
                 Some(s) if s.is_live(now) => {
                     if s.version != expected {
                         return Err(StoreError::Conflict {
@@ -175,17 +447,18 @@ impl Store for DiskStore {
             }
             session.version = expected.saturating_add(1);
             session.tombstone = false;
-            save(table, &session)?;
+            stage.save(&session)?;
             Ok(session)
         })
     }
 
     fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
-        self.write(|table, now| match load(table, id)? {
+        let id = id.clone();
+        self.write(move |stage, now| match stage.load(&id)? {
             Some(mut s) if !s.tombstone => {
                 let was_live = s.is_live(now);
                 s.bury(now);
-                save(table, &s)?;
+                stage.save(&s)?;
                 Ok(was_live)
             }
             _ => Ok(false),
@@ -194,22 +467,25 @@ impl Store for DiskStore {
 
     fn touch(&self, id: &SessionId) -> Result<Session, StoreError> {
         let now = self.options.clock.now_unix_ms();
+        let policy = self.options.touch;
         let s = self.read_live(id)?;
-        if !self.options.touch.should_persist(s.last_accessed, now, s.timeout) {
+        if !policy.should_persist(s.last_accessed, now, s.timeout) {
             return Ok(Session {
                 last_accessed: s.last_accessed.max(now),
                 ..s
             });
         }
         // Decide again inside the write transaction: another writer may have run meanwhile.
-        self.write(|table, now| {
-            let mut s = load(table, id)?
+        let id = id.clone();
+        self.write(move |stage, now| {
+            let mut s = stage
+                .load(&id)?
                 .filter(|s| s.is_live(now))
                 .ok_or_else(|| StoreError::NotFound { key: id.clone() })?;
-            if self.options.touch.should_persist(s.last_accessed, now, s.timeout) {
+            if policy.should_persist(s.last_accessed, now, s.timeout) {
                 s.last_accessed = now;
                 s.version = s.version.saturating_add(1);
-                save(table, &s)?;
+                stage.save(&s)?;
             } else {
                 s.last_accessed = s.last_accessed.max(now);
             }
@@ -248,15 +524,15 @@ impl Store for DiskStore {
 
     fn apply_batch_if_newer(&self, records: Vec<Session>) -> Result<BatchOutcome, StoreError> {
         validate_batch(&records)?;
-        // One transaction: the whole batch is applied atomically here (the contract only
-        // requires each record to be).
-        self.write(|table, _| {
+        // One operation: the whole batch is applied atomically here (the contract only
+        // requires each record to be); a later record of the same key sees an earlier one.
+        self.write(move |stage, _| {
             let mut outcome = BatchOutcome::default();
             for r in &records {
-                if load(table, &r.id)?.is_some_and(|s| s.version >= r.version) {
+                if stage.load(&r.id)?.is_some_and(|s| s.version >= r.version) {
                     outcome.skipped += 1;
                 } else {
-                    save(table, r)?;
+                    stage.save(r)?;
                     outcome.applied += 1;
                 }
             }
@@ -266,11 +542,11 @@ impl Store for DiskStore {
 
     fn sweep_expired(&self, now_ms: i64) -> Result<SweepOutcome, StoreError> {
         let retention = i128::from(self.options.tombstone_retention_ms);
-        self.write(|table, _| {
+        self.write(move |stage, _| {
             let mut outcome = SweepOutcome::default();
             let mut expire = Vec::new();
             let mut purge = Vec::new();
-            for entry in table.iter().map_err(unavailable)? {
+            for entry in stage.table.iter().map_err(unavailable)? {
                 let (key, value) = entry.map_err(unavailable)?;
                 let s = codec::decode(value.value()).map_err(|e| match e {
                     StoreError::Corrupt { reason, .. } => StoreError::Corrupt {
@@ -288,13 +564,13 @@ impl Store for DiskStore {
                 }
             }
             for id in &purge {
-                table.remove(id.as_bytes()).map_err(unavailable)?;
+                stage.remove(id);
             }
             outcome.tombstones = purge.len();
             outcome.expired = expire.len();
             for mut s in expire {
                 s.bury(now_ms);
-                save(table, &s)?;
+                stage.save(&s)?;
             }
             Ok(outcome)
         })

@@ -984,6 +984,14 @@ impl Store for EtcdStore {
         })
     }
 
+    /// A linearizable read of the stored record, whatever its state.
+    fn get_raw(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
+        let inner = Arc::clone(&self.inner);
+        let deadline = self.deadline();
+        let id = id.clone();
+        self.run(async move { Ok(inner.read(&id, deadline).await?.session) })
+    }
+
     /// Acknowledged: committed by the etcd quorum.
     fn put(&self, session: Session) -> Result<Session, StoreError> {
         session.validate()?;

@@ -160,6 +160,10 @@ impl Store for MemoryStore {
         }
     }
 
+    fn get_raw(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
+        Ok(read(self.shard(id)).get(id).cloned())
+    }
+
     fn put(&self, mut session: Session) -> Result<Session, StoreError> {
         session.validate()?;
         let mut map = write(self.shard(&session.id));

@@ -9,6 +9,7 @@
 //! - `EtcdStore` (feature `etcd`): a replicated etcd cluster; acknowledged writes are
 //!   committed by the etcd quorum.
 //! - [`codec`]: the versioned binary record encoding persistent backends store.
+//! - [`uri`]: store URIs (`memory:`, `disk:PATH`, `etcd:HOST:PORT,...`) and opening them.
 //!
 //! Time comes from a [`Clock`] (the same trait the flag schedules use), so tests move it
 //! by hand with [`ManualClock`].
@@ -34,6 +35,8 @@ mod disk;
 mod etcd;
 mod memory;
 mod model;
+mod stats;
+pub mod uri;
 
 use std::sync::Arc;
 
@@ -44,6 +47,7 @@ pub use disk::DiskStore;
 pub use etcd::{EtcdOptions, EtcdStore, DEFAULT_ETCD_MAX_REQUEST_BYTES};
 pub use memory::{MemoryStore, DEFAULT_SHARDS};
 pub use model::{Session, SessionId, Timeout, TouchPolicy, MAX_ID_LEN, MAX_METADATA_LEN};
+pub use stats::{stats, StoreStats};
 
 /// Input a store rejects before touching any record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +114,14 @@ pub enum InvalidInput {
     ZeroVersion {
         /// The record's key.
         key: SessionId,
+    },
+    /// A store URI names a backend this build does not include.
+    #[error("{backend} store not built in{hint}")]
+    NotBuiltIn {
+        /// The backend (`disk`, `etcd`).
+        backend: String,
+        /// How to get it, e.g. ` (cargo feature `disk`)`; may be empty.
+        hint: String,
     },
 }
 
@@ -320,6 +332,16 @@ pub trait Store: Send + Sync {
     /// # Errors
     /// [`StoreError::NotFound`] when absent, deleted or expired.
     fn get(&self, id: &SessionId) -> Result<Session, StoreError>;
+
+    /// The record stored under `id` whatever its state — live, expired or tombstone —
+    /// exactly as [`Visibility::Raw`] scans return it, or `None` when no record is
+    /// stored (never written, or a tombstone a sweep has removed). Migration reads keys
+    /// with it (the relay copies the current record, deletes included; verify compares
+    /// records). It never touches and never writes.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] when the stored record cannot be decoded; backend errors.
+    fn get_raw(&self, id: &SessionId) -> Result<Option<Session>, StoreError>;
 
     /// Creates or replaces the record of `session.id` with a live session, at the stored
     /// version + 1 (1 when none). Returns what was stored.

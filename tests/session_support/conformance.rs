@@ -450,6 +450,40 @@ pub fn concurrent_compare_and_set_loses_no_update<S: Store + 'static>(make: impl
     assert_eq!(end.version, 1 + total);
 }
 
+pub fn get_raw_returns_every_stored_state<S: Store>(make: impl Fn(StoreOptions) -> S) {
+    let (store, clock) = plain(&make);
+    assert_eq!(store.get_raw(&id("none")).unwrap(), None);
+    let live = store.create(session("live", &clock, 60_000, b"l")).unwrap();
+    let short = store.create(session("short", &clock, 10, b"s")).unwrap();
+    store.create(session("dead", &clock, 60_000, b"d")).unwrap();
+    assert!(store.delete(&id("dead")).unwrap());
+    clock.advance_ms(11);
+    assert_eq!(store.get_raw(&id("live")).unwrap(), Some(live));
+    // Expired: not returned by get, returned raw as stored.
+    assert!(store.get(&id("short")).is_err());
+    assert_eq!(store.get_raw(&id("short")).unwrap(), Some(short));
+    let dead = store.get_raw(&id("dead")).unwrap().unwrap();
+    assert!(dead.tombstone);
+    assert_eq!(dead.version, 2);
+    // The same records as a raw scan, key by key.
+    for key in ["live", "short", "dead"] {
+        assert_eq!(store.get_raw(&id(key)).unwrap(), raw(&store, key), "{key}");
+    }
+    // get_raw writes nothing: no touch, no version change.
+    clock.advance_ms(50_000);
+    let again = store.get_raw(&id("live")).unwrap().unwrap();
+    assert_eq!((again.version, again.last_accessed), (1, T0));
+    // A batch-written record comes back exactly as given; a swept tombstone is gone.
+    let mut given = session("given", &clock, 5, b"g");
+    given.version = 41;
+    given.tombstone = true;
+    store.apply_batch_if_newer(vec![given.clone()]).unwrap();
+    assert_eq!(store.get_raw(&id("given")).unwrap(), Some(given));
+    clock.advance_ms(10_000);
+    store.sweep_expired(clock_now(&clock)).unwrap();
+    assert_eq!(store.get_raw(&id("dead")).unwrap(), None);
+}
+
 pub fn usable_as_trait_object<S: Store + 'static>(make: impl Fn(StoreOptions) -> S) {
     let (store, clock) = plain(&make);
     let store: Box<dyn Store> = Box::new(store);
@@ -481,6 +515,7 @@ macro_rules! store_conformance {
                 sweep_counts_and_tombstones,
                 bad_input_is_a_typed_error,
                 concurrent_compare_and_set_loses_no_update,
+                get_raw_returns_every_stored_state,
                 usable_as_trait_object,
             );
         }

@@ -17,6 +17,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
+use erlmcp_rollout::migrate::dual::{Migrator, MigratorConfig, RelayHandle};
+use erlmcp_rollout::migrate::outbox::Outbox;
+use erlmcp_rollout::migrate::phase::{FilePhaseStore, Phase};
+use erlmcp_rollout::migrate::MigrateError;
 use erlmcp_rollout::session::{
     Clock, DiskStore, MemoryStore, Session, SessionId, Store, StoreError, StoreOptions, SystemClock, Timeout,
     TouchPolicy, Visibility,
@@ -55,6 +59,17 @@ mod atoms {
         expired,
         tombstones,
         async_ = "async",
+        hybrid,
+        state_dir,
+        migration_phase,
+        shadow_sample,
+        gate,
+        migration,
+        off,
+        phase1,
+        phase2,
+        phase3,
+        cleanup,
     }
 }
 
@@ -88,7 +103,17 @@ pub struct StoreHandle {
     store: Arc<dyn Store>,
     /// Calls may wait for I/O: run them on a worker thread.
     blocking: bool,
+    /// For a dual-write migration (`{hybrid, Primary, Secondary}`).
+    hybrid: Option<Arc<Hybrid>>,
 }
+
+/// A dual-write migrator and its relay thread (stopped when the last handle goes).
+struct Hybrid {
+    migrator: Arc<Migrator>,
+    _relay: RelayHandle,
+}
+
+static HYBRIDS: LazyLock<Mutex<HashMap<PathBuf, Weak<Hybrid>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
 #[rustler::resource_impl]
 impl Resource for StoreHandle {}
@@ -392,6 +417,11 @@ fn session_open<'a>(env: Env<'a>, spec: Term<'a>, opts: Term<'a>) -> Term<'a> {
         Ok(o) => o,
         Err(e) => return (atoms::error(), (atoms::bad_option(), e)).encode(env),
     };
+    if let Some([tag, primary, secondary]) = triple(spec) {
+        if tag.decode::<Atom>().ok() == Some(atoms::hybrid()) {
+            return open_hybrid(env, primary, secondary, opts, &o);
+        }
+    }
     let (key, kind) = match decode_spec(spec, &o) {
         Ok(k) => k,
         Err(e) => return (atoms::error(), (atoms::bad_store(), e)).encode(env),
@@ -399,9 +429,253 @@ fn session_open<'a>(env: Env<'a>, spec: Term<'a>, opts: Term<'a>) -> Term<'a> {
     match open_shared(key, &o) {
         Ok(store) => {
             let blocking = kind != atoms::memory();
-            (atoms::ok(), ResourceArc::new(StoreHandle { store, blocking }), kind).encode(env)
+            let handle = StoreHandle {
+                store,
+                blocking,
+                hybrid: None,
+            };
+            (atoms::ok(), ResourceArc::new(handle), kind).encode(env)
         }
         Err(e) => (atoms::error(), error_term(env, &e)).encode(env),
+    }
+}
+
+fn triple(term: Term<'_>) -> Option<[Term<'_>; 3]> {
+    get_tuple(term).ok()?.try_into().ok()
+}
+
+fn phase_atom(p: Phase) -> Atom {
+    match p {
+        Phase::Off => atoms::off(),
+        Phase::Phase1 => atoms::phase1(),
+        Phase::Phase2 => atoms::phase2(),
+        Phase::Phase3 => atoms::phase3(),
+        Phase::Cleanup => atoms::cleanup(),
+    }
+}
+
+fn decode_phase(term: Term<'_>) -> Option<Phase> {
+    let a: Atom = term.decode().ok()?;
+    Phase::ALL.into_iter().find(|p| phase_atom(*p) == a)
+}
+
+fn migrate_error_term<'a>(env: Env<'a>, e: &MigrateError) -> Term<'a> {
+    match e {
+        MigrateError::Gate(g) => (atoms::gate(), g.to_string()).encode(env),
+        MigrateError::Store {
+            source: StoreError::Unavailable { .. },
+            ..
+        } => (atoms::unavailable(), e.to_string()).encode(env),
+        other => (atoms::migration(), other.to_string()).encode(env),
+    }
+}
+
+/// `{hybrid, Primary, Secondary}` with `state_dir` (outbox and phase file),
+/// optional `migration_phase` (the phase to be in: reached one gated step at
+/// a time from the saved one) and `shadow_sample`. One migrator per state
+/// directory in the VM.
+fn open_hybrid<'a>(env: Env<'a>, primary: Term<'a>, secondary: Term<'a>, opts: Term<'a>, o: &OpenOptions) -> Term<'a> {
+    let bad = |e: String| (atoms::error(), (atoms::bad_option(), e)).encode(env);
+    let mut state_dir = None;
+    let mut want_phase = None;
+    let mut shadow = None;
+    if let Some(iter) = rustler::types::map::MapIterator::new(opts) {
+        for (k, v) in iter {
+            let Ok(key) = k.decode::<Atom>() else { continue };
+            if key == atoms::state_dir() {
+                match path_text(v) {
+                    Some(p) if !p.is_empty() => state_dir = Some(PathBuf::from(p)),
+                    _ => return bad("state_dir must be a non-empty string or binary".into()),
+                }
+            } else if key == atoms::migration_phase() {
+                match decode_phase(v) {
+                    Some(p) => want_phase = Some(p),
+                    None => return bad("migration_phase must be off, phase1, phase2, phase3 or cleanup".into()),
+                }
+            } else if key == atoms::shadow_sample() {
+                match v.decode::<u64>() {
+                    Ok(n) => shadow = Some(n),
+                    Err(_) => return bad("shadow_sample must be a non-negative integer".into()),
+                }
+            }
+        }
+    }
+    let Some(dir) = state_dir else {
+        return bad("a hybrid store needs state_dir (its outbox and phase file live there)".into());
+    };
+    let dir = match dir.canonicalize() {
+        Ok(d) => d,
+        Err(e) => return bad(format!("state_dir {}: {e}", dir.display())),
+    };
+    let open_side = |spec: Term<'a>| -> Result<(Arc<dyn Store>, bool), Term<'a>> {
+        let (key, kind) = decode_spec(spec, o).map_err(|e| (atoms::error(), (atoms::bad_store(), e)).encode(env))?;
+        let store = open_shared(key, o).map_err(|e| (atoms::error(), error_term(env, &e)).encode(env))?;
+        Ok((store, kind != atoms::memory()))
+    };
+    let (p, p_blocking) = match open_side(primary) {
+        Ok(x) => x,
+        Err(t) => return t,
+    };
+    let (s, s_blocking) = match open_side(secondary) {
+        Ok(x) => x,
+        Err(t) => return t,
+    };
+    let mut registry = HYBRIDS.lock().unwrap_or_else(|p| p.into_inner());
+    registry.retain(|_, w| w.strong_count() > 0);
+    let hybrid = match registry.get(&dir).and_then(Weak::upgrade) {
+        Some(h) => h,
+        None => {
+            let mut config = MigratorConfig {
+                touch: o.touch,
+                clock: CLOCK.clone(),
+                ..MigratorConfig::default()
+            };
+            if let Some(n) = shadow {
+                config.shadow_sample = n;
+            }
+            let opened = Outbox::open(dir.join("outbox.redb")).and_then(|outbox| {
+                Migrator::open(
+                    p,
+                    s,
+                    outbox,
+                    Box::new(FilePhaseStore::new(dir.join("phase.json"))),
+                    config,
+                )
+            });
+            let migrator = match opened {
+                Ok(m) => Arc::new(m),
+                Err(e) => return (atoms::error(), migrate_error_term(env, &e)).encode(env),
+            };
+            let relay = migrator.start_relay();
+            let h = Arc::new(Hybrid {
+                migrator,
+                _relay: relay,
+            });
+            registry.insert(dir, Arc::downgrade(&h));
+            h
+        }
+    };
+    drop(registry);
+    if let Some(want) = want_phase {
+        if let Err(e) = move_to(&hybrid.migrator, want) {
+            return (atoms::error(), migrate_error_term(env, &e)).encode(env);
+        }
+    }
+    let handle = StoreHandle {
+        store: hybrid.migrator.clone(),
+        blocking: p_blocking || s_blocking,
+        hybrid: Some(hybrid),
+    };
+    (atoms::ok(), ResourceArc::new(handle), atoms::hybrid()).encode(env)
+}
+
+/// How long each gated step may wait for the outbox to drain.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Steps (gated) from the saved phase to `want`.
+fn move_to(m: &Migrator, want: Phase) -> Result<Phase, MigrateError> {
+    loop {
+        let now = m.phase();
+        if now == want {
+            return Ok(now);
+        }
+        if now < want {
+            m.advance(STEP_TIMEOUT)?;
+        } else {
+            m.rollback(STEP_TIMEOUT)?;
+        }
+    }
+}
+
+fn hybrid_of(handle: &StoreHandle) -> Result<&Arc<Hybrid>, String> {
+    handle
+        .hybrid
+        .as_ref()
+        .ok_or_else(|| "not a hybrid (migration) store".to_string())
+}
+
+/// `session_migration(Handle, Tag, Action, TimeoutMs)`, Action `advance |
+/// rollback | drain | {set, Phase}`: always on a worker. Replies `{ok,
+/// Phase}` (advance, rollback, set), `{ok, Moved}` (drain) or `{error,
+/// {gate | unavailable | migration, Message}}`.
+#[rustler::nif]
+fn session_migration<'a>(
+    env: Env<'a>,
+    handle: &StoreHandle,
+    tag: Term<'a>,
+    action: Term<'a>,
+    timeout_ms: u64,
+) -> Term<'a> {
+    let hybrid = match hybrid_of(handle) {
+        Ok(h) => h.clone(),
+        Err(e) => return invalid(env, &e),
+    };
+    let timeout = Duration::from_millis(timeout_ms);
+    enum Action {
+        Advance,
+        Rollback,
+        Drain,
+        Set(Phase),
+    }
+    let act = if let Ok(a) = action.decode::<Atom>() {
+        match a.to_term(env).atom_to_string().as_deref() {
+            Ok("advance") => Action::Advance,
+            Ok("rollback") => Action::Rollback,
+            Ok("drain") => Action::Drain,
+            _ => return invalid(env, "action must be advance, rollback, drain or {set, Phase}"),
+        }
+    } else {
+        match pair(action).and_then(|[t, p]| (t.atom_to_string().ok()? == "set").then_some(p)) {
+            Some(p) => match decode_phase(p) {
+                Some(p) => Action::Set(p),
+                None => {
+                    return invalid(
+                        env,
+                        "{set, Phase}: Phase must be off, phase1, phase2, phase3 or cleanup",
+                    )
+                }
+            },
+            None => return invalid(env, "action must be advance, rollback, drain or {set, Phase}"),
+        }
+    };
+    let pid: LocalPid = env.pid();
+    let mut owned = OwnedEnv::new();
+    let saved: SavedTerm = owned.save(tag);
+    let job: Job = Box::new(move || {
+        let m = &hybrid.migrator;
+        let result: Result<Result<Phase, usize>, MigrateError> = match act {
+            Action::Advance => m.advance(timeout).map(Ok),
+            Action::Rollback => m.rollback(timeout).map(Ok),
+            Action::Set(p) => move_to(m, p).map(Ok),
+            Action::Drain => m.drain(timeout).map(Err),
+        };
+        let _ = owned.send_and_clear(&pid, |env| {
+            let tag = saved.load(env);
+            let reply = match &result {
+                Ok(Ok(p)) => (atoms::ok(), phase_atom(*p)).encode(env),
+                Ok(Err(n)) => (atoms::ok(), *n).encode(env),
+                Err(e) => (atoms::error(), migrate_error_term(env, e)).encode(env),
+            };
+            (tag, reply)
+        });
+    });
+    match POOL.submit(job) {
+        Ok(()) => atoms::async_().encode(env),
+        Err(reason) => (atoms::error(), (atoms::unavailable(), reason.as_str()).encode(env)).encode(env),
+    }
+}
+
+/// `session_migration_status(Handle) -> {ok, Phase, Counters} | {error,
+/// {invalid, _}}`: the phase applied now and the migrator's counters (a map).
+#[rustler::nif(schedule = "DirtyIo")]
+fn session_migration_status<'a>(env: Env<'a>, handle: &StoreHandle) -> Term<'a> {
+    let hybrid = match hybrid_of(handle) {
+        Ok(h) => h,
+        Err(e) => return invalid(env, &e),
+    };
+    match hybrid.migrator.counters() {
+        Ok(c) => (atoms::ok(), phase_atom(c.phase), crate::flags::to_term(env, &c)).encode(env),
+        Err(e) => (atoms::error(), migrate_error_term(env, &e)).encode(env),
     }
 }
 

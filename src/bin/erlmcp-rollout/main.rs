@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod canary;
 mod ci;
 mod flags;
+mod sessions;
 
 /// Exit codes shared by every command.
 pub mod exit {
@@ -29,6 +30,12 @@ pub mod exit {
     /// `ci scope`: git failed (not a repository, unknown revision, no merge
     /// base, git missing).
     pub const GIT: u8 = 13;
+    /// `sessions get`: no record is stored under the id.
+    pub const NOT_FOUND: u8 = 14;
+    /// `sessions phase advance|rollback`: a gate refused the move; nothing changed.
+    pub const GATE: u8 = 15;
+    /// `sessions verify` / `migrate --verify`: the stores differ.
+    pub const DIFFERENCES: u8 = 16;
     /// `canary decide`: promote (the same as [`OK`]).
     pub const PROMOTE: u8 = OK;
 }
@@ -53,6 +60,9 @@ enum Command {
     /// CI helpers: which tests a change needs.
     #[command(subcommand)]
     Ci(ci::Command),
+    /// Session stores: inspect, migrate, verify, migration phases.
+    #[command(subcommand)]
+    Sessions(sessions::Command),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +71,7 @@ fn main() -> ExitCode {
         Command::Flags(cmd) => flags::run(cmd),
         Command::Canary(cmd) => canary::run(cmd),
         Command::Ci(cmd) => ci::run(cmd),
+        Command::Sessions(cmd) => sessions::run(cmd),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -92,6 +103,9 @@ fn error_code(e: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<ScopeError>().is_some() {
             return exit::GIT;
+        }
+        if let Some(erlmcp_rollout::migrate::MigrateError::Gate(_)) = cause.downcast_ref() {
+            return exit::GATE;
         }
     }
     exit::INVALID
