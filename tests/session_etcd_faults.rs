@@ -2,7 +2,8 @@
 //! acknowledged write, and a restarted member catches up. The cluster is this test's own.
 //!
 //! Prints the longest stall a writer saw (from a call's start to its acknowledgement,
-//! retries included); run with `--nocapture` to see it.
+//! retries included); run with `--nocapture` to see it. `ERLMCP_ETCD_KILL_ROUNDS=N`
+//! (default 1, ~10 s per round) repeats the leader kill N times.
 
 #![cfg(feature = "etcd")]
 
@@ -117,11 +118,35 @@ fn killing_the_leader_during_writes_loses_no_acknowledged_write_and_a_restarted_
         let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
         std::thread::spawn(move || counter(store, stop))
     };
-    std::thread::sleep(Duration::from_millis(1_500));
-    let leader = cluster.leader().expect("a leader");
-    cluster.kill(leader);
-    let killed_at = Instant::now();
-    std::thread::sleep(Duration::from_secs(4));
+    // ERLMCP_ETCD_KILL_ROUNDS=N (default 1): kill the leader N times, restarting the
+    // killed member between rounds while the writers keep going.
+    let rounds: usize = std::env::var("ERLMCP_ETCD_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut killed = Vec::new();
+    let mut killed_at = Instant::now();
+    for round in 0..rounds {
+        std::thread::sleep(Duration::from_millis(1_500));
+        let leader = (0..50)
+            .find_map(|_| {
+                cluster.leader().or_else(|| {
+                    std::thread::sleep(Duration::from_millis(100));
+                    None
+                })
+            })
+            .expect("a leader within 5 s");
+        cluster.kill(leader);
+        killed_at = Instant::now();
+        killed.push(leader + 1);
+        std::thread::sleep(Duration::from_secs(4));
+        if round + 1 < rounds {
+            cluster.restart(leader);
+            cluster.wait_healthy(Duration::from_secs(30));
+        }
+    }
+    let leader = killed[killed.len() - 1] - 1;
     stop.store(true, Ordering::Relaxed);
     let logs: Vec<WriterLog> = writers.into_iter().map(|h| h.join().unwrap()).collect();
     let (acked_increments, unknown_increments) = counter_thread.join().unwrap();
@@ -156,10 +181,9 @@ fn killing_the_leader_during_writes_loses_no_acknowledged_write_and_a_restarted_
     let unavailable: usize = logs.iter().map(|l| l.unavailable).sum();
     let writes: usize = logs.iter().map(|l| l.acked.len()).sum();
     eprintln!(
-        "leader n{} killed {:?} before the writers stopped: {keys} keys verified ({writes} distinct), \
-         counter {n} ({acked_increments} acked, {unknown_increments} unknown), longest stall {stall:?}, \
-         {unavailable} Unavailable answers retried",
-        leader + 1,
+        "{rounds} round(s), leaders killed {killed:?}, the last {:?} before the writers stopped: {keys} keys \
+         verified ({writes} distinct), counter {n} ({acked_increments} acked, {unknown_increments} unknown), \
+         longest stall {stall:?}, {unavailable} Unavailable answers retried",
         killed_at.elapsed()
     );
 
@@ -168,15 +192,18 @@ fn killing_the_leader_during_writes_loses_no_acknowledged_write_and_a_restarted_
     cluster.wait_healthy(Duration::from_secs(30));
     let expected = keys as u64 + 1; // + the counter
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let seen = cluster.member_count(leader, prefix);
-        if seen == Some(expected) {
-            break;
+    for member in 0..3 {
+        loop {
+            let seen = cluster.member_count(member, prefix);
+            if seen == Some(expected) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member n{} sees {seen:?} keys, expected {expected}",
+                member + 1
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(
-            Instant::now() < deadline,
-            "restarted member sees {seen:?} keys, expected {expected}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
