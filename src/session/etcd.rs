@@ -1,52 +1,4 @@
 //! [`EtcdStore`]: sessions in a replicated etcd cluster (feature `etcd`).
-//!
-//! # Layout
-//! One etcd key per session: `prefix ++ id bytes` (ids may be any bytes; etcd keys are
-//! bytes and order bytewise, so a range over the prefix is the [`Store::scan`] order). The
-//! value is the [`codec`] record, so `version`, `tombstone` and the times live in the value.
-//!
-//! # Writes
-//! Every write is one etcd `Txn` guarded on the key's `mod_revision` as read (or
-//! `create_revision == 0` when the key was absent): it applies only if nobody wrote the
-//! key since. A guard failure returns the current record in the same round trip and the
-//! decision is taken again (bounded). After an *indeterminate* error (the connection broke
-//! or timed out: the write may or may not have been committed) the store re-reads the key:
-//! if it holds exactly the bytes one of its attempts wrote, that attempt is the answer; if
-//! the key is unchanged, the attempt did not apply and is retried under the same guard (so
-//! at most one of the two can ever apply); if someone else changed the key meanwhile, an
-//! operation whose answer depends on the old value (`create`, `update_if_version`) returns
-//! [`StoreError::Unavailable`] ("outcome unknown"), the others decide again.
-//!
-//! To save a round trip, the store remembers the last record (and `mod_revision`) it read
-//! or wrote per key and guards a write on it; a stale guess only costs the failed guard.
-//!
-//! # Expiry and leases
-//! `last_accessed + timeout` in the value is the truth: the store clock decides what is
-//! live, so a [`ManualClock`](super::ManualClock) works. etcd leases are only garbage
-//! collection: each record is attached to a lease *shared by every record whose removal
-//! time falls in the same time bucket* (never one lease per session), where the removal
-//! time is `expiry + tombstone_retention_ms` for a live session and
-//! `deleted_at + tombstone_retention_ms` for a tombstone, so a lease never removes a record
-//! before it is expired *and* past the tombstone retention. Buckets are 1 minute wide for
-//! removal times up to 2 hours ahead, 1 hour up to 10 days, 1 day beyond; a lease's TTL is
-//! the time to its bucket's end plus one minute. Sessions with an infinite timeout (and
-//! removal times more than 10 years ahead) get no lease. The cluster should run with
-//! `--experimental-enable-lease-checkpoint` (and `-persist`) so a leader change does not
-//! reset TTLs; without it, a leader change only *extends* them.
-//!
-//! # Operating the cluster
-//! Every write is a new etcd revision and the store never compacts: run the cluster with
-//! `--auto-compaction-mode=periodic --auto-compaction-retention=1h` (as
-//! `scripts/etcd-cluster` does) or compact otherwise, and size `--quota-backend-bytes`
-//! for the sessions plus that history. Records larger than the cluster's
-//! `--max-request-bytes` are refused ([`EtcdOptions::max_request_bytes`]).
-//!
-//! # Failures
-//! The store keeps one connection per endpoint and sends each request to one member,
-//! moving to the next member when a request fails, so it fails over across the cluster.
-//! Each request has [`EtcdOptions::request_timeout`]; a call retries transport errors,
-//! timeouts and "no leader" until [`EtcdOptions::operation_timeout`] has passed, then
-//! returns [`StoreError::Unavailable`] naming the endpoints and the last error.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -130,8 +82,8 @@ impl Default for EtcdOptions {
 /// **Acknowledged** means committed by the etcd quorum: when a write method returns `Ok`,
 /// its txn was applied by the Raft log of a majority of members (each of which has
 /// fsynced it), so it survives the loss of any minority of members, the leader included.
-/// A [`StoreError::Unavailable`] write may or may not have been applied (see the module
-/// docs for how retries stay safe). Reads are linearizable (served through the leader's
+/// A [`StoreError::Unavailable`] write may or may not have been applied (see *Writes*
+/// below for how retries stay safe). Reads are linearizable (served through the leader's
 /// read index), so a read sees every write acknowledged before it started, whichever
 /// member answers.
 ///
@@ -141,6 +93,53 @@ impl Default for EtcdOptions {
 /// caller's thread waits on a channel) but blocks that runtime's worker: async callers
 /// should use `spawn_blocking`.
 ///
+/// # Layout
+/// One etcd key per session: `prefix ++ id bytes` (ids may be any bytes; etcd keys are
+/// bytes and order bytewise, so a range over the prefix is the [`Store::scan`] order). The
+/// value is the [`codec`] record, so `version`, `tombstone` and the times live in the value.
+///
+/// # Writes
+/// Every write is one etcd `Txn` guarded on the key's `mod_revision` as read (or
+/// `create_revision == 0` when the key was absent): it applies only if nobody wrote the
+/// key since. A guard failure returns the current record in the same round trip and the
+/// decision is taken again (bounded). After an *indeterminate* error (the connection broke
+/// or timed out: the write may or may not have been committed) the store re-reads the key:
+/// if it holds exactly the bytes one of its attempts wrote, that attempt is the answer; if
+/// the key is unchanged, the attempt did not apply and is retried under the same guard (so
+/// at most one of the two can ever apply); if someone else changed the key meanwhile, an
+/// operation whose answer depends on the old value (`create`, `update_if_version`) returns
+/// [`StoreError::Unavailable`] ("outcome unknown"), the others decide again.
+///
+/// To save a round trip, the store remembers the last record (and `mod_revision`) it read
+/// or wrote per key and guards a write on it; a stale guess only costs the failed guard.
+///
+/// # Expiry and leases
+/// `last_accessed + timeout` in the value is the truth: the store clock decides what is
+/// live, so a [`ManualClock`](super::ManualClock) works. etcd leases are only garbage
+/// collection: each record is attached to a lease *shared by every record whose removal
+/// time falls in the same time bucket* (never one lease per session), where the removal
+/// time is `expiry + tombstone_retention_ms` for a live session and
+/// `deleted_at + tombstone_retention_ms` for a tombstone, so a lease never removes a record
+/// before it is expired *and* past the tombstone retention. Buckets are 1 minute wide for
+/// removal times up to 2 hours ahead, 1 hour up to 10 days, 1 day beyond; a lease's TTL is
+/// the time to its bucket's end plus one minute. Sessions with an infinite timeout (and
+/// removal times more than 10 years ahead) get no lease. The cluster should run with
+/// `--experimental-enable-lease-checkpoint` (and `-persist`) so a leader change does not
+/// reset TTLs; without it, a leader change only *extends* them.
+///
+/// # Operating the cluster
+/// Every write is a new etcd revision and the store never compacts: run the cluster with
+/// `--auto-compaction-mode=periodic --auto-compaction-retention=1h` (as
+/// `scripts/etcd-cluster` does) or compact otherwise, and size `--quota-backend-bytes`
+/// for the sessions plus that history. Records larger than the cluster's
+/// `--max-request-bytes` are refused ([`EtcdOptions::max_request_bytes`]).
+///
+/// # Failures
+/// The store keeps one connection per endpoint and sends each request to one member,
+/// moving to the next member when a request fails, so it fails over across the cluster.
+/// Each request has [`EtcdOptions::request_timeout`]; a call retries transport errors,
+/// timeouts and "no leader" until [`EtcdOptions::operation_timeout`] has passed, then
+/// returns [`StoreError::Unavailable`] naming the endpoints and the last error.///
 /// # Examples
 /// ```no_run
 /// use erlmcp_rollout::session::{EtcdOptions, EtcdStore, Session, SessionId, Store, StoreOptions, Timeout};
@@ -510,7 +509,7 @@ impl Inner {
         leases.retain(|_, l| l.id != id);
     }
 
-    /// The write loop (see the module docs). `first` is what the caller already knows of
+    /// The write loop (see *Writes* in the [`EtcdStore`] docs). `first` is what the caller already knows of
     /// the key (`None`: use the remembered record or guess "absent"); `redo_safe` says
     /// whether `decide` may simply run again when the key changed after an indeterminate
     /// attempt.
