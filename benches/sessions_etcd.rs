@@ -7,6 +7,8 @@
 //!   last wrote, put with a lease, read back on failure), the store adds versioning,
 //!   encoding and its retry bookkeeping.
 //!
+//! - `etcd_store/apply_batch_64`: migration's write-if-newer, 64 new records per call
+//!   (no raw counterpart; records per second = 64 / time);
 //! - `*_16_threads/put`: the same puts from 16 threads at once (each thread its own keys),
 //!   where etcd batches concurrent proposals into one Raft round.
 //!
@@ -132,6 +134,22 @@ fn bench(c: &mut Criterion) {
             let resp = rt.block_on(kv.txn(txn)).unwrap();
             assert!(resp.succeeded());
             raw_revs[k] = resp.header().unwrap().revision();
+        })
+    });
+    // Migration's write path: batches of 64 new records (new keys, so every one is applied).
+    let mut next = 0u64;
+    g.bench_function("etcd_store/apply_batch_64", |b| {
+        b.iter(|| {
+            let batch: Vec<Session> = (0..64)
+                .map(|_| {
+                    next += 1;
+                    let mut s = session(&SessionId::new(format!("batch-{next:012}")).unwrap());
+                    s.version = 1;
+                    s
+                })
+                .collect();
+            let outcome = store.apply_batch_if_newer(batch).unwrap();
+            assert_eq!(outcome.applied, 64);
         })
     });
     g.finish();

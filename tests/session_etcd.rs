@@ -452,6 +452,23 @@ fn writes_whose_answer_was_lost_are_recognised_not_repeated() {
     let raw = observer.scan(None, 10, Visibility::Raw).unwrap().records;
     assert_eq!((&raw[0].id, raw[0].version, raw[0].tombstone), (&id("c"), 4, true));
 
+    // A batch (one multi-record txn) whose answer is lost: every record counts as applied,
+    // none as skipped, and each is stored exactly as given.
+    let (store, proxy) = store_behind_proxy(&prefix);
+    let batch: Vec<Session> = (0..10)
+        .map(|i| {
+            let mut s = fresh(&format!("b{i}"), &[i]);
+            s.version = 5;
+            s
+        })
+        .collect();
+    proxy.arm();
+    let outcome = store.apply_batch_if_newer(batch.clone()).unwrap();
+    assert_eq!((outcome.applied, outcome.skipped), (10, 0));
+    for s in &batch {
+        assert_eq!(&observer.get(&s.id).unwrap(), s);
+    }
+
     proxy.disarm();
 }
 

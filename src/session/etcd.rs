@@ -25,6 +25,9 @@ const REQUEST_OVERHEAD: usize = 512;
 /// Records fetched per range request of a scan or sweep.
 const SCAN_CHUNK: usize = 256;
 
+/// Records per multi-record txn of a batch (etcd's default `--max-txn-ops` is 128).
+const BATCH_TXN_RECORDS: usize = 64;
+
 /// Writes a sweep or a batch runs at once.
 const PARALLEL_WRITES: usize = 64;
 
@@ -509,6 +512,137 @@ impl Inner {
         leases.retain(|_, l| l.id != id);
     }
 
+    /// The guard of a write decided on `stored`: unchanged since it was read.
+    fn guard(key: Vec<u8>, stored: &Stored) -> Compare {
+        if stored.mod_rev == 0 {
+            Compare::create_revision(key, CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key, CompareOp::Equal, stored.mod_rev)
+        }
+    }
+
+    /// Write-if-newer of one record through the write loop; `true` when written.
+    async fn apply_one(&self, r: Session, first: Option<Stored>) -> Result<bool, StoreError> {
+        let id = r.id.clone();
+        self.write(&id, first, true, move |stored, _| {
+            if stored.is_some_and(|s| s.version >= r.version) {
+                Ok(Step::Done(false))
+            } else {
+                Ok(Step::Write(r.clone(), true))
+            }
+        })
+        .await
+    }
+
+    /// Write-if-newer of records with distinct keys in one txn: each record's decision is
+    /// taken on the remembered record of its key (or "absent") and the txn is guarded on
+    /// all of them, so it applies only if every decision was right. Otherwise (a guard
+    /// failed, the request is too large, a lease vanished, or the answer was lost) the
+    /// records go one by one; after a lost answer, a record found stored exactly as this
+    /// txn would have written it counts as applied.
+    async fn apply_chunk(&self, chunk: Vec<Session>) -> Result<BatchOutcome, StoreError> {
+        let deadline = Instant::now() + self.etcd.operation_timeout;
+        let now = self.now();
+        let mut compares = Vec::with_capacity(chunk.len());
+        let mut puts = Vec::new();
+        let mut written: Vec<(SessionId, Arc<[u8]>)> = Vec::new();
+        let mut skipped = 0;
+        let mut size = REQUEST_OVERHEAD;
+        let mut one_by_one = false;
+        for r in &chunk {
+            let key = self.key(&r.id);
+            let guess = self.guess(&r.id);
+            size += key.len();
+            compares.push(Self::guard(key.clone(), &guess));
+            if guess.session.as_ref().is_some_and(|s| s.version >= r.version) {
+                skipped += 1;
+                continue;
+            }
+            let bytes: Arc<[u8]> = codec::encode(r)?.into();
+            let max = self.max_record(key.len());
+            if bytes.len() > max {
+                return Err(InvalidInput::RecordTooLarge {
+                    key: r.id.clone(),
+                    len: bytes.len(),
+                    max,
+                }
+                .into());
+            }
+            size += key.len() + bytes.len() + 16;
+            let lease = match self.lease_for(r, now, deadline).await {
+                Ok(lease) => lease,
+                Err(_) => {
+                    one_by_one = true;
+                    break;
+                }
+            };
+            let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+            puts.push(TxnOp::put(key, bytes.to_vec(), opts));
+            written.push((r.id.clone(), bytes));
+        }
+        let mut lost: HashMap<SessionId, Arc<[u8]>> = HashMap::new();
+        if !one_by_one && size <= self.etcd.max_request_bytes {
+            let txn = Txn::new().when(compares).and_then(puts);
+            match self
+                .request(deadline, |mut kv, _| async move { kv.txn(txn).await })
+                .await
+            {
+                Ok(resp) if resp.succeeded() => {
+                    let rev = resp.header().map_or(0, |h| h.revision());
+                    for (id, bytes) in &written {
+                        if rev > 0 {
+                            self.remember(
+                                id,
+                                &Stored {
+                                    session: codec::decode(bytes).ok(),
+                                    raw: Some(bytes.clone()),
+                                    mod_rev: rev,
+                                    guessed: true,
+                                },
+                            );
+                        } else {
+                            self.forget(id);
+                        }
+                    }
+                    return Ok(BatchOutcome {
+                        applied: written.len(),
+                        skipped,
+                    });
+                }
+                Ok(_) => {}
+                Err(Failure::Transient(_)) => lost = written.into_iter().collect(),
+                Err(Failure::LeaseNotFound) => self.leases.lock().unwrap_or_else(PoisonError::into_inner).clear(),
+                Err(Failure::TooLarge(_)) => {}
+                Err(Failure::Rejected(reason)) => {
+                    return Err(self.unavailable("writing a batch", format!("rejected: {reason}")))
+                }
+            }
+        }
+        let mut outcome = BatchOutcome::default();
+        for r in chunk {
+            let first = match lost.get(&r.id) {
+                Some(bytes) => {
+                    let stored = self.read(&r.id, deadline).await?;
+                    if stored.raw.as_ref() == Some(bytes) {
+                        outcome.applied += 1;
+                        continue;
+                    }
+                    Some(stored)
+                }
+                None => {
+                    self.forget(&r.id);
+                    None
+                }
+            };
+            if self.apply_one(r, first).await? {
+                outcome.applied += 1;
+            } else {
+                outcome.skipped += 1;
+            }
+        }
+        Ok(outcome)
+    }
+
     /// The write loop (see *Writes* in the [`EtcdStore`] docs). `first` is what the caller already knows of
     /// the key (`None`: use the remembered record or guess "absent"); `redo_safe` says
     /// whether `decide` may simply run again when the key changed after an indeterminate
@@ -593,11 +727,7 @@ impl Inner {
                 }
                 Step::Remove(answer) => (TxnOp::delete(key.clone(), None), None, answer),
             };
-            let guard = if cur.mod_rev == 0 {
-                Compare::create_revision(key.clone(), CompareOp::Equal, 0)
-            } else {
-                Compare::mod_revision(key.clone(), CompareOp::Equal, cur.mod_rev)
-            };
+            let guard = Self::guard(key.clone(), &cur);
             let txn = Txn::new()
                 .when([guard])
                 .and_then([op])
@@ -1107,50 +1237,60 @@ impl Store for EtcdStore {
         })
     }
 
-    /// Each record is its own guarded txn, committed by the etcd quorum when it is counted
-    /// as applied (up to 64 in flight; records of one key in batch order).
+    /// Records with distinct keys go 64 to a txn guarded on every key (one Raft commit for
+    /// all of them), falling back to one guarded txn per record when a guard fails; a
+    /// record counted as applied is committed by the etcd quorum. Batches that repeat a
+    /// key apply record by record, each key's records in batch order.
     fn apply_batch_if_newer(&self, records: Vec<Session>) -> Result<BatchOutcome, StoreError> {
         validate_batch(&records)?;
         let inner = Arc::clone(&self.inner);
         self.run(async move {
-            // One lane per key, in batch order, so repeated keys apply as listed.
-            let mut lanes: Vec<Vec<Session>> = Vec::new();
-            let mut lane_of: HashMap<SessionId, usize> = HashMap::new();
-            for r in records {
-                let i = *lane_of.entry(r.id.clone()).or_insert_with(|| {
-                    lanes.push(Vec::new());
-                    lanes.len() - 1
-                });
-                lanes[i].push(r);
-            }
-            let jobs = lanes
-                .into_iter()
-                .map(|lane| {
-                    let inner = Arc::clone(&inner);
-                    Box::pin(async move {
-                        let mut outcome = BatchOutcome::default();
-                        for r in lane {
-                            let id = r.id.clone();
-                            let applied = inner
-                                .write(&id, None, true, move |stored, _| {
-                                    if stored.is_some_and(|s| s.version >= r.version) {
-                                        Ok(Step::Done(false))
-                                    } else {
-                                        Ok(Step::Write(r.clone(), true))
-                                    }
-                                })
-                                .await?;
-                            if applied {
-                                outcome.applied += 1;
-                            } else {
-                                outcome.skipped += 1;
-                            }
-                        }
-                        Ok(outcome)
+            let mut seen = std::collections::HashSet::with_capacity(records.len());
+            let distinct = records.iter().all(|r| seen.insert(r.id.clone()));
+            let jobs: Vec<Job<BatchOutcome>> = if distinct {
+                // Up to 64 records per txn.
+                let mut chunks = Vec::new();
+                let mut rest = records;
+                while !rest.is_empty() {
+                    let tail = rest.split_off(rest.len().min(BATCH_TXN_RECORDS));
+                    chunks.push(std::mem::replace(&mut rest, tail));
+                }
+                chunks
+                    .into_iter()
+                    .map(|chunk| {
+                        let inner = Arc::clone(&inner);
+                        Box::pin(async move { inner.apply_chunk(chunk).await }) as Job<BatchOutcome>
                     })
-                        as std::pin::Pin<Box<dyn Future<Output = Result<BatchOutcome, StoreError>> + Send>>
-                })
-                .collect();
+                    .collect()
+            } else {
+                // One lane per key, in batch order, so repeated keys apply as listed.
+                let mut lanes: Vec<Vec<Session>> = Vec::new();
+                let mut lane_of: HashMap<SessionId, usize> = HashMap::new();
+                for r in records {
+                    let i = *lane_of.entry(r.id.clone()).or_insert_with(|| {
+                        lanes.push(Vec::new());
+                        lanes.len() - 1
+                    });
+                    lanes[i].push(r);
+                }
+                lanes
+                    .into_iter()
+                    .map(|lane| {
+                        let inner = Arc::clone(&inner);
+                        Box::pin(async move {
+                            let mut outcome = BatchOutcome::default();
+                            for r in lane {
+                                if inner.apply_one(r, None).await? {
+                                    outcome.applied += 1;
+                                } else {
+                                    outcome.skipped += 1;
+                                }
+                            }
+                            Ok(outcome)
+                        }) as Job<BatchOutcome>
+                    })
+                    .collect()
+            };
             let outcomes = inner.parallel(jobs).await?;
             Ok(outcomes.into_iter().fold(BatchOutcome::default(), |a, b| BatchOutcome {
                 applied: a.applied + b.applied,
