@@ -392,6 +392,10 @@ mod blackhole_proxy;
 /// A store whose first endpoint is a proxy to member 0 (then members 1 and 2 directly),
 /// with short timeouts; the proxy's connection is established before it is returned.
 fn store_behind_proxy(prefix: &str) -> (EtcdStore, blackhole_proxy::Proxy) {
+    store_behind_proxy_with(prefix, StoreOptions::with_clock(ManualClock::new(T0)))
+}
+
+fn store_behind_proxy_with(prefix: &str, opts: StoreOptions) -> (EtcdStore, blackhole_proxy::Proxy) {
     let endpoints = etcd_cluster::shared().endpoints();
     let proxy = blackhole_proxy::Proxy::start(endpoints[0].trim_start_matches("http://"));
     let etcd = EtcdOptions {
@@ -403,7 +407,7 @@ fn store_behind_proxy(prefix: &str) -> (EtcdStore, blackhole_proxy::Proxy) {
         &[proxy.url(), endpoints[1].clone(), endpoints[2].clone()],
         prefix,
         etcd,
-        StoreOptions::with_clock(ManualClock::new(T0)),
+        opts,
     )
     .unwrap();
     (store, proxy)
@@ -492,4 +496,43 @@ fn an_etcd_store_uri_opens_the_cluster_under_its_prefix() {
     )
     .unwrap();
     assert_eq!(direct.get(&id("via-uri")).unwrap(), s);
+}
+
+#[test]
+fn a_sweep_whose_answer_was_lost_counts_what_it_changed() {
+    let prefix = etcd_cluster::unique_prefix();
+    let clock = ManualClock::new(T0);
+    let opts = StoreOptions {
+        tombstone_retention_ms: 5,
+        ..StoreOptions::with_clock(clock.clone())
+    };
+    let (store, proxy) = store_behind_proxy_with(&prefix, opts);
+    for i in 0..5 {
+        store
+            .create(Session::new(id(&format!("s{i}")), T0, Timeout::ms(10).unwrap(), vec![]))
+            .unwrap();
+    }
+    store
+        .create(Session::new(id("old"), T0, Timeout::Infinity, vec![]))
+        .unwrap();
+    store.delete(&id("old")).unwrap(); // also grants the tombstones' bucket lease before arming
+    clock.advance_ms(20);
+    // The sweep's small range read gets its answer; its large txn (six records) does not.
+    // (Were the read over the threshold, the store would move to another member and the
+    // txn would not be lost: the counts would still be right, the path merely untested.)
+    proxy.arm_after_request_bytes(400);
+    let outcome = store.sweep_expired(T0 + 20).unwrap();
+    assert_eq!((outcome.expired, outcome.tombstones), (5, 1));
+    let observer = EtcdStore::connect(
+        &etcd_cluster::shared().endpoints(),
+        prefix,
+        EtcdOptions::default(),
+        StoreOptions::with_clock(ManualClock::new(T0 + 20)),
+    )
+    .unwrap();
+    let raw = observer.scan(None, 10, Visibility::Raw).unwrap().records;
+    assert_eq!(raw.len(), 5, "the old tombstone is gone: {raw:?}");
+    assert!(raw
+        .iter()
+        .all(|s| s.tombstone && s.version == 2 && s.last_accessed == T0 + 20));
 }

@@ -903,6 +903,152 @@ impl Inner {
     }
 }
 
+/// What a sweep at `now_ms` changes.
+#[derive(Clone, Copy)]
+struct SweepRule {
+    now_ms: i64,
+    retention: i128,
+}
+
+impl SweepRule {
+    /// A tombstone older than the retention: removed.
+    fn purgeable(&self, s: &Session) -> bool {
+        s.tombstone && i128::from(self.now_ms) - i128::from(s.last_accessed) > self.retention
+    }
+
+    /// A live record expired at `now_ms`: tombstoned.
+    fn expired(&self, s: &Session) -> bool {
+        !s.tombstone && s.is_expired(self.now_ms)
+    }
+
+    fn applies(&self, s: &Session) -> bool {
+        self.purgeable(s) || self.expired(s)
+    }
+
+    /// The change for the record as stored now: (write, counts).
+    fn step(&self, stored: Option<&Session>) -> Step<SweepOutcome> {
+        match stored {
+            Some(s) if self.purgeable(s) => Step::Remove(SweepOutcome {
+                expired: 0,
+                tombstones: 1,
+            }),
+            Some(s) if self.expired(s) => {
+                let mut s = s.clone();
+                s.bury(self.now_ms);
+                Step::Write(
+                    s,
+                    SweepOutcome {
+                        expired: 1,
+                        tombstones: 0,
+                    },
+                )
+            }
+            _ => Step::Done(SweepOutcome::default()),
+        }
+    }
+}
+
+impl Inner {
+    /// Sweeps records just scanned (distinct keys) in one txn guarded on every key's
+    /// `mod_revision` as scanned; when a guard fails (a key changed since), the answer is
+    /// lost or the request is too large, the records go one by one through the write loop.
+    async fn sweep_chunk(&self, chunk: Vec<(Session, Stored)>, rule: SweepRule) -> Result<SweepOutcome, StoreError> {
+        let deadline = Instant::now() + self.etcd.operation_timeout;
+        let now = self.now();
+        let mut compares = Vec::with_capacity(chunk.len());
+        let mut ops = Vec::with_capacity(chunk.len());
+        // Per record: what the txn writes (None: a removal) and what it counts.
+        let mut plans: Vec<(Option<Arc<[u8]>>, SweepOutcome)> = Vec::with_capacity(chunk.len());
+        let mut size = REQUEST_OVERHEAD;
+        let mut one_by_one = false;
+        for (s, stored) in &chunk {
+            let key = self.key(&s.id);
+            size += 2 * key.len() + 16;
+            compares.push(Self::guard(key.clone(), stored));
+            match rule.step(Some(s)) {
+                Step::Remove(counts) => {
+                    ops.push(TxnOp::delete(key, None));
+                    plans.push((None, counts));
+                }
+                Step::Write(record, counts) => {
+                    let bytes: Arc<[u8]> = codec::encode(&record)?.into();
+                    size += bytes.len();
+                    let Ok(lease) = self.lease_for(&record, now, deadline).await else {
+                        one_by_one = true;
+                        break;
+                    };
+                    let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+                    ops.push(TxnOp::put(key, bytes.to_vec(), opts));
+                    plans.push((Some(bytes), counts));
+                }
+                Step::Done(counts) => plans.push((None, counts)),
+            }
+        }
+        let mut lost = false;
+        if !one_by_one && size <= self.etcd.max_request_bytes {
+            let txn = Txn::new().when(compares).and_then(ops);
+            match self
+                .request(deadline, |mut kv, _| async move { kv.txn(txn).await })
+                .await
+            {
+                Ok(resp) if resp.succeeded() => {
+                    let rev = resp.header().map_or(0, |h| h.revision());
+                    let mut outcome = SweepOutcome::default();
+                    for ((s, _), (bytes, counts)) in chunk.iter().zip(&plans) {
+                        outcome.expired += counts.expired;
+                        outcome.tombstones += counts.tombstones;
+                        match bytes {
+                            Some(b) if rev > 0 => self.remember(
+                                &s.id,
+                                &Stored {
+                                    session: codec::decode(b).ok(),
+                                    raw: Some(b.clone()),
+                                    mod_rev: rev,
+                                    guessed: true,
+                                },
+                            ),
+                            Some(_) => self.forget(&s.id),
+                            None => self.remember(&s.id, &Stored::absent(true)),
+                        }
+                    }
+                    return Ok(outcome);
+                }
+                Ok(_) | Err(Failure::TooLarge(_)) => {}
+                Err(Failure::LeaseNotFound) => self.leases.lock().unwrap_or_else(PoisonError::into_inner).clear(),
+                Err(Failure::Transient(_)) => lost = true,
+                Err(Failure::Rejected(reason)) => {
+                    return Err(self.unavailable("sweeping", format!("rejected: {reason}")))
+                }
+            }
+        }
+        let mut outcome = SweepOutcome::default();
+        for (i, (s, stored)) in chunk.into_iter().enumerate() {
+            let first = if lost {
+                let now_stored = self.read(&s.id, deadline).await?;
+                // The txn's own change, committed before its answer was lost: the key moved
+                // on from the scanned revision to exactly what the txn wrote (or is gone).
+                if let Some((bytes, counts)) = plans.get(i) {
+                    let ours = now_stored.mod_rev != stored.mod_rev && now_stored.raw.as_ref() == bytes.as_ref();
+                    if ours && counts.expired + counts.tombstones > 0 {
+                        outcome.expired += counts.expired;
+                        outcome.tombstones += counts.tombstones;
+                        continue;
+                    }
+                }
+                now_stored
+            } else {
+                stored
+            };
+            let o = self
+                .write(&s.id, Some(first), true, move |stored, _| Ok(rule.step(stored)))
+                .await?;
+            outcome.expired += o.expired;
+            outcome.tombstones += o.tombstones;
+        }
+        Ok(outcome)
+    }
+}
+
 fn collect<T>(
     done: Result<Result<T, StoreError>, tokio::task::JoinError>,
     out: &mut Vec<T>,
@@ -1299,16 +1445,17 @@ impl Store for EtcdStore {
         })
     }
 
-    /// Pages through the prefix (256 keys per read); each change is its own guarded txn
-    /// (a tombstone put, or the removal of an old tombstone), counted once it is committed
-    /// by the etcd quorum. A key changed meanwhile is decided again on its new value.
+    /// Pages through the prefix (256 keys per read); the changes of a page (tombstone puts,
+    /// removals of old tombstones) go up to 64 to a txn guarded on each key's
+    /// `mod_revision` as scanned, counted once committed by the etcd quorum. A key changed
+    /// meanwhile is decided again on its new value, one by one.
     fn sweep_expired(&self, now_ms: i64) -> Result<SweepOutcome, StoreError> {
         let inner = Arc::clone(&self.inner);
         self.run(async move {
-            let retention = i128::from(inner.options.tombstone_retention_ms);
-            let expired_at = move |s: &Session| !s.tombstone && s.is_expired(now_ms);
-            let purgeable =
-                move |s: &Session| s.tombstone && i128::from(now_ms) - i128::from(s.last_accessed) > retention;
+            let rule = SweepRule {
+                now_ms,
+                retention: i128::from(inner.options.tombstone_retention_ms),
+            };
             let mut outcome = SweepOutcome::default();
             let mut after = None;
             loop {
@@ -1317,30 +1464,23 @@ impl Store for EtcdStore {
                     .scan(after.clone(), SCAN_CHUNK, Visibility::Raw, now_ms, deadline)
                     .await?;
                 after = page.last().map(|(s, _)| s.id.clone());
-                let jobs = page
+                let due: Vec<(Session, Stored)> = page.into_iter().filter(|(s, _)| rule.applies(s)).collect();
+                let mut chunks = Vec::new();
+                let mut rest = due;
+                while !rest.is_empty() {
+                    let tail = rest.split_off(rest.len().min(BATCH_TXN_RECORDS));
+                    chunks.push(std::mem::replace(&mut rest, tail));
+                }
+                let jobs = chunks
                     .into_iter()
-                    .filter(|(s, _)| expired_at(s) || purgeable(s))
-                    .map(|(s, stored)| {
+                    .map(|chunk| {
                         let inner = Arc::clone(&inner);
-                        Box::pin(async move {
-                            inner
-                                .write(&s.id, Some(stored), true, move |stored, _| match stored {
-                                    Some(s) if purgeable(s) => Ok(Step::Remove((0usize, 1usize))),
-                                    Some(s) if expired_at(s) => {
-                                        let mut s = s.clone();
-                                        s.bury(now_ms);
-                                        Ok(Step::Write(s, (1, 0)))
-                                    }
-                                    _ => Ok(Step::Done((0, 0))),
-                                })
-                                .await
-                        })
-                            as std::pin::Pin<Box<dyn Future<Output = Result<(usize, usize), StoreError>> + Send>>
+                        Box::pin(async move { inner.sweep_chunk(chunk, rule).await }) as Job<SweepOutcome>
                     })
                     .collect();
-                for (expired, tombstones) in inner.parallel(jobs).await? {
-                    outcome.expired += expired;
-                    outcome.tombstones += tombstones;
+                for o in inner.parallel(jobs).await? {
+                    outcome.expired += o.expired;
+                    outcome.tombstones += o.tombstones;
                 }
                 if !more {
                     return Ok(outcome);

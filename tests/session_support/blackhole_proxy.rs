@@ -7,12 +7,25 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// Response bytes are dropped once the client has sent at least `threshold` bytes since
+/// the proxy was armed (`usize::MAX`: never).
+struct Switch {
+    threshold: AtomicUsize,
+    sent: AtomicUsize,
+}
+
+impl Switch {
+    fn dropping(&self) -> bool {
+        self.sent.load(Ordering::SeqCst) >= self.threshold.load(Ordering::SeqCst)
+    }
+}
 
 pub struct Proxy {
     addr: SocketAddr,
-    armed: Arc<AtomicBool>,
+    switch: Arc<Switch>,
 }
 
 impl Proxy {
@@ -20,9 +33,12 @@ impl Proxy {
     pub fn start(upstream: &str) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let armed = Arc::new(AtomicBool::new(false));
+        let switch = Arc::new(Switch {
+            threshold: AtomicUsize::new(usize::MAX),
+            sent: AtomicUsize::new(0),
+        });
         let upstream = upstream.to_string();
-        let flag = Arc::clone(&armed);
+        let flag = Arc::clone(&switch);
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
@@ -30,12 +46,13 @@ impl Proxy {
                     continue;
                 };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pump(client, server, None));
-                let flag = Arc::clone(&flag);
-                std::thread::spawn(move || pump(s2, c2, Some(flag)));
+                let up = Arc::clone(&flag);
+                std::thread::spawn(move || pump(client, server, Direction::Request(up)));
+                let down = Arc::clone(&flag);
+                std::thread::spawn(move || pump(s2, c2, Direction::Response(down)));
             }
         });
-        Proxy { addr, armed }
+        Proxy { addr, switch }
     }
 
     pub fn url(&self) -> String {
@@ -44,24 +61,45 @@ impl Proxy {
 
     /// From now on, answers are dropped.
     pub fn arm(&self) {
-        self.armed.store(true, Ordering::SeqCst);
+        self.arm_after_request_bytes(0);
+    }
+
+    /// Answers are dropped once the client has sent `n` more bytes: small requests still
+    /// get through, and the first large one loses its answer.
+    pub fn arm_after_request_bytes(&self, n: usize) {
+        self.switch.sent.store(0, Ordering::SeqCst);
+        self.switch.threshold.store(n, Ordering::SeqCst);
     }
 
     pub fn disarm(&self) {
-        self.armed.store(false, Ordering::SeqCst);
+        self.switch.threshold.store(usize::MAX, Ordering::SeqCst);
     }
 }
 
-/// Copies `from` to `to`; while `drop_when` is set, reads and discards instead.
-fn pump(mut from: TcpStream, mut to: TcpStream, drop_when: Option<Arc<AtomicBool>>) {
+enum Direction {
+    /// Client to etcd: counted.
+    Request(Arc<Switch>),
+    /// etcd to client: dropped while the switch says so.
+    Response(Arc<Switch>),
+}
+
+/// Copies `from` to `to`, counting requests and dropping responses as the switch says.
+fn pump(mut from: TcpStream, mut to: TcpStream, direction: Direction) {
     let mut buf = [0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if drop_when.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
-            continue;
+        match &direction {
+            Direction::Request(switch) => {
+                switch.sent.fetch_add(n, Ordering::SeqCst);
+            }
+            Direction::Response(switch) => {
+                if switch.dropping() {
+                    continue;
+                }
+            }
         }
         if to.write_all(&buf[..n]).is_err() {
             break;
