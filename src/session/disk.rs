@@ -338,7 +338,8 @@ impl DiskStore {
                     state.committing = false;
                     state.queue.first().map(|job| job.waiter().clone())
                 };
-                for t in done.iter().chain(&next_leader) {
+                // The next leader first: the disk should not wait for the wake-ups.
+                for t in next_leader.iter().chain(&done) {
                     if t.id() != me.id() {
                         t.unpark();
                     }
