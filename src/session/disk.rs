@@ -29,10 +29,10 @@ const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions")
 /// **Acknowledged** means durable. A write method returns only after the redb write
 /// transaction that ran it has been committed with `Durability::Immediate` (flushed with
 /// fsync), or has failed. So `Ok` means the write survives a process crash (`kill -9`)
-/// and a power loss; a refusal that reports on stored state ([`StoreError::AlreadyExists`],
-/// [`StoreError::Conflict`], [`StoreError::NotFound`]) was decided on state that is
-/// durable when it is returned. [`StoreError::Invalid`] input is rejected before anything
-/// is queued.
+/// and a power loss. Refusals decided inside the transaction ([`StoreError::AlreadyExists`],
+/// [`StoreError::Conflict`], [`StoreError::NotFound`]) are also returned only once it is
+/// durable, since they may rest on writes earlier in the same commit.
+/// [`StoreError::Invalid`] input is rejected before anything is queued.
 ///
 /// **Group commit.** Concurrent writers share commits: each write is an operation queued
 /// for the next commit; one writer (the leader) runs every queued operation in order in
@@ -327,11 +327,13 @@ impl DiskStore {
                 state.committing = true;
                 let mut batch = std::mem::take(&mut state.queue);
                 drop(state);
-                let commit = catch_unwind(AssertUnwindSafe(|| self.commit_batch(&mut batch))).unwrap_or_else(|_| {
-                    Err(StoreError::Unavailable {
-                        reason: "a panic interrupted the group commit; nothing in it is acknowledged".into(),
+                let commit = catch_unwind(AssertUnwindSafe(|| self.commit_batch(&mut batch)))
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable {
+                            reason: "a panic interrupted it".into(),
+                        })
                     })
-                });
+                    .map_err(commit_failed);
                 let done: Vec<Thread> = batch.into_iter().map(|job| job.finish(&commit)).collect();
                 let next_leader = {
                     let mut state = lock(&self.group.state);
@@ -356,7 +358,7 @@ impl DiskStore {
     /// Runs `batch` in one write transaction and commits it durably.
     fn commit_batch(&self, batch: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
         let now = self.options.clock.now_unix_ms();
-        let mut txn = self.db.begin_write().map_err(|e| commit_failed(unavailable(e)))?;
+        let mut txn = self.db.begin_write().map_err(unavailable)?;
         let planned = txn
             .set_durability(Durability::Immediate)
             .map_err(|e| unavailable(redb::Error::from(e)))
@@ -370,11 +372,11 @@ impl DiskStore {
                 Ok(())
             });
         match planned {
-            Ok(()) => txn.commit().map_err(|e| commit_failed(unavailable(e))),
+            Ok(()) => txn.commit().map_err(unavailable),
             Err(e) => {
                 // Best effort: an abort that fails leaves nothing committed either.
                 let _ = txn.abort();
-                Err(commit_failed(e))
+                Err(e)
             }
         }
     }
