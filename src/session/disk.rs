@@ -11,8 +11,7 @@
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::Thread;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, Table, TableDefinition};
 
@@ -166,22 +165,66 @@ trait Job: Send {
     /// result and returns its writes if it succeeded.
     fn plan(&mut self, table: &SessionTable<'_>, now: i64) -> Option<Writes>;
 
-    /// Hands the caller its result: the operation's own when the commit succeeded,
-    /// `Unavailable` when it failed. Returns the caller's thread, to wake it.
-    fn finish(self: Box<Self>, commit: &Result<(), StoreError>) -> Thread;
+    /// Hands the caller its result and wakes it: the operation's own result when the
+    /// commit succeeded, `Unavailable` when it failed.
+    fn finish(self: Box<Self>, commit: &Result<(), StoreError>);
 
-    /// The thread waiting for this operation.
-    fn waiter(&self) -> &Thread;
+    /// Wakes the waiting caller to lead the next commit.
+    fn kick(&self);
 }
 
-/// Where a waiting writer finds its result.
-struct Slot<T>(Mutex<Option<Result<T, StoreError>>>);
+/// Where a waiting writer finds its result, or is told to lead.
+struct Slot<T> {
+    state: Mutex<SlotState<T>>,
+    wake: Condvar,
+}
+
+struct SlotState<T> {
+    result: Option<Result<T, StoreError>>,
+    /// Leadership is free and this writer is first in the queue.
+    kicked: bool,
+}
+
+impl<T> Slot<T> {
+    fn new() -> Self {
+        Slot {
+            state: Mutex::new(SlotState {
+                result: None,
+                kicked: false,
+            }),
+            wake: Condvar::new(),
+        }
+    }
+
+    fn take_result(&self) -> Option<Result<T, StoreError>> {
+        lock(&self.state).result.take()
+    }
+
+    /// Sets the result unless one is there, and wakes the writer.
+    fn answer(&self, result: Result<T, StoreError>) {
+        let mut state = lock(&self.state);
+        if state.result.is_none() {
+            state.result = Some(result);
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Waits until the result is in or the writer is told to lead.
+    fn wait(&self) {
+        let mut state = lock(&self.state);
+        while state.result.is_none() && !state.kicked {
+            state = self.wake.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        state.kicked = false;
+    }
+}
 
 struct Op<T, F> {
     f: Option<F>,
     result: Option<Result<T, StoreError>>,
     slot: Arc<Slot<T>>,
-    waiter: Thread,
+    answered: bool,
 }
 
 impl<T, F> Job for Op<T, F>
@@ -207,7 +250,7 @@ where
         }
     }
 
-    fn finish(mut self: Box<Self>, commit: &Result<(), StoreError>) -> Thread {
+    fn finish(mut self: Box<Self>, commit: &Result<(), StoreError>) {
         let result = match (commit, self.result.take()) {
             (Ok(()), Some(r)) => r,
             (Err(e), _) => Err(e.clone()),
@@ -215,31 +258,30 @@ where
                 reason: "the write was not run by the group commit".into(),
             }),
         };
-        *lock(&self.slot.0) = Some(result);
-        self.waiter.clone()
+        self.slot.answer(result);
+        self.answered = true;
     }
 
-    fn waiter(&self) -> &Thread {
-        &self.waiter
+    fn kick(&self) {
+        lock(&self.slot.state).kicked = true;
+        self.slot.wake.notify_one();
     }
 }
 
 impl<T, F> Drop for Op<T, F> {
     /// A job dropped without [`Job::finish`] (a leader that unwound) still answers.
     fn drop(&mut self) {
-        let mut slot = lock(&self.slot.0);
-        if slot.is_none() {
-            *slot = Some(Err(StoreError::Unavailable {
+        if !self.answered {
+            self.slot.answer(Err(StoreError::Unavailable {
                 reason: "the group commit was abandoned; nothing in it is acknowledged".into(),
             }));
-            drop(slot);
-            self.waiter.unpark();
         }
     }
 }
 
-/// The group-commit queue. Waiting writers park; a leader unparks exactly the writers
-/// whose results it delivered, plus the first queued one to lead the next commit.
+/// The group-commit queue. Each waiting writer waits on its own slot; a leader wakes
+/// the first queued writer to lead the next commit, then exactly the writers whose
+/// results it delivered.
 #[derive(Default)]
 struct Group {
     state: Mutex<GroupState>,
@@ -309,17 +351,16 @@ impl DiskStore {
         T: Send + 'static,
         F: FnOnce(&mut Stage<'_, '_>, i64) -> Result<T, StoreError> + Send + 'static,
     {
-        let slot = Arc::new(Slot(Mutex::new(None)));
-        let me = std::thread::current();
+        let slot = Arc::new(Slot::new());
         let mut state = lock(&self.group.state);
         state.queue.push(Box::new(Op {
             f: Some(f),
             result: None,
             slot: Arc::clone(&slot),
-            waiter: me.clone(),
+            answered: false,
         }));
         loop {
-            if let Some(result) = lock(&slot.0).take() {
+            if let Some(result) = slot.take_result() {
                 return result;
             }
             if !state.committing {
@@ -334,22 +375,21 @@ impl DiskStore {
                         })
                     })
                     .map_err(commit_failed);
-                let done: Vec<Thread> = batch.into_iter().map(|job| job.finish(&commit)).collect();
-                let next_leader = {
+                {
+                    // The next leader first: the disk should not wait for the wake-ups.
                     let mut state = lock(&self.group.state);
                     state.committing = false;
-                    state.queue.first().map(|job| job.waiter().clone())
-                };
-                // The next leader first: the disk should not wait for the wake-ups.
-                for t in next_leader.iter().chain(&done) {
-                    if t.id() != me.id() {
-                        t.unpark();
+                    if let Some(next) = state.queue.first() {
+                        next.kick();
                     }
+                }
+                for job in batch {
+                    job.finish(&commit);
                 }
             } else {
                 drop(state);
-                // Woken when our result is in, or to lead; spurious wake-ups just loop.
-                std::thread::park();
+                // Until our result is in, or we are told to lead.
+                slot.wait();
             }
             state = lock(&self.group.state);
         }
