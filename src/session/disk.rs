@@ -39,7 +39,10 @@ const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions")
 /// Within a commit every operation sees the effects of the ones before it, and one that
 /// fails writes nothing and does not affect the others. If the commit itself fails, every
 /// operation in it gets [`StoreError::Unavailable`] (retryable; as for any `Unavailable`,
-/// the write may or may not be on disk) and none is acknowledged. A lone writer commits at
+/// the write may or may not be on disk) and none is acknowledged. After an I/O error in a
+/// commit, redb refuses every later write ("Previous I/O error occurred. Please close and
+/// re-open the database"), so writes keep failing with `Unavailable` until the store is
+/// dropped and opened again (which runs crash recovery). A lone writer commits at
 /// once (no waiting for company), so it pays one fsync per write; with many writers the
 /// fsyncs are shared. There is no background thread: dropping the store closes the file,
 /// and nothing is pending then (every call has returned, each acknowledged write is
