@@ -1,5 +1,6 @@
 %% @doc erlmcp_session_native through the real NIF: the same cases against
-%% every store (memory, disk; etcd when the cluster scripts are available),
+%% every store (memory, disk, and etcd on a real 3-member cluster the suite
+%% starts with scripts/etcd-cluster),
 %% plus a kill -9 test of a separate VM writing to a disk store.
 -module(erlmcp_session_native_SUITE).
 -include_lib("common_test/include/ct.hrl").
@@ -9,7 +10,7 @@
 -define(T0, 1700000000000).
 
 all() ->
-    [{group, memory}, {group, disk}, {group, crash}].
+    [{group, memory}, {group, disk}, {group, etcd}, {group, crash}].
 
 cases() ->
     [round_trip_is_exact, state_never_changes, missing_and_deleted, expired_never_returned,
@@ -19,6 +20,7 @@ cases() ->
 groups() ->
     [{memory, [], cases()},
      {disk, [], cases()},
+     {etcd, [], cases()},
      {crash, [sequence], [disk_kill9_loses_no_acknowledged_session]}].
 
 init_per_suite(Config) ->
@@ -28,11 +30,39 @@ init_per_suite(Config) ->
 end_per_suite(_Config) ->
     ok.
 
+init_per_group(etcd, Config) ->
+    %% A real 3-member cluster on free loopback ports (scripts/etcd-cluster).
+    Dir = filename:join(?config(priv_dir, Config), "etcd"),
+    {0, Out} = script(["start", Dir]),
+    ct:log("~s", [Out]),
+    {ok, Eps} = file:read_file(filename:join(Dir, "endpoints")),
+    Endpoints = binary:split(string:trim(Eps), <<",">>, [global]),
+    [{store, etcd}, {etcd_dir, Dir}, {endpoints, Endpoints} | Config];
 init_per_group(Group, Config) ->
     [{store, Group} | Config].
 
+end_per_group(etcd, Config) ->
+    {_, Out} = script(["stop", ?config(etcd_dir, Config)]),
+    ct:log("~s", [Out]),
+    ok;
 end_per_group(_Group, _Config) ->
     ok.
+
+repo_root() ->
+    %% erlang/_build/test/lib/erlmcp_rollout -> the repository
+    filename:dirname(filename:dirname(filename:dirname(filename:dirname(filename:dirname(code:lib_dir(erlmcp_rollout)))))).
+
+script(Args) ->
+    Script = filename:join([repo_root(), "scripts", "etcd-cluster"]),
+    Port = open_port({spawn_executable, Script}, [{args, Args}, exit_status, stderr_to_stdout, binary]),
+    collect_port(Port, []).
+
+collect_port(Port, Acc) ->
+    receive
+        {Port, {data, D}} -> collect_port(Port, [D | Acc]);
+        {Port, {exit_status, St}} -> {St, iolist_to_binary(lists:reverse(Acc))}
+    after 60000 -> ct:fail(etcd_cluster_script_timeout)
+    end.
 
 init_per_testcase(Case, Config) ->
     ok = erlmcp_rollout_nif:session_set_clock(?T0),
@@ -50,7 +80,8 @@ spec(Config, Suffix) ->
     Case = atom_to_list(?config(case_name, Config)) ++ Suffix,
     case ?config(store, Config) of
         memory -> #{store => memory, name => list_to_atom("ct_" ++ Case)};
-        disk -> #{store => {disk, filename:join(?config(priv_dir, Config), Case ++ ".redb")}}
+        disk -> #{store => {disk, filename:join(?config(priv_dir, Config), Case ++ ".redb")}};
+        etcd -> #{store => {etcd, ?config(endpoints, Config)}, prefix => list_to_binary("ct/" ++ Case ++ "/")}
     end.
 
 open(Config) ->
