@@ -323,3 +323,54 @@ fn a_failed_commit_acknowledges_nothing() {
         );
     }
 }
+
+/// A clock that panics on demand (user code running inside the leader's commit).
+struct PanickyClock(Arc<std::sync::atomic::AtomicBool>);
+
+impl erlmcp_rollout::session::Clock for PanickyClock {
+    fn now_unix_ms(&self) -> i64 {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("clock failure (injected)");
+        }
+        T0
+    }
+}
+
+/// A panic inside the commit (here: the store's clock, called by the leader) reaches no
+/// caller as a panic: every writer in that commit gets `Unavailable`, nothing of it is
+/// stored, and the next commits work (leadership was released).
+#[test]
+fn a_panic_in_the_commit_is_unavailable_and_the_store_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let panicking = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = Arc::new(
+        DiskStore::create(
+            dir.path().join("s.redb"),
+            StoreOptions::with_clock(PanickyClock(Arc::clone(&panicking))),
+        )
+        .unwrap(),
+    );
+    panicking.store(true, std::sync::atomic::Ordering::SeqCst);
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || store.put(Session::new(id(&format!("p{t}")), T0, Timeout::Infinity, vec![])))
+        })
+        .collect();
+    for h in handles {
+        let e = h.join().expect("no panic reaches a writer").unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("panic"), "{e}");
+    }
+    panicking.store(false, std::sync::atomic::Ordering::SeqCst);
+    for t in 0..4 {
+        assert!(matches!(
+            store.get(&id(&format!("p{t}"))),
+            Err(StoreError::NotFound { .. })
+        ));
+        let s = store
+            .put(Session::new(id(&format!("p{t}")), T0, Timeout::Infinity, vec![]))
+            .unwrap();
+        assert_eq!(s.version, 1);
+    }
+}

@@ -11,8 +11,7 @@
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::Thread;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, Table, TableDefinition};
 
@@ -29,10 +28,10 @@ const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions")
 /// **Acknowledged** means durable. A write method returns only after the redb write
 /// transaction that ran it has been committed with `Durability::Immediate` (flushed with
 /// fsync), or has failed. So `Ok` means the write survives a process crash (`kill -9`)
-/// and a power loss; a refusal that reports on stored state ([`StoreError::AlreadyExists`],
-/// [`StoreError::Conflict`], [`StoreError::NotFound`]) was decided on state that is
-/// durable when it is returned. [`StoreError::Invalid`] input is rejected before anything
-/// is queued.
+/// and a power loss. Refusals decided inside the transaction ([`StoreError::AlreadyExists`],
+/// [`StoreError::Conflict`], [`StoreError::NotFound`]) are also returned only once it is
+/// durable, since they may rest on writes earlier in the same commit.
+/// [`StoreError::Invalid`] input is rejected before anything is queued.
 ///
 /// **Group commit.** Concurrent writers share commits: each write is an operation queued
 /// for the next commit; one writer (the leader) runs every queued operation in order in
@@ -40,7 +39,10 @@ const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions")
 /// Within a commit every operation sees the effects of the ones before it, and one that
 /// fails writes nothing and does not affect the others. If the commit itself fails, every
 /// operation in it gets [`StoreError::Unavailable`] (retryable; as for any `Unavailable`,
-/// the write may or may not be on disk) and none is acknowledged. A lone writer commits at
+/// the write may or may not be on disk) and none is acknowledged. After an I/O error in a
+/// commit, redb refuses every later write ("Previous I/O error occurred. Please close and
+/// re-open the database"), so writes keep failing with `Unavailable` until the store is
+/// dropped and opened again (which runs crash recovery). A lone writer commits at
 /// once (no waiting for company), so it pays one fsync per write; with many writers the
 /// fsyncs are shared. There is no background thread: dropping the store closes the file,
 /// and nothing is pending then (every call has returned, each acknowledged write is
@@ -166,22 +168,66 @@ trait Job: Send {
     /// result and returns its writes if it succeeded.
     fn plan(&mut self, table: &SessionTable<'_>, now: i64) -> Option<Writes>;
 
-    /// Hands the caller its result: the operation's own when the commit succeeded,
-    /// `Unavailable` when it failed. Returns the caller's thread, to wake it.
-    fn finish(self: Box<Self>, commit: &Result<(), StoreError>) -> Thread;
+    /// Hands the caller its result and wakes it: the operation's own result when the
+    /// commit succeeded, `Unavailable` when it failed.
+    fn finish(self: Box<Self>, commit: &Result<(), StoreError>);
 
-    /// The thread waiting for this operation.
-    fn waiter(&self) -> &Thread;
+    /// Wakes the waiting caller to lead the next commit.
+    fn kick(&self);
 }
 
-/// Where a waiting writer finds its result.
-struct Slot<T>(Mutex<Option<Result<T, StoreError>>>);
+/// Where a waiting writer finds its result, or is told to lead.
+struct Slot<T> {
+    state: Mutex<SlotState<T>>,
+    wake: Condvar,
+}
+
+struct SlotState<T> {
+    result: Option<Result<T, StoreError>>,
+    /// Leadership is free and this writer is first in the queue.
+    kicked: bool,
+}
+
+impl<T> Slot<T> {
+    fn new() -> Self {
+        Slot {
+            state: Mutex::new(SlotState {
+                result: None,
+                kicked: false,
+            }),
+            wake: Condvar::new(),
+        }
+    }
+
+    fn take_result(&self) -> Option<Result<T, StoreError>> {
+        lock(&self.state).result.take()
+    }
+
+    /// Sets the result unless one is there, and wakes the writer.
+    fn answer(&self, result: Result<T, StoreError>) {
+        let mut state = lock(&self.state);
+        if state.result.is_none() {
+            state.result = Some(result);
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Waits until the result is in or the writer is told to lead.
+    fn wait(&self) {
+        let mut state = lock(&self.state);
+        while state.result.is_none() && !state.kicked {
+            state = self.wake.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        state.kicked = false;
+    }
+}
 
 struct Op<T, F> {
     f: Option<F>,
     result: Option<Result<T, StoreError>>,
     slot: Arc<Slot<T>>,
-    waiter: Thread,
+    answered: bool,
 }
 
 impl<T, F> Job for Op<T, F>
@@ -207,7 +253,7 @@ where
         }
     }
 
-    fn finish(mut self: Box<Self>, commit: &Result<(), StoreError>) -> Thread {
+    fn finish(mut self: Box<Self>, commit: &Result<(), StoreError>) {
         let result = match (commit, self.result.take()) {
             (Ok(()), Some(r)) => r,
             (Err(e), _) => Err(e.clone()),
@@ -215,31 +261,30 @@ where
                 reason: "the write was not run by the group commit".into(),
             }),
         };
-        *lock(&self.slot.0) = Some(result);
-        self.waiter.clone()
+        self.slot.answer(result);
+        self.answered = true;
     }
 
-    fn waiter(&self) -> &Thread {
-        &self.waiter
+    fn kick(&self) {
+        lock(&self.slot.state).kicked = true;
+        self.slot.wake.notify_one();
     }
 }
 
 impl<T, F> Drop for Op<T, F> {
     /// A job dropped without [`Job::finish`] (a leader that unwound) still answers.
     fn drop(&mut self) {
-        let mut slot = lock(&self.slot.0);
-        if slot.is_none() {
-            *slot = Some(Err(StoreError::Unavailable {
+        if !self.answered {
+            self.slot.answer(Err(StoreError::Unavailable {
                 reason: "the group commit was abandoned; nothing in it is acknowledged".into(),
             }));
-            drop(slot);
-            self.waiter.unpark();
         }
     }
 }
 
-/// The group-commit queue. Waiting writers park; a leader unparks exactly the writers
-/// whose results it delivered, plus the first queued one to lead the next commit.
+/// The group-commit queue. Each waiting writer waits on its own slot; a leader wakes
+/// the first queued writer to lead the next commit, then exactly the writers whose
+/// results it delivered.
 #[derive(Default)]
 struct Group {
     state: Mutex<GroupState>,
@@ -309,17 +354,16 @@ impl DiskStore {
         T: Send + 'static,
         F: FnOnce(&mut Stage<'_, '_>, i64) -> Result<T, StoreError> + Send + 'static,
     {
-        let slot = Arc::new(Slot(Mutex::new(None)));
-        let me = std::thread::current();
+        let slot = Arc::new(Slot::new());
         let mut state = lock(&self.group.state);
         state.queue.push(Box::new(Op {
             f: Some(f),
             result: None,
             slot: Arc::clone(&slot),
-            waiter: me.clone(),
+            answered: false,
         }));
         loop {
-            if let Some(result) = lock(&slot.0).take() {
+            if let Some(result) = slot.take_result() {
                 return result;
             }
             if !state.committing {
@@ -327,26 +371,28 @@ impl DiskStore {
                 state.committing = true;
                 let mut batch = std::mem::take(&mut state.queue);
                 drop(state);
-                let commit = catch_unwind(AssertUnwindSafe(|| self.commit_batch(&mut batch))).unwrap_or_else(|_| {
-                    Err(StoreError::Unavailable {
-                        reason: "a panic interrupted the group commit; nothing in it is acknowledged".into(),
+                let commit = catch_unwind(AssertUnwindSafe(|| self.commit_batch(&mut batch)))
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable {
+                            reason: "a panic interrupted it".into(),
+                        })
                     })
-                });
-                let done: Vec<Thread> = batch.into_iter().map(|job| job.finish(&commit)).collect();
-                let next_leader = {
+                    .map_err(commit_failed);
+                {
+                    // The next leader first: the disk should not wait for the wake-ups.
                     let mut state = lock(&self.group.state);
                     state.committing = false;
-                    state.queue.first().map(|job| job.waiter().clone())
-                };
-                for t in done.iter().chain(&next_leader) {
-                    if t.id() != me.id() {
-                        t.unpark();
+                    if let Some(next) = state.queue.first() {
+                        next.kick();
                     }
+                }
+                for job in batch {
+                    job.finish(&commit);
                 }
             } else {
                 drop(state);
-                // Woken when our result is in, or to lead; spurious wake-ups just loop.
-                std::thread::park();
+                // Until our result is in, or we are told to lead.
+                slot.wait();
             }
             state = lock(&self.group.state);
         }
@@ -355,7 +401,7 @@ impl DiskStore {
     /// Runs `batch` in one write transaction and commits it durably.
     fn commit_batch(&self, batch: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
         let now = self.options.clock.now_unix_ms();
-        let mut txn = self.db.begin_write().map_err(|e| commit_failed(unavailable(e)))?;
+        let mut txn = self.db.begin_write().map_err(unavailable)?;
         let planned = txn
             .set_durability(Durability::Immediate)
             .map_err(|e| unavailable(redb::Error::from(e)))
@@ -369,11 +415,11 @@ impl DiskStore {
                 Ok(())
             });
         match planned {
-            Ok(()) => txn.commit().map_err(|e| commit_failed(unavailable(e))),
+            Ok(()) => txn.commit().map_err(unavailable),
             Err(e) => {
                 // Best effort: an abort that fails leaves nothing committed either.
                 let _ = txn.abort();
-                Err(commit_failed(e))
+                Err(e)
             }
         }
     }

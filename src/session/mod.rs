@@ -5,7 +5,8 @@
 //! - [`TouchPolicy`]: which touches are written, so reads do not all become writes.
 //! - [`Store`]: the contract every backend implements; [`StoreError`]: its one error enum.
 //! - [`MemoryStore`]: a sharded concurrent map, no global lock.
-//! - `DiskStore` (feature `disk`): one redb file; acknowledged writes are durable.
+//! - `DiskStore` (feature `disk`): one redb file; acknowledged writes are durable, and
+//!   concurrent writers share commits (group commit).
 //! - `EtcdStore` (feature `etcd`): a replicated etcd cluster; acknowledged writes are
 //!   committed by the etcd quorum.
 //! - [`codec`]: the versioned binary record encoding persistent backends store.

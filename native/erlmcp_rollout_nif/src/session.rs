@@ -22,7 +22,7 @@ use erlmcp_rollout::migrate::outbox::Outbox;
 use erlmcp_rollout::migrate::phase::{FilePhaseStore, Phase};
 use erlmcp_rollout::migrate::MigrateError;
 use erlmcp_rollout::session::{
-    Clock, DiskStore, MemoryStore, Session, SessionId, Store, StoreError, StoreOptions, SystemClock, Timeout,
+    Clock, DiskStore, EtcdOptions, EtcdStore, MemoryStore, Session, SessionId, Store, StoreError, StoreOptions, SystemClock, Timeout,
     TouchPolicy, Visibility,
 };
 use rustler::env::SavedTerm;
@@ -96,6 +96,8 @@ static CLOCK: LazyLock<Arc<PinnableClock>> = LazyLock::new(|| Arc::new(PinnableC
 enum StoreKey {
     Memory(String),
     Disk(PathBuf),
+    /// Endpoints (sorted) and key prefix.
+    Etcd(Vec<String>, Vec<u8>),
 }
 
 /// An open store, as the Erlang side holds it.
@@ -142,6 +144,7 @@ fn canonical_file(path: &Path) -> Result<PathBuf, String> {
 
 struct OpenOptions {
     name: String,
+    prefix: Vec<u8>,
     touch: TouchPolicy,
     tombstone_retention_ms: Option<u64>,
 }
@@ -168,6 +171,12 @@ fn open_shared(key: StoreKey, o: &OpenOptions) -> Result<Arc<dyn Store>, StoreEr
     registry.retain(|_, w| w.strong_count() > 0);
     let store: Arc<dyn Store> = match &key {
         StoreKey::Memory(_) => Arc::new(MemoryStore::new(store_options(o))),
+        StoreKey::Etcd(endpoints, prefix) => Arc::new(EtcdStore::connect(
+            endpoints,
+            prefix.clone(),
+            EtcdOptions::default(),
+            store_options(o),
+        )?),
         StoreKey::Disk(path) => {
             let deadline = std::time::Instant::now() + Duration::from_secs(2);
             loop {
@@ -408,8 +417,9 @@ fn decode_time(term: Term<'_>, field: &str) -> Result<i64, String> {
 // ---------------------------------------------------------------- NIFs
 
 /// `session_open(Spec, Opts) -> {ok, Handle, Kind} | {error, Reason}` with
-/// Spec `memory | {disk, Path}` and Opts a map (`name`, `touch_permille`,
-/// `tombstone_retention_ms`). Opening a disk file runs crash recovery: a
+/// Spec `memory | {disk, Path} | {etcd, Endpoints} | {hybrid, Primary,
+/// Secondary}` and Opts a map (`name`, `prefix`, `touch_permille`,
+/// `tombstone_retention_ms`; for hybrid see `open_hybrid`). Opening a disk file runs crash recovery: a
 /// dirty I/O scheduler.
 #[rustler::nif(schedule = "DirtyIo")]
 fn session_open<'a>(env: Env<'a>, spec: Term<'a>, opts: Term<'a>) -> Term<'a> {
@@ -694,10 +704,21 @@ fn decode_spec(spec: Term<'_>, o: &OpenOptions) -> Result<(StoreKey, Atom), Stri
             return Ok((StoreKey::Disk(canonical_file(Path::new(&path))?), atoms::disk()));
         }
         if tag.decode::<Atom>().ok() == Some(atoms::etcd()) {
-            return Err("the etcd store is not built into this NIF yet".into());
+            let list: Vec<Term<'_>> = arg
+                .decode()
+                .map_err(|_| "{etcd, Endpoints}: Endpoints must be a list of \"host:port\" strings or binaries")?;
+            let mut endpoints = Vec::with_capacity(list.len());
+            for e in list {
+                endpoints.push(path_text(e).ok_or("{etcd, Endpoints}: each endpoint must be a string or a binary")?);
+            }
+            if endpoints.is_empty() {
+                return Err("{etcd, Endpoints}: no endpoint given".into());
+            }
+            endpoints.sort();
+            return Ok((StoreKey::Etcd(endpoints, o.prefix.clone()), atoms::etcd()));
         }
     }
-    Err("store must be memory or {disk, Path}".into())
+    Err("store must be memory, {disk, Path} or {etcd, Endpoints}".into())
 }
 
 fn pair(term: Term<'_>) -> Option<[Term<'_>; 2]> {
@@ -716,6 +737,7 @@ fn path_text(term: Term<'_>) -> Option<String> {
 fn decode_open_options(opts: Term<'_>) -> Result<OpenOptions, String> {
     let mut o = OpenOptions {
         name: "erlmcp_session_native".into(),
+        prefix: b"erlmcp/sessions/".to_vec(),
         touch: TouchPolicy::default(),
         tombstone_retention_ms: None,
     };
@@ -727,6 +749,12 @@ fn decode_open_options(opts: Term<'_>) -> Result<OpenOptions, String> {
                 return Err("name must be an atom".into());
             }
             o.name = v.atom_to_string().map_err(|_| "name must be an atom")?;
+        } else if key == atoms::prefix() {
+            let p = binary_bytes(v)
+                .map(<[u8]>::to_vec)
+                .or_else(|| path_text(v).map(String::into_bytes))
+                .ok_or("prefix must be a binary or a string")?;
+            o.prefix = p;
         } else if key == atoms::touch_permille() {
             let p: u16 = v.decode().map_err(|_| "touch_permille must be an integer 0..1000")?;
             o.touch = TouchPolicy::permille(p).map_err(err_text)?;
