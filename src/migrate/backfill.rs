@@ -8,7 +8,7 @@
 //!
 //! **Checkpoint.** After each chunk has been applied (acknowledged by the target), the
 //! last key copied and the counts are written to the checkpoint file with
-//! [`write_atomic`](super::durable::write_atomic) (temp file, fsync, rename, directory
+//! [`write_atomic`] (temp file, fsync, rename, directory
 //! fsync). A killed backfill resumes ([`BackfillConfig::resume`]) after that key; the
 //! chunk in flight at the kill is copied again (its records then count as skipped).
 //!
