@@ -754,7 +754,11 @@ fn decode_open_options(opts: Term<'_>) -> Result<OpenOptions, String> {
                 .map(<[u8]>::to_vec)
                 .or_else(|| path_text(v).map(String::into_bytes))
                 .ok_or("prefix must be a binary or a string")?;
+            // As store URIs do: "a" would otherwise also cover another store's "ab/...".
             o.prefix = p;
+            if o.prefix.last().is_some_and(|b| *b != b'/') {
+                o.prefix.push(b'/');
+            }
         } else if key == atoms::touch_permille() {
             let p: u16 = v.decode().map_err(|_| "touch_permille must be an integer 0..1000")?;
             o.touch = TouchPolicy::permille(p).map_err(err_text)?;
