@@ -84,6 +84,7 @@ struct Group {
 pub struct Outbox {
     db: Database,
     path: PathBuf,
+    durable: bool,
     next_seq: AtomicU64,
     group: Mutex<Group>,
     committed: Condvar,
@@ -103,7 +104,21 @@ impl Outbox {
     /// # Errors
     /// [`MigrateError::File`] when the file cannot be opened or read.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, MigrateError> {
-        let path = path.as_ref().to_owned();
+        Outbox::open_with(path.as_ref(), true)
+    }
+
+    /// Opens an outbox whose intents are committed without fsync: for a primary that does
+    /// not survive a crash itself (a `MemoryStore`), where a durable intent would protect
+    /// nothing and cost an fsync per write. Intents still survive a clean restart.
+    ///
+    /// # Errors
+    /// As [`Outbox::open`].
+    pub fn open_volatile(path: impl AsRef<Path>) -> Result<Self, MigrateError> {
+        Outbox::open_with(path.as_ref(), false)
+    }
+
+    fn open_with(path: &Path, durable: bool) -> Result<Self, MigrateError> {
+        let path = path.to_owned();
         let err = |e: &dyn std::fmt::Display| MigrateError::file("outbox", &path, e);
         let db = Database::create(&path).map_err(|e| err(&e))?;
         let txn = db.begin_write().map_err(|e| err(&e))?;
@@ -115,6 +130,7 @@ impl Outbox {
         txn.commit().map_err(|e| err(&e))?;
         Ok(Outbox {
             db,
+            durable,
             next_seq: AtomicU64::new(last.map_or(1, |l| l + 1)),
             path,
             group: Mutex::new(Group {
@@ -193,7 +209,10 @@ impl Outbox {
     }
 
     fn commit(&self, items: &[(u64, Direction, SessionId)]) -> Result<(), String> {
-        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        if !self.durable {
+            txn.set_durability(Durability::None).map_err(|e| e.to_string())?;
+        }
         {
             let mut table = txn.open_table(INTENTS).map_err(|e| e.to_string())?;
             let mut value = Vec::new();
