@@ -520,16 +520,31 @@ fn kill_9_during_dual_writes_loses_nothing() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<String>>()
-        });
-        std::thread::sleep(Duration::from_millis(300 + (round * 137) % 500));
-        child.kill().unwrap(); // SIGKILL
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let reader = {
+            let seen = Arc::clone(&seen);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    seen.lock().unwrap().push(line);
+                }
+            })
+        };
+        // Kill once the child has acknowledged a few writes (how many varies by round),
+        // plus a moment, so that the kill lands among writes in flight.
+        let want_acks = 5 + (round * 7919) % 40;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let acks = seen.lock().unwrap().iter().filter(|l| l.contains("@@A ")).count() as u64;
+            if acks >= want_acks || child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_micros((round * 104_729) % 20_000));
+        let _ = child.kill(); // SIGKILL (a child that already died is caught below)
         child.wait().unwrap();
-        let lines = reader.join().unwrap();
+        reader.join().unwrap();
+        let lines = std::mem::take(&mut *seen.lock().unwrap());
         // Per writer: the begun ops, and which were acknowledged.
         let mut begun: BTreeMap<(String, String), (String, String, String)> = BTreeMap::new();
         let mut unacked: BTreeMap<String, (String, String, String)> = BTreeMap::new();
@@ -587,7 +602,7 @@ fn kill_9_during_dual_writes_loses_nothing() {
         // No resurrected deletes on the secondary either: it equals the primary record for record.
         assert_eq!(contents(m.primary().as_ref()), contents(m.secondary().as_ref()));
     }
-    assert!(total_acked > 10 * rounds, "too few writes acknowledged: {total_acked}");
+    assert!(total_acked >= 5 * rounds, "too few writes acknowledged: {total_acked}");
     if std::env::var_os("ERLMCP_TEST_VERBOSE").is_some() {
         eprintln!("{rounds} kills, {total_acked} acknowledged writes checked");
     }

@@ -2,7 +2,7 @@
 //! range, Merkle-style, then the differing keys; [`repair`] re-copies them.
 //!
 //! **Digest.** A record's digest is SipHash-1-3 (128 bit, fixed keys) over its
-//! [`codec`](crate::session::codec) encoding, which holds every field: id, version,
+//! [`codec`] encoding, which holds every field: id, version,
 //! tombstone flag, both times, timeout and metadata. Two records digest equal exactly
 //! when they encode equal (up to hash collisions, 2^-128 per pair).
 //!
