@@ -216,7 +216,12 @@ fn fault_run(setup: impl Fn(&Faulty), recover_after_ms: u64) -> erlmcp_rollout::
     let dir = tempfile::tempdir().unwrap();
     let p = memory();
     let faulty = Faulty::new(memory());
-    let m = Arc::new(open(dir.path(), p.clone(), faulty.clone(), fast_backoff()));
+    // One intent per relay step: many calls to the secondary, so even 1 % of them fail.
+    let config = MigratorConfig {
+        relay_batch: 1,
+        ..fast_backoff()
+    };
+    let m = Arc::new(open(dir.path(), p.clone(), faulty.clone(), config));
     m.advance(SECS).unwrap();
     setup(&faulty);
     let relay = m.start_relay();
@@ -248,7 +253,13 @@ fn fault_run(setup: impl Fn(&Faulty), recover_after_ms: u64) -> erlmcp_rollout::
     let report = verify(p.as_ref(), faulty.inner.as_ref(), &VerifyConfig::default()).unwrap();
     assert!(report.is_clean(), "{:?}", report.differences);
     assert_eq!(contents(p.as_ref()), contents(faulty.inner.as_ref()));
-    m.counters().unwrap()
+    let c = m.counters().unwrap();
+    // Every injected fault hit a relay step (only the relay calls the secondary).
+    assert_eq!(
+        c.relay_failed,
+        faulty.injected.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    c
 }
 
 #[test]
