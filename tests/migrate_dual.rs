@@ -319,13 +319,28 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
+/// The model run. With `disk`, the primary and secondary are `DiskStore`s and a crash
+/// also drops and reopens them from their files; otherwise they are `MemoryStore`s that
+/// outlive the crash (like remote stores) and only the migrator's own files are reopened.
+fn run_model(ops: &[Op], disk: bool) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0);
     let mut opts = StoreOptions::with_clock(clock.clone());
     opts.touch = TouchPolicy::always();
-    let p: Arc<dyn Store> = Arc::new(MemoryStore::new(opts.clone()));
-    let s: Arc<dyn Store> = Arc::new(MemoryStore::new(opts));
+    let stores = |opts: &StoreOptions| -> (Arc<dyn Store>, Arc<dyn Store>) {
+        if disk {
+            (
+                Arc::new(DiskStore::create(dir.path().join("p.redb"), opts.clone()).unwrap()),
+                Arc::new(DiskStore::create(dir.path().join("s.redb"), opts.clone()).unwrap()),
+            )
+        } else {
+            (
+                Arc::new(MemoryStore::new(opts.clone())),
+                Arc::new(MemoryStore::new(opts.clone())),
+            )
+        }
+    };
+    let (mut p, mut s) = stores(&opts);
     let config = MigratorConfig {
         touch: TouchPolicy::always(),
         clock: Arc::new(clock.clone()),
@@ -400,6 +415,10 @@ fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Crash => {
                 let phase = m.phase();
                 drop(m);
+                if disk {
+                    drop((p, s));
+                    (p, s) = stores(&opts);
+                }
                 m = open(dir.path(), p.clone(), s.clone(), config.clone());
                 prop_assert_eq!(m.phase(), phase);
             }
@@ -437,7 +456,17 @@ proptest! {
 
     #[test]
     fn migrator_matches_the_model(ops in prop::collection::vec(op(), 1..120)) {
-        run_model(&ops)?;
+        run_model(&ops, false)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// The same on disk stores, reopened from their files at each simulated crash.
+    #[test]
+    fn migrator_matches_the_model_on_disk(ops in prop::collection::vec(op(), 1..80)) {
+        run_model(&ops, true)?;
     }
 }
 
