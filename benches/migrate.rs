@@ -8,8 +8,8 @@
 //!   vs through the phase-1 `Migrator` (durable outbox intent + the same store put; the
 //!   relay thread copies to a `MemoryStore` secondary meanwhile). `..._4threads`: four
 //!   writers at once, time per put (outbox intents share commits). The memory migrator
-//!   uses `Outbox::open_volatile` (no fsync; its primary does not survive a crash);
-//!   `memory_durable_outbox` and `disk` use the durable outbox.
+//!   uses `Outbox::in_memory` (its primary does not survive a crash either);
+//!   `memory_durable_outbox` and `disk` use the durable outbox file.
 
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
@@ -120,8 +120,8 @@ fn setup(disk: bool, durable_outbox: bool) -> Setup {
             if durable_outbox {
                 Outbox::open(dir.path().join("outbox.redb")).unwrap()
             } else {
-                // A memory primary does not survive a crash: its intents need no fsync.
-                Outbox::open_volatile(dir.path().join("outbox.redb")).unwrap()
+                // A memory primary does not survive a crash: neither need its intents.
+                Outbox::in_memory()
             },
             Box::new(FilePhaseStore::new(dir.path().join("phase.json"))),
             MigratorConfig::default(),

@@ -647,3 +647,34 @@ fn kill_9_during_dual_writes_loses_nothing() {
         eprintln!("{rounds} kills, {total_acked} acknowledged writes checked");
     }
 }
+
+#[test]
+fn an_in_memory_outbox_relays_the_same_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, s) = (memory(), memory());
+    let m = Arc::new(
+        Migrator::open(
+            p.clone(),
+            s.clone(),
+            Outbox::in_memory(),
+            Box::new(FilePhaseStore::new(dir.path().join("phase.json"))),
+            MigratorConfig::default(),
+        )
+        .unwrap(),
+    );
+    m.advance(SECS).unwrap();
+    let relay = m.start_relay();
+    for i in 0..200 {
+        m.put(sess(&format!("k{}", i % 50), &i.to_string())).unwrap();
+        if i % 3 == 0 {
+            m.delete(&id(format!("k{}", i % 7))).unwrap();
+        }
+    }
+    m.drain(SECS).unwrap();
+    relay.stop();
+    assert_eq!(m.outbox_depth().unwrap(), 0);
+    assert!(verify(p.as_ref(), s.as_ref(), &VerifyConfig::default())
+        .unwrap()
+        .is_clean());
+    assert_eq!(m.advance(SECS).unwrap(), Phase::Phase2);
+}
