@@ -678,3 +678,36 @@ fn an_in_memory_outbox_relays_the_same_way() {
         .is_clean());
     assert_eq!(m.advance(SECS).unwrap(), Phase::Phase2);
 }
+
+#[test]
+fn a_phase_saved_elsewhere_is_applied_after_draining() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = memory();
+    let faulty = Faulty::new(memory());
+    let m = open(dir.path(), p.clone(), faulty.clone(), fast_backoff());
+    m.advance(SECS).unwrap();
+    m.put(sess("a", "1")).unwrap();
+    // Another process (the CLI) forces phase3 in the shared phase file.
+    let file = FilePhaseStore::new(dir.path().join("phase.json"));
+    let mut saved = file.load().unwrap().unwrap();
+    saved.record(Phase::Phase3, T0, "set");
+    file.save(&saved).unwrap();
+    // This node still has an intent for "a": the switch waits for it.
+    faulty.set_outage(true);
+    let err = m.sync_phase(Duration::from_millis(100)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot move from phase1 to phase3: the outbox still holds 1"),
+        "{err}"
+    );
+    assert_eq!(m.phase(), Phase::Phase1);
+    faulty.set_outage(false);
+    assert_eq!(m.sync_phase(SECS).unwrap(), Phase::Phase3);
+    assert_eq!(m.counters().unwrap().phase, Phase::Phase3);
+    // Phase 3: reads and writes go to the secondary, which has "a".
+    assert_eq!(m.get(&id("a")).unwrap().metadata.as_ref(), b"1");
+    m.put(sess("b", "2")).unwrap();
+    assert!(p.get(&id("b")).is_err());
+    // Nothing changed: nothing to do.
+    assert_eq!(m.sync_phase(SECS).unwrap(), Phase::Phase3);
+}
