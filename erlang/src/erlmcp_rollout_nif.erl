@@ -16,6 +16,8 @@
          flags_load_file/1, flags_load_json/1, flags_set_override/2, flags_get_all/0,
          flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
          flags_phash2/2, flags_set_clock/1]).
+-export([session_open/2, session_put/4, session_touch/3, session_get/3, session_delete/3,
+         session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_set_clock/1, session_now/0]).
 
 -on_load(init/0).
 
@@ -25,6 +27,17 @@
                      message := binary()}.
 -type load_info() :: #{changed := boolean(), flags := non_neg_integer(), generation := pos_integer()}.
 -export_type([problem/0, load_info/0]).
+
+-type store_handle() :: reference().
+-type store_kind() :: memory | disk | etcd | hybrid.
+%% What a session NIF returns, now or (`async') later as `{Tag, Result}'.
+-type store_error() :: not_found | already_exists | {conflict, non_neg_integer(), non_neg_integer()}
+                     | {unavailable | corrupt | invalid | internal, binary()} | nif_panicked.
+-type native_fields() :: {CreatedAt :: integer(), LastAccessed :: integer(),
+                          TimeoutMs :: pos_integer() | infinity, Metadata :: binary()}.
+-type stored() :: {CreatedAt :: integer(), LastAccessed :: integer(),
+                   TimeoutMs :: pos_integer() | infinity, Metadata :: binary(), Version :: pos_integer()}.
+-export_type([store_handle/0, store_kind/0, store_error/0, native_fields/0, stored/0]).
 
 -spec init() -> ok | {error, term()}.
 init() ->
@@ -84,3 +97,57 @@ flags_phash2(_Term, _Range) -> ?NOT_LOADED.
 
 -spec flags_set_clock(UnixMs :: integer() | system) -> ok.
 flags_set_clock(_UnixMs) -> ?NOT_LOADED.
+
+%% Sessions. Every call taking a `Tag' either answers at once or returns
+%% `async' and later sends `{Tag, Result}' to the caller (disk and etcd
+%% stores, and every sweep); see `erlmcp_session_native'.
+
+-spec session_open(Spec :: memory | {disk, file:filename_all()} | {etcd, [binary() | string()]}, Opts :: map()) ->
+    {ok, store_handle(), store_kind()} | {error, {bad_option | bad_store, binary()} | store_error()}.
+session_open(_Spec, _Opts) -> ?NOT_LOADED.
+
+-spec session_put(store_handle(), Tag :: reference(), Id :: binary(), native_fields()) ->
+    ok | {error, store_error()} | async.
+session_put(_Handle, _Tag, _Id, _Fields) -> ?NOT_LOADED.
+
+-spec session_touch(store_handle(), Tag :: reference(), Id :: binary()) ->
+    {ok, stored()} | {error, store_error()} | async.
+session_touch(_Handle, _Tag, _Id) -> ?NOT_LOADED.
+
+-spec session_get(store_handle(), Tag :: reference(), Id :: binary()) ->
+    {ok, stored()} | {error, store_error()} | async.
+session_get(_Handle, _Tag, _Id) -> ?NOT_LOADED.
+
+-spec session_delete(store_handle(), Tag :: reference(), Id :: binary()) ->
+    {ok, WasLive :: boolean()} | {error, store_error()} | async.
+session_delete(_Handle, _Tag, _Id) -> ?NOT_LOADED.
+
+-spec session_list_page(store_handle(), Tag :: reference(), After :: binary() | start, Limit :: 1..1000) ->
+    {ok, [binary()], Next :: binary() | done} | {error, store_error()} | async.
+session_list_page(_Handle, _Tag, _After, _Limit) -> ?NOT_LOADED.
+
+-spec session_apply_batch(store_handle(), Tag :: reference(),
+                          [{Id :: binary(), native_fields(), Version :: pos_integer()}]) ->
+    async | {error, store_error()}.
+session_apply_batch(_Handle, _Tag, _Records) -> ?NOT_LOADED.
+
+-spec session_get_many(store_handle(), Tag :: reference(), [binary()]) ->
+    {ok, [{ok, stored()} | {error, store_error()}]} | {error, store_error()} | async.
+session_get_many(_Handle, _Tag, _Ids) -> ?NOT_LOADED.
+
+-spec session_migration(store_handle(), Tag :: reference(),
+                        Action :: advance | rollback | drain | {set, atom()}, TimeoutMs :: non_neg_integer()) ->
+    async | {error, {invalid, binary()}}.
+session_migration(_Handle, _Tag, _Action, _TimeoutMs) -> ?NOT_LOADED.
+
+-spec session_migration_status(store_handle()) -> {ok, atom(), map()} | {error, term()}.
+session_migration_status(_Handle) -> ?NOT_LOADED.
+
+-spec session_sweep(store_handle(), Tag :: reference()) -> async | {error, store_error()}.
+session_sweep(_Handle, _Tag) -> ?NOT_LOADED.
+
+-spec session_set_clock(Ms :: integer() | system) -> ok.
+session_set_clock(_At) -> ?NOT_LOADED.
+
+-spec session_now() -> integer().
+session_now() -> ?NOT_LOADED.

@@ -49,10 +49,14 @@ init_per_suite(Config) ->
     Path = filename:join(Priv, "prop_flags.json"),
     ok = file:write_file(Path, config_json()),
     persistent_term:put({?MODULE, config_path}, list_to_binary(Path)),
+    {ok, Mem, memory} = ?NIF:session_open(memory, #{name => prop_garbage}),
+    {ok, Disk, disk} = ?NIF:session_open({disk, filename:join(Priv, "garbage.redb")}, #{}),
+    persistent_term:put({?MODULE, store_handles}, [Mem, Disk]),
     [{config_path, list_to_binary(Path)} | Config].
 
 end_per_suite(_Config) ->
     _ = persistent_term:erase({?MODULE, config_path}),
+    _ = persistent_term:erase({?MODULE, store_handles}),
     ok.
 
 init_per_testcase(_Case, Config) ->
@@ -165,7 +169,22 @@ valid_args(flags_set_override) -> [<<"no_such_flag_garbage">>, clear];
 valid_args(flags_explain) -> [<<"f_cond">>, #{user_id => 'u-1'}];
 valid_args(flags_phash2) -> [<<"session-1">>, 100];
 valid_args(flags_set_clock) -> [system];
+valid_args(session_open) -> [memory, #{name => prop_garbage}];
+valid_args(session_put) -> [store_handle(), make_ref(), <<"g-1">>, {0, 0, 1000, <<>>}];
+valid_args(session_touch) -> [store_handle(), make_ref(), <<"g-1">>];
+valid_args(session_get) -> [store_handle(), make_ref(), <<"g-1">>];
+valid_args(session_delete) -> [store_handle(), make_ref(), <<"g-1">>];
+valid_args(session_list_page) -> [store_handle(), make_ref(), start, 10];
+valid_args(session_sweep) -> [store_handle(), make_ref()];
+valid_args(session_get_many) -> [store_handle(), make_ref(), [<<"g-1">>, <<"g-2">>]];
+valid_args(session_apply_batch) -> [store_handle(), make_ref(), [{<<"g-2">>, {0, 0, infinity, <<>>}, 1}]];
+valid_args(session_set_clock) -> [system];
 valid_args(_) -> undefined.
+
+%% A memory or a disk store (the disk one answers by message).
+store_handle() ->
+    Handles = persistent_term:get({?MODULE, store_handles}),
+    lists:nth(rand:uniform(length(Handles)), Handles).
 
 %% Call F with Args; true if it returned or raised error:badarg.
 call_ok(F, Args0) ->
@@ -327,7 +346,20 @@ still_evaluates() ->
     true = erlmcp_feature_flags:is_enabled(<<"f_all">>, #{}),
     false = erlmcp_feature_flags:is_enabled(<<"f_disabled">>, #{}),
     true = erlmcp_feature_flags:is_enabled(f_ops, #{tier => gold, user_id => <<"u-7">>}),
+    ok = ?NIF:session_set_clock(system),
+    [sessions_still_work(H) || H <- persistent_term:get({?MODULE, store_handles})],
     check(prop_model(), 300).
+
+%% After garbage, each session store still stores and reads back.
+sessions_still_work(H) ->
+    Fields = {1, ?NIF:session_now(), infinity, <<"after garbage">>},
+    Put = make_ref(),
+    ok = await(Put, ?NIF:session_put(H, Put, <<"survivor">>, Fields)),
+    Get = make_ref(),
+    {ok, {1, _, infinity, <<"after garbage">>, _}} = await(Get, ?NIF:session_get(H, Get, <<"survivor">>)).
+
+await(Tag, async) -> receive {Tag, R} -> R after 10000 -> error(no_reply) end;
+await(_Tag, R) -> R.
 
 %% rustler 0.39 decodes `Vec<T>' with a list iterator that panics at an
 %% improper tail ("list iterator found improper list"); flags_eval_custom/3

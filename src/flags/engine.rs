@@ -300,7 +300,7 @@ impl Engine {
     }
 
     /// Reload from file content unless it equals what was last loaded from a file.
-    fn reload_bytes(&self, bytes: &[u8]) -> Result<ReloadOutcome, ConfigError> {
+    pub(crate) fn reload_bytes(&self, bytes: &[u8]) -> Result<ReloadOutcome, ConfigError> {
         let fp = fingerprint(bytes);
         {
             let state = self.lock();

@@ -7,11 +7,15 @@
 //! - [`phash2`]: rollout buckets identical to `erlang:phash2/2`.
 //! - [`plan`]: week plans to schedules and timelines; [`matrix`]: CI feature sets.
 //! - [`batch`]: JSON-lines evaluation for scripts.
+//! - `push_flags` and `Engine::watch_etcd` (feature `etcd`): a config published in an
+//!   etcd key, reloaded by every watching engine within milliseconds.
 
 pub mod batch;
 mod clock;
 mod config;
 mod engine;
+#[cfg(feature = "etcd")]
+mod etcd;
 pub(crate) mod json;
 mod listing;
 pub mod matrix;
@@ -31,6 +35,8 @@ pub use engine::{
     Engine, EngineBuilder, EngineError, FileWatcher, ReloadOutcome, WatchCallback, WatchEvent, WatchOptions,
     WatchStatus, DEFAULT_ENVIRONMENT,
 };
+#[cfg(feature = "etcd")]
+pub use etcd::{push_flags, EtcdFlagsOptions, EtcdWatchStatus, EtcdWatcher, PushError, PushOutcome, DEFAULT_FLAGS_KEY};
 pub use json::{Pos, SyntaxError};
 pub use listing::{environments_named, state_table, FlagStateRow};
 pub use metrics::{Counts, Metrics};

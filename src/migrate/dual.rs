@@ -1026,6 +1026,12 @@ impl Store for Migrator {
             }
             Ok(after)
         })
+        .inspect(|_| {
+            // erlmcp reads through touch (its fetch): sample these too.
+            if self.phase() == Phase::Phase1 {
+                self.shadow(id);
+            }
+        })
     }
 
     fn scan(&self, after: Option<&SessionId>, limit: usize, visibility: Visibility) -> Result<ScanPage, StoreError> {

@@ -5,7 +5,10 @@
 //! - [`TouchPolicy`]: which touches are written, so reads do not all become writes.
 //! - [`Store`]: the contract every backend implements; [`StoreError`]: its one error enum.
 //! - [`MemoryStore`]: a sharded concurrent map, no global lock.
-//! - `DiskStore` (feature `disk`): one redb file; acknowledged writes are durable.
+//! - `DiskStore` (feature `disk`): one redb file; acknowledged writes are durable, and
+//!   concurrent writers share commits (group commit).
+//! - `EtcdStore` (feature `etcd`): a replicated etcd cluster; acknowledged writes are
+//!   committed by the etcd quorum.
 //! - [`codec`]: the versioned binary record encoding persistent backends store.
 //! - [`uri`]: store URIs (`memory:`, `disk:PATH`, `etcd:HOST:PORT,...`) and opening them.
 //!
@@ -29,6 +32,8 @@
 pub mod codec;
 #[cfg(feature = "disk")]
 mod disk;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod memory;
 mod model;
 mod stats;
@@ -39,6 +44,8 @@ use std::sync::Arc;
 pub use crate::flags::{Clock, ManualClock, SystemClock};
 #[cfg(feature = "disk")]
 pub use disk::DiskStore;
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdOptions, EtcdStore, DEFAULT_ETCD_MAX_REQUEST_BYTES};
 pub use memory::{MemoryStore, DEFAULT_SHARDS};
 pub use model::{Session, SessionId, Timeout, TouchPolicy, MAX_ID_LEN, MAX_METADATA_LEN};
 pub use stats::{stats, StoreStats};
@@ -84,6 +91,25 @@ pub enum InvalidInput {
     /// A scan with limit 0.
     #[error("scan limit must be at least 1")]
     ZeroLimit,
+    /// The encoded record does not fit in one request of the backend (etcd's
+    /// `--max-request-bytes`, 1.5 MiB by default); nothing was written.
+    #[error("session {key} encodes to {len} bytes; this store accepts records of at most {max} bytes")]
+    RecordTooLarge {
+        /// The record's key.
+        key: SessionId,
+        /// Its encoded length.
+        len: usize,
+        /// The largest record the store accepts for this key.
+        max: usize,
+    },
+    /// A store endpoint (e.g. an etcd URL) is missing or malformed.
+    #[error("endpoint {endpoint:?}: {reason}")]
+    Endpoint {
+        /// The endpoint as given (empty when none was given).
+        endpoint: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A batch record with version 0 (versions start at 1).
     #[error("batch record {key} has version 0; versions start at 1")]
     ZeroVersion {

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `memory:` (or `memory`) | a fresh [`MemoryStore`] (nothing persists; tests and benches) |
 //! | `disk:PATH` | a `DiskStore` in the redb file `PATH` (feature `disk`; created if absent) |
-//! | `etcd:HOST:PORT[,HOST:PORT...][/PREFIX]` | an etcd cluster, keys under `PREFIX` |
+//! | `etcd:HOST:PORT[,HOST:PORT...][/PREFIX]` | an `EtcdStore` (feature `etcd`), keys under `PREFIX/` ([`etcd_prefix`]) |
 //!
 //! Hosts are names or IPv4 addresses (`A-Z a-z 0-9 . - _`) or bracketed IPv6 addresses
 //! (`[::1]:2379`); ports are 1..=65535. Parsing is pure: [`StoreUri::parse`] checks the
@@ -34,7 +34,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use super::{InvalidInput, MemoryStore, Store, StoreError, StoreOptions};
+use super::{MemoryStore, Store, StoreError, StoreOptions};
 
 /// Where a session store lives; see the [module documentation](self) for the syntax.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,8 +155,10 @@ impl StoreUri {
     ///
     /// # Errors
     /// What the backend's constructor returns ([`StoreError::Unavailable`] when a file
-    /// cannot be opened, [`StoreError::Corrupt`]); [`InvalidInput::NotBuiltIn`] for a
-    /// backend this build does not include (`etcd` for now; `disk` without the feature).
+    /// cannot be opened, [`StoreError::Corrupt`]); [`InvalidInput::NotBuiltIn`](super::InvalidInput::NotBuiltIn) for a
+    /// backend this build does not include (`disk` or `etcd` without its feature). An
+    /// `etcd:` store is connected with `EtcdOptions::default()` and fails with
+    /// [`StoreError::Unavailable`] when no member answers within its connect timeout.
     ///
     /// # Examples
     /// ```
@@ -171,19 +173,53 @@ impl StoreUri {
             #[cfg(feature = "disk")]
             StoreUri::Disk(path) => Ok(Box::new(super::DiskStore::create(path, options)?)),
             #[cfg(not(feature = "disk"))]
-            StoreUri::Disk(_) => Err(InvalidInput::NotBuiltIn {
+            StoreUri::Disk(_) => Err(super::InvalidInput::NotBuiltIn {
                 backend: "disk".into(),
                 hint: " (cargo feature `disk`)".into(),
             }
             .into()),
-            StoreUri::Etcd { .. } => Err(InvalidInput::NotBuiltIn {
+            #[cfg(feature = "etcd")]
+            StoreUri::Etcd { endpoints, prefix } => {
+                let urls: Vec<String> = endpoints.iter().map(Endpoint::url).collect();
+                let prefix = etcd_prefix(prefix.as_deref());
+                Ok(Box::new(super::EtcdStore::connect(
+                    &urls,
+                    prefix,
+                    super::EtcdOptions::default(),
+                    options,
+                )?))
+            }
+            #[cfg(not(feature = "etcd"))]
+            StoreUri::Etcd { .. } => Err(super::InvalidInput::NotBuiltIn {
                 backend: "etcd".into(),
-                hint: String::new(),
+                hint: " (cargo feature `etcd`)".into(),
             }
             .into()),
         }
     }
 }
+
+/// The key prefix an `etcd:` URI stores under: [`DEFAULT_ETCD_PREFIX`] when none is
+/// given, otherwise the given prefix ending in `/` (added when missing, so that
+/// `etcd:h:1/a` and `etcd:h:1/ab` never share keys).
+///
+/// # Examples
+/// ```
+/// use erlmcp_rollout::session::uri::{etcd_prefix, DEFAULT_ETCD_PREFIX};
+/// assert_eq!(etcd_prefix(None), DEFAULT_ETCD_PREFIX);
+/// assert_eq!(etcd_prefix(Some("erlmcp/sessions")), "erlmcp/sessions/");
+/// assert_eq!(etcd_prefix(Some("s/")), "s/");
+/// ```
+pub fn etcd_prefix(prefix: Option<&str>) -> String {
+    match prefix {
+        None => DEFAULT_ETCD_PREFIX.to_owned(),
+        Some(p) if p.ends_with('/') => p.to_owned(),
+        Some(p) => format!("{p}/"),
+    }
+}
+
+/// Where an `etcd:` URI without a `/PREFIX` keeps its sessions.
+pub const DEFAULT_ETCD_PREFIX: &str = "erlmcp/sessions/";
 
 fn parse_etcd(rest: &str, base: usize, fail: &dyn Fn(usize, String) -> UriError) -> Result<StoreUri, UriError> {
     let (members, prefix) = match rest.find('/') {
@@ -366,8 +402,9 @@ mod tests {
         }
     }
 
+    #[cfg(not(feature = "etcd"))]
     #[test]
-    fn etcd_is_not_built_in_yet() {
+    fn etcd_is_not_built_in_without_the_feature() {
         let e = StoreUri::parse("etcd:h:1")
             .unwrap()
             .open(StoreOptions::default())

@@ -321,7 +321,7 @@ fn json_term<'a>(env: Env<'a>, v: &serde_json::Value) -> Term<'a> {
     }
 }
 
-fn to_term<'a, T: serde::Serialize>(env: Env<'a>, v: &T) -> Term<'a> {
+pub(crate) fn to_term<'a, T: serde::Serialize>(env: Env<'a>, v: &T) -> Term<'a> {
     match serde_json::to_value(v) {
         Ok(j) => json_term(env, &j),
         Err(e) => (atoms::error(), e.to_string()).encode(env),

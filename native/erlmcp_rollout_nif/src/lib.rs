@@ -11,6 +11,7 @@
 //! milliseconds with a thousand flags and runs on a dirty scheduler.
 
 mod flags;
+mod session;
 mod term;
 
 /// Atoms the NIFs return or compare with.

@@ -28,6 +28,27 @@ pub enum Command {
     Plan(PlanArgs),
     /// Emit the CI feature matrix (baseline, phaseN, all_enabled).
     Matrix(MatrixArgs),
+    /// Validate a config (as `check` does) and publish it to an etcd key; an invalid
+    /// config is never published (exit 1, every problem listed).
+    Push(PushArgs),
+}
+
+#[derive(Args)]
+pub struct PushArgs {
+    /// The flag config (JSON).
+    file: PathBuf,
+    /// etcd endpoints, comma separated (host:port or http:// URLs).
+    #[arg(long, value_name = "ENDPOINTS", value_delimiter = ',', required = true)]
+    etcd: Vec<String>,
+    /// The key watchers read.
+    #[arg(long, default_value = erlmcp_rollout::flags::DEFAULT_FLAGS_KEY)]
+    key: String,
+    /// Give up after this many seconds without an answer.
+    #[arg(long, default_value_t = 5)]
+    timeout_s: u64,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -141,7 +162,50 @@ pub fn run(cmd: Command) -> Result<u8> {
         Command::List(a) => list(a),
         Command::Plan(a) => plan_cmd(a),
         Command::Matrix(a) => matrix_cmd(a),
+        Command::Push(a) => push(a),
     }
+}
+
+fn push(a: PushArgs) -> Result<u8> {
+    use erlmcp_rollout::flags::{push_flags, PushError};
+    let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let timeout = std::time::Duration::from_secs(a.timeout_s.max(1));
+    let mut o = out();
+    match push_flags(&a.etcd, &a.key, &bytes, timeout) {
+        Ok(p) if a.json => writeln!(
+            o,
+            "{}",
+            json!({"published": true, "key": a.key, "flags": p.flags, "changed": p.changed, "revision": p.revision})
+        )?,
+        Ok(p) => writeln!(
+            o,
+            "{}: {} flags to {} (revision {})",
+            if p.changed { "published" } else { "unchanged" },
+            p.flags,
+            a.key,
+            p.revision
+        )?,
+        Err(PushError::Invalid(e)) => {
+            if a.json {
+                writeln!(
+                    o,
+                    "{}",
+                    json!({"published": false, "valid": false, "problems": e.problems()})
+                )?;
+            } else {
+                let p = e.problems();
+                writeln!(o, "{}: {} problem(s); nothing was published", a.file.display(), p.len())?;
+                for p in p {
+                    writeln!(o, "  {p}")?;
+                }
+            }
+            o.flush()?;
+            return Ok(exit::INVALID);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    o.flush()?;
+    Ok(exit::OK)
 }
 
 fn out() -> BufWriter<std::io::StdoutLock<'static>> {

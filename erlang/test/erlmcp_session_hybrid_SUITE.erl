@@ -1,0 +1,153 @@
+%% @doc erlmcp_session_backend_hybrid through the real NIF: a dual-write
+%% migration between two disk stores (and memory -> disk), phase by phase,
+%% with the gates, rollbacks, deletes and the saved phase.
+-module(erlmcp_session_hybrid_SUITE).
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+-compile([export_all, nowarn_export_all]).
+
+all() ->
+    [phases_end_to_end, gate_refuses_unverified_advance, deletes_are_not_resurrected,
+     phase_is_saved_and_authoritative, memory_to_disk, bad_options].
+
+init_per_suite(Config) ->
+    {ok, _} = application:ensure_all_started(erlmcp_rollout),
+    Config.
+
+end_per_suite(_Config) ->
+    ok.
+
+init_per_testcase(Case, Config) ->
+    Dir = filename:join(?config(priv_dir, Config), atom_to_list(Case)),
+    ok = filelib:ensure_path(filename:join(Dir, "state")),
+    [{dir, Dir} | Config].
+
+end_per_testcase(_Case, _Config) ->
+    ok.
+
+sides(Config) ->
+    Dir = ?config(dir, Config),
+    {{disk, filename:join(Dir, "old.redb")}, {disk, filename:join(Dir, "new.redb")}}.
+
+init(Config, Phase) ->
+    {P, S} = sides(Config),
+    erlmcp_session_backend_hybrid:init(#{primary => P, secondary => S, migration_phase => Phase,
+                                         state_dir => filename:join(?config(dir, Config), "state"),
+                                         shadow_sample => 1}).
+
+%% The secondary store itself (shared with the migrator: same file in this VM).
+secondary(Config) ->
+    {_, S} = sides(Config),
+    {ok, St} = erlmcp_session_native:init(#{store => S}),
+    St.
+
+primary(Config) ->
+    {P, _} = sides(Config),
+    {ok, St} = erlmcp_session_native:init(#{store => P}),
+    St.
+
+session(Id, N) ->
+    Now = erlang:system_time(millisecond),
+    #{id => Id, created_at => Now, last_accessed => Now, timeout_ms => 3600000, metadata => #{n => N}}.
+
+ids(N) -> [<<"h-", (integer_to_binary(I))/binary>> || I <- lists:seq(1, N)].
+
+phases_end_to_end(Config) ->
+    %% doc: off -> phase1 (dual write) -> phase2 (gates pass) -> phase3 -> back to phase1.
+    {ok, H} = init(Config, phase1),
+    Ids = ids(300),
+    [{ok, H} = erlmcp_session_backend_hybrid:store(Id, session(Id, 1), H) || Id <- Ids],
+    {ok, _Moved} = erlmcp_session_backend_hybrid:drain(10000, H),
+    %% reads (after the drain, so shadow reads are not skipped as pending)
+    [{ok, #{metadata := #{n := 1}}, H} = erlmcp_session_backend_hybrid:fetch(Id, H) || Id <- Ids],
+    Sec = secondary(Config),
+    [?assertMatch({ok, #{metadata := #{n := 1}}, Sec}, erlmcp_session_native:get(Id, Sec)) || Id <- Ids],
+    {ok, phase1, C1} = erlmcp_session_backend_hybrid:status(H),
+    ct:log("phase1 counters ~p", [C1]),
+    ?assert(maps:get(<<"shadow_match">>, C1) > 0),
+    ?assertEqual(0, maps:get(<<"shadow_mismatch">>, C1)),
+    ?assertEqual({ok, phase2}, erlmcp_session_backend_hybrid:advance(H)),
+    %% phase 2: writes still go to both; reads come from the secondary
+    [{ok, H} = erlmcp_session_backend_hybrid:store(Id, session(Id, 2), H) || Id <- lists:sublist(Ids, 50)],
+    [{ok, #{metadata := #{n := 2}}, H} = erlmcp_session_backend_hybrid:fetch(Id, H) || Id <- lists:sublist(Ids, 50)],
+    {ok, _} = erlmcp_session_backend_hybrid:drain(10000, H),
+    Pri = primary(Config),
+    [?assertMatch({ok, #{metadata := #{n := 2}}, Pri}, erlmcp_session_native:get(Id, Pri))
+     || Id <- lists:sublist(Ids, 50)],
+    ?assertEqual({ok, phase3}, erlmcp_session_backend_hybrid:advance(H)),
+    {ok, H} = erlmcp_session_backend_hybrid:store(<<"only-new">>, session(<<"only-new">>, 3), H),
+    ?assertMatch({ok, #{metadata := #{n := 3}}, Sec}, erlmcp_session_native:get(<<"only-new">>, Sec)),
+    ?assertMatch({error, not_found, Pri}, erlmcp_session_native:get(<<"only-new">>, Pri)),
+    {ok, Listed, H} = erlmcp_session_backend_hybrid:list(H),
+    ?assertEqual(lists:sort([<<"only-new">> | Ids]), Listed),
+    %% phase 3 -> phase 2 needs the reverse outbox (turned on before phase 3): refused here
+    ?assertMatch({error, {gate, _}}, erlmcp_session_backend_hybrid:rollback(H)),
+    ?assertMatch({ok, phase3, _}, erlmcp_session_backend_hybrid:status(H)).
+
+gate_refuses_unverified_advance(Config) ->
+    %% doc: a difference the outbox does not explain blocks phase1 -> phase2; nothing changes.
+    {ok, H} = init(Config, phase1),
+    Ids = ids(20),
+    [{ok, H} = erlmcp_session_backend_hybrid:store(Id, session(Id, 1), H) || Id <- Ids],
+    {ok, _} = erlmcp_session_backend_hybrid:drain(10000, H),
+    %% written behind the migrator's back, into the primary only
+    Pri = primary(Config),
+    {ok, Pri} = erlmcp_session_native:store(<<"sneaky">>, session(<<"sneaky">>, 9), Pri),
+    {error, {gate, Why}} = erlmcp_session_backend_hybrid:advance(H),
+    ct:log("gate said: ~s", [Why]),
+    ?assertMatch({ok, phase1, _}, erlmcp_session_backend_hybrid:status(H)),
+    %% a backfill (here: a write through the migrator) repairs it, then the gate passes
+    {ok, H} = erlmcp_session_backend_hybrid:store(<<"sneaky">>, session(<<"sneaky">>, 9), H),
+    {ok, _} = erlmcp_session_backend_hybrid:drain(10000, H),
+    ?assertEqual({ok, phase2}, erlmcp_session_backend_hybrid:advance(H)),
+    ?assertEqual({ok, phase1}, erlmcp_session_backend_hybrid:rollback(H)),
+    ?assertEqual({ok, off}, erlmcp_session_backend_hybrid:rollback(H)).
+
+deletes_are_not_resurrected(Config) ->
+    {ok, H} = init(Config, phase1),
+    Ids = ids(40),
+    [{ok, H} = erlmcp_session_backend_hybrid:store(Id, session(Id, 1), H) || Id <- Ids],
+    {Gone, Kept} = lists:split(15, Ids),
+    [{ok, H} = erlmcp_session_backend_hybrid:delete(Id, H) || Id <- Gone],
+    {ok, _} = erlmcp_session_backend_hybrid:drain(10000, H),
+    Sec = secondary(Config),
+    [?assertMatch({error, not_found, Sec}, erlmcp_session_native:get(Id, Sec)) || Id <- Gone],
+    [?assertMatch({ok, _, Sec}, erlmcp_session_native:get(Id, Sec)) || Id <- Kept],
+    ?assertEqual({ok, phase2}, erlmcp_session_backend_hybrid:advance(H)),
+    [?assertMatch({error, not_found, H}, erlmcp_session_backend_hybrid:fetch(Id, H)) || Id <- Gone].
+
+phase_is_saved_and_authoritative(Config) ->
+    %% doc: the phase lives in state_dir; an init asking for another phase steps there (gated).
+    {ok, H} = init(Config, phase1),
+    {ok, H} = erlmcp_session_backend_hybrid:store(<<"a">>, session(<<"a">>, 1), H),
+    {ok, _} = erlmcp_session_backend_hybrid:drain(10000, H),
+    {ok, H2} = init(Config, phase2),
+    ?assertMatch({ok, phase2, _}, erlmcp_session_backend_hybrid:status(H)),
+    ?assertMatch({ok, phase2, _}, erlmcp_session_backend_hybrid:status(H2)),
+    {ok, State} = file:read_file(filename:join([?config(dir, Config), "state", "phase.json"])),
+    ?assertNotEqual(nomatch, binary:match(State, <<"phase2">>)),
+    {ok, H3} = init(Config, off),
+    ?assertMatch({ok, off, _}, erlmcp_session_backend_hybrid:status(H3)).
+
+memory_to_disk(Config) ->
+    Dir = ?config(dir, Config),
+    {ok, H} = erlmcp_session_backend_hybrid:init(#{primary => memory, name => hybrid_mem,
+                                                   secondary => {disk, filename:join(Dir, "new.redb")},
+                                                   migration_phase => phase1,
+                                                   state_dir => filename:join(Dir, "state")}),
+    [{ok, H} = erlmcp_session_backend_hybrid:store(Id, session(Id, 7), H) || Id <- ids(100)],
+    ?assertEqual({ok, phase2}, erlmcp_session_backend_hybrid:set_phase(phase2, H)),
+    [{ok, #{metadata := #{n := 7}}, H} = erlmcp_session_backend_hybrid:fetch(Id, H) || Id <- ids(100)].
+
+bad_options(Config) ->
+    Dir = ?config(dir, Config),
+    ?assertMatch({error, {bad_option, _}}, erlmcp_session_backend_hybrid:init(#{primary => memory})),
+    ?assertMatch({error, {unsupported, _}},
+                 erlmcp_session_backend_hybrid:init(#{primary => {erlmcp_session_dets, #{}}, secondary => memory})),
+    ?assertMatch({error, {bad_option, _}},
+                 erlmcp_session_backend_hybrid:init(#{primary => memory, secondary => memory,
+                                                      state_dir => Dir, migration_phase => phase9})),
+    ?assertMatch({error, {bad_store, _}},
+                 erlmcp_session_backend_hybrid:init(#{primary => {tape, x}, secondary => memory, state_dir => Dir})),
+    {ok, Plain} = erlmcp_session_native:init(#{}),
+    ?assertMatch({error, {invalid, _}}, erlmcp_session_native:migration(advance, 1000, Plain)).

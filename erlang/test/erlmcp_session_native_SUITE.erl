@@ -1,0 +1,326 @@
+%% @doc erlmcp_session_native through the real NIF: the same cases against
+%% every store (memory, disk; etcd when the cluster scripts are available),
+%% plus a kill -9 test of a separate VM writing to a disk store.
+-module(erlmcp_session_native_SUITE).
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+-compile([export_all, nowarn_export_all]).
+
+-define(T0, 1700000000000).
+
+all() ->
+    [{group, memory}, {group, disk}, {group, crash}].
+
+cases() ->
+    [round_trip_is_exact, state_never_changes, missing_and_deleted, expired_never_returned,
+     fetch_slides_expiry, list_in_key_order_across_pages, init_shares_the_store, bad_input_is_refused,
+     concurrent_writers_and_readers, callbacks_match_erlmcp_shapes].
+
+groups() ->
+    [{memory, [], cases()},
+     {disk, [], cases()},
+     {crash, [sequence], [disk_kill9_loses_no_acknowledged_session]}].
+
+init_per_suite(Config) ->
+    {ok, _} = application:ensure_all_started(erlmcp_rollout),
+    Config.
+
+end_per_suite(_Config) ->
+    ok.
+
+init_per_group(Group, Config) ->
+    [{store, Group} | Config].
+
+end_per_group(_Group, _Config) ->
+    ok.
+
+init_per_testcase(Case, Config) ->
+    ok = erlmcp_rollout_nif:session_set_clock(?T0),
+    [{case_name, Case} | Config].
+
+end_per_testcase(_Case, _Config) ->
+    ok = erlmcp_rollout_nif:session_set_clock(system),
+    ok.
+
+%% A fresh store for this case (and the options that open it again).
+spec(Config) ->
+    spec(Config, "").
+
+spec(Config, Suffix) ->
+    Case = atom_to_list(?config(case_name, Config)) ++ Suffix,
+    case ?config(store, Config) of
+        memory -> #{store => memory, name => list_to_atom("ct_" ++ Case)};
+        disk -> #{store => {disk, filename:join(?config(priv_dir, Config), Case ++ ".redb")}}
+    end.
+
+open(Config) ->
+    {ok, S} = erlmcp_session_native:init(spec(Config)),
+    S.
+
+session(Id, Meta) ->
+    session(Id, ?T0, 60000, Meta).
+
+session(Id, LastAccessed, Timeout, Meta) ->
+    #{id => Id, created_at => ?T0 - 5, last_accessed => LastAccessed, timeout_ms => Timeout, metadata => Meta}.
+
+set_clock(Ms) ->
+    ok = erlmcp_rollout_nif:session_set_clock(Ms).
+
+%%% Cases
+
+round_trip_is_exact(Config) ->
+    %% doc: any session map, any metadata term, comes back identical
+    %% (fetch sets last_accessed to the access time, which is the stored one here).
+    S = open(Config),
+    Ref = make_ref(),
+    Sessions =
+        [session(<<"plain">>, #{}),
+         session(<<"deep">>, #{user => <<"u1">>, roles => [admin, <<"ops">>], n => 42, f => 1.5,
+                               nested => #{a => {tuple, [1, 2, 3]}, b => <<0, 255, 128>>},
+                               big => 1 bsl 200, neg => -7, ref => Ref, pid => self(),
+                               'ünïcode_atom' => "chars"}),
+         session(<<"infinite">>, ?T0, infinity, #{k => v}),
+         #{data => failover_test},
+         #{},
+         (session(<<"extra">>, #{}))#{history => [1, 2], extra_key => true},
+         #{id => <<"other-id">>, created_at => 1, last_accessed => ?T0, timeout_ms => 1000, metadata => #{}},
+         session(<<"non-map-meta">>, [not_a_map])],
+    Ids = [<<"plain">>, <<"deep">>, <<"infinite">>, <<"whole1">>, <<"whole2">>, <<"extra">>,
+           <<"mismatch">>, <<"non-map-meta">>],
+    Pairs = lists:zip(Ids, Sessions),
+    [{ok, S} = erlmcp_session_native:store(Id, Sess, S) || {Id, Sess} <- Pairs],
+    lists:foreach(
+      fun({Id, Sess}) ->
+              Expected = Sess#{last_accessed => maps:get(last_accessed, Sess, ?T0)},
+              ?assertEqual({ok, Expected, S}, erlmcp_session_native:get(Id, S)),
+              ?assertEqual({ok, Expected, S}, erlmcp_session_native:fetch(Id, S))
+      end, Pairs),
+    %% a non-UTF-8 id, and binary metadata through the whole-map path
+    Odd = <<255, 0, 1>>,
+    {ok, S} = erlmcp_session_native:store(Odd, session(Odd, #{bin => <<1:1>>}), S),
+    ?assertEqual({ok, session(Odd, #{bin => <<1:1>>}), S}, erlmcp_session_native:fetch(Odd, S)).
+
+state_never_changes(Config) ->
+    %% doc: erlmcp's own backend tests compare the returned State with the one passed in.
+    S = open(Config),
+    ?assertMatch({ok, S}, erlmcp_session_native:store(<<"a">>, session(<<"a">>, #{}), S)),
+    ?assertMatch({ok, _, S}, erlmcp_session_native:fetch(<<"a">>, S)),
+    ?assertMatch({error, not_found, S}, erlmcp_session_native:fetch(<<"b">>, S)),
+    ?assertMatch({ok, [<<"a">>], S}, erlmcp_session_native:list(S)),
+    ?assertMatch({ok, 0, S}, erlmcp_session_native:cleanup_expired(S)),
+    ?assertMatch({ok, S}, erlmcp_session_native:delete(<<"a">>, S)).
+
+missing_and_deleted(Config) ->
+    S = open(Config),
+    ?assertEqual({error, not_found, S}, erlmcp_session_native:fetch(<<"nope">>, S)),
+    ?assertEqual({ok, S}, erlmcp_session_native:delete(<<"nope">>, S)),
+    {ok, S} = erlmcp_session_native:store(<<"x">>, session(<<"x">>, #{v => 1}), S),
+    ?assertEqual({ok, S}, erlmcp_session_native:delete(<<"x">>, S)),
+    ?assertEqual({error, not_found, S}, erlmcp_session_native:fetch(<<"x">>, S)),
+    ?assertEqual({ok, [], S}, erlmcp_session_native:list(S)),
+    ?assertEqual({ok, S}, erlmcp_session_native:delete(<<"x">>, S)),
+    %% stored again after a delete: the new one, not the old one
+    {ok, S} = erlmcp_session_native:store(<<"x">>, session(<<"x">>, #{v => 2}), S),
+    ?assertMatch({ok, #{metadata := #{v := 2}}, S}, erlmcp_session_native:fetch(<<"x">>, S)).
+
+expired_never_returned(Config) ->
+    %% doc: expired sessions are invisible before any cleanup; cleanup returns the true count.
+    S = open(Config),
+    {ok, S} = erlmcp_session_native:store(<<"short">>, session(<<"short">>, ?T0, 1000, #{}), S),
+    {ok, S} = erlmcp_session_native:store(<<"short2">>, session(<<"short2">>, ?T0, 1000, #{}), S),
+    {ok, S} = erlmcp_session_native:store(<<"long">>, session(<<"long">>, ?T0, 5000, #{}), S),
+    {ok, S} = erlmcp_session_native:store(<<"forever">>, session(<<"forever">>, ?T0, infinity, #{}), S),
+    set_clock(?T0 + 1000),
+    ?assertMatch({ok, _, S}, erlmcp_session_native:get(<<"short">>, S)),
+    set_clock(?T0 + 1001),
+    ?assertEqual({error, not_found, S}, erlmcp_session_native:fetch(<<"short">>, S)),
+    ?assertEqual({ok, [<<"forever">>, <<"long">>], S}, erlmcp_session_native:list(S)),
+    ?assertEqual({ok, 2, S}, erlmcp_session_native:cleanup_expired(S)),
+    ?assertEqual({ok, 0, S}, erlmcp_session_native:cleanup_expired(S)),
+    set_clock(?T0 + 100000000),
+    ?assertEqual({ok, [<<"forever">>], S}, erlmcp_session_native:list(S)),
+    ?assertEqual({ok, 1, S}, erlmcp_session_native:cleanup_expired(S)),
+    ?assertMatch({ok, #{id := <<"forever">>}, S}, erlmcp_session_native:fetch(<<"forever">>, S)).
+
+fetch_slides_expiry(Config) ->
+    S = open(Config),
+    {ok, S} = erlmcp_session_native:store(<<"s">>, session(<<"s">>, ?T0, 1000, #{}), S),
+    set_clock(?T0 + 900),
+    ?assertMatch({ok, #{last_accessed := ?T0 + 900}, S}, erlmcp_session_native:fetch(<<"s">>, S)),
+    set_clock(?T0 + 1800),
+    ?assertMatch({ok, #{last_accessed := ?T0 + 1800}, S}, erlmcp_session_native:fetch(<<"s">>, S)),
+    %% a fetch that moved last_accessed by less than the touch fraction (10 % of the
+    %% timeout) is not written: the session expires from the last written access.
+    set_clock(?T0 + 1850),
+    ?assertMatch({ok, #{last_accessed := ?T0 + 1850}, S}, erlmcp_session_native:fetch(<<"s">>, S)),
+    set_clock(?T0 + 2801),
+    ?assertEqual({error, not_found, S}, erlmcp_session_native:fetch(<<"s">>, S)).
+
+list_in_key_order_across_pages(Config) ->
+    %% doc: list/1 pages through the store (1000 ids per NIF call).
+    S = open(Config),
+    N = 2345,
+    Ids = [iolist_to_binary(io_lib:format("id-~6..0b", [I])) || I <- lists:seq(1, N)],
+    parallel(32, Ids, fun(Id) -> {ok, S} = erlmcp_session_native:store(Id, session(Id, #{}), S) end),
+    {ok, Listed, S} = erlmcp_session_native:list(S),
+    ?assertEqual(lists:sort(Ids), Listed).
+
+init_shares_the_store(Config) ->
+    S1 = open(Config),
+    {ok, S1} = erlmcp_session_native:store(<<"shared">>, session(<<"shared">>, #{n => 1}), S1),
+    Spec = spec(Config),
+    Again = case Spec of
+                #{store := {disk, Path}} ->
+                    Spec#{store := {disk, filename:join([filename:dirname(Path), ".", filename:basename(Path)])}};
+                _ ->
+                    Spec
+            end,
+    {ok, S2} = erlmcp_session_native:init(Again),
+    ?assertMatch({ok, #{metadata := #{n := 1}}, S2}, erlmcp_session_native:fetch(<<"shared">>, S2)),
+    {ok, S2} = erlmcp_session_native:store(<<"second">>, session(<<"second">>, #{n => 2}), S2),
+    ?assertMatch({ok, #{metadata := #{n := 2}}, S1}, erlmcp_session_native:fetch(<<"second">>, S1)),
+    {ok, Other} = erlmcp_session_native:init(spec(Config, "_other")),
+    ?assertMatch({error, not_found, Other}, erlmcp_session_native:fetch(<<"shared">>, Other)).
+
+bad_input_is_refused(Config) ->
+    %% doc: every bad argument gets a clear error naming what is wrong, and writes nothing.
+    S = open(Config),
+    Invalid = fun(R) -> ?assertMatch({error, {invalid, Msg}} when is_binary(Msg), R) end,
+    Invalid(erlmcp_session_native:store(not_binary, #{}, S)),
+    Invalid(erlmcp_session_native:store(<<"a">>, not_a_map, S)),
+    Invalid(erlmcp_session_native:store(<<>>, #{}, S)),
+    Invalid(erlmcp_session_native:store(binary:copy(<<"x">>, 1025), #{}, S)),
+    Invalid(erlmcp_session_native:store(<<"a">>, #{timeout_ms => 0}, S)),
+    Invalid(erlmcp_session_native:store(<<"a">>, #{timeout_ms => -1}, S)),
+    Invalid(erlmcp_session_native:store(<<"a">>, #{timeout_ms => "1000"}, S)),
+    Invalid(erlmcp_session_native:store(<<"a">>, #{created_at => 1.5}, S)),
+    Invalid(erlmcp_session_native:store(<<"a">>, #{last_accessed => 1 bsl 70}, S)),
+    Invalid(erlmcp_session_native:store(<<"a">>, #{metadata => binary:copy(<<1>>, 16 * 1024 * 1024 + 1)}, S)),
+    ?assertMatch({error, {invalid, _}, S}, erlmcp_session_native:fetch(42, S)),
+    ?assertMatch({error, {invalid, _}, S}, erlmcp_session_native:delete(<<>>, S)),
+    ?assertEqual({ok, [], S}, erlmcp_session_native:list(S)),
+    ?assertMatch({error, {bad_store, _}}, erlmcp_session_native:init(#{store => {tape, "/dev/st0"}})),
+    ?assertMatch({error, {bad_store, _}}, erlmcp_session_native:init(#{store => {disk, "/nonexistent-dir/x.redb"}})),
+    ?assertMatch({error, {bad_store, _}}, erlmcp_session_native:init(#{store => {disk, <<>>}})),
+    ?assertMatch({error, {bad_option, _}}, erlmcp_session_native:init(#{name => "not an atom"})),
+    ?assertMatch({error, {bad_option, _}}, erlmcp_session_native:init(#{touch_permille => 1001})),
+    ?assertMatch({error, {bad_option, _, _}}, erlmcp_session_native:init(not_a_map)).
+
+concurrent_writers_and_readers(Config) ->
+    %% doc: 64 processes store and read back their own sessions at once.
+    S = open(Config),
+    Ids = [<<"c-", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 64 * 20)],
+    parallel(64, Ids,
+             fun(Id) ->
+                     Sess = session(Id, #{owner => Id}),
+                     {ok, S} = erlmcp_session_native:store(Id, Sess, S),
+                     {ok, Sess, S} = erlmcp_session_native:fetch(Id, S)
+             end),
+    {ok, Listed, S} = erlmcp_session_native:list(S),
+    ?assertEqual(length(Ids), length(Listed)).
+
+callbacks_match_erlmcp_shapes(Config) ->
+    %% doc: the return shapes of erlmcp's erlmcp_session_backend callbacks.
+    S = open(Config),
+    Exports = erlmcp_session_native:module_info(exports),
+    [?assert(lists:member(F, Exports))
+     || F <- [{init, 1}, {store, 3}, {fetch, 2}, {delete, 2}, {list, 1}, {cleanup_expired, 1}]],
+    ?assertMatch({ok, S}, erlmcp_session_native:store(<<"k">>, session(<<"k">>, #{}), S)),
+    ?assertMatch({ok, #{}, S}, erlmcp_session_native:fetch(<<"k">>, S)),
+    ?assertMatch({ok, [_ | _], S}, erlmcp_session_native:list(S)),
+    ?assertMatch({ok, N, S} when is_integer(N), erlmcp_session_native:cleanup_expired(S)),
+    ?assertMatch({ok, S}, erlmcp_session_native:delete(<<"k">>, S)),
+    %% erlmcp owns the behaviour module: this application must not ship one.
+    {ok, Mods} = application:get_key(erlmcp_rollout, modules),
+    ?assertNot(lists:member(erlmcp_session_backend, Mods)).
+
+%%% kill -9
+
+disk_kill9_loses_no_acknowledged_session(Config) ->
+    %% doc: a separate VM stores sessions into a disk store from 16 processes and
+    %% prints each id after store/3 returned ok; it is killed with SIGKILL; every
+    %% printed (acknowledged) session is then in the store, intact.
+    Iterations = list_to_integer(os:getenv("ERLMCP_SESSION_CRASH_ITERATIONS", "3")),
+    Path = filename:join(?config(priv_dir, Config), "crash.redb"),
+    set_clock(system),
+    lists:foreach(fun(I) -> crash_once(Path, I) end, lists:seq(1, Iterations)).
+
+crash_once(Path, Iteration) ->
+    Acked = run_and_kill(Path, Iteration, 150 + rand:uniform(300)),
+    ?assert(length(Acked) > 0),
+    %% Check from a process of its own: when it exits, its store handle is
+    %% released and the next child VM can open (lock) the file.
+    {Pid, Mon} = spawn_monitor(fun() -> check_acked(Path, Acked) end),
+    receive {'DOWN', Mon, process, Pid, normal} -> ok;
+            {'DOWN', Mon, process, Pid, Why} -> ct:fail({check_failed, Why})
+    end,
+    ct:log("iteration ~b: ~b acknowledged sessions present after kill -9", [Iteration, length(Acked)]).
+
+check_acked(Path, Acked) ->
+    {ok, S} = erlmcp_session_native:init(#{store => {disk, Path}}),
+    lists:foreach(
+      fun(Id) ->
+              case erlmcp_session_native:get(Id, S) of
+                  {ok, #{metadata := #{writer_id := Id, payload := P}}, S} ->
+                      ?assertEqual(expected_payload(Id), P);
+                  Other ->
+                      ct:fail({acknowledged_session_lost, Id, Other})
+              end
+      end, Acked).
+
+expected_payload(Id) ->
+    binary:copy(Id, 20).
+
+run_and_kill(Path, Iteration, KillAfter) ->
+    Ebin = filename:dirname(code:which(erlmcp_session_native)),
+    Child = lists:flatten(io_lib:format(
+        "{ok, S} = erlmcp_session_native:init(#{store => {disk, ~p}}),"
+        "Self = self(),"
+        "W = fun W(P, N) -> Id = iolist_to_binary(io_lib:format(\"i~~b-p~~b-n~~b\", [~b, P, N])),"
+        "  Sess = #{id => Id, created_at => 0, last_accessed => erlang:system_time(millisecond),"
+        "           timeout_ms => infinity, metadata => #{writer_id => Id, payload => binary:copy(Id, 20)}},"
+        "  {ok, S} = erlmcp_session_native:store(Id, Sess, S), Self ! {acked, Id}, W(P, N + 1) end,"
+        "[spawn_link(fun() -> W(P, 0) end) || P <- lists:seq(1, 16)],"
+        "L = fun L() -> receive {acked, Id} -> io:put_chars([Id, $\\n]), L() end end, L().",
+        [Path, Iteration])),
+    Erl = os:find_executable("erl"),
+    Port = open_port({spawn_executable, Erl},
+                     [{args, ["-noshell", "-pa", Ebin, "-eval", Child]}, {line, 4096}, exit_status,
+                      stderr_to_stdout, binary]),
+    {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+    Acked = collect(Port, KillAfter, []),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+    drain(Port, Acked).
+
+collect(_Port, 0, Acc) ->
+    Acc;
+collect(Port, Left, Acc) ->
+    receive
+        {Port, {data, {eol, <<"i", _/binary>> = Id}}} -> collect(Port, Left - 1, [Id | Acc]);
+        {Port, {data, Other}} -> ct:fail({child_said, Other});
+        {Port, {exit_status, St}} -> ct:fail({child_exited, St, length(Acc)})
+    after 60000 -> ct:fail({child_too_slow, length(Acc)})
+    end.
+
+%% Lines printed before the kill are acknowledged too.
+drain(Port, Acc) ->
+    receive
+        {Port, {data, {eol, <<"i", _/binary>> = Id}}} -> drain(Port, [Id | Acc]);
+        {Port, {data, _}} -> drain(Port, Acc);
+        {Port, {exit_status, _}} -> Acc
+    after 30000 -> ct:fail(child_not_dead)
+    end.
+
+%%% helpers
+
+%% Runs F on every element of L from N processes; fails if any fails.
+parallel(N, L, F) ->
+    Chunks = chunks(L, max(1, (length(L) + N - 1) div N)),
+    Parent = self(),
+    Pids = [spawn_link(fun() -> lists:foreach(F, C), Parent ! {done, self()} end) || C <- Chunks],
+    [receive {done, P} -> ok after 120000 -> ct:fail(parallel_timeout) end || P <- Pids],
+    ok.
+
+chunks([], _) -> [];
+chunks(L, N) when length(L) =< N -> [L];
+chunks(L, N) -> {H, T} = lists:split(N, L), [H | chunks(T, N)].

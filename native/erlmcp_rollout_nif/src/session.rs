@@ -1,0 +1,983 @@
+//! Session-store NIFs (behind `erlmcp_session_native`): a handle per open
+//! store, shared by every `init/1` that names the same store.
+//!
+//! Scheduling: memory-store calls run in the caller on its normal scheduler
+//! (microseconds). Calls that may wait for I/O (disk, etcd) and whole-store
+//! walks (sweep) never block a scheduler: the NIF hands the call to a worker
+//! thread and returns `async`; the worker sends `{Tag, Result}` to the caller
+//! (the Erlang side waits for it with a selective receive on `Tag`, a fresh
+//! reference). Worker threads are not scheduler threads, so many concurrent
+//! callers do not queue behind the ten dirty I/O schedulers, and concurrent
+//! durable writes share commits.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, Weak};
+use std::time::Duration;
+
+use erlmcp_rollout::migrate::dual::{Migrator, MigratorConfig, RelayHandle};
+use erlmcp_rollout::migrate::outbox::Outbox;
+use erlmcp_rollout::migrate::phase::{FilePhaseStore, Phase};
+use erlmcp_rollout::migrate::MigrateError;
+use erlmcp_rollout::session::{
+    Clock, DiskStore, EtcdOptions, EtcdStore, MemoryStore, Session, SessionId, Store, StoreError, StoreOptions, SystemClock, Timeout,
+    TouchPolicy, Visibility,
+};
+use rustler::env::SavedTerm;
+use rustler::types::tuple::get_tuple;
+use rustler::{Atom, Binary, Encoder, Env, LocalPid, NewBinary, NifResult, OwnedEnv, Resource, ResourceArc, Term};
+
+use crate::term::binary_bytes;
+
+mod atoms {
+    rustler::atoms! {
+        ok,
+        error,
+        memory,
+        disk,
+        etcd,
+        infinity,
+        not_found,
+        already_exists,
+        conflict,
+        unavailable,
+        corrupt,
+        invalid,
+        internal,
+        done,
+        system,
+        name,
+        touch_permille,
+        tombstone_retention_ms,
+        prefix,
+        store,
+        bad_option,
+        bad_store,
+        nif_panicked,
+        expired,
+        tombstones,
+        async_ = "async",
+        hybrid,
+        state_dir,
+        migration_phase,
+        shadow_sample,
+        gate,
+        migration,
+        off,
+        phase1,
+        phase2,
+        phase3,
+        cleanup,
+    }
+}
+
+/// The clock every store opened here uses: the system clock unless pinned
+/// with `session_set_clock/1` (tests move time by hand).
+struct PinnableClock(AtomicI64);
+
+const UNPINNED: i64 = i64::MIN;
+
+impl Clock for PinnableClock {
+    fn now_unix_ms(&self) -> i64 {
+        match self.0.load(Ordering::Relaxed) {
+            UNPINNED => SystemClock.now_unix_ms(),
+            pinned => pinned,
+        }
+    }
+}
+
+static CLOCK: LazyLock<Arc<PinnableClock>> = LazyLock::new(|| Arc::new(PinnableClock(AtomicI64::new(UNPINNED))));
+
+/// Which store a handle is; also the registry key that makes two `init`s of
+/// the same store share it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum StoreKey {
+    Memory(String),
+    Disk(PathBuf),
+    /// Endpoints (sorted) and key prefix.
+    Etcd(Vec<String>, Vec<u8>),
+}
+
+/// An open store, as the Erlang side holds it.
+pub struct StoreHandle {
+    store: Arc<dyn Store>,
+    /// Calls may wait for I/O: run them on a worker thread.
+    blocking: bool,
+    /// For a dual-write migration (`{hybrid, Primary, Secondary}`).
+    hybrid: Option<Arc<Hybrid>>,
+}
+
+/// A dual-write migrator and its relay thread (stopped when the last handle goes).
+struct Hybrid {
+    migrator: Arc<Migrator>,
+    _relay: RelayHandle,
+}
+
+static HYBRIDS: LazyLock<Mutex<HashMap<PathBuf, Weak<Hybrid>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+#[rustler::resource_impl]
+impl Resource for StoreHandle {}
+
+static REGISTRY: LazyLock<Mutex<HashMap<StoreKey, Weak<dyn Store>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn err_text(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Where `path` points, made absolute without requiring the file to exist
+/// (the directory must): two spellings of one file get one store.
+fn canonical_file(path: &Path) -> Result<PathBuf, String> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("disk store path {} has no file name", path.display()))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = parent
+        .canonicalize()
+        .map_err(|e| format!("disk store directory {}: {e}", parent.display()))?;
+    Ok(dir.join(name))
+}
+
+struct OpenOptions {
+    name: String,
+    prefix: Vec<u8>,
+    touch: TouchPolicy,
+    tombstone_retention_ms: Option<u64>,
+}
+
+fn store_options(o: &OpenOptions) -> StoreOptions {
+    let defaults = StoreOptions::default();
+    StoreOptions {
+        clock: CLOCK.clone(),
+        touch: o.touch,
+        tombstone_retention_ms: o.tombstone_retention_ms.unwrap_or(defaults.tombstone_retention_ms),
+    }
+}
+
+fn open_shared(key: StoreKey, o: &OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
+    // Held while opening: two inits of one file open it once.
+    let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(store) = registry.get(&key).and_then(Weak::upgrade) {
+        return Ok(store);
+    }
+    // A handle of this store may be being dropped right now (its last
+    // reference was garbage collected): its file stays locked until the drop
+    // ends, so wait for that briefly rather than fail.
+    let closing = registry.contains_key(&key);
+    registry.retain(|_, w| w.strong_count() > 0);
+    let store: Arc<dyn Store> = match &key {
+        StoreKey::Memory(_) => Arc::new(MemoryStore::new(store_options(o))),
+        StoreKey::Etcd(endpoints, prefix) => Arc::new(EtcdStore::connect(
+            endpoints,
+            prefix.clone(),
+            EtcdOptions::default(),
+            store_options(o),
+        )?),
+        StoreKey::Disk(path) => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            loop {
+                match DiskStore::create(path, store_options(o)) {
+                    Ok(store) => break Arc::new(store),
+                    Err(StoreError::Unavailable { .. }) if closing && std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    };
+    registry.insert(key, Arc::downgrade(&store));
+    Ok(store)
+}
+
+// ---------------------------------------------------------------- workers
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads that run blocking store calls and reply by message. Grows on
+/// demand (a call never waits for a busy worker, so concurrent writers reach
+/// the store together and share commits) up to `MAX_WORKERS`; idle workers
+/// exit after a minute.
+struct Pool {
+    state: Mutex<PoolState>,
+    ready: Condvar,
+}
+
+struct PoolState {
+    queue: VecDeque<Job>,
+    idle: usize,
+    threads: usize,
+}
+
+const MAX_WORKERS: usize = 512;
+const IDLE_EXIT: Duration = Duration::from_secs(60);
+
+static POOL: Pool = Pool {
+    state: Mutex::new(PoolState {
+        queue: VecDeque::new(),
+        idle: 0,
+        threads: 0,
+    }),
+    ready: Condvar::new(),
+};
+
+impl Pool {
+    fn submit(&'static self, job: Job) -> Result<(), String> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.queue.push_back(job);
+        if st.idle < st.queue.len() && st.threads < MAX_WORKERS {
+            let spawned = std::thread::Builder::new()
+                .name("erlmcp_session_io".into())
+                .spawn(move || self.work());
+            match spawned {
+                Ok(_) => st.threads += 1,
+                Err(e) if st.threads == 0 => {
+                    st.queue.pop_back();
+                    return Err(format!("cannot start a session worker thread: {e}"));
+                }
+                // Some worker exists and will get to it.
+                Err(_) => {}
+            }
+        }
+        drop(st);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    fn work(&'static self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(job) = st.queue.pop_front() {
+                drop(st);
+                // A panic in a job has already replied (see `run_async`); keep the thread.
+                let _ = catch_unwind(AssertUnwindSafe(job));
+                st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.idle += 1;
+            let (next, timeout) = self
+                .ready
+                .wait_timeout(st, IDLE_EXIT)
+                .unwrap_or_else(|p| p.into_inner());
+            st = next;
+            st.idle -= 1;
+            if timeout.timed_out() && st.queue.is_empty() {
+                st.threads -= 1;
+                return;
+            }
+        }
+    }
+}
+
+/// The owned result of a store call, turned into a term by the replier.
+enum Reply {
+    Ok,
+    Session(Session),
+    Deleted(bool),
+    Page(Vec<SessionId>, Option<SessionId>),
+    Swept(usize, usize),
+    Batch(usize, usize),
+    Many(Vec<Result<Session, StoreError>>),
+    Failed(StoreError),
+    Panicked,
+}
+
+fn encode_reply<'a>(env: Env<'a>, reply: &Reply) -> Term<'a> {
+    match reply {
+        Reply::Ok => atoms::ok().encode(env),
+        Reply::Session(s) => (atoms::ok(), session_tuple(env, s)).encode(env),
+        Reply::Deleted(d) => (atoms::ok(), *d).encode(env),
+        Reply::Page(ids, next) => {
+            let list: Vec<Term<'a>> = ids.iter().map(|id| bytes_term(env, id.as_bytes())).collect();
+            let next = match next {
+                Some(id) => bytes_term(env, id.as_bytes()),
+                None => atoms::done().encode(env),
+            };
+            (atoms::ok(), list, next).encode(env)
+        }
+        Reply::Swept(expired, tombstones) => (atoms::ok(), *expired, *tombstones).encode(env),
+        Reply::Batch(applied, skipped) => (atoms::ok(), *applied, *skipped).encode(env),
+        Reply::Many(results) => {
+            let list: Vec<Term<'a>> = results
+                .iter()
+                .map(|r| match r {
+                    Ok(s) => (atoms::ok(), session_tuple(env, s)).encode(env),
+                    Err(e) => (atoms::error(), error_term(env, e)).encode(env),
+                })
+                .collect();
+            (atoms::ok(), list).encode(env)
+        }
+        Reply::Failed(e) => (atoms::error(), error_term(env, e)).encode(env),
+        Reply::Panicked => (atoms::error(), atoms::nif_panicked()).encode(env),
+    }
+}
+
+/// Runs `call` inline (memory store) or on a worker that sends
+/// `{Tag, Result}` to the caller (returns `async`).
+fn run<'a>(
+    env: Env<'a>,
+    handle: &StoreHandle,
+    tag: Term<'a>,
+    always_async: bool,
+    call: impl FnOnce(&dyn Store) -> Reply + Send + 'static,
+) -> Term<'a> {
+    if !handle.blocking && !always_async {
+        let reply = catch_unwind(AssertUnwindSafe(|| call(handle.store.as_ref()))).unwrap_or(Reply::Panicked);
+        return encode_reply(env, &reply);
+    }
+    let pid: LocalPid = env.pid();
+    let mut owned = OwnedEnv::new();
+    let saved: SavedTerm = owned.save(tag);
+    let store = handle.store.clone();
+    let job: Job = Box::new(move || {
+        let reply = catch_unwind(AssertUnwindSafe(|| call(store.as_ref()))).unwrap_or(Reply::Panicked);
+        // The caller may have died meanwhile: nothing to do then.
+        let _ = owned.send_and_clear(&pid, |env| {
+            let tag = saved.load(env);
+            (tag, encode_reply(env, &reply))
+        });
+    });
+    match POOL.submit(job) {
+        Ok(()) => atoms::async_().encode(env),
+        Err(reason) => (atoms::error(), (atoms::unavailable(), reason.as_str()).encode(env)).encode(env),
+    }
+}
+
+// ---------------------------------------------------------------- terms
+
+fn bytes_term<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
+    let mut bin = NewBinary::new(env, bytes.len());
+    bin.as_mut_slice().copy_from_slice(bytes);
+    Binary::from(bin).to_term(env)
+}
+
+fn timeout_term<'a>(env: Env<'a>, t: Timeout) -> Term<'a> {
+    match t {
+        Timeout::Infinity => atoms::infinity().encode(env),
+        Timeout::Ms(ms) => ms.get().encode(env),
+    }
+}
+
+/// `{CreatedAt, LastAccessed, TimeoutMs | infinity, MetadataBin, Version}`.
+fn session_tuple<'a>(env: Env<'a>, s: &Session) -> Term<'a> {
+    (
+        s.created_at,
+        s.last_accessed,
+        timeout_term(env, s.timeout),
+        bytes_term(env, &s.metadata),
+        s.version,
+    )
+        .encode(env)
+}
+
+/// `not_found | already_exists | {conflict, Expected, Actual} |
+/// {unavailable | corrupt | invalid, Message}`.
+fn error_term<'a>(env: Env<'a>, e: &StoreError) -> Term<'a> {
+    match e {
+        StoreError::NotFound { .. } => atoms::not_found().encode(env),
+        StoreError::AlreadyExists { .. } => atoms::already_exists().encode(env),
+        StoreError::Conflict { expected, actual, .. } => (atoms::conflict(), *expected, *actual).encode(env),
+        StoreError::Unavailable { .. } => (atoms::unavailable(), err_text(e)).encode(env),
+        StoreError::Corrupt { .. } => (atoms::corrupt(), err_text(e)).encode(env),
+        StoreError::Invalid(_) => (atoms::invalid(), err_text(e)).encode(env),
+        other => (atoms::internal(), err_text(other)).encode(env),
+    }
+}
+
+fn invalid<'a>(env: Env<'a>, what: &str) -> Term<'a> {
+    (atoms::error(), (atoms::invalid(), what)).encode(env)
+}
+
+fn session_id(term: Term<'_>) -> Result<SessionId, String> {
+    let bytes = binary_bytes(term).ok_or("session id must be a binary")?;
+    SessionId::new(bytes).map_err(err_text)
+}
+
+fn decode_timeout(term: Term<'_>) -> Result<Timeout, String> {
+    if let Ok(a) = term.decode::<Atom>() {
+        if a == atoms::infinity() {
+            return Ok(Timeout::Infinity);
+        }
+    }
+    let ms: u64 = term
+        .decode()
+        .map_err(|_| "timeout_ms must be a positive integer or infinity".to_string())?;
+    Timeout::ms(ms).map_err(err_text)
+}
+
+fn decode_time(term: Term<'_>, field: &str) -> Result<i64, String> {
+    term.decode::<i64>()
+        .map_err(|_| format!("{field} must be an integer (milliseconds, fits 64 bits)"))
+}
+
+// ---------------------------------------------------------------- NIFs
+
+/// `session_open(Spec, Opts) -> {ok, Handle, Kind} | {error, Reason}` with
+/// Spec `memory | {disk, Path} | {etcd, Endpoints} | {hybrid, Primary,
+/// Secondary}` and Opts a map (`name`, `prefix`, `touch_permille`,
+/// `tombstone_retention_ms`; for hybrid see `open_hybrid`). Opening a disk file runs crash recovery: a
+/// dirty I/O scheduler.
+#[rustler::nif(schedule = "DirtyIo")]
+fn session_open<'a>(env: Env<'a>, spec: Term<'a>, opts: Term<'a>) -> Term<'a> {
+    let o = match decode_open_options(opts) {
+        Ok(o) => o,
+        Err(e) => return (atoms::error(), (atoms::bad_option(), e)).encode(env),
+    };
+    if let Some([tag, primary, secondary]) = triple(spec) {
+        if tag.decode::<Atom>().ok() == Some(atoms::hybrid()) {
+            return open_hybrid(env, primary, secondary, opts, &o);
+        }
+    }
+    let (key, kind) = match decode_spec(spec, &o) {
+        Ok(k) => k,
+        Err(e) => return (atoms::error(), (atoms::bad_store(), e)).encode(env),
+    };
+    match open_shared(key, &o) {
+        Ok(store) => {
+            let blocking = kind != atoms::memory();
+            let handle = StoreHandle {
+                store,
+                blocking,
+                hybrid: None,
+            };
+            (atoms::ok(), ResourceArc::new(handle), kind).encode(env)
+        }
+        Err(e) => (atoms::error(), error_term(env, &e)).encode(env),
+    }
+}
+
+fn triple(term: Term<'_>) -> Option<[Term<'_>; 3]> {
+    get_tuple(term).ok()?.try_into().ok()
+}
+
+fn phase_atom(p: Phase) -> Atom {
+    match p {
+        Phase::Off => atoms::off(),
+        Phase::Phase1 => atoms::phase1(),
+        Phase::Phase2 => atoms::phase2(),
+        Phase::Phase3 => atoms::phase3(),
+        Phase::Cleanup => atoms::cleanup(),
+    }
+}
+
+fn decode_phase(term: Term<'_>) -> Option<Phase> {
+    let a: Atom = term.decode().ok()?;
+    Phase::ALL.into_iter().find(|p| phase_atom(*p) == a)
+}
+
+fn migrate_error_term<'a>(env: Env<'a>, e: &MigrateError) -> Term<'a> {
+    match e {
+        MigrateError::Gate(g) => (atoms::gate(), g.to_string()).encode(env),
+        MigrateError::Store {
+            source: StoreError::Unavailable { .. },
+            ..
+        } => (atoms::unavailable(), e.to_string()).encode(env),
+        other => (atoms::migration(), other.to_string()).encode(env),
+    }
+}
+
+/// `{hybrid, Primary, Secondary}` with `state_dir` (outbox and phase file),
+/// optional `migration_phase` (the phase to be in: reached one gated step at
+/// a time from the saved one) and `shadow_sample`. One migrator per state
+/// directory in the VM.
+fn open_hybrid<'a>(env: Env<'a>, primary: Term<'a>, secondary: Term<'a>, opts: Term<'a>, o: &OpenOptions) -> Term<'a> {
+    let bad = |e: String| (atoms::error(), (atoms::bad_option(), e)).encode(env);
+    let mut state_dir = None;
+    let mut want_phase = None;
+    let mut shadow = None;
+    if let Some(iter) = rustler::types::map::MapIterator::new(opts) {
+        for (k, v) in iter {
+            let Ok(key) = k.decode::<Atom>() else { continue };
+            if key == atoms::state_dir() {
+                match path_text(v) {
+                    Some(p) if !p.is_empty() => state_dir = Some(PathBuf::from(p)),
+                    _ => return bad("state_dir must be a non-empty string or binary".into()),
+                }
+            } else if key == atoms::migration_phase() {
+                match decode_phase(v) {
+                    Some(p) => want_phase = Some(p),
+                    None => return bad("migration_phase must be off, phase1, phase2, phase3 or cleanup".into()),
+                }
+            } else if key == atoms::shadow_sample() {
+                match v.decode::<u64>() {
+                    Ok(n) => shadow = Some(n),
+                    Err(_) => return bad("shadow_sample must be a non-negative integer".into()),
+                }
+            }
+        }
+    }
+    let Some(dir) = state_dir else {
+        return bad("a hybrid store needs state_dir (its outbox and phase file live there)".into());
+    };
+    let dir = match dir.canonicalize() {
+        Ok(d) => d,
+        Err(e) => return bad(format!("state_dir {}: {e}", dir.display())),
+    };
+    let open_side = |spec: Term<'a>| -> Result<(Arc<dyn Store>, bool), Term<'a>> {
+        let (key, kind) = decode_spec(spec, o).map_err(|e| (atoms::error(), (atoms::bad_store(), e)).encode(env))?;
+        let store = open_shared(key, o).map_err(|e| (atoms::error(), error_term(env, &e)).encode(env))?;
+        Ok((store, kind != atoms::memory()))
+    };
+    let (p, p_blocking) = match open_side(primary) {
+        Ok(x) => x,
+        Err(t) => return t,
+    };
+    let (s, s_blocking) = match open_side(secondary) {
+        Ok(x) => x,
+        Err(t) => return t,
+    };
+    let mut registry = HYBRIDS.lock().unwrap_or_else(|p| p.into_inner());
+    registry.retain(|_, w| w.strong_count() > 0);
+    let hybrid = match registry.get(&dir).and_then(Weak::upgrade) {
+        Some(h) => h,
+        None => {
+            let mut config = MigratorConfig {
+                touch: o.touch,
+                clock: CLOCK.clone(),
+                ..MigratorConfig::default()
+            };
+            if let Some(n) = shadow {
+                config.shadow_sample = n;
+            }
+            let opened = Outbox::open(dir.join("outbox.redb")).and_then(|outbox| {
+                Migrator::open(
+                    p,
+                    s,
+                    outbox,
+                    Box::new(FilePhaseStore::new(dir.join("phase.json"))),
+                    config,
+                )
+            });
+            let migrator = match opened {
+                Ok(m) => Arc::new(m),
+                Err(e) => return (atoms::error(), migrate_error_term(env, &e)).encode(env),
+            };
+            let relay = migrator.start_relay();
+            let h = Arc::new(Hybrid {
+                migrator,
+                _relay: relay,
+            });
+            registry.insert(dir, Arc::downgrade(&h));
+            h
+        }
+    };
+    drop(registry);
+    if let Some(want) = want_phase {
+        if let Err(e) = move_to(&hybrid.migrator, want) {
+            return (atoms::error(), migrate_error_term(env, &e)).encode(env);
+        }
+    }
+    let handle = StoreHandle {
+        store: hybrid.migrator.clone(),
+        blocking: p_blocking || s_blocking,
+        hybrid: Some(hybrid),
+    };
+    (atoms::ok(), ResourceArc::new(handle), atoms::hybrid()).encode(env)
+}
+
+/// How long each gated step may wait for the outbox to drain.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Steps (gated) from the saved phase to `want`.
+fn move_to(m: &Migrator, want: Phase) -> Result<Phase, MigrateError> {
+    loop {
+        let now = m.phase();
+        if now == want {
+            return Ok(now);
+        }
+        if now < want {
+            m.advance(STEP_TIMEOUT)?;
+        } else {
+            m.rollback(STEP_TIMEOUT)?;
+        }
+    }
+}
+
+fn hybrid_of(handle: &StoreHandle) -> Result<&Arc<Hybrid>, String> {
+    handle
+        .hybrid
+        .as_ref()
+        .ok_or_else(|| "not a hybrid (migration) store".to_string())
+}
+
+/// `session_migration(Handle, Tag, Action, TimeoutMs)`, Action `advance |
+/// rollback | drain | {set, Phase}`: always on a worker. Replies `{ok,
+/// Phase}` (advance, rollback, set), `{ok, Moved}` (drain) or `{error,
+/// {gate | unavailable | migration, Message}}`.
+#[rustler::nif]
+fn session_migration<'a>(
+    env: Env<'a>,
+    handle: &StoreHandle,
+    tag: Term<'a>,
+    action: Term<'a>,
+    timeout_ms: u64,
+) -> Term<'a> {
+    let hybrid = match hybrid_of(handle) {
+        Ok(h) => h.clone(),
+        Err(e) => return invalid(env, &e),
+    };
+    let timeout = Duration::from_millis(timeout_ms);
+    enum Action {
+        Advance,
+        Rollback,
+        Drain,
+        Set(Phase),
+    }
+    let act = if let Ok(a) = action.decode::<Atom>() {
+        match a.to_term(env).atom_to_string().as_deref() {
+            Ok("advance") => Action::Advance,
+            Ok("rollback") => Action::Rollback,
+            Ok("drain") => Action::Drain,
+            _ => return invalid(env, "action must be advance, rollback, drain or {set, Phase}"),
+        }
+    } else {
+        match pair(action).and_then(|[t, p]| (t.atom_to_string().ok()? == "set").then_some(p)) {
+            Some(p) => match decode_phase(p) {
+                Some(p) => Action::Set(p),
+                None => {
+                    return invalid(
+                        env,
+                        "{set, Phase}: Phase must be off, phase1, phase2, phase3 or cleanup",
+                    )
+                }
+            },
+            None => return invalid(env, "action must be advance, rollback, drain or {set, Phase}"),
+        }
+    };
+    let pid: LocalPid = env.pid();
+    let mut owned = OwnedEnv::new();
+    let saved: SavedTerm = owned.save(tag);
+    let job: Job = Box::new(move || {
+        let m = &hybrid.migrator;
+        let result: Result<Result<Phase, usize>, MigrateError> = match act {
+            Action::Advance => m.advance(timeout).map(Ok),
+            Action::Rollback => m.rollback(timeout).map(Ok),
+            Action::Set(p) => move_to(m, p).map(Ok),
+            Action::Drain => m.drain(timeout).map(Err),
+        };
+        let _ = owned.send_and_clear(&pid, |env| {
+            let tag = saved.load(env);
+            let reply = match &result {
+                Ok(Ok(p)) => (atoms::ok(), phase_atom(*p)).encode(env),
+                Ok(Err(n)) => (atoms::ok(), *n).encode(env),
+                Err(e) => (atoms::error(), migrate_error_term(env, e)).encode(env),
+            };
+            (tag, reply)
+        });
+    });
+    match POOL.submit(job) {
+        Ok(()) => atoms::async_().encode(env),
+        Err(reason) => (atoms::error(), (atoms::unavailable(), reason.as_str()).encode(env)).encode(env),
+    }
+}
+
+/// `session_migration_status(Handle) -> {ok, Phase, Counters} | {error,
+/// {invalid, _}}`: the phase applied now and the migrator's counters (a map).
+#[rustler::nif(schedule = "DirtyIo")]
+fn session_migration_status<'a>(env: Env<'a>, handle: &StoreHandle) -> Term<'a> {
+    let hybrid = match hybrid_of(handle) {
+        Ok(h) => h,
+        Err(e) => return invalid(env, &e),
+    };
+    match hybrid.migrator.counters() {
+        Ok(c) => (atoms::ok(), phase_atom(c.phase), crate::flags::to_term(env, &c)).encode(env),
+        Err(e) => (atoms::error(), migrate_error_term(env, &e)).encode(env),
+    }
+}
+
+fn decode_spec(spec: Term<'_>, o: &OpenOptions) -> Result<(StoreKey, Atom), String> {
+    if let Ok(a) = spec.decode::<Atom>() {
+        if a == atoms::memory() {
+            return Ok((StoreKey::Memory(o.name.clone()), atoms::memory()));
+        }
+    }
+    if let Some([tag, arg]) = pair(spec) {
+        if tag.decode::<Atom>().ok() == Some(atoms::disk()) {
+            let path = path_text(arg).ok_or("{disk, Path}: Path must be a string or a binary (UTF-8)")?;
+            if path.is_empty() {
+                return Err("{disk, Path}: Path is empty".into());
+            }
+            return Ok((StoreKey::Disk(canonical_file(Path::new(&path))?), atoms::disk()));
+        }
+        if tag.decode::<Atom>().ok() == Some(atoms::etcd()) {
+            let list: Vec<Term<'_>> = arg
+                .decode()
+                .map_err(|_| "{etcd, Endpoints}: Endpoints must be a list of \"host:port\" strings or binaries")?;
+            let mut endpoints = Vec::with_capacity(list.len());
+            for e in list {
+                endpoints.push(path_text(e).ok_or("{etcd, Endpoints}: each endpoint must be a string or a binary")?);
+            }
+            if endpoints.is_empty() {
+                return Err("{etcd, Endpoints}: no endpoint given".into());
+            }
+            endpoints.sort();
+            return Ok((StoreKey::Etcd(endpoints, o.prefix.clone()), atoms::etcd()));
+        }
+    }
+    Err("store must be memory, {disk, Path} or {etcd, Endpoints}".into())
+}
+
+fn pair(term: Term<'_>) -> Option<[Term<'_>; 2]> {
+    get_tuple(term).ok()?.try_into().ok()
+}
+
+fn path_text(term: Term<'_>) -> Option<String> {
+    if let Some(bytes) = binary_bytes(term) {
+        return std::str::from_utf8(bytes).ok().map(str::to_owned);
+    }
+    // A charlist (Erlang string).
+    let chars: Vec<u32> = term.decode().ok()?;
+    chars.into_iter().map(char::from_u32).collect()
+}
+
+fn decode_open_options(opts: Term<'_>) -> Result<OpenOptions, String> {
+    let mut o = OpenOptions {
+        name: "erlmcp_session_native".into(),
+        prefix: b"erlmcp/sessions/".to_vec(),
+        touch: TouchPolicy::default(),
+        tombstone_retention_ms: None,
+    };
+    let iter = rustler::types::map::MapIterator::new(opts).ok_or("options must be a map")?;
+    for (k, v) in iter {
+        let Ok(key) = k.decode::<Atom>() else { continue };
+        if key == atoms::name() {
+            if !v.is_atom() {
+                return Err("name must be an atom".into());
+            }
+            o.name = v.atom_to_string().map_err(|_| "name must be an atom")?;
+        } else if key == atoms::prefix() {
+            let p = binary_bytes(v)
+                .map(<[u8]>::to_vec)
+                .or_else(|| path_text(v).map(String::into_bytes))
+                .ok_or("prefix must be a binary or a string")?;
+            o.prefix = p;
+        } else if key == atoms::touch_permille() {
+            let p: u16 = v.decode().map_err(|_| "touch_permille must be an integer 0..1000")?;
+            o.touch = TouchPolicy::permille(p).map_err(err_text)?;
+        } else if key == atoms::tombstone_retention_ms() {
+            o.tombstone_retention_ms = Some(
+                v.decode()
+                    .map_err(|_| "tombstone_retention_ms must be a non-negative integer")?,
+            );
+        }
+    }
+    Ok(o)
+}
+
+/// A session from `Id` and `{CreatedAt, LastAccessed, Timeout, Meta}`.
+fn decode_session(id: Term<'_>, fields: Term<'_>) -> Result<Session, String> {
+    let id = session_id(id)?;
+    let [created, accessed, timeout, meta]: [Term<'_>; 4] = get_tuple(fields)
+        .ok()
+        .and_then(|t| t.try_into().ok())
+        .ok_or("session fields must be {CreatedAt, LastAccessed, TimeoutMs | infinity, Metadata}")?;
+    let created_at = decode_time(created, "created_at")?;
+    let last_accessed = decode_time(accessed, "last_accessed")?;
+    let timeout = decode_timeout(timeout)?;
+    let meta = binary_bytes(meta).ok_or("metadata must be a binary")?;
+    let mut s = Session::new(id, created_at, timeout, Arc::<[u8]>::from(meta));
+    s.last_accessed = last_accessed;
+    Ok(s)
+}
+
+/// `session_put(Handle, Tag, Id, {CreatedAt, LastAccessed, Timeout, Meta})
+/// -> ok | {error, E} | async`: create or replace.
+#[rustler::nif]
+fn session_put<'a>(
+    env: Env<'a>,
+    handle: &StoreHandle,
+    tag: Term<'a>,
+    id: Term<'a>,
+    fields: Term<'a>,
+) -> NifResult<Term<'a>> {
+    let session = match decode_session(id, fields) {
+        Ok(s) => s,
+        Err(e) => return Ok(invalid(env, &e)),
+    };
+    Ok(run(env, handle, tag, false, move |store| match store.put(session) {
+        Ok(_) => Reply::Ok,
+        Err(e) => Reply::Failed(e),
+    }))
+}
+
+/// `session_touch(Handle, Tag, Id) -> {ok, {Created, LastAccessed, Timeout,
+/// Meta, Version}} | {error, not_found | E} | async`: read and slide expiry.
+#[rustler::nif]
+fn session_touch<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, id: Term<'a>) -> Term<'a> {
+    let id = match session_id(id) {
+        Ok(id) => id,
+        Err(e) => return invalid(env, &e),
+    };
+    run(env, handle, tag, false, move |store| match store.touch(&id) {
+        Ok(s) => Reply::Session(s),
+        Err(e) => Reply::Failed(e),
+    })
+}
+
+/// `session_get(Handle, Tag, Id)`: like `session_touch/3` without touching.
+#[rustler::nif]
+fn session_get<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, id: Term<'a>) -> Term<'a> {
+    let id = match session_id(id) {
+        Ok(id) => id,
+        Err(e) => return invalid(env, &e),
+    };
+    run(env, handle, tag, false, move |store| match store.get(&id) {
+        Ok(s) => Reply::Session(s),
+        Err(e) => Reply::Failed(e),
+    })
+}
+
+/// `session_delete(Handle, Tag, Id) -> {ok, WasLive} | {error, E} | async`.
+#[rustler::nif]
+fn session_delete<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, id: Term<'a>) -> Term<'a> {
+    let id = match session_id(id) {
+        Ok(id) => id,
+        Err(e) => return invalid(env, &e),
+    };
+    run(env, handle, tag, false, move |store| match store.delete(&id) {
+        Ok(d) => Reply::Deleted(d),
+        Err(e) => Reply::Failed(e),
+    })
+}
+
+/// Longest page `session_list_page/4` returns (bounds the time of one
+/// memory-store call on a normal scheduler).
+const MAX_PAGE: usize = 1000;
+
+/// `session_list_page(Handle, Tag, After | start, Limit) -> {ok, [Id], Next |
+/// done} | {error, E} | async`: live ids in key order.
+#[rustler::nif]
+fn session_list_page<'a>(
+    env: Env<'a>,
+    handle: &StoreHandle,
+    tag: Term<'a>,
+    after: Term<'a>,
+    limit: Term<'a>,
+) -> Term<'a> {
+    let after = if after.is_atom() {
+        None
+    } else {
+        match session_id(after) {
+            Ok(id) => Some(id),
+            Err(e) => return invalid(env, &e),
+        }
+    };
+    let limit = match limit.decode::<usize>() {
+        Ok(l) if (1..=MAX_PAGE).contains(&l) => l,
+        _ => return invalid(env, &format!("limit must be an integer 1..{MAX_PAGE}")),
+    };
+    run(env, handle, tag, false, move |store| {
+        match store.scan(after.as_ref(), limit, Visibility::Live) {
+            Ok(page) => Reply::Page(page.records.into_iter().map(|s| s.id).collect(), page.next),
+            Err(e) => Reply::Failed(e),
+        }
+    })
+}
+
+/// Most records one `session_apply_batch/3` takes.
+const MAX_BATCH: usize = 10_000;
+
+/// `session_apply_batch(Handle, Tag, [{Id, Fields, Version}]) -> {ok,
+/// Applied, Skipped} | {error, E} | async`: write each record whose version
+/// is newer than the stored one (or when none is stored), as given; with
+/// version 1 that is "only where absent" (legacy import). Always on a worker.
+#[rustler::nif]
+fn session_apply_batch<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, records: Term<'a>) -> Term<'a> {
+    let Ok(n) = records.list_length() else {
+        return invalid(env, "records must be a proper list of {Id, Fields, Version}");
+    };
+    if n > MAX_BATCH {
+        return invalid(env, &format!("a batch holds at most {MAX_BATCH} records, got {n}"));
+    }
+    let mut batch = Vec::with_capacity(n);
+    let Ok(iter) = records.into_list_iterator() else {
+        return invalid(env, "records must be a proper list");
+    };
+    for (i, r) in iter.enumerate() {
+        let decoded = get_tuple(r)
+            .ok()
+            .and_then(|t| <[Term<'a>; 3]>::try_from(t).ok())
+            .ok_or_else(|| "each record must be {Id, Fields, Version}".to_string())
+            .and_then(|[id, fields, version]| {
+                let mut s = decode_session(id, fields)?;
+                s.version = version
+                    .decode::<u64>()
+                    .ok()
+                    .filter(|v| *v > 0)
+                    .ok_or("Version must be a positive integer")?;
+                Ok(s)
+            });
+        match decoded {
+            Ok(s) => batch.push(s),
+            Err(e) => return invalid(env, &format!("record {}: {e}", i + 1)),
+        }
+    }
+    run(env, handle, tag, true, move |store| {
+        match store.apply_batch_if_newer(batch) {
+            Ok(o) => Reply::Batch(o.applied, o.skipped),
+            Err(e) => Reply::Failed(e),
+        }
+    })
+}
+
+/// `session_get_many(Handle, Tag, [Id]) -> {ok, [{ok, Stored} | {error,
+/// E}]} | {error, E} | async`: `session_get/3` for each id, in order, in one
+/// call (verification reads batches back). At most 10 000 ids.
+#[rustler::nif]
+fn session_get_many<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, ids: Term<'a>) -> Term<'a> {
+    let Ok(n) = ids.list_length() else {
+        return invalid(env, "ids must be a proper list of binaries");
+    };
+    if n > MAX_BATCH {
+        return invalid(env, &format!("at most {MAX_BATCH} ids, got {n}"));
+    }
+    let Ok(iter) = ids.into_list_iterator() else {
+        return invalid(env, "ids must be a proper list");
+    };
+    let mut keys = Vec::with_capacity(n);
+    for (i, t) in iter.enumerate() {
+        match session_id(t) {
+            Ok(id) => keys.push(id),
+            Err(e) => return invalid(env, &format!("id {}: {e}", i + 1)),
+        }
+    }
+    run(env, handle, tag, false, move |store| {
+        Reply::Many(keys.iter().map(|id| store.get(id)).collect())
+    })
+}
+
+/// `session_sweep(Handle, Tag) -> async`; replies `{ok, Expired,
+/// TombstonesRemoved} | {error, E}`. Always on a worker: it walks the store.
+#[rustler::nif]
+fn session_sweep<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>) -> Term<'a> {
+    let now = CLOCK.now_unix_ms();
+    run(env, handle, tag, true, move |store| match store.sweep_expired(now) {
+        Ok(o) => Reply::Swept(o.expired, o.tombstones),
+        Err(e) => Reply::Failed(e),
+    })
+}
+
+/// `session_set_clock(Ms | system) -> ok`: pin the sessions' clock (tests).
+#[rustler::nif]
+fn session_set_clock(at: Term<'_>) -> NifResult<Atom> {
+    let v = if at.decode::<Atom>().ok() == Some(atoms::system()) {
+        UNPINNED
+    } else {
+        match at.decode::<i64>() {
+            Ok(ms) if ms != UNPINNED => ms,
+            _ => return Err(rustler::Error::BadArg),
+        }
+    };
+    CLOCK.0.store(v, Ordering::Relaxed);
+    Ok(atoms::ok())
+}
+
+/// `session_now() -> Ms`: the sessions' clock.
+#[rustler::nif]
+fn session_now() -> i64 {
+    CLOCK.now_unix_ms()
+}

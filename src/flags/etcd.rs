@@ -1,0 +1,427 @@
+//! Flag configs in etcd (DESIGN §3.3, feature `etcd`): [`push_flags`] publishes a
+//! validated config to a key; [`Engine::watch_etcd`] keeps an engine on that key.
+//!
+//! The key holds the config JSON as-is (the same bytes `flags check` validates). A watcher
+//! reads the key, then watches it from the next revision: every change is reloaded as it
+//! arrives (etcd delivers watch events milliseconds after the commit). When the watch
+//! breaks (member down, leader lost, history compacted) the watcher reconnects, trying
+//! the endpoints in turn, and re-reads the key in full. An invalid value, a deleted key
+//! or an unreachable cluster never replaces the snapshot: the last good config keeps
+//! serving and [`EtcdWatcher::status`] says why.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, WatchOptions as EtcdWatchOptions};
+use serde::Serialize;
+
+use super::config::{ConfigError, FlagsConfig};
+use super::engine::{Engine, WatchCallback, WatchEvent};
+
+/// The key [`push_flags`] and [`Engine::watch_etcd`] use unless told otherwise.
+pub const DEFAULT_FLAGS_KEY: &str = "erlmcp/feature_flags";
+
+/// Why [`push_flags`] published nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PushError {
+    /// The config is invalid (every problem listed); nothing was published.
+    #[error("the flag config is invalid; nothing was published")]
+    Invalid(#[source] ConfigError),
+    /// No endpoint was given, or one is malformed.
+    #[error("etcd endpoint {endpoint:?}: {reason}")]
+    Endpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No member accepted the write in time (it may or may not have been applied).
+    #[error("etcd at [{endpoints}] unavailable: {reason}")]
+    Unavailable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The last failure.
+        reason: String,
+    },
+}
+
+/// What [`push_flags`] did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PushOutcome {
+    /// Flags in the published config.
+    pub flags: usize,
+    /// `false` when the key already held exactly these bytes (nothing written).
+    pub changed: bool,
+    /// The etcd revision of the key's value after the push.
+    pub revision: i64,
+}
+
+fn urls(endpoints: &[String]) -> Result<Vec<String>, PushError> {
+    if endpoints.is_empty() {
+        return Err(PushError::Endpoint {
+            endpoint: String::new(),
+            reason: "no etcd endpoint given".into(),
+        });
+    }
+    endpoints
+        .iter()
+        .map(|e| {
+            let url = if e.contains("://") {
+                e.clone()
+            } else {
+                format!("http://{e}")
+            };
+            if url.starts_with("http://") && url.len() > "http://".len() {
+                Ok(url)
+            } else {
+                Err(PushError::Endpoint {
+                    endpoint: e.clone(),
+                    reason: "expected host:port or an http:// URL (no TLS)".into(),
+                })
+            }
+        })
+        .collect()
+}
+
+/// Validates `json` exactly as `flags check` does and, only if it is valid, writes it to
+/// `key` (acknowledged = committed by the etcd quorum). Every watcher of the key reloads it.
+///
+/// # Errors
+/// [`PushError::Invalid`] (nothing published), [`PushError::Endpoint`],
+/// [`PushError::Unavailable`] when no member answered within `timeout`.
+///
+/// # Examples
+/// ```no_run
+/// use std::time::Duration;
+/// use erlmcp_rollout::flags::{push_flags, DEFAULT_FLAGS_KEY};
+/// let json = br#"{"mcp_tasks": {"enabled": true}}"#;
+/// let endpoints = vec!["http://127.0.0.1:2379".to_string()];
+/// let pushed = push_flags(&endpoints, DEFAULT_FLAGS_KEY, json, Duration::from_secs(5))?;
+/// assert_eq!(pushed.flags, 1);
+/// # Ok::<(), erlmcp_rollout::flags::PushError>(())
+/// ```
+pub fn push_flags(endpoints: &[String], key: &str, json: &[u8], timeout: Duration) -> Result<PushOutcome, PushError> {
+    let config = FlagsConfig::from_json(json).map_err(PushError::Invalid)?;
+    let urls = urls(endpoints)?;
+    let unavailable = |reason: String| PushError::Unavailable {
+        endpoints: urls.join(", "),
+        reason,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| unavailable(format!("cannot start a runtime: {e}")))?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    rt.block_on(async {
+        let mut last = String::from("no attempt");
+        let mut i = 0usize;
+        while tokio::time::Instant::now() < deadline {
+            let url = &urls[i % urls.len()];
+            i += 1;
+            let attempt = tokio::time::timeout_at(deadline, async {
+                let opts = ConnectOptions::new()
+                    .with_connect_timeout(timeout)
+                    .with_require_leader(true);
+                let mut client = Client::connect([url.as_str()], Some(opts)).await?;
+                let current = client.get(key, None).await?;
+                if let Some(kv) = current.kvs().first() {
+                    if kv.value() == json {
+                        return Ok((false, kv.mod_revision()));
+                    }
+                }
+                let put = client.put(key, json, None).await?;
+                Ok::<_, etcd_client::Error>((true, put.header().map_or(0, |h| h.revision())))
+            })
+            .await;
+            match attempt {
+                Ok(Ok((changed, revision))) => {
+                    return Ok(PushOutcome {
+                        flags: config.len(),
+                        changed,
+                        revision,
+                    })
+                }
+                Ok(Err(e)) => last = format!("{url}: {e}"),
+                Err(_) => last = format!("{url}: no answer within {timeout:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(unavailable(last))
+    })
+}
+
+/// Settings of [`Engine::watch_etcd`].
+pub struct EtcdFlagsOptions {
+    /// The key holding the config JSON (default [`DEFAULT_FLAGS_KEY`]).
+    pub key: String,
+    /// Time to connect to a member and read the key (default 5 s).
+    pub connect_timeout: Duration,
+    /// Pause between reconnection attempts while the cluster is unreachable (default 500 ms).
+    pub retry_interval: Duration,
+    /// Called after every reload attempt that changed something or failed.
+    pub on_event: Option<WatchCallback>,
+}
+
+impl Default for EtcdFlagsOptions {
+    fn default() -> Self {
+        EtcdFlagsOptions {
+            key: DEFAULT_FLAGS_KEY.to_owned(),
+            connect_timeout: Duration::from_secs(5),
+            retry_interval: Duration::from_millis(500),
+            on_event: None,
+        }
+    }
+}
+
+/// What an [`EtcdWatcher`] has done so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EtcdWatchStatus {
+    /// Whether a watch on the key is established now.
+    pub connected: bool,
+    /// Reloads that swapped a new snapshot in.
+    pub reloads: u64,
+    /// Values that could not be used (an invalid config, a delete of the key); the last
+    /// good snapshot kept serving. A key that is simply absent is not a failure.
+    pub failures: u64,
+    /// Connections or watches that broke (then re-established with a full re-read).
+    pub reconnects: u64,
+    /// The etcd revision of the last value seen.
+    pub revision: i64,
+    /// Why the last value could not be used, or why the connection is down; cleared by
+    /// the next good reload.
+    pub last_error: Option<String>,
+}
+
+/// A running etcd watcher; dropping it stops its thread.
+pub struct EtcdWatcher {
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    handle: Option<JoinHandle<()>>,
+    status: Arc<Mutex<EtcdWatchStatus>>,
+}
+
+impl EtcdWatcher {
+    /// Reloads, failures and the connection state so far.
+    pub fn status(&self) -> EtcdWatchStatus {
+        self.status.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+impl Drop for EtcdWatcher {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for EtcdWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdWatcher").field("status", &self.status()).finish()
+    }
+}
+
+impl Engine {
+    /// Keeps this engine on the config JSON stored in etcd under `options.key` (written
+    /// by [`push_flags`]): reads the key, then watches it from the next revision and
+    /// reloads every change as it arrives (milliseconds after the commit). When the watch
+    /// breaks (member down, leader lost, history compacted) it reconnects, trying the
+    /// endpoints in turn, and re-reads the key in full. Invalid values, a deleted key and
+    /// outages keep the last good snapshot serving; [`EtcdWatcher::status`] says why.
+    ///
+    /// The watcher runs on its own thread; dropping the returned handle stops it.
+    ///
+    /// # Errors
+    /// [`PushError::Endpoint`] for a missing or malformed endpoint; the thread could
+    /// not be spawned ([`PushError::Unavailable`]).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use erlmcp_rollout::flags::{Engine, EtcdFlagsOptions, FlagsConfig};
+    /// let engine = Arc::new(Engine::builder().build(FlagsConfig::from_json(b"{}")?));
+    /// let endpoints = vec!["http://127.0.0.1:2379".to_string()];
+    /// let watcher = engine.watch_etcd(&endpoints, EtcdFlagsOptions::default())?;
+    /// println!("{:?}", watcher.status());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn watch_etcd(
+        self: &Arc<Self>,
+        endpoints: &[String],
+        options: EtcdFlagsOptions,
+    ) -> Result<EtcdWatcher, PushError> {
+        let urls = urls(endpoints)?;
+        let status = Arc::new(Mutex::new(EtcdWatchStatus::default()));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let engine = Arc::clone(self);
+        let thread_status = Arc::clone(&status);
+        let handle = std::thread::Builder::new()
+            .name("erlmcp-flags-etcd".into())
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                    let mut s = thread_status.lock().unwrap_or_else(PoisonError::into_inner);
+                    s.last_error = Some("cannot start the watcher's runtime".into());
+                    return;
+                };
+                rt.block_on(watch_loop(&engine, &urls, &options, stop_rx, &thread_status));
+            })
+            .map_err(|e| PushError::Unavailable {
+                endpoints: endpoints.join(", "),
+                reason: format!("cannot spawn the watcher thread: {e}"),
+            })?;
+        Ok(EtcdWatcher {
+            stop: Some(stop_tx),
+            handle: Some(handle),
+            status,
+        })
+    }
+}
+
+/// How one watch session ended.
+enum End {
+    Stopped,
+    /// Broken (with why): reconnect after the retry interval.
+    Broken(String),
+}
+
+async fn watch_loop(
+    engine: &Engine,
+    urls: &[String],
+    options: &EtcdFlagsOptions,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    status: &Mutex<EtcdWatchStatus>,
+) {
+    let mut i = 0usize;
+    loop {
+        let url = &urls[i % urls.len()];
+        let ended = tokio::select! {
+            _ = stop.changed() => End::Stopped,
+            end = session(engine, url, options, status) => end,
+        };
+        match ended {
+            End::Stopped => return,
+            End::Broken(reason) => {
+                {
+                    let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
+                    s.connected = false;
+                    s.reconnects += 1;
+                    s.last_error = Some(format!("{url}: {reason}; serving the last good config"));
+                }
+                i += 1;
+                // Try the next member at once; pause after a full round of failures.
+                if i % urls.len() == 0 {
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        () = tokio::time::sleep(options.retry_interval) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Connects to one member, reads the key in full, then follows it until the watch breaks.
+async fn session(engine: &Engine, url: &str, options: &EtcdFlagsOptions, status: &Mutex<EtcdWatchStatus>) -> End {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(options.connect_timeout)
+        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
+    let first = tokio::time::timeout(options.connect_timeout, async {
+        let mut client = Client::connect([url], Some(opts)).await?;
+        let resp = client.get(options.key.as_str(), None).await?;
+        Ok::<_, etcd_client::Error>((client, resp))
+    })
+    .await;
+    let (mut client, resp) = match first {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return End::Broken(e.to_string()),
+        Err(_) => return End::Broken(format!("no answer within {:?}", options.connect_timeout)),
+    };
+    let revision = resp.header().map_or(0, |h| h.revision());
+    match resp.kvs().first() {
+        Some(kv) => apply(engine, options, status, Some((kv.value(), kv.mod_revision()))),
+        // Nothing published yet: keep what serves, without counting a failure.
+        None => {
+            status.lock().unwrap_or_else(PoisonError::into_inner).last_error = Some(format!(
+                "flag key {:?} is absent; serving the config the engine already has",
+                options.key
+            ))
+        }
+    }
+    let watch = EtcdWatchOptions::new().with_start_revision(revision + 1);
+    let mut stream = match client.watch(options.key.as_str(), Some(watch)).await {
+        Ok(s) => s,
+        Err(e) => return End::Broken(format!("cannot watch: {e}")),
+    };
+    status.lock().unwrap_or_else(PoisonError::into_inner).connected = true;
+    loop {
+        match stream.message().await {
+            Ok(Some(resp)) => {
+                if resp.compact_revision() > 0 {
+                    return End::Broken(format!(
+                        "history compacted at revision {}; re-reading",
+                        resp.compact_revision()
+                    ));
+                }
+                if resp.canceled() {
+                    return End::Broken(format!("watch canceled: {}", resp.cancel_reason()));
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    match ev.event_type() {
+                        EventType::Put => apply(engine, options, status, Some((kv.value(), kv.mod_revision()))),
+                        EventType::Delete => apply(engine, options, status, None),
+                    }
+                }
+            }
+            Ok(None) => return End::Broken("watch stream closed".into()),
+            Err(e) => return End::Broken(format!("watch failed: {e}")),
+        }
+    }
+}
+
+/// Reloads the engine from the key's value (`None`: the key was deleted).
+fn apply(engine: &Engine, options: &EtcdFlagsOptions, status: &Mutex<EtcdWatchStatus>, value: Option<(&[u8], i64)>) {
+    let event = match value {
+        None => {
+            let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
+            s.failures += 1;
+            s.last_error = Some(format!(
+                "flag key {:?} was deleted; serving the last good config",
+                options.key
+            ));
+            return;
+        }
+        Some((bytes, revision)) => {
+            let result = engine.reload_bytes(bytes);
+            let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
+            s.revision = revision;
+            match result {
+                Ok(outcome) if !outcome.changed => return,
+                Ok(outcome) => {
+                    s.reloads += 1;
+                    s.last_error = None;
+                    WatchEvent::Reloaded(outcome)
+                }
+                Err(e) => {
+                    s.failures += 1;
+                    let problems: Vec<String> = e.problems().iter().map(ToString::to_string).collect();
+                    s.last_error = Some(format!(
+                        "flag key {:?} at revision {revision} is not a valid config ({}); serving the last good config",
+                        options.key,
+                        problems.join("; ")
+                    ));
+                    WatchEvent::Failed(e)
+                }
+            }
+        }
+    };
+    if let Some(cb) = &options.on_event {
+        cb(&event);
+    }
+}

@@ -1,0 +1,376 @@
+//! Group commit in `DiskStore`: concurrent writers share durable commits, compare-and-set
+//! stays exact, every operation gets its own result, and a failed commit acknowledges
+//! nothing.
+
+#![cfg(feature = "disk")]
+
+#[path = "session_support/sim_disk.rs"]
+mod sim_disk;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+use erlmcp_rollout::session::{DiskStore, ManualClock, Session, SessionId, Store, StoreError, StoreOptions, Timeout};
+use sim_disk::SimDisk;
+
+const T0: i64 = 1_700_000_000_000;
+
+fn opts() -> StoreOptions {
+    StoreOptions::with_clock(ManualClock::new(T0))
+}
+
+fn id(s: &str) -> SessionId {
+    SessionId::new(s).unwrap()
+}
+
+fn file_store() -> (tempfile::TempDir, Arc<DiskStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DiskStore::create(dir.path().join("s.redb"), opts()).unwrap();
+    (dir, Arc::new(store))
+}
+
+/// Many threads compare-and-set the same keys: for each key, no expected version is
+/// ever won twice, the winners form the chain 1, 2, 3, ... and the final version counts
+/// them; each winner's metadata is what is stored at its version.
+#[test]
+fn compare_and_set_has_one_winner_per_version() {
+    const THREADS: usize = 16;
+    const KEYS: usize = 3;
+    const ROUNDS: usize = 40;
+    let (_dir, store) = file_store();
+    for k in 0..KEYS {
+        store
+            .create(Session::new(
+                id(&format!("k{k}")),
+                T0,
+                Timeout::Infinity,
+                b"t-1".to_vec(),
+            ))
+            .unwrap();
+    }
+    let wins: Arc<Mutex<Vec<(usize, u64, String)>>> = Arc::default();
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (store, wins, barrier) = (Arc::clone(&store), Arc::clone(&wins), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut conflicts = 0;
+                for r in 0..ROUNDS {
+                    let k = (t + r) % KEYS;
+                    let key = id(&format!("k{k}"));
+                    let seen = store.get(&key).unwrap().version;
+                    let meta = format!("t{t}-r{r}");
+                    let new = Session::new(key, T0, Timeout::Infinity, meta.clone().into_bytes());
+                    match store.update_if_version(new, seen) {
+                        Ok(stored) => {
+                            assert_eq!(stored.version, seen + 1);
+                            wins.lock().unwrap().push((k, seen, meta));
+                        }
+                        Err(StoreError::Conflict { expected, actual, .. }) => {
+                            assert_eq!(expected, seen);
+                            assert!(actual > seen, "a conflict reports a newer version: {actual} vs {seen}");
+                            conflicts += 1;
+                        }
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                }
+                conflicts
+            })
+        })
+        .collect();
+    let conflicts: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    let wins = wins.lock().unwrap();
+    assert_eq!(wins.len() + conflicts, THREADS * ROUNDS);
+    let mut per_key: BTreeMap<usize, BTreeMap<u64, String>> = BTreeMap::new();
+    for (k, expected, meta) in wins.iter() {
+        let previous = per_key.entry(*k).or_default().insert(*expected, meta.clone());
+        assert!(
+            previous.is_none(),
+            "key k{k}: two writers won expected version {expected}"
+        );
+    }
+    for k in 0..KEYS {
+        let won = per_key.remove(&k).unwrap_or_default();
+        let stored = store.get(&id(&format!("k{k}"))).unwrap();
+        assert_eq!(stored.version, 1 + won.len() as u64, "key k{k}: one version per win");
+        let expected: Vec<u64> = (1..stored.version).collect();
+        assert_eq!(
+            won.keys().copied().collect::<Vec<_>>(),
+            expected,
+            "key k{k}: a chain of wins"
+        );
+        if let Some(last) = won.get(&(stored.version - 1)) {
+            assert_eq!(
+                stored.metadata.as_ref(),
+                last.as_bytes(),
+                "key k{k}: the last winner is stored"
+            );
+        }
+    }
+}
+
+/// Concurrent creates of the same keys: exactly one wins each key, the others get
+/// `AlreadyExists` (decided after the winner's write, possibly in the same commit).
+#[test]
+fn concurrent_creates_have_one_winner_per_key() {
+    const THREADS: usize = 12;
+    const KEYS: usize = 30;
+    let (_dir, store) = file_store();
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (store, barrier) = (Arc::clone(&store), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut won = Vec::new();
+                for k in 0..KEYS {
+                    let s = Session::new(
+                        id(&format!("c{k}")),
+                        T0,
+                        Timeout::Infinity,
+                        format!("t{t}").into_bytes(),
+                    );
+                    match store.create(s) {
+                        Ok(s) => {
+                            assert_eq!(s.version, 1);
+                            won.push((k, t));
+                        }
+                        Err(StoreError::AlreadyExists { .. }) => {}
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                }
+                won
+            })
+        })
+        .collect();
+    let mut winners: BTreeMap<usize, usize> = BTreeMap::new();
+    for h in handles {
+        for (k, t) in h.join().unwrap() {
+            assert!(winners.insert(k, t).is_none(), "key c{k} created twice");
+        }
+    }
+    assert_eq!(winners.len(), KEYS);
+    for (k, t) in winners {
+        let stored = store.get(&id(&format!("c{k}"))).unwrap();
+        assert_eq!(stored.metadata.as_ref(), format!("t{t}").as_bytes());
+    }
+}
+
+/// With a slow disk (2 ms per fsync) and 16 writers, commits are shared: fewer syncs
+/// than writes, and every acknowledged write is there with its own version.
+#[test]
+fn concurrent_writers_share_commits() {
+    const THREADS: usize = 16;
+    const WRITES: usize = 25;
+    let disk = SimDisk::default();
+    let store = Arc::new(DiskStore::with_backend(disk.clone(), opts()).unwrap());
+    disk.sync_delay(Duration::from_millis(2));
+    let before = disk.syncs();
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (store, barrier) = (Arc::clone(&store), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                barrier.wait();
+                for w in 0..WRITES {
+                    let s = Session::new(id(&format!("t{t}")), T0, Timeout::Infinity, format!("{w}").into_bytes());
+                    assert_eq!(store.put(s).unwrap().version, w as u64 + 1);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let syncs = disk.syncs() - before;
+    let writes = (THREADS * WRITES) as u64;
+    println!("{writes} writes in {syncs} fsyncs");
+    assert!(
+        syncs < writes,
+        "{writes} writes took {syncs} fsyncs: no commit was shared"
+    );
+    for t in 0..THREADS {
+        let s = store.get(&id(&format!("t{t}"))).unwrap();
+        assert_eq!(
+            (s.version, s.metadata.as_ref()),
+            (WRITES as u64, format!("{}", WRITES - 1).as_bytes())
+        );
+    }
+}
+
+/// Operations in one commit do not affect each other: a batch that fails part-way
+/// (a corrupt record after one it already staged) writes nothing, and the others in
+/// flight still succeed.
+#[test]
+fn a_failing_operation_leaves_no_partial_effect() {
+    use redb::{Database, TableDefinition};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn
+                .open_table(TableDefinition::<&[u8], &[u8]>::new("sessions"))
+                .unwrap();
+            table.insert(&b"bad"[..], &b"\x01garbage"[..]).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Arc::new(DiskStore::create(&path, opts()).unwrap());
+    let record = |key: &str| Session {
+        version: 5,
+        ..Session::new(id(key), T0, Timeout::Infinity, vec![])
+    };
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            let (store, barrier) = (Arc::clone(&store), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                barrier.wait();
+                for r in 0..10 {
+                    if t % 2 == 0 {
+                        let batch = vec![record(&format!("staged-{t}-{r}")), record("bad")];
+                        let e = store.apply_batch_if_newer(batch).unwrap_err();
+                        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+                    } else {
+                        let s = Session::new(id(&format!("ok-{t}-{r}")), T0, Timeout::Infinity, vec![]);
+                        store.create(s).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    for t in 0..8 {
+        for r in 0..10 {
+            let staged = store.get(&id(&format!("staged-{t}-{r}")));
+            assert!(
+                matches!(staged, Err(StoreError::NotFound { .. })),
+                "staged-{t}-{r}: {staged:?}"
+            );
+            if t % 2 == 1 {
+                assert!(store.get(&id(&format!("ok-{t}-{r}"))).is_ok());
+            }
+        }
+    }
+}
+
+/// When the commit fails (fsync error), every write in it is `Unavailable` and none is
+/// acknowledged; writes acknowledged before are still there after reopening.
+#[test]
+fn a_failed_commit_acknowledges_nothing() {
+    const THREADS: usize = 8;
+    let disk = SimDisk::default();
+    let store = Arc::new(DiskStore::with_backend(disk.clone(), opts()).unwrap());
+    disk.sync_delay(Duration::from_millis(1));
+    let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let barrier = Arc::new(Barrier::new(THREADS + 1));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (store, acked, failing, barrier) = (
+                Arc::clone(&store),
+                Arc::clone(&acked),
+                Arc::clone(&failing),
+                Arc::clone(&barrier),
+            );
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut unavailable_after_failure = 0;
+                for w in 0..200 {
+                    let key = format!("t{t}-{}", w % 7);
+                    let started_failing = failing.load(std::sync::atomic::Ordering::SeqCst);
+                    let s = Session::new(id(&key), T0, Timeout::Infinity, vec![w as u8]);
+                    match store.put(s) {
+                        Ok(s) => {
+                            assert!(!started_failing, "{key}: acknowledged while every fsync fails");
+                            acked.lock().unwrap().insert(key, s.version);
+                        }
+                        Err(e) => {
+                            assert!(e.is_retryable(), "{key}: {e}");
+                            assert!(e.to_string().contains("nothing in it is acknowledged"), "{e}");
+                            if started_failing {
+                                unavailable_after_failure += 1;
+                            }
+                        }
+                    }
+                }
+                unavailable_after_failure
+            })
+        })
+        .collect();
+    barrier.wait();
+    std::thread::sleep(Duration::from_millis(30));
+    disk.fail_sync(true);
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(refused > 0, "no write ran after the failure");
+    drop(store);
+    disk.fail_sync(false);
+    let image = disk.power_cut(None);
+    let reopened = DiskStore::with_backend(SimDisk::from_image(image), opts()).unwrap();
+    for (key, version) in acked.lock().unwrap().iter() {
+        let s = reopened.get(&id(key)).unwrap();
+        assert!(
+            s.version >= *version,
+            "{key}: acknowledged v{version}, found v{}",
+            s.version
+        );
+    }
+}
+
+/// A clock that panics on demand (user code running inside the leader's commit).
+struct PanickyClock(Arc<std::sync::atomic::AtomicBool>);
+
+impl erlmcp_rollout::session::Clock for PanickyClock {
+    fn now_unix_ms(&self) -> i64 {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("clock failure (injected)");
+        }
+        T0
+    }
+}
+
+/// A panic inside the commit (here: the store's clock, called by the leader) reaches no
+/// caller as a panic: every writer in that commit gets `Unavailable`, nothing of it is
+/// stored, and the next commits work (leadership was released).
+#[test]
+fn a_panic_in_the_commit_is_unavailable_and_the_store_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let panicking = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = Arc::new(
+        DiskStore::create(
+            dir.path().join("s.redb"),
+            StoreOptions::with_clock(PanickyClock(Arc::clone(&panicking))),
+        )
+        .unwrap(),
+    );
+    panicking.store(true, std::sync::atomic::Ordering::SeqCst);
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || store.put(Session::new(id(&format!("p{t}")), T0, Timeout::Infinity, vec![])))
+        })
+        .collect();
+    for h in handles {
+        let e = h.join().expect("no panic reaches a writer").unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("panic"), "{e}");
+    }
+    panicking.store(false, std::sync::atomic::Ordering::SeqCst);
+    for t in 0..4 {
+        assert!(matches!(
+            store.get(&id(&format!("p{t}"))),
+            Err(StoreError::NotFound { .. })
+        ));
+        let s = store
+            .put(Session::new(id(&format!("p{t}")), T0, Timeout::Infinity, vec![]))
+            .unwrap();
+        assert_eq!(s.version, 1);
+    }
+}

@@ -1,0 +1,258 @@
+//! A real 3-member etcd cluster on free loopback ports, started by the tests themselves
+//! (Debian `etcd-server` 3.4 and `etcdctl`). Members are killed with SIGKILL on drop; a
+//! watchdog shell kills them and removes the data too if the test process dies first.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use erlmcp_rollout::session::{EtcdOptions, EtcdStore, StoreOptions};
+
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    token: String,
+    client_ports: Vec<u16>,
+    peer_ports: Vec<u16>,
+    members: Vec<Option<Child>>,
+    watchdog: Option<Child>,
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    // Hold all listeners at once so the kernel hands out distinct ports.
+    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+impl Cluster {
+    /// Starts n1..n3 and waits until every member is healthy.
+    pub fn start() -> Cluster {
+        let ports = free_ports(6);
+        let dir = tempfile::Builder::new().prefix("erlmcp-etcd-").tempdir().unwrap();
+        let mut cluster = Cluster {
+            token: format!("erlmcp-test-{}", std::process::id()),
+            client_ports: ports[..3].to_vec(),
+            peer_ports: ports[3..].to_vec(),
+            dir,
+            members: vec![None, None, None],
+            watchdog: None,
+        };
+        for i in 0..3 {
+            cluster.spawn(i, "new");
+        }
+        cluster.write_pids();
+        let script = format!(
+            "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 $(cat '{pids}') 2>/dev/null; rm -rf '{dir}'",
+            me = std::process::id(),
+            pids = cluster.dir.path().join("pids").display(),
+            dir = cluster.dir.path().display(),
+        );
+        cluster.watchdog = Some(
+            Command::new("bash")
+                .args(["-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("n{}.log", i + 1))
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) {
+        let url = |p: u16| format!("http://127.0.0.1:{p}");
+        let initial: Vec<String> = (0..3)
+            .map(|j| format!("n{}={}", j + 1, url(self.peer_ports[j])))
+            .collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(i))
+            .unwrap();
+        let child = Command::new("etcd")
+            .arg("--name")
+            .arg(format!("n{}", i + 1))
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("n{}", i + 1)))
+            .args(["--listen-client-urls", &url(self.client_ports[i])])
+            .args(["--advertise-client-urls", &url(self.client_ports[i])])
+            .args(["--listen-peer-urls", &url(self.peer_ports[i])])
+            .args(["--initial-advertise-peer-urls", &url(self.peer_ports[i])])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-token", &self.token])
+            .args(["--initial-cluster-state", state])
+            .args([
+                "--experimental-enable-lease-checkpoint",
+                "--experimental-enable-lease-checkpoint-persist",
+                "--logger=zap",
+                "--log-outputs=stderr",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("etcd must be installed (Debian etcd-server; scripts/setup installs it)");
+        self.members[i] = Some(child);
+    }
+
+    fn write_pids(&self) {
+        let pids: Vec<String> = self.members.iter().flatten().map(|c| c.id().to_string()).collect();
+        std::fs::write(self.dir.path().join("pids"), pids.join("\n")).unwrap();
+    }
+
+    /// Client URLs of all three members (also of stopped ones).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.client_ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    fn running_endpoints(&self) -> Vec<String> {
+        (0..3)
+            .filter(|&i| self.members[i].is_some())
+            .map(|i| format!("http://127.0.0.1:{}", self.client_ports[i]))
+            .collect()
+    }
+
+    fn etcdctl(&self, endpoints: &[String], args: &[&str]) -> Option<String> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(endpoints.join(","))
+            .arg("--command-timeout=2s")
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits until every running member answers a quorum read.
+    pub fn wait_healthy(&mut self, within: Duration) {
+        let start = Instant::now();
+        loop {
+            for (i, m) in self.members.iter_mut().enumerate() {
+                if let Some(child) = m {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        let log = std::fs::read_to_string(self.dir.path().join(format!("n{}.log", i + 1)))
+                            .unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                        panic!("etcd n{} exited ({status}); log tail: {tail:#?}", i + 1);
+                    }
+                }
+            }
+            if self
+                .etcdctl(&self.running_endpoints(), &["endpoint", "health"])
+                .is_some()
+            {
+                return;
+            }
+            assert!(start.elapsed() < within, "etcd cluster not healthy after {within:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The index (0..3) of the current leader, as the running members report it.
+    pub fn leader(&self) -> Option<usize> {
+        let out = self.etcdctl(&self.running_endpoints(), &["endpoint", "status", "-w", "json"])?;
+        let statuses: serde_json::Value = serde_json::from_str(&out).ok()?;
+        for st in statuses.as_array()? {
+            let endpoint = st["Endpoint"].as_str()?;
+            let member = st["Status"]["header"]["member_id"].as_u64()?;
+            let leader = st["Status"]["leader"].as_u64()?;
+            if member == leader {
+                return self
+                    .client_ports
+                    .iter()
+                    .position(|p| endpoint.ends_with(&format!(":{p}")));
+            }
+        }
+        None
+    }
+
+    /// SIGKILL member `i` and reap it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        self.write_pids();
+    }
+
+    /// Restarts member `i` on its old data directory and ports.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.members[i].is_none(), "member {i} is running");
+        self.spawn(i, "existing");
+        self.write_pids();
+    }
+
+    /// The number of keys under `prefix` as member `i` alone sees them (a serializable,
+    /// member-local read), or `None` when it does not answer.
+    pub fn member_count(&self, i: usize, prefix: &str) -> Option<u64> {
+        let ep = vec![format!("http://127.0.0.1:{}", self.client_ports[i])];
+        let out = self.etcdctl(
+            &ep,
+            &[
+                "get",
+                prefix,
+                "--prefix",
+                "--keys-only",
+                "--limit=1",
+                "--consistency=s",
+                "-w",
+                "json",
+            ],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        Some(v["count"].as_u64().unwrap_or(0))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for m in self.members.iter_mut() {
+            if let Some(mut child) = m.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
+/// One cluster per test binary, shared by all its tests (each on its own prefix). It
+/// lives in a static, so the watchdog stops it when the test process exits.
+pub fn shared() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(Cluster::start)
+}
+
+/// A prefix no other store of this test process uses.
+pub fn unique_prefix() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("test/{}/{}/", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A store on the shared cluster under a fresh prefix.
+pub fn store(opts: StoreOptions) -> EtcdStore {
+    let cluster = shared();
+    EtcdStore::connect(&cluster.endpoints(), unique_prefix(), EtcdOptions::default(), opts).unwrap()
+}
