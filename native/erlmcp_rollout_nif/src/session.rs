@@ -22,8 +22,8 @@ use erlmcp_rollout::migrate::outbox::Outbox;
 use erlmcp_rollout::migrate::phase::{FilePhaseStore, Phase};
 use erlmcp_rollout::migrate::MigrateError;
 use erlmcp_rollout::session::{
-    Clock, DiskStore, EtcdOptions, EtcdStore, MemoryStore, Session, SessionId, Store, StoreError, StoreOptions, SystemClock, Timeout,
-    TouchPolicy, Visibility,
+    Clock, DiskStore, EtcdOptions, EtcdStore, MemoryStore, Session, SessionId, Store, StoreError, StoreOptions,
+    SystemClock, Timeout, TouchPolicy, Visibility,
 };
 use rustler::env::SavedTerm;
 use rustler::types::tuple::get_tuple;
