@@ -134,19 +134,28 @@ fn best_slot(bytes: &[u8]) -> io::Result<Option<(u64, Vec<u8>)>> {
 }
 
 impl SlotFile {
-    /// Opens (creating, sized and synced, if absent) a slot file and reads its latest record.
+    /// Opens (creating, sized and synced, if absent or empty) a slot file and reads its
+    /// latest record. An existing file of another size is refused, never resized.
     ///
     /// # Errors
-    /// I/O errors; [`io::ErrorKind::InvalidData`] when the file exists but no slot is valid.
+    /// I/O errors; [`io::ErrorKind::InvalidData`] when the file exists but is not a slot
+    /// file or no slot is valid.
     pub fn open(path: &Path) -> io::Result<SlotFile> {
-        let existed = path.exists();
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(path)?;
-        if !existed || file.metadata()?.len() < 2 * SLOT_LEN as u64 {
+        let len = file.metadata()?.len();
+        if len != 0 && len != 2 * SLOT_LEN as u64 {
+            // Never resize someone else's file (a mistyped path must not damage it).
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not a slot file: {len} bytes, a slot file has {}", 2 * SLOT_LEN),
+            ));
+        }
+        if len == 0 {
             file.set_len(2 * SLOT_LEN as u64)?;
             file.sync_all()?;
             let dir = match path.parent() {
