@@ -270,6 +270,22 @@ fn migrate_copies_verifies_and_resumes_with_progress_on_stderr() {
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(json(&o)["backfill"]["resumed"], true);
+    // A checkpoint path naming some other file (a mistyped path) is refused, the file untouched.
+    let other = dir.path().join("notes.txt");
+    std::fs::write(&other, b"precious").unwrap();
+    let o = run(&[
+        "sessions",
+        "migrate",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--checkpoint",
+        other.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a slot file"), "{}", stderr(&o));
+    assert!(std::fs::read(&other).unwrap() == b"precious");
     // --resume needs --checkpoint; a missing source is an error, not an empty copy.
     let o = run(&["sessions", "migrate", "--from", &from, "--to", &to, "--resume"]);
     assert_eq!(o.status.code(), Some(2));

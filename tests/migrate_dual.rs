@@ -216,7 +216,12 @@ fn fault_run(setup: impl Fn(&Faulty), recover_after_ms: u64) -> erlmcp_rollout::
     let dir = tempfile::tempdir().unwrap();
     let p = memory();
     let faulty = Faulty::new(memory());
-    let m = Arc::new(open(dir.path(), p.clone(), faulty.clone(), fast_backoff()));
+    // One intent per relay step: many calls to the secondary, so even 1 % of them fail.
+    let config = MigratorConfig {
+        relay_batch: 1,
+        ..fast_backoff()
+    };
+    let m = Arc::new(open(dir.path(), p.clone(), faulty.clone(), config));
     m.advance(SECS).unwrap();
     setup(&faulty);
     let relay = m.start_relay();
@@ -248,7 +253,13 @@ fn fault_run(setup: impl Fn(&Faulty), recover_after_ms: u64) -> erlmcp_rollout::
     let report = verify(p.as_ref(), faulty.inner.as_ref(), &VerifyConfig::default()).unwrap();
     assert!(report.is_clean(), "{:?}", report.differences);
     assert_eq!(contents(p.as_ref()), contents(faulty.inner.as_ref()));
-    m.counters().unwrap()
+    let c = m.counters().unwrap();
+    // Every injected fault hit a relay step (only the relay calls the secondary).
+    assert_eq!(
+        c.relay_failed,
+        faulty.injected.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    c
 }
 
 #[test]
@@ -308,13 +319,28 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
+/// The model run. With `disk`, the primary and secondary are `DiskStore`s and a crash
+/// also drops and reopens them from their files; otherwise they are `MemoryStore`s that
+/// outlive the crash (like remote stores) and only the migrator's own files are reopened.
+fn run_model(ops: &[Op], disk: bool) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0);
     let mut opts = StoreOptions::with_clock(clock.clone());
     opts.touch = TouchPolicy::always();
-    let p: Arc<dyn Store> = Arc::new(MemoryStore::new(opts.clone()));
-    let s: Arc<dyn Store> = Arc::new(MemoryStore::new(opts));
+    let stores = |opts: &StoreOptions| -> (Arc<dyn Store>, Arc<dyn Store>) {
+        if disk {
+            (
+                Arc::new(DiskStore::create(dir.path().join("p.redb"), opts.clone()).unwrap()),
+                Arc::new(DiskStore::create(dir.path().join("s.redb"), opts.clone()).unwrap()),
+            )
+        } else {
+            (
+                Arc::new(MemoryStore::new(opts.clone())),
+                Arc::new(MemoryStore::new(opts.clone())),
+            )
+        }
+    };
+    let (mut p, mut s) = stores(&opts);
     let config = MigratorConfig {
         touch: TouchPolicy::always(),
         clock: Arc::new(clock.clone()),
@@ -389,6 +415,10 @@ fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Crash => {
                 let phase = m.phase();
                 drop(m);
+                if disk {
+                    drop((p, s));
+                    (p, s) = stores(&opts);
+                }
                 m = open(dir.path(), p.clone(), s.clone(), config.clone());
                 prop_assert_eq!(m.phase(), phase);
             }
@@ -426,7 +456,17 @@ proptest! {
 
     #[test]
     fn migrator_matches_the_model(ops in prop::collection::vec(op(), 1..120)) {
-        run_model(&ops)?;
+        run_model(&ops, false)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// The same on disk stores, reopened from their files at each simulated crash.
+    #[test]
+    fn migrator_matches_the_model_on_disk(ops in prop::collection::vec(op(), 1..80)) {
+        run_model(&ops, true)?;
     }
 }
 
@@ -520,16 +560,31 @@ fn kill_9_during_dual_writes_loses_nothing() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<String>>()
-        });
-        std::thread::sleep(Duration::from_millis(300 + (round * 137) % 500));
-        child.kill().unwrap(); // SIGKILL
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let reader = {
+            let seen = Arc::clone(&seen);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    seen.lock().unwrap().push(line);
+                }
+            })
+        };
+        // Kill once the child has acknowledged a few writes (how many varies by round),
+        // plus a moment, so that the kill lands among writes in flight.
+        let want_acks = 5 + (round * 7919) % 40;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let acks = seen.lock().unwrap().iter().filter(|l| l.contains("@@A ")).count() as u64;
+            if acks >= want_acks || child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_micros((round * 104_729) % 20_000));
+        let _ = child.kill(); // SIGKILL (a child that already died is caught below)
         child.wait().unwrap();
-        let lines = reader.join().unwrap();
+        reader.join().unwrap();
+        let lines = std::mem::take(&mut *seen.lock().unwrap());
         // Per writer: the begun ops, and which were acknowledged.
         let mut begun: BTreeMap<(String, String), (String, String, String)> = BTreeMap::new();
         let mut unacked: BTreeMap<String, (String, String, String)> = BTreeMap::new();
@@ -587,8 +642,72 @@ fn kill_9_during_dual_writes_loses_nothing() {
         // No resurrected deletes on the secondary either: it equals the primary record for record.
         assert_eq!(contents(m.primary().as_ref()), contents(m.secondary().as_ref()));
     }
-    assert!(total_acked > 10 * rounds, "too few writes acknowledged: {total_acked}");
+    assert!(total_acked >= 5 * rounds, "too few writes acknowledged: {total_acked}");
     if std::env::var_os("ERLMCP_TEST_VERBOSE").is_some() {
         eprintln!("{rounds} kills, {total_acked} acknowledged writes checked");
     }
+}
+
+#[test]
+fn an_in_memory_outbox_relays_the_same_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, s) = (memory(), memory());
+    let m = Arc::new(
+        Migrator::open(
+            p.clone(),
+            s.clone(),
+            Outbox::in_memory(),
+            Box::new(FilePhaseStore::new(dir.path().join("phase.json"))),
+            MigratorConfig::default(),
+        )
+        .unwrap(),
+    );
+    m.advance(SECS).unwrap();
+    let relay = m.start_relay();
+    for i in 0..200 {
+        m.put(sess(&format!("k{}", i % 50), &i.to_string())).unwrap();
+        if i % 3 == 0 {
+            m.delete(&id(format!("k{}", i % 7))).unwrap();
+        }
+    }
+    m.drain(SECS).unwrap();
+    relay.stop();
+    assert_eq!(m.outbox_depth().unwrap(), 0);
+    assert!(verify(p.as_ref(), s.as_ref(), &VerifyConfig::default())
+        .unwrap()
+        .is_clean());
+    assert_eq!(m.advance(SECS).unwrap(), Phase::Phase2);
+}
+
+#[test]
+fn a_phase_saved_elsewhere_is_applied_after_draining() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = memory();
+    let faulty = Faulty::new(memory());
+    let m = open(dir.path(), p.clone(), faulty.clone(), fast_backoff());
+    m.advance(SECS).unwrap();
+    m.put(sess("a", "1")).unwrap();
+    // Another process (the CLI) forces phase3 in the shared phase file.
+    let file = FilePhaseStore::new(dir.path().join("phase.json"));
+    let mut saved = file.load().unwrap().unwrap();
+    saved.record(Phase::Phase3, T0, "set");
+    file.save(&saved).unwrap();
+    // This node still has an intent for "a": the switch waits for it.
+    faulty.set_outage(true);
+    let err = m.sync_phase(Duration::from_millis(100)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot move from phase1 to phase3: the outbox still holds 1"),
+        "{err}"
+    );
+    assert_eq!(m.phase(), Phase::Phase1);
+    faulty.set_outage(false);
+    assert_eq!(m.sync_phase(SECS).unwrap(), Phase::Phase3);
+    assert_eq!(m.counters().unwrap().phase, Phase::Phase3);
+    // Phase 3: reads and writes go to the secondary, which has "a".
+    assert_eq!(m.get(&id("a")).unwrap().metadata.as_ref(), b"1");
+    m.put(sess("b", "2")).unwrap();
+    assert!(p.get(&id("b")).is_err());
+    // Nothing changed: nothing to do.
+    assert_eq!(m.sync_phase(SECS).unwrap(), Phase::Phase3);
 }

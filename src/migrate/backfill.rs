@@ -7,9 +7,9 @@
 //! Running a backfill twice, or re-running a chunk after a crash, is therefore harmless.
 //!
 //! **Checkpoint.** After each chunk has been applied (acknowledged by the target), the
-//! last key copied and the counts are written to the checkpoint file with
-//! [`write_atomic`] (temp file, fsync, rename, directory
-//! fsync). A killed backfill resumes ([`BackfillConfig::resume`]) after that key; the
+//! last key copied and the counts ([`Checkpoint`], JSON) are written durably to the
+//! checkpoint file, a [`SlotFile`] (two alternating slots, one `fdatasync` per chunk; a
+//! torn write leaves the previous checkpoint readable). A killed backfill resumes ([`BackfillConfig::resume`]) after that key; the
 //! chunk in flight at the kill is copied again (its records then count as skipped).
 //!
 //! **Progress and ETA.** Unless [`BackfillConfig::count_total`] is off, a first pass
@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::durable::{read_optional, write_atomic};
+use super::durable::SlotFile;
 use super::{MigrateError, Role};
 use crate::session::{codec, SessionId, Store, StoreError, Visibility};
 
@@ -110,10 +110,14 @@ impl Checkpoint {
     /// # Errors
     /// [`MigrateError::File`] when it cannot be read or is not a checkpoint.
     pub fn load(path: &std::path::Path) -> Result<Option<Checkpoint>, MigrateError> {
-        let Some(bytes) = read_optional(path).map_err(|e| MigrateError::file("checkpoint", path, e))? else {
+        let Some(bytes) = SlotFile::read(path).map_err(|e| MigrateError::file("checkpoint", path, e))? else {
             return Ok(None);
         };
-        let cp: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| MigrateError::file("checkpoint", path, e))?;
+        Checkpoint::parse(path, &bytes).map(Some)
+    }
+
+    fn parse(path: &std::path::Path, bytes: &[u8]) -> Result<Checkpoint, MigrateError> {
+        let cp: Checkpoint = serde_json::from_slice(bytes).map_err(|e| MigrateError::file("checkpoint", path, e))?;
         if cp.format != 1 {
             return Err(MigrateError::file(
                 "checkpoint",
@@ -121,7 +125,7 @@ impl Checkpoint {
                 format!("unknown format {}", cp.format),
             ));
         }
-        Ok(Some(cp))
+        Ok(cp)
     }
 
     /// The key to continue after.
@@ -238,8 +242,12 @@ pub fn backfill(
         done: false,
     };
     let mut resumed = false;
+    let mut slots = None;
     if let Some(path) = &config.checkpoint {
-        if let Some(old) = Checkpoint::load(path)? {
+        let file = SlotFile::open(path).map_err(|e| MigrateError::file("checkpoint", path, e))?;
+        let old = file.latest().map(|b| Checkpoint::parse(path, b)).transpose()?;
+        slots = Some(file);
+        if let Some(old) = old {
             if old.source != cp.source || old.target != cp.target {
                 return Err(MigrateError::file(
                     "checkpoint",
@@ -324,9 +332,9 @@ pub fn backfill(
             after = Some(l.clone());
         }
         cp.done = page.next.is_none();
-        if let Some(p) = path {
-            let bytes = serde_json::to_vec_pretty(&cp).map_err(|e| MigrateError::file("checkpoint", p, e))?;
-            write_atomic(p, &bytes).map_err(|e| MigrateError::file("checkpoint", p, e))?;
+        if let (Some(p), Some(file)) = (path, slots.as_mut()) {
+            let bytes = serde_json::to_vec(&cp).map_err(|e| MigrateError::file("checkpoint", p, e))?;
+            file.write(&bytes).map_err(|e| MigrateError::file("checkpoint", p, e))?;
         }
         if !cp.done {
             progress(&report(&cp, false));

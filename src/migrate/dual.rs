@@ -812,6 +812,33 @@ impl Migrator {
         Ok(())
     }
 
+    /// Applies the phase saved in the [`PhaseStore`] if it differs from the one applied
+    /// (it was changed by another process: the CLI, another node, an etcd watch). Call it
+    /// periodically or on a change notification; [`MigratorCounters::phase`] reports the
+    /// phase this node applies. Gates are not re-run (whoever saved the phase ran them, or
+    /// forced it); but when the store of record changes (to or from phase 3), this node's
+    /// own outbox is drained first with writes paused, so none of its intents is left
+    /// behind. Returns the phase applied.
+    ///
+    /// # Errors
+    /// [`MigrateError::Gate`] when the outbox does not drain within `timeout` (the old
+    /// phase stays applied; call again); [`MigrateError::File`] when the state cannot be read.
+    pub fn sync_phase(&self, timeout: Duration) -> Result<Phase, MigrateError> {
+        let Some(saved) = self.phases.load()? else {
+            return Ok(self.phase());
+        };
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        if *state == saved {
+            return Ok(state.phase);
+        }
+        let (from, to) = (state.phase, saved.phase);
+        if from.secondary_is_authoritative() != to.secondary_is_authoritative() {
+            self.drain_until(Instant::now() + timeout, from, to)?;
+        }
+        *state = saved;
+        Ok(to)
+    }
+
     fn shadow(&self, id: &SessionId) {
         let n = self.config.shadow_sample;
         if n == 0 || self.reads.fetch_add(1, Ordering::Relaxed) % n != 0 || self.is_pending(id) {

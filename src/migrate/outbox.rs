@@ -26,7 +26,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -82,7 +82,10 @@ struct Group {
 
 /// The outbox file; see the [module docs](self).
 pub struct Outbox {
-    db: Database,
+    /// `None` for [`Outbox::in_memory`].
+    db: Option<Database>,
+    /// The intents of an in-memory outbox.
+    memory: Mutex<BTreeMap<u64, (Direction, SessionId)>>,
     path: PathBuf,
     next_seq: AtomicU64,
     group: Mutex<Group>,
@@ -113,19 +116,45 @@ impl Outbox {
             last
         };
         txn.commit().map_err(|e| err(&e))?;
-        Ok(Outbox {
+        Ok(Outbox::with(Some(db), path, last.map_or(1, |l| l + 1)))
+    }
+
+    /// An outbox in memory: nothing survives the process. Only for a primary that does
+    /// not survive a crash itself (a `MemoryStore`), where a durable intent would protect
+    /// nothing and cost a commit per write.
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::migrate::outbox::{Direction, Outbox};
+    /// use erlmcp_rollout::session::SessionId;
+    /// let outbox = Outbox::in_memory();
+    /// outbox.record(Direction::Forward, &SessionId::new("s1")?)?;
+    /// assert_eq!(outbox.depth()?, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn in_memory() -> Self {
+        Outbox::with(None, PathBuf::from("(memory)"), 1)
+    }
+
+    fn with(db: Option<Database>, path: PathBuf, next_seq: u64) -> Self {
+        Outbox {
             db,
-            next_seq: AtomicU64::new(last.map_or(1, |l| l + 1)),
+            memory: Mutex::new(BTreeMap::new()),
+            next_seq: AtomicU64::new(next_seq),
             path,
             group: Mutex::new(Group {
                 open: 1,
                 ..Group::default()
             }),
             committed: Condvar::new(),
-        })
+        }
     }
 
-    /// The file.
+    fn memory(&self) -> MutexGuard<'_, BTreeMap<u64, (Direction, SessionId)>> {
+        self.memory.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The file (`(memory)` for [`Outbox::in_memory`]).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -157,6 +186,13 @@ impl Outbox {
             return Ok(0);
         }
         let first = self.next_seq.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        if self.db.is_none() {
+            let mut map = self.memory();
+            for (i, key) in keys.iter().enumerate() {
+                map.insert(first + i as u64, (direction, key.clone()));
+            }
+            return Ok(first);
+        }
         let mut g = self.lock();
         for (i, key) in keys.iter().enumerate() {
             g.pending.push((first + i as u64, direction, key.clone()));
@@ -193,7 +229,10 @@ impl Outbox {
     }
 
     fn commit(&self, items: &[(u64, Direction, SessionId)]) -> Result<(), String> {
-        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        let Some(db) = &self.db else {
+            return Ok(());
+        };
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
         {
             let mut table = txn.open_table(INTENTS).map_err(|e| e.to_string())?;
             let mut value = Vec::new();
@@ -212,7 +251,19 @@ impl Outbox {
     /// # Errors
     /// [`MigrateError::File`] when the file cannot be read or holds a malformed intent.
     pub fn peek(&self, limit: usize) -> Result<Vec<Intent>, MigrateError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let Some(db) = &self.db else {
+            let map = self.memory();
+            return Ok(map
+                .iter()
+                .take(limit)
+                .map(|(seq, (direction, key))| Intent {
+                    seq: *seq,
+                    direction: *direction,
+                    key: key.clone(),
+                })
+                .collect());
+        };
+        let txn = db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(INTENTS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(|e| self.err(e))?.take(limit) {
@@ -238,7 +289,14 @@ impl Outbox {
         if seqs.is_empty() {
             return Ok(());
         }
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let Some(db) = &self.db else {
+            let mut map = self.memory();
+            for seq in seqs {
+                map.remove(seq);
+            }
+            return Ok(());
+        };
+        let mut txn = db.begin_write().map_err(|e| self.err(e))?;
         txn.set_durability(Durability::None).map_err(|e| self.err(e))?;
         {
             let mut table = txn.open_table(INTENTS).map_err(|e| self.err(e))?;
@@ -254,7 +312,10 @@ impl Outbox {
     /// # Errors
     /// [`MigrateError::File`] when the file cannot be read.
     pub fn depth(&self) -> Result<u64, MigrateError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let Some(db) = &self.db else {
+            return Ok(self.memory().len() as u64);
+        };
+        let txn = db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(INTENTS).map_err(|e| self.err(e))?;
         table.len().map_err(|e| self.err(e))
     }

@@ -53,7 +53,8 @@ impl ShardMap {
 /// Sessions in memory: `N` shards chosen by a hash of the id, each an `RwLock` around a
 /// hash map (point operations) and an ordered key set (scans; updated only when a key is
 /// added or removed). Operations on one key lock one shard (reads share it); there is no
-/// global lock. Scans take each shard's read lock in turn and merge the shards in key order.
+/// global lock. A scan page read-locks every shard at once and merges their ordered key
+/// sets (a k-way merge), so writers wait for at most one page.
 ///
 /// Acknowledged means applied in memory: nothing survives the process.
 ///
@@ -241,27 +242,33 @@ impl Store for MemoryStore {
         let now = self.now();
         let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
         let keep = |s: &Session| visibility == Visibility::Raw || s.is_live(now);
-        // Each shard contributes its first `limit + 1` matching records; the smallest
-        // `limit + 1` of their union are the global ones.
-        let mut merged: Vec<Session> = Vec::new();
-        for shard in self.shards.iter() {
-            let map = read(shard);
-            let from_shard = map
-                .order
-                .range::<SessionId, _>((lower, Bound::Unbounded))
-                .filter_map(|id| map.records.get(id))
-                .filter(|s| keep(s))
-                .take(limit.saturating_add(1))
-                .cloned();
-            merged.extend(from_shard);
-            if merged.len() > limit.saturating_mul(2) {
-                merged.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-                merged.truncate(limit.saturating_add(1));
+        // All shards' read locks at once (taken in shard order; writers hold one lock at a
+        // time, so this cannot deadlock), then a k-way merge of their ordered key sets:
+        // the page costs O(limit * log shards), not O(limit * shards).
+        let guards: Vec<RwLockReadGuard<'_, ShardMap>> = self.shards.iter().map(read).collect();
+        let mut iters: Vec<_> = guards
+            .iter()
+            .map(|map| map.order.range::<SessionId, _>((lower, Bound::Unbounded)))
+            .collect();
+        let mut heap = std::collections::BinaryHeap::with_capacity(iters.len());
+        for (i, it) in iters.iter_mut().enumerate() {
+            if let Some(id) = it.next() {
+                heap.push(std::cmp::Reverse((id, i)));
             }
         }
-        merged.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        merged.truncate(limit.saturating_add(1));
-        Ok(ScanPage::from_overfetch(merged, limit))
+        let mut records = Vec::with_capacity(limit.saturating_add(1).min(4096));
+        while let Some(std::cmp::Reverse((id, i))) = heap.pop() {
+            if let Some(s) = guards[i].records.get(id).filter(|s| keep(s)) {
+                records.push(s.clone());
+                if records.len() > limit {
+                    break;
+                }
+            }
+            if let Some(next) = iters[i].next() {
+                heap.push(std::cmp::Reverse((next, i)));
+            }
+        }
+        Ok(ScanPage::from_overfetch(records, limit))
     }
 
     fn apply_batch_if_newer(&self, records: Vec<Session>) -> Result<BatchOutcome, StoreError> {
