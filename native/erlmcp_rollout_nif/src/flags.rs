@@ -10,7 +10,8 @@ use erlmcp_rollout::flags::{
     phash2, Clock, ConditionFailure, ConfigError, Deferred, Engine, EnvOverrides, FlagsConfig, Problem, Reason,
     ReloadOutcome, Snapshot, SystemClock, Value,
 };
-use rustler::{Atom, Encoder, Env, Error, NifResult, Term};
+use erlmcp_rollout::flags::{EtcdFlagsOptions, EtcdWatcher};
+use rustler::{Atom, Encoder, Env, Error, NifResult, OwnedEnv, Term};
 
 use crate::atoms;
 use crate::term::{name_text, KeyAtom, MapCtx, Tables};
@@ -32,8 +33,11 @@ impl Clock for PinnableClock {
 
 static CLOCK: LazyLock<Arc<PinnableClock>> = LazyLock::new(|| Arc::new(PinnableClock(AtomicI64::new(UNPINNED))));
 
-static ENGINE: LazyLock<Engine> =
-    LazyLock::new(|| Engine::builder().clock(CLOCK.clone()).build(FlagsConfig::default()));
+static ENGINE: LazyLock<Arc<Engine>> =
+    LazyLock::new(|| Arc::new(Engine::builder().clock(CLOCK.clone()).build(FlagsConfig::default())));
+
+/// The etcd source, when the flags follow an etcd key (`flags_watch_etcd/2`).
+static WATCHER: Mutex<Option<EtcdWatcher>> = Mutex::new(None);
 
 /// What the hot path reads, published together in one atomic pointer: the
 /// engine's current snapshot and the atoms for its context keys and flag
@@ -394,4 +398,72 @@ fn flags_set_clock(at: Term<'_>) -> NifResult<Atom> {
     };
     CLOCK.0.store(v, Ordering::Relaxed);
     Ok(atoms::ok())
+}
+
+/// `flags_watch_etcd(Endpoints, Key) -> ok | {error, Message}`: the flags
+/// follow the config JSON under `Key` in etcd (written by `erlmcp-rollout
+/// flags push`): every change is reloaded and published to the hot path as it
+/// arrives; invalid values, a deleted key and outages keep the last good
+/// flags. Replaces any earlier watch. `flags_etcd_status/0` tells how it goes.
+#[rustler::nif(schedule = "DirtyIo")]
+fn flags_watch_etcd<'a>(env: Env<'a>, endpoints: Term<'a>, key: Term<'a>) -> Term<'a> {
+    let fail = |msg: String| (atoms::error(), msg).encode(env);
+    let Ok(list) = endpoints.decode::<Vec<Term<'a>>>() else {
+        return fail("endpoints must be a list of \"host:port\" binaries or strings".into());
+    };
+    let mut eps = Vec::with_capacity(list.len());
+    for t in list {
+        match text(t) {
+            Some(e) => eps.push(e),
+            None => return fail("each endpoint must be a binary or a string".into()),
+        }
+    }
+    let Some(key) = text(key) else {
+        return fail("key must be a binary or a string".into());
+    };
+    let options = EtcdFlagsOptions {
+        key,
+        on_event: Some(Box::new(|_event| {
+            // A reload happened on the watcher's thread: publish it for the hot path.
+            let _w = writer();
+            OwnedEnv::new().run(|env| publish(env));
+        })),
+        ..EtcdFlagsOptions::default()
+    };
+    let mut watcher = WATCHER.lock().unwrap_or_else(|p| p.into_inner());
+    // Stop the old watch first: one source at a time.
+    drop(watcher.take());
+    match ENGINE.watch_etcd(&eps, options) {
+        Ok(w) => {
+            *watcher = Some(w);
+            atoms::ok().encode(env)
+        }
+        Err(e) => fail(e.to_string()),
+    }
+}
+
+/// `flags_unwatch_etcd() -> ok`: stop following etcd (the flags stay).
+#[rustler::nif(schedule = "DirtyIo")]
+fn flags_unwatch_etcd() -> Atom {
+    drop(WATCHER.lock().unwrap_or_else(|p| p.into_inner()).take());
+    atoms::ok()
+}
+
+/// `flags_etcd_status() -> undefined | #{connected, reloads, failures,
+/// reconnects, revision, last_error}`.
+#[rustler::nif]
+fn flags_etcd_status(env: Env<'_>) -> Term<'_> {
+    let watcher = WATCHER.lock().unwrap_or_else(|p| p.into_inner());
+    match watcher.as_ref() {
+        Some(w) => to_term(env, &w.status()),
+        None => atoms::undefined().encode(env),
+    }
+}
+
+fn text(t: Term<'_>) -> Option<String> {
+    if let Ok(b) = t.decode::<rustler::Binary>() {
+        return std::str::from_utf8(b.as_slice()).ok().map(str::to_owned);
+    }
+    let chars: Vec<u32> = t.decode().ok()?;
+    chars.into_iter().map(char::from_u32).collect()
 }
