@@ -10,6 +10,14 @@
 %% `check_interval_ms', 1 s by default). A reload that fails keeps the last good
 %% flags serving.
 %%
+%% With `etcd => #{endpoints => [<<"10.0.0.1:2379">>, ...], key => Key}' (instead
+%% of `config') the flags follow the config JSON stored under `Key' (default
+%% `erlmcp/feature_flags'; publish it with `erlmcp-rollout flags push FILE
+%% --etcd ENDPOINTS', which validates first): every change reaches this node's
+%% callers milliseconds after the commit; invalid values, a deleted key and
+%% etcd outages keep the last good flags. `start_link/1' waits up to 5 s for
+%% the first read. `reload_now/0' then reports the watch's health.
+%%
 %% Custom conditions (`{"custom": Name}' in the config) run the fun registered
 %% with `register_condition/2' in the caller's process; an unregistered name,
 %% a fun that crashes or returns a non-boolean makes the condition false.
@@ -35,7 +43,7 @@
                      environment => atom() | binary(),
                      reload_interval_ms => pos_integer(),
                      check_interval_ms => pos_integer(),
-                     etcd => term()}.
+                     etcd => #{endpoints := [binary() | string()], key => binary() | string()}}.
 -type problem() :: erlmcp_rollout_nif:problem().
 -export_type([flag_name/0, context/0, options/0, problem/0]).
 
@@ -45,8 +53,12 @@
 -define(DEFAULT_CHECK_MS, 1000).
 -define(CUSTOM_KEY(Name), {?MODULE, custom, Name}).
 
+-define(ETCD_KEY, <<"erlmcp/feature_flags">>).
+-define(ETCD_FIRST_READ_MS, 5000).
+
 -record(state, {
     config :: binary(),
+    etcd = undefined :: undefined | {[binary() | string()], binary() | string()},
     environment :: atom() | binary(),
     reload_ms :: pos_integer(),
     check_ms :: pos_integer(),
@@ -219,6 +231,27 @@ init(Options) ->
             {stop, Reason}
     end.
 
+first_load(#state{etcd = {Endpoints, Key}} = State) ->
+    case erlmcp_rollout_nif:flags_watch_etcd(Endpoints, Key) of
+        ok ->
+            case await_etcd(erlang:monotonic_time(millisecond) + ?ETCD_FIRST_READ_MS) of
+                ok ->
+                    {ok, State};
+                {error, Why} ->
+                    case erlmcp_rollout_nif:flags_status() of
+                        {_Gen, _Flags, Reloads} when Reloads > 0 ->
+                            %% A restart: keep serving; the watcher keeps trying.
+                            logger:warning("feature flags: etcd not reachable yet (~ts), keeping the flags loaded "
+                                           "before", [Why]),
+                            {ok, State};
+                        _ ->
+                            ok = erlmcp_rollout_nif:flags_unwatch_etcd(),
+                            {stop, {etcd_unavailable, Why}}
+                    end
+            end;
+        {error, Why} ->
+            {stop, {bad_option, etcd, Why}}
+    end;
 first_load(#state{config = Path} = State) ->
     case erlmcp_rollout_nif:flags_load_file(Path) of
         {ok, _Info} ->
@@ -237,6 +270,9 @@ first_load(#state{config = Path} = State) ->
 
 %% @private
 -spec handle_call(term(), gen_server:from(), #state{}) -> {reply, term(), #state{}}.
+handle_call(reload_now, _From, #state{etcd = {_, _}} = State) ->
+    %% The etcd watcher reloads every change as it arrives: report how that goes.
+    {reply, etcd_health(), State};
 handle_call(reload_now, _From, State) ->
     {Reply, NewState} = load(State),
     {reply, Reply, NewState};
@@ -247,6 +283,8 @@ handle_call(_Request, _From, State) ->
 
 %% @private
 -spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
+handle_cast(reload, #state{etcd = {_, _}} = State) ->
+    {noreply, State};
 handle_cast(reload, State) ->
     {_Reply, NewState} = load(State),
     {noreply, NewState};
@@ -270,8 +308,21 @@ handle_info(_Info, State) ->
 
 %% @private
 -spec terminate(term(), #state{}) -> ok.
+terminate(Reason, #state{etcd = {_, _}}) when Reason =:= normal; Reason =:= shutdown ->
+    %% Stopped on purpose: stop following etcd (the flags stay loaded).
+    ok = erlmcp_rollout_nif:flags_unwatch_etcd();
 terminate(_Reason, _State) ->
     ok.
+
+etcd_health() ->
+    case erlmcp_rollout_nif:flags_etcd_status() of
+        #{<<"connected">> := true, <<"last_error">> := undefined} -> ok;
+        #{<<"last_error">> := E} when is_binary(E) ->
+            {error, [#{flag => undefined, path => <<"etcd">>, line => undefined, column => undefined, message => E}]};
+        _ ->
+            {error, [#{flag => undefined, path => <<"etcd">>, line => undefined, column => undefined,
+                       message => <<"not connected to etcd">>}]}
+    end.
 
 %% @private
 -spec code_change(term(), #state{}, term()) -> {ok, #state{}}.
@@ -279,6 +330,24 @@ code_change(_OldVsn, State, _Extra) ->
     {ok, State}.
 
 %%% Internal
+
+%% The watcher has read the key once (connected), or the deadline passed.
+await_etcd(Deadline) ->
+    case erlmcp_rollout_nif:flags_etcd_status() of
+        #{<<"connected">> := true} ->
+            ok;
+        Status ->
+            case erlang:monotonic_time(millisecond) >= Deadline of
+                true ->
+                    {error, case Status of
+                                #{<<"last_error">> := E} when is_binary(E) -> E;
+                                _ -> <<"no answer from etcd">>
+                            end};
+                false ->
+                    timer:sleep(20),
+                    await_etcd(Deadline)
+            end
+    end.
 
 options(Options) ->
     Known = [config, environment, reload_interval_ms, check_interval_ms, etcd],
@@ -290,9 +359,12 @@ options(Options) ->
             Env = maps:get(environment, Options, dev),
             Reload = maps:get(reload_interval_ms, Options, ?DEFAULT_RELOAD_MS),
             Check = maps:get(check_interval_ms, Options, ?DEFAULT_CHECK_MS),
+            Etcd = maps:get(etcd, Options, undefined),
             if
-                is_map_key(etcd, Options) ->
-                    {error, {bad_option, etcd, <<"flag distribution through etcd is not available yet">>}};
+                Etcd =/= undefined, is_map_key(config, Options) ->
+                    {error, {bad_option, etcd, <<"give config (a file) or etcd, not both">>}};
+                Etcd =/= undefined ->
+                    etcd_options(Etcd, Env, Reload, Check);
                 not (is_binary(Config) orelse is_list(Config)) ->
                     {error, {bad_option, config}};
                 not (is_atom(Env) orelse is_binary(Env)) ->
@@ -310,6 +382,14 @@ options(Options) ->
                     end
             end
     end.
+
+etcd_options(#{endpoints := [_ | _] = Endpoints} = Etcd, Env, Reload, Check) when is_atom(Env); is_binary(Env) ->
+    Key = maps:get(key, Etcd, ?ETCD_KEY),
+    {ok, #state{config = <<>>, etcd = {Endpoints, Key}, environment = Env, reload_ms = Reload, check_ms = Check}};
+etcd_options(#{endpoints := [_ | _]}, _Env, _Reload, _Check) ->
+    {error, {bad_option, environment}};
+etcd_options(_Etcd, _Env, _Reload, _Check) ->
+    {error, {bad_option, etcd, <<"etcd => #{endpoints => [<<\"host:port\">>, ...], key => Key}">>}}.
 
 configure(#state{environment = Env}) ->
     Overrides = case os:getenv("ERLMCP_FEATURE_FLAGS") of

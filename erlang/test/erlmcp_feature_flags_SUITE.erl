@@ -9,7 +9,7 @@
 -define(FIXTURES, ["rollout", "conditions", "environments", "schedule", "overrides", "reference"]).
 
 all() ->
-    [{group, conformance}, {group, lifecycle}, {group, concurrency}].
+    [{group, conformance}, {group, lifecycle}, {group, concurrency}, {group, etcd}].
 
 groups() ->
     [{conformance, [], [fixture_rollout, fixture_conditions, fixture_environments, fixture_schedule,
@@ -20,7 +20,95 @@ groups() ->
                               env_var_overrides, restart_keeps_flags_serving,
                               custom_conditions_run_in_the_caller]},
      {concurrency, [sequence], [readers_during_reloads_see_whole_snapshots,
-                                hot_code_loading_fails_no_call, nif_stub_reload_fails_safely]}].
+                                hot_code_loading_fails_no_call, nif_stub_reload_fails_safely]},
+     {etcd, [sequence], [flags_follow_an_etcd_key]}].
+
+init_per_group(etcd, Config) ->
+    %% A real 3-member cluster on free loopback ports (scripts/etcd-cluster).
+    Dir = filename:join(?config(priv_dir, Config), "etcd"),
+    {0, Out} = run(script("etcd-cluster"), ["start", Dir]),
+    ct:log("~s", [Out]),
+    {ok, Eps} = file:read_file(filename:join(Dir, "endpoints")),
+    [{etcd_dir, Dir}, {endpoints, string:trim(Eps)} | Config];
+init_per_group(_Group, Config) ->
+    Config.
+
+end_per_group(etcd, Config) ->
+    ok = erlmcp_rollout_nif:flags_unwatch_etcd(),
+    _ = run(script("etcd-cluster"), ["stop", ?config(etcd_dir, Config)]),
+    ok;
+end_per_group(_Group, _Config) ->
+    ok.
+
+script(Name) ->
+    filename:join([filename:dirname(fixture_dir()), "..", "..", "scripts", Name]).
+
+run(Exe, Args) ->
+    Port = open_port({spawn_executable, Exe}, [{args, Args}, exit_status, stderr_to_stdout, binary]),
+    run_collect(Port, []).
+
+run_collect(Port, Acc) ->
+    receive
+        {Port, {data, D}} -> run_collect(Port, [D | Acc]);
+        {Port, {exit_status, St}} -> {St, iolist_to_binary(lists:reverse(Acc))}
+    after 60000 -> ct:fail(command_timeout)
+    end.
+
+etcd_put(Config, Key, Value) ->
+    {0, _} = run(os:find_executable("etcdctl"),
+                 ["--endpoints=" ++ binary_to_list(?config(endpoints, Config)), "put", Key, Value]),
+    ok.
+
+%% Polls until F() returns true (a watch delivers in milliseconds; allow 3 s).
+eventually(F) ->
+    eventually(F, erlang:monotonic_time(millisecond) + 3000).
+eventually(F, Deadline) ->
+    case F() of
+        true -> ok;
+        false ->
+            erlang:monotonic_time(millisecond) < Deadline orelse ct:fail(not_within_3_seconds),
+            timer:sleep(10),
+            eventually(F, Deadline)
+    end.
+
+flags_follow_an_etcd_key(Config) ->
+    %% doc: DESIGN §3.3 etcd source: a change reaches callers within a second; an invalid
+    %% value, a deleted key and an outage keep the last good flags.
+    process_flag(trap_exit, true),
+    Eps = [list_to_binary(E) || E <- string:split(binary_to_list(?config(endpoints, Config)), ",", all)],
+    Key = "ct/feature_flags",
+    ok = etcd_put(Config, Key, "{\"f_etcd\": {\"enabled\": true}}"),
+    {ok, Pid} = erlmcp_feature_flags:start_link(#{etcd => #{endpoints => Eps, key => list_to_binary(Key)},
+                                                   environment => production}),
+    ?assert(erlmcp_feature_flags:is_enabled(<<"f_etcd">>, #{})),
+    ?assertEqual(ok, erlmcp_feature_flags:reload_now()),
+    T0 = erlang:monotonic_time(millisecond),
+    ok = etcd_put(Config, Key, "{\"f_etcd\": {\"enabled\": false}, \"f_new\": {\"enabled\": true}}"),
+    eventually(fun() -> erlmcp_feature_flags:is_enabled(<<"f_new">>, #{}) end),
+    ct:log("change visible to callers after ~b ms (including the etcdctl run)",
+           [erlang:monotonic_time(millisecond) - T0]),
+    ?assertNot(erlmcp_feature_flags:is_enabled(<<"f_etcd">>, #{})),
+    %% an invalid value: the last good flags keep serving, reload_now says why
+    ok = etcd_put(Config, Key, "{\"f_new\": {\"enabled\": \"yes\"}}"),
+    eventually(fun() -> maps:get(<<"failures">>, erlmcp_rollout_nif:flags_etcd_status()) >= 1 end),
+    ?assert(erlmcp_feature_flags:is_enabled(<<"f_new">>, #{})),
+    ?assertMatch({error, [#{message := _}]}, erlmcp_feature_flags:reload_now()),
+    %% etcd down: still serving
+    {0, _} = run(script("etcd-cluster"), ["stop", ?config(etcd_dir, Config)]),
+    timer:sleep(500),
+    ?assert(erlmcp_feature_flags:is_enabled(<<"f_new">>, #{})),
+    %% both sources at once, or a bad etcd option, are refused
+    unlink(Pid),
+    ok = erlmcp_feature_flags:stop(),
+    ?assertMatch({error, {bad_option, etcd, _}},
+                 erlmcp_feature_flags:start_link(#{etcd => #{endpoints => Eps}, config => "x.json"})),
+    ?assertMatch({error, {bad_option, etcd, _}}, erlmcp_feature_flags:start_link(#{etcd => #{endpoints => []}})),
+    %% start with etcd unreachable and nothing loaded before in this VM would stop; here
+    %% flags were loaded, so it starts and keeps serving them
+    {ok, Pid2} = erlmcp_feature_flags:start_link(#{etcd => #{endpoints => Eps}, environment => production}),
+    ?assert(erlmcp_feature_flags:is_enabled(<<"f_new">>, #{})),
+    unlink(Pid2),
+    ok = erlmcp_feature_flags:stop().
 
 init_per_suite(Config) ->
     {ok, _} = application:ensure_all_started(erlmcp_rollout),
