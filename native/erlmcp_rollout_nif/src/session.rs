@@ -253,7 +253,7 @@ impl Pool {
         loop {
             if let Some(job) = st.queue.pop_front() {
                 drop(st);
-                // A panic in a job has already replied (see `run_async`); keep the thread.
+                // A job catches its own call's panic and replies (see `run`); keep the thread.
                 let _ = catch_unwind(AssertUnwindSafe(job));
                 st = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 continue;
