@@ -17,7 +17,7 @@
          flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
          flags_phash2/2, flags_set_clock/1, flags_watch_etcd/2, flags_unwatch_etcd/0, flags_etcd_status/0]).
 -export([session_open/2, session_put/4, session_touch/3, session_get/3, session_delete/3,
-         session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_set_clock/1, session_now/0]).
+         session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_migration_phase/1, session_set_clock/1, session_now/0]).
 
 -on_load(init/0).
 
@@ -148,6 +148,9 @@ session_get_many(_Handle, _Tag, _Ids) -> ?NOT_LOADED.
                         Action :: advance | rollback | drain | {set, atom()}, TimeoutMs :: non_neg_integer()) ->
     async | {error, {invalid, binary()}}.
 session_migration(_Handle, _Tag, _Action, _TimeoutMs) -> ?NOT_LOADED.
+
+-spec session_migration_phase(store_handle()) -> atom() | {error, {invalid, binary()}}.
+session_migration_phase(_Handle) -> ?NOT_LOADED.
 
 -spec session_migration_status(store_handle()) -> {ok, atom(), map()} | {error, term()}.
 session_migration_status(_Handle) -> ?NOT_LOADED.

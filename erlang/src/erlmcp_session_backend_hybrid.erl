@@ -29,22 +29,46 @@
 %% read in N is shadow-read in phase 1; default 100), and the options of
 %% `erlmcp_session_native' (`touch_permille', ...).
 %%
-%% A legacy erlmcp backend module as a side (`{erlmcp_session_dets, Opts}')
-%% is not supported here: cut over from DETS/Mnesia/ETS with
-%% `erlmcp_session_migrate:import/3' and `drain/3' (or scripts/session-cutover).
+%% <b>Live cutover from a legacy erlmcp backend.</b> `primary' may be an
+%% erlmcp backend module with its options (`{erlmcp_session_dets,
+%% #{file_path => ...}}', ETS, Mnesia): erlmcp then moves to a native
+%% `secondary' without downtime. Every write goes first to a local native
+%% disk store in `state_dir' (the mirror, written durably with its outbox
+%% intent), then to the legacy backend, and is acknowledged after both; the
+%% relay copies the mirror into the secondary with retries. In `off' and
+%% `phase1' reads come from the legacy backend (a fetch whose access time
+%% moved by more than 10 % of the timeout is mirrored too, so sliding expiry
+%% carries over); in `phase2' from the secondary, falling back to the mirror
+%% and then to the legacy backend; from `phase3' on the legacy backend is no
+%% longer written. In `phase1', copy the sessions that existed before the
+%% cutover with `import_legacy/3' (through the mirror and the relay,
+%% write-if-absent: it never overwrites a session written since), drain, then
+%% advance to `phase2' (the gate verifies mirror and secondary; it cannot see
+%% the legacy backend, so import first: until then `phase2' reads fall back to
+%% the legacy backend, but `list/1' shows only what was copied). A legacy
+%% module as the `secondary' (moving back to DETS) is not supported.
 -module(erlmcp_session_backend_hybrid).
 
 -export([init/1, store/3, fetch/2, delete/2, list/1, cleanup_expired/1]).
--export([advance/1, rollback/1, set_phase/2, drain/2, status/1]).
+-export([advance/1, rollback/1, set_phase/2, drain/2, status/1, import_legacy/3]).
 
 -define(STEP_TIMEOUT, 30000).
 
--spec init(map()) -> {ok, erlmcp_session_native:state()} | {error, term()}.
+%% A legacy backend module as the primary: its state and the native hybrid
+%% (mirror -> secondary).
+-record(legacy, {module :: module(), lstate :: term(), native :: erlmcp_session_native:state(),
+                 target :: erlmcp_session_migrate:target()}).
+-opaque state() :: erlmcp_session_native:state() | #legacy{}.
+-export_type([state/0]).
+
+-spec init(map()) -> {ok, state()} | {error, term()}.
 init(#{primary := P, secondary := S} = Opts) when is_tuple(P); is_atom(P) ->
-    case legacy_side(P) orelse legacy_side(S) of
-        true ->
-            {error, {unsupported, <<"a legacy erlmcp backend module as a side: use erlmcp_session_migrate:import/3">>}};
-        false ->
+    case {legacy_side(P), legacy_side(S)} of
+        {_, true} ->
+            {error, {unsupported, <<"a legacy erlmcp backend module as the secondary">>}};
+        {true, false} ->
+            init_legacy(P, S, Opts);
+        {false, false} ->
             Dir = maps:get(state_dir, Opts, "erlmcp_session_migration"),
             case filelib:ensure_path(Dir) of
                 ok ->
@@ -62,43 +86,178 @@ init(Opts) ->
 legacy_side({Module, Opts}) when is_atom(Module), Module =/= disk, Module =/= etcd, is_map(Opts) -> true;
 legacy_side(_) -> false.
 
--spec store(binary(), map(), erlmcp_session_native:state()) -> {ok, erlmcp_session_native:state()} | {error, term()}.
+init_legacy({Module, ModOpts}, Secondary, Opts) ->
+    Dir = maps:get(state_dir, Opts, "erlmcp_session_migration"),
+    case filelib:ensure_path(Dir) of
+        ok ->
+            Mirror = {disk, filename:join(Dir, "mirror.redb")},
+            Native = maps:without([primary, secondary], Opts),
+            case erlmcp_session_native:init(Native#{store => {hybrid, Mirror, Secondary}, state_dir => Dir}) of
+                {ok, N} ->
+                    try Module:init(ModOpts) of
+                        {ok, L} ->
+                            Target = {{hybrid, Mirror, Secondary}, #{state_dir => Dir}},
+                            {ok, #legacy{module = Module, lstate = L, native = N, target = Target}};
+                        {error, Reason} -> {error, {primary, Module, Reason}}
+                    catch
+                        error:undef -> {error, {primary, Module, <<"no such backend module">>}}
+                    end;
+                {error, _} = E ->
+                    E
+            end;
+        {error, Reason} ->
+            {error, {bad_option, state_dir, Reason}}
+    end.
+
+-spec store(binary(), map(), state()) -> {ok, state()} | {error, term()}.
+store(Id, Session, #legacy{module = M, lstate = L, native = N} = St) ->
+    case legacy_writes(N) of
+        true ->
+            %% The mirror (and its outbox intent) first, durably; then the legacy backend.
+            case erlmcp_session_native:store(Id, Session, N) of
+                {ok, N} ->
+                    case M:store(Id, Session, L) of
+                        {ok, L2} -> {ok, St#legacy{lstate = L2}};
+                        {error, _} = E -> E
+                    end;
+                {error, _} = E ->
+                    E
+            end;
+        false ->
+            case erlmcp_session_native:store(Id, Session, N) of
+                {ok, N} -> {ok, St};
+                {error, _} = E -> E
+            end
+    end;
 store(Id, Session, S) -> erlmcp_session_native:store(Id, Session, S).
 
--spec fetch(binary(), erlmcp_session_native:state()) ->
-    {ok, map(), erlmcp_session_native:state()} | {error, term(), erlmcp_session_native:state()}.
+-spec fetch(binary(), state()) -> {ok, map(), state()} | {error, term(), state()}.
+fetch(Id, #legacy{module = M, lstate = L, native = N} = St) ->
+    case erlmcp_session_native:migration_phase(N) of
+        Phase when Phase =:= off; Phase =:= phase1 ->
+            case M:fetch(Id, L) of
+                {ok, Session, L2} ->
+                    St2 = St#legacy{lstate = L2},
+                    _ = Phase =:= phase1 andalso mirror_touch(Id, Session, N),
+                    {ok, Session, St2};
+                {error, Reason, L2} ->
+                    {error, Reason, St#legacy{lstate = L2}}
+            end;
+        phase2 ->
+            case erlmcp_session_native:fetch(Id, N) of
+                {ok, Session, N} ->
+                    {ok, Session, St};
+                {error, not_found, N} ->
+                    %% Not copied yet (the import is still running): the legacy backend has it.
+                    case M:fetch(Id, L) of
+                        {ok, Session, L2} -> {ok, Session, St#legacy{lstate = L2}};
+                        {error, Reason, L2} -> {error, Reason, St#legacy{lstate = L2}}
+                    end;
+                {error, Reason, N} ->
+                    {error, Reason, St}
+            end;
+        _ ->
+            case erlmcp_session_native:fetch(Id, N) of
+                {ok, Session, N} -> {ok, Session, St};
+                {error, Reason, N} -> {error, Reason, St}
+            end
+    end;
 fetch(Id, S) -> erlmcp_session_native:fetch(Id, S).
 
--spec delete(binary(), erlmcp_session_native:state()) ->
-    {ok, erlmcp_session_native:state()} | {error, term(), erlmcp_session_native:state()}.
+%% A legacy fetch slid the session's expiry: mirror it when it moved by more
+%% than a tenth of the timeout since the mirrored copy (or none is mirrored).
+mirror_touch(Id, #{last_accessed := LA} = Session, N) when is_integer(LA) ->
+    Stale = case erlmcp_session_native:get(Id, N) of
+                {ok, #{last_accessed := Old, timeout_ms := T}, N} when is_integer(Old), is_integer(T) ->
+                    LA - Old > T div 10;
+                {ok, _, N} -> false;
+                {error, _, N} -> true
+            end,
+    _ = Stale andalso erlmcp_session_native:store(Id, Session, N),
+    ok;
+mirror_touch(_Id, _Session, _N) ->
+    ok.
+
+-spec delete(binary(), state()) -> {ok, state()} | {error, term(), state()}.
+delete(Id, #legacy{module = M, lstate = L, native = N} = St) ->
+    case erlmcp_session_native:delete(Id, N) of
+        {ok, N} ->
+            case legacy_writes(N) of
+                true ->
+                    case M:delete(Id, L) of
+                        {ok, L2} -> {ok, St#legacy{lstate = L2}};
+                        {error, Reason, L2} -> {error, Reason, St#legacy{lstate = L2}}
+                    end;
+                false ->
+                    {ok, St}
+            end;
+        {error, Reason, N} ->
+            {error, Reason, St}
+    end;
 delete(Id, S) -> erlmcp_session_native:delete(Id, S).
 
--spec list(erlmcp_session_native:state()) -> {ok, [binary()], erlmcp_session_native:state()}.
+-spec list(state()) -> {ok, [binary()], state()}.
+list(#legacy{module = M, lstate = L, native = N} = St) ->
+    case erlmcp_session_native:migration_phase(N) of
+        Phase when Phase =:= off; Phase =:= phase1 ->
+            {ok, Ids, L2} = M:list(L),
+            {ok, Ids, St#legacy{lstate = L2}};
+        _ ->
+            {ok, Ids, N} = erlmcp_session_native:list(N),
+            {ok, Ids, St}
+    end;
 list(S) -> erlmcp_session_native:list(S).
 
--spec cleanup_expired(erlmcp_session_native:state()) -> {ok, non_neg_integer(), erlmcp_session_native:state()}.
+-spec cleanup_expired(state()) -> {ok, non_neg_integer(), state()}.
+cleanup_expired(#legacy{module = M, lstate = L, native = N} = St) ->
+    {ok, Native, N} = erlmcp_session_native:cleanup_expired(N),
+    case legacy_writes(N) of
+        true ->
+            {ok, Legacy, L2} = M:cleanup_expired(L),
+            {ok, max(Legacy, Native), St#legacy{lstate = L2}};
+        false ->
+            {ok, Native, St}
+    end;
 cleanup_expired(S) -> erlmcp_session_native:cleanup_expired(S).
 
+%% The legacy backend is written until the secondary becomes the store of record.
+legacy_writes(N) ->
+    lists:member(erlmcp_session_native:migration_phase(N), [off, phase1, phase2]).
+
+%% @doc Copy the legacy backend's sessions (`{dets, File} | {ets, Tab} |
+%% {mnesia, Tab}', as `erlmcp_session_migrate:import/3' reads them) through
+%% the mirror into the secondary: write-if-absent, verified; the relay
+%% carries them over. Only for a legacy primary.
+-spec import_legacy(erlmcp_session_migrate:source(), state(), map()) ->
+    {ok, erlmcp_session_migrate:report()} | {error, term()}.
+import_legacy(Source, #legacy{target = Target}, Opts) ->
+    erlmcp_session_migrate:import(Source, Target, Opts);
+import_legacy(_Source, _S, _Opts) ->
+    {error, {unsupported, <<"import_legacy/3 needs a legacy backend module as the primary">>}}.
+
+native(#legacy{native = N}) -> N;
+native(S) -> S.
+
 %% @doc One phase forward, if the gates pass (outbox drained, stores verified).
--spec advance(erlmcp_session_native:state()) -> {ok, atom()} | {error, term()}.
-advance(S) -> phase_result(erlmcp_session_native:migration(advance, ?STEP_TIMEOUT, S)).
+-spec advance(state()) -> {ok, atom()} | {error, term()}.
+advance(S) -> phase_result(erlmcp_session_native:migration(advance, ?STEP_TIMEOUT, native(S))).
 
 %% @doc One phase back.
--spec rollback(erlmcp_session_native:state()) -> {ok, atom()} | {error, term()}.
-rollback(S) -> phase_result(erlmcp_session_native:migration(rollback, ?STEP_TIMEOUT, S)).
+-spec rollback(state()) -> {ok, atom()} | {error, term()}.
+rollback(S) -> phase_result(erlmcp_session_native:migration(rollback, ?STEP_TIMEOUT, native(S))).
 
 %% @doc Step (gated) to `Phase'.
--spec set_phase(off | phase1 | phase2 | phase3 | cleanup, erlmcp_session_native:state()) -> {ok, atom()} | {error, term()}.
-set_phase(Phase, S) -> phase_result(erlmcp_session_native:migration({set, Phase}, ?STEP_TIMEOUT, S)).
+-spec set_phase(off | phase1 | phase2 | phase3 | cleanup, state()) -> {ok, atom()} | {error, term()}.
+set_phase(Phase, S) -> phase_result(erlmcp_session_native:migration({set, Phase}, ?STEP_TIMEOUT, native(S))).
 
 %% @doc Wait until the outbox is empty (at most `TimeoutMs'); returns how many intents moved.
--spec drain(non_neg_integer(), erlmcp_session_native:state()) -> {ok, non_neg_integer()} | {error, term()}.
-drain(TimeoutMs, S) -> erlmcp_session_native:migration(drain, TimeoutMs, S).
+-spec drain(non_neg_integer(), state()) -> {ok, non_neg_integer()} | {error, term()}.
+drain(TimeoutMs, S) -> erlmcp_session_native:migration(drain, TimeoutMs, native(S)).
 
 %% @doc The phase and the counters (shadow match/mismatch/missing, fallbacks,
 %% relay applied/retried/failed, outbox depth).
--spec status(erlmcp_session_native:state()) -> {ok, atom(), map()} | {error, term()}.
-status(S) -> erlmcp_session_native:migration_status(S).
+-spec status(state()) -> {ok, atom(), map()} | {error, term()}.
+status(S) -> erlmcp_session_native:migration_status(native(S)).
 
 phase_result({ok, P}) when is_atom(P) -> {ok, P};
 phase_result({ok, Other}) -> {error, {unexpected, Other}};

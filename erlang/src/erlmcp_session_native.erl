@@ -45,7 +45,7 @@
 
 -export([init/1, store/3, fetch/2, delete/2, list/1, cleanup_expired/1]).
 -export([get/2, to_native/2, from_native/2, apply_batch/2, stored/2, stored_many/2]).
--export([migration/3, migration_status/1]).
+-export([migration/3, migration_status/1, migration_phase/1]).
 
 -record(native, {handle :: erlmcp_rollout_nif:store_handle(),
                  kind :: erlmcp_rollout_nif:store_kind()}).
@@ -53,7 +53,8 @@
 -opaque state() :: #native{}.
 -type session_id() :: binary().
 -type session() :: map().
--type store_spec() :: memory | {disk, file:filename_all()} | {etcd, [binary() | string()]}.
+-type store_spec() :: memory | {disk, file:filename_all()} | {etcd, [binary() | string()]}
+                    | {hybrid, store_spec(), store_spec()}.
 -export_type([state/0, store_spec/0]).
 
 %% A session stored whole (not in erlmcp's exact shape).
@@ -174,6 +175,11 @@ stored(Id, #native{handle = H}) ->
 migration(Action, TimeoutMs, #native{handle = H}) ->
     Tag = make_ref(),
     ?AWAIT(Tag, erlmcp_rollout_nif:session_migration(H, Tag, Action, TimeoutMs)).
+
+%% @doc The phase a hybrid store applies now (cheap).
+-spec migration_phase(state()) -> atom() | {error, term()}.
+migration_phase(#native{handle = H}) ->
+    erlmcp_rollout_nif:session_migration_phase(H).
 
 %% @doc The phase and counters of a hybrid store.
 -spec migration_status(state()) -> {ok, atom(), map()} | {error, term()}.

@@ -8,7 +8,7 @@
 
 all() ->
     [phases_end_to_end, gate_refuses_unverified_advance, deletes_are_not_resurrected,
-     phase_is_saved_and_authoritative, memory_to_disk, bad_options].
+     phase_is_saved_and_authoritative, memory_to_disk, bad_options, live_cutover_from_a_legacy_backend].
 
 init_per_suite(Config) ->
     {ok, _} = application:ensure_all_started(erlmcp_rollout),
@@ -143,7 +143,11 @@ bad_options(Config) ->
     Dir = ?config(dir, Config),
     ?assertMatch({error, {bad_option, _}}, erlmcp_session_backend_hybrid:init(#{primary => memory})),
     ?assertMatch({error, {unsupported, _}},
-                 erlmcp_session_backend_hybrid:init(#{primary => {erlmcp_session_dets, #{}}, secondary => memory})),
+                 erlmcp_session_backend_hybrid:init(#{primary => memory, secondary => {legacy_session_ets, #{}},
+                                                      state_dir => Dir})),
+    ?assertMatch({error, {primary, no_such_backend_xyz, _}},
+                 erlmcp_session_backend_hybrid:init(#{primary => {no_such_backend_xyz, #{}}, secondary => memory,
+                                                      state_dir => Dir})),
     ?assertMatch({error, {bad_option, _}},
                  erlmcp_session_backend_hybrid:init(#{primary => memory, secondary => memory,
                                                       state_dir => Dir, migration_phase => phase9})),
@@ -151,3 +155,50 @@ bad_options(Config) ->
                  erlmcp_session_backend_hybrid:init(#{primary => {tape, x}, secondary => memory, state_dir => Dir})),
     {ok, Plain} = erlmcp_session_native:init(#{}),
     ?assertMatch({error, {invalid, _}}, erlmcp_session_native:migration(advance, 1000, Plain)).
+
+live_cutover_from_a_legacy_backend(Config) ->
+    %% doc: DESIGN §5 live cutover: erlmcp keeps running on a legacy backend
+    %% (here an ETS backend like erlmcp_session_ets) while its sessions move to a
+    %% native disk store: dual-write through the mirror, import of the old
+    %% sessions, gate, reads from the new store, legacy writes stop at phase3.
+    Dir = ?config(dir, Config),
+    Legacy = {legacy_session_ets, #{table_name => cutover_legacy}},
+    {ok, L0} = legacy_session_ets:init(#{table_name => cutover_legacy}),
+    Old = [<<"old-", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 200)],
+    [{ok, _} = legacy_session_ets:store(Id, session(Id, 0), L0) || Id <- Old],
+    New = {disk, filename:join(Dir, "new.redb")},
+    {ok, H0} = erlmcp_session_backend_hybrid:init(#{primary => Legacy, secondary => New, migration_phase => phase1,
+                                                    state_dir => filename:join(Dir, "state")}),
+    %% live traffic during the cutover: writes go to the mirror (durably) and to the legacy backend
+    {H1, Live} = lists:foldl(fun(I, {H, Acc}) ->
+                                     Id = <<"live-", (integer_to_binary(I))/binary>>,
+                                     {ok, H2} = erlmcp_session_backend_hybrid:store(Id, session(Id, 1), H),
+                                     {H2, [Id | Acc]}
+                             end, {H0, []}, lists:seq(1, 50)),
+    ?assertMatch([{_, #{metadata := #{n := 1}}}], ets:lookup(cutover_legacy, <<"live-1">>)),
+    %% phase1 reads come from the legacy backend
+    {ok, #{metadata := #{n := 0}}, H1b} = erlmcp_session_backend_hybrid:fetch(<<"old-1">>, H1),
+    %% a delete reaches both sides
+    {ok, H1c} = erlmcp_session_backend_hybrid:delete(<<"old-2">>, H1b),
+    ?assertEqual([], ets:lookup(cutover_legacy, <<"old-2">>)),
+    {ok, _} = erlmcp_session_backend_hybrid:drain(10000, H1c),
+    %% copy the sessions that existed before the cutover (write-if-absent)
+    {ok, #{copied := Copied, verified := Verified}} =
+        erlmcp_session_backend_hybrid:import_legacy({ets, cutover_legacy}, H1c, #{}),
+    ct:log("import: copied ~b, verified ~b", [Copied, Verified]),
+    ?assertEqual(199 + 50, Verified),
+    {ok, _} = erlmcp_session_backend_hybrid:drain(10000, H1c),
+    ?assertEqual({ok, phase2}, erlmcp_session_backend_hybrid:advance(H1c)),
+    %% phase2: reads from the new store
+    {ok, #{metadata := #{n := 1}}, H2} = erlmcp_session_backend_hybrid:fetch(<<"live-7">>, H1c),
+    {ok, Ids, H3} = erlmcp_session_backend_hybrid:list(H2),
+    ?assertEqual(lists:sort(Live ++ (Old -- [<<"old-2">>])), Ids),
+    ?assertMatch({error, not_found, _}, erlmcp_session_backend_hybrid:fetch(<<"old-2">>, H3)),
+    ?assertEqual({ok, phase3}, erlmcp_session_backend_hybrid:advance(H3)),
+    {ok, H4} = erlmcp_session_backend_hybrid:store(<<"after">>, session(<<"after">>, 3), H3),
+    ?assertEqual([], ets:lookup(cutover_legacy, <<"after">>)),
+    {ok, #{metadata := #{n := 3}}, _} = erlmcp_session_backend_hybrid:fetch(<<"after">>, H4),
+    %% the new store holds everything on its own
+    {ok, NS} = erlmcp_session_native:init(#{store => New}),
+    {ok, NewIds, NS} = erlmcp_session_native:list(NS),
+    ?assertEqual(lists:sort([<<"after">> | Live ++ (Old -- [<<"old-2">>])]), NewIds).

@@ -675,6 +675,16 @@ fn session_migration<'a>(
     }
 }
 
+/// `session_migration_phase(Handle) -> Phase | {error, {invalid, _}}`: the
+/// phase applied now (cheap: a read lock; for per-call routing).
+#[rustler::nif]
+fn session_migration_phase<'a>(env: Env<'a>, handle: &StoreHandle) -> Term<'a> {
+    match hybrid_of(handle) {
+        Ok(h) => phase_atom(h.migrator.phase()).encode(env),
+        Err(e) => invalid(env, &e),
+    }
+}
+
 /// `session_migration_status(Handle) -> {ok, Phase, Counters} | {error,
 /// {invalid, _}}`: the phase applied now and the migrator's counters (a map).
 #[rustler::nif(schedule = "DirtyIo")]
