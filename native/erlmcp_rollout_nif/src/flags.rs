@@ -408,17 +408,17 @@ fn flags_set_clock(at: Term<'_>) -> NifResult<Atom> {
 #[rustler::nif(schedule = "DirtyIo")]
 fn flags_watch_etcd<'a>(env: Env<'a>, endpoints: Term<'a>, key: Term<'a>) -> Term<'a> {
     let fail = |msg: String| (atoms::error(), msg).encode(env);
-    let Ok(list) = endpoints.decode::<Vec<Term<'a>>>() else {
+    let Some(list) = crate::term::proper_list(endpoints) else {
         return fail("endpoints must be a list of \"host:port\" binaries or strings".into());
     };
     let mut eps = Vec::with_capacity(list.len());
     for t in list {
-        match text(t) {
+        match crate::term::text(t) {
             Some(e) => eps.push(e),
             None => return fail("each endpoint must be a binary or a string".into()),
         }
     }
-    let Some(key) = text(key) else {
+    let Some(key) = crate::term::text(key) else {
         return fail("key must be a binary or a string".into());
     };
     let options = EtcdFlagsOptions {
@@ -458,12 +458,4 @@ fn flags_etcd_status(env: Env<'_>) -> Term<'_> {
         Some(w) => to_term(env, &w.status()),
         None => atoms::undefined().encode(env),
     }
-}
-
-fn text(t: Term<'_>) -> Option<String> {
-    if let Ok(b) = t.decode::<rustler::Binary>() {
-        return std::str::from_utf8(b.as_slice()).ok().map(str::to_owned);
-    }
-    let chars: Vec<u32> = t.decode().ok()?;
-    chars.into_iter().map(char::from_u32).collect()
 }

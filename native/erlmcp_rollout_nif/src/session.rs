@@ -29,7 +29,7 @@ use rustler::env::SavedTerm;
 use rustler::types::tuple::get_tuple;
 use rustler::{Atom, Binary, Encoder, Env, LocalPid, NewBinary, NifResult, OwnedEnv, Resource, ResourceArc, Term};
 
-use crate::term::binary_bytes;
+use crate::term::{binary_bytes, proper_list, text};
 
 mod atoms {
     rustler::atoms! {
@@ -714,9 +714,8 @@ fn decode_spec(spec: Term<'_>, o: &OpenOptions) -> Result<(StoreKey, Atom), Stri
             return Ok((StoreKey::Disk(canonical_file(Path::new(&path))?), atoms::disk()));
         }
         if tag.decode::<Atom>().ok() == Some(atoms::etcd()) {
-            let list: Vec<Term<'_>> = arg
-                .decode()
-                .map_err(|_| "{etcd, Endpoints}: Endpoints must be a list of \"host:port\" strings or binaries")?;
+            let list = proper_list(arg)
+                .ok_or("{etcd, Endpoints}: Endpoints must be a list of \"host:port\" strings or binaries")?;
             let mut endpoints = Vec::with_capacity(list.len());
             for e in list {
                 endpoints.push(path_text(e).ok_or("{etcd, Endpoints}: each endpoint must be a string or a binary")?);
@@ -736,12 +735,7 @@ fn pair(term: Term<'_>) -> Option<[Term<'_>; 2]> {
 }
 
 fn path_text(term: Term<'_>) -> Option<String> {
-    if let Some(bytes) = binary_bytes(term) {
-        return std::str::from_utf8(bytes).ok().map(str::to_owned);
-    }
-    // A charlist (Erlang string).
-    let chars: Vec<u32> = term.decode().ok()?;
-    chars.into_iter().map(char::from_u32).collect()
+    text(term)
 }
 
 fn decode_open_options(opts: Term<'_>) -> Result<OpenOptions, String> {

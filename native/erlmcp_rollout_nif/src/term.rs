@@ -274,3 +274,21 @@ impl Context for MapCtx<'_, '_> {
             .map(|(_, v)| *v)
     }
 }
+
+/// The elements of a proper list; `None` for anything else. (rustler 0.39's
+/// `Vec<T>` decoding panics on an improper list: check the length first.)
+pub fn proper_list(term: Term<'_>) -> Option<Vec<Term<'_>>> {
+    term.list_length().ok()?;
+    Some(term.into_list_iterator().ok()?.collect())
+}
+
+/// Text given as a UTF-8 binary or a charlist (an Erlang string).
+pub fn text(term: Term<'_>) -> Option<String> {
+    if let Some(bytes) = binary_bytes(term) {
+        return std::str::from_utf8(bytes).ok().map(str::to_owned);
+    }
+    proper_list(term)?
+        .into_iter()
+        .map(|c| c.decode::<u32>().ok().and_then(char::from_u32))
+        .collect()
+}
