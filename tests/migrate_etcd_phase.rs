@@ -1,0 +1,239 @@
+//! The migration phase kept in etcd (DESIGN §5), against a real 3-member cluster started by
+//! this test binary: guarded saves (a lost race is a typed conflict), per-node acks, two
+//! migrator "nodes" following one phase key through their watchers, the ack gate, and
+//! typed errors when the cluster is down.
+
+#[path = "session_support/etcd_cluster.rs"]
+mod etcd_cluster;
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use erlmcp_rollout::migrate::dual::{Migrator, MigratorConfig};
+use erlmcp_rollout::migrate::etcd_phase::{EtcdPhaseStore, PhaseWatchOptions, PhaseWatcher};
+use erlmcp_rollout::migrate::outbox::Outbox;
+use erlmcp_rollout::migrate::phase::{GateRefusal, Phase, PhaseState, PhaseStore};
+use erlmcp_rollout::migrate::MigrateError;
+use erlmcp_rollout::session::{EtcdOptions, MemoryStore, Session, SessionId, Store, StoreOptions, Timeout};
+
+fn connect(endpoints: &[String], prefix: &str, node: &str) -> EtcdPhaseStore {
+    EtcdPhaseStore::connect(endpoints, prefix, node, EtcdOptions::default()).unwrap()
+}
+
+/// Waits (functionally, up to 20 s) until `cond` holds; returns how long it took.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn save_and_load_round_trip() {
+    let cluster = etcd_cluster::shared();
+    let prefix = etcd_cluster::unique_prefix();
+    let store = connect(&cluster.endpoints(), &prefix, "a");
+    assert_eq!(store.phase_key(), format!("{prefix}phase"));
+    assert_eq!(store.load().unwrap(), None);
+    let mut state = PhaseState::new(Phase::Off);
+    state.reverse_outbox = true;
+    state.record(Phase::Phase1, 1_234, "advance");
+    store.save(&state).unwrap();
+    assert_eq!(store.load().unwrap(), Some(state.clone()));
+    // Another process sees the same state, and a save after a load goes through.
+    let other = connect(&cluster.endpoints(), &prefix, "b");
+    assert_eq!(other.load().unwrap(), Some(state.clone()));
+    state.record(Phase::Phase2, 2_345, "advance");
+    other.save(&state).unwrap();
+    assert_eq!(store.load().unwrap().map(|s| s.phase), Some(Phase::Phase2));
+}
+
+#[test]
+fn concurrent_saves_one_wins_the_other_gets_a_typed_conflict() {
+    let cluster = etcd_cluster::shared();
+    let prefix = etcd_cluster::unique_prefix();
+    for round in 0..3 {
+        let stores: Vec<EtcdPhaseStore> = ["op1", "op2"]
+            .iter()
+            .map(|n| connect(&cluster.endpoints(), &prefix, n))
+            .collect();
+        let base = stores[0].load().unwrap();
+        assert_eq!(stores[1].load().unwrap(), base);
+        let barrier = Arc::new(Barrier::new(2));
+        let results: Vec<(usize, Result<(), MigrateError>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = stores
+                .iter()
+                .enumerate()
+                .map(|(i, store)| {
+                    let barrier = Arc::clone(&barrier);
+                    let mut next = base.clone().unwrap_or_else(|| PhaseState::new(Phase::Off));
+                    next.record(Phase::Phase1, 1_000 * round + i as i64, &format!("set by op{}", i + 1));
+                    s.spawn(move || {
+                        barrier.wait();
+                        (i, store.save(&next))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let winners: Vec<usize> = results.iter().filter(|(_, r)| r.is_ok()).map(|(i, _)| *i).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        let (loser, err) = results.iter().find(|(_, r)| r.is_err()).unwrap();
+        match err {
+            Err(MigrateError::Conflict { key, revision }) => {
+                assert_eq!(key, &format!("{prefix}phase"));
+                assert!(*revision > 0);
+                assert!(err.as_ref().unwrap_err().to_string().contains(key.as_str()));
+            }
+            other => panic!("round {round}: expected a conflict, got {other:?}"),
+        }
+        // Nothing of the loser was written: the winner's state is stored.
+        let stored = stores[*loser].load().unwrap().unwrap();
+        let how = &stored.history.last().unwrap().how;
+        assert_eq!(how, &format!("set by op{}", winners[0] + 1));
+        // After loading again, the loser may save.
+        stores[*loser].save(&stored).unwrap();
+    }
+}
+
+fn node(phases: &EtcdPhaseStore, gate_nodes: &[&str]) -> Arc<Migrator> {
+    let mem = || -> Arc<dyn Store> { Arc::new(MemoryStore::new(StoreOptions::default())) };
+    let config = MigratorConfig {
+        advance_gate: Some(phases.ack_gate(gate_nodes.iter().map(|n| n.to_string()).collect())),
+        ..MigratorConfig::default()
+    };
+    Arc::new(Migrator::open(mem(), mem(), Outbox::in_memory(), Box::new(phases.clone()), config).unwrap())
+}
+
+fn watch(phases: &EtcdPhaseStore, m: &Arc<Migrator>) -> PhaseWatcher {
+    let options = PhaseWatchOptions {
+        sync_timeout: Duration::from_secs(5),
+        retry_interval: Duration::from_millis(100),
+    };
+    phases.watch(Arc::clone(m), options).unwrap()
+}
+
+#[test]
+fn two_nodes_follow_one_phase_and_the_ack_gate_holds_back_an_advance() {
+    let cluster = etcd_cluster::shared();
+    let endpoints = cluster.endpoints();
+    let prefix = etcd_cluster::unique_prefix();
+    let (pa, pb) = (connect(&endpoints, &prefix, "a"), connect(&endpoints, &prefix, "b"));
+    let nodes = ["a", "b"];
+    let (a, b) = (node(&pa, &nodes), node(&pb, &nodes));
+    let wa = watch(&pa, &a);
+    let mut wb = Some(watch(&pb, &b));
+    let off = [("a".to_string(), Phase::Off), ("b".to_string(), Phase::Off)].into();
+    wait_for("both nodes to ack off", || pa.acks().unwrap() == off);
+
+    // Node A advances; node B's watcher applies the change and acks it.
+    let mut propagation = Vec::new();
+    assert_eq!(a.advance(Duration::from_secs(5)).unwrap(), Phase::Phase1);
+    let saved = Instant::now();
+    wait_for("b to apply phase1", || b.phase() == Phase::Phase1);
+    propagation.push(saved.elapsed());
+    wait_for("both nodes to ack phase1", || {
+        pa.acks().unwrap().values().all(|p| *p == Phase::Phase1)
+    });
+
+    // Both nodes dual-write; each node's relay fills its own secondary.
+    for (m, name) in [(&a, "a"), (&b, "b")] {
+        let id = SessionId::new(format!("s-{name}")).unwrap();
+        m.put(Session::new(id, 0, Timeout::Infinity, name.as_bytes().to_vec()))
+            .unwrap();
+    }
+
+    // B stops watching: it keeps applying phase1. A moves on to phase2 (B acked phase1) ...
+    drop(wb.take());
+    assert_eq!(a.advance(Duration::from_secs(5)).unwrap(), Phase::Phase2);
+    wait_for("a to ack phase2", || pa.acks().unwrap().get("a") == Some(&Phase::Phase2));
+    assert_eq!(b.phase(), Phase::Phase1);
+    // ... but not to phase3: B has not applied phase2. Nothing changed.
+    match a.advance(Duration::from_secs(5)) {
+        Err(MigrateError::Gate(GateRefusal::NotAcknowledged { from, to, lagging })) => {
+            assert_eq!((from, to), (Phase::Phase2, Phase::Phase3));
+            assert_eq!(lagging, vec!["b: phase1".to_string()]);
+        }
+        other => panic!("expected the ack gate to refuse, got {other:?}"),
+    }
+    assert_eq!(a.phase(), Phase::Phase2);
+    assert_eq!(pa.load().unwrap().map(|s| s.phase), Some(Phase::Phase2));
+    let err = pa.check_all_acked(Phase::Phase2, &["a".into(), "b".into()]).unwrap_err();
+    assert!(err.to_string().contains("b: phase1"), "{err}");
+
+    // B's watcher starts again: the full re-read applies phase2 and acks it.
+    wb = Some(watch(&pb, &b));
+    wait_for("b to apply phase2", || b.phase() == Phase::Phase2);
+    wait_for("b to ack phase2", || pa.acks().unwrap().get("b") == Some(&Phase::Phase2));
+    pa.check_all_acked(Phase::Phase2, &["a".into(), "b".into()]).unwrap();
+
+    // Into phase3: B drains its outbox before the store of record changes.
+    assert_eq!(a.advance(Duration::from_secs(5)).unwrap(), Phase::Phase3);
+    let saved = Instant::now();
+    wait_for("b to apply phase3", || b.phase() == Phase::Phase3);
+    propagation.push(saved.elapsed());
+    assert_eq!(b.outbox_depth().unwrap(), 0);
+    let id = SessionId::new("s-b").unwrap();
+    assert_eq!(b.secondary().get(&id).unwrap().metadata.as_ref(), b"b");
+    wait_for("both nodes to ack phase3", || {
+        pa.acks().unwrap() == [("a".to_string(), Phase::Phase3), ("b".to_string(), Phase::Phase3)].into()
+    });
+
+    // Out of phase3 without a reverse outbox there is no way back, on either node.
+    assert!(b.rollback(Duration::from_secs(5)).is_err());
+    assert_eq!(wa.status().applied, Phase::Phase3);
+    assert!(wb.as_ref().unwrap().status().connected);
+    eprintln!("phase propagation (advance returned on a -> applied on b): {propagation:?}");
+    for p in &propagation {
+        assert!(*p < Duration::from_secs(1), "propagation took {p:?}");
+    }
+}
+
+#[test]
+fn a_cluster_down_gives_typed_errors_within_the_timeout() {
+    let mut cluster = etcd_cluster::Cluster::start();
+    let prefix = etcd_cluster::unique_prefix();
+    let options = EtcdOptions {
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_millis(300),
+        operation_timeout: Duration::from_secs(1),
+        ..EtcdOptions::default()
+    };
+    let store = EtcdPhaseStore::connect(&cluster.endpoints(), prefix.as_str(), "a", options.clone()).unwrap();
+    store.save(&PhaseState::new(Phase::Phase1)).unwrap();
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    let limit = options.operation_timeout + Duration::from_secs(2);
+    let unavailable = |r: Result<(), MigrateError>, what: &str| match r {
+        Err(e @ MigrateError::Unavailable { .. }) => assert!(e.to_string().contains("etcd phase store"), "{e}"),
+        other => panic!("{what}: expected Unavailable, got {other:?}"),
+    };
+    let t = Instant::now();
+    unavailable(store.load().map(|_| ()), "load");
+    assert!(t.elapsed() < limit, "load took {:?}", t.elapsed());
+    let t = Instant::now();
+    unavailable(store.save(&PhaseState::new(Phase::Phase2)), "save");
+    assert!(t.elapsed() < limit, "save took {:?}", t.elapsed());
+    unavailable(store.ack(Phase::Phase1), "ack");
+    unavailable(store.acks().map(|_| ()), "acks");
+    // Connecting to a dead cluster is typed too.
+    match EtcdPhaseStore::connect(&cluster.endpoints(), prefix.as_str(), "b", options) {
+        Err(MigrateError::Unavailable { .. }) => {}
+        other => panic!("connect: expected Unavailable, got {other:?}"),
+    }
+    // Bad arguments are refused before any connection.
+    assert!(matches!(
+        EtcdPhaseStore::connect(&[], "p/", "a", EtcdOptions::default()),
+        Err(MigrateError::Invalid(_))
+    ));
+    assert!(matches!(
+        EtcdPhaseStore::connect(&["https://x:1".into()], "p/", "a", EtcdOptions::default()),
+        Err(MigrateError::Invalid(_))
+    ));
+}
