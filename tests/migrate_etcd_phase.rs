@@ -151,7 +151,9 @@ fn two_nodes_follow_one_phase_and_the_ack_gate_holds_back_an_advance() {
     // B stops watching: it keeps applying phase1. A moves on to phase2 (B acked phase1) ...
     drop(wb.take());
     assert_eq!(a.advance(Duration::from_secs(5)).unwrap(), Phase::Phase2);
-    wait_for("a to ack phase2", || pa.acks().unwrap().get("a") == Some(&Phase::Phase2));
+    wait_for("a to ack phase2", || {
+        pa.acks().unwrap().get("a") == Some(&Phase::Phase2)
+    });
     assert_eq!(b.phase(), Phase::Phase1);
     // ... but not to phase3: B has not applied phase2. Nothing changed.
     match a.advance(Duration::from_secs(5)) {
@@ -163,13 +165,17 @@ fn two_nodes_follow_one_phase_and_the_ack_gate_holds_back_an_advance() {
     }
     assert_eq!(a.phase(), Phase::Phase2);
     assert_eq!(pa.load().unwrap().map(|s| s.phase), Some(Phase::Phase2));
-    let err = pa.check_all_acked(Phase::Phase2, &["a".into(), "b".into()]).unwrap_err();
+    let err = pa
+        .check_all_acked(Phase::Phase2, &["a".into(), "b".into()])
+        .unwrap_err();
     assert!(err.to_string().contains("b: phase1"), "{err}");
 
     // B's watcher starts again: the full re-read applies phase2 and acks it.
     wb = Some(watch(&pb, &b));
     wait_for("b to apply phase2", || b.phase() == Phase::Phase2);
-    wait_for("b to ack phase2", || pa.acks().unwrap().get("b") == Some(&Phase::Phase2));
+    wait_for("b to ack phase2", || {
+        pa.acks().unwrap().get("b") == Some(&Phase::Phase2)
+    });
     pa.check_all_acked(Phase::Phase2, &["a".into(), "b".into()]).unwrap();
 
     // Into phase3: B drains its outbox before the store of record changes.

@@ -119,7 +119,9 @@ fn rejected(e: &etcd_client::Error) -> bool {
 
 fn urls(endpoints: &[String]) -> Result<Vec<String>, MigrateError> {
     if endpoints.is_empty() {
-        return Err(MigrateError::Invalid("no etcd endpoint given for the phase store".into()));
+        return Err(MigrateError::Invalid(
+            "no etcd endpoint given for the phase store".into(),
+        ));
     }
     endpoints
         .iter()
@@ -198,12 +200,9 @@ impl Inner {
                 Ok(Err(e)) => format!("{url}: {e}"),
                 Err(_) => format!("{url}: no answer within {limit:?}"),
             };
-            let _ = self.current.compare_exchange(
-                i,
-                (i + 1) % self.members.len(),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            let _ =
+                self.current
+                    .compare_exchange(i, (i + 1) % self.members.len(), Ordering::Relaxed, Ordering::Relaxed);
             attempt += 1;
             let now = Instant::now();
             if now >= deadline {
@@ -449,8 +448,11 @@ impl EtcdPhaseStore {
         rt.spawn(async move {
             let _ = tx.send(fut.await);
         });
-        rx.recv()
-            .unwrap_or_else(|_| Err(self.inner.unavailable("call", "the client runtime stopped before answering")))
+        rx.recv().unwrap_or_else(|_| {
+            Err(self
+                .inner
+                .unavailable("call", "the client runtime stopped before answering"))
+        })
     }
 
     /// Records that this node applies `phase` (`{prefix}acks/{node_id}` = `{"phase", "at_ms"}`).
@@ -733,7 +735,10 @@ mod watcher {
                     };
                     rt.block_on(watch_loop(&ctx, stop_rx));
                 })
-                .map_err(|e| self.inner.unavailable("watch", format!("cannot spawn the watcher thread: {e}")))?;
+                .map_err(|e| {
+                    self.inner
+                        .unavailable("watch", format!("cannot spawn the watcher thread: {e}"))
+                })?;
             Ok(PhaseWatcher {
                 stop: Some(stop_tx),
                 handle: Some(handle),
@@ -791,7 +796,10 @@ mod watcher {
         };
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut stream = match client
-            .watch(key.as_str(), Some(WatchOptions::new().with_start_revision(revision + 1)))
+            .watch(
+                key.as_str(),
+                Some(WatchOptions::new().with_start_revision(revision + 1)),
+            )
             .await
         {
             Ok(s) => s,
