@@ -170,6 +170,15 @@ fn two_nodes_follow_one_phase_and_the_ack_gate_holds_back_an_advance() {
         .unwrap_err();
     assert!(err.to_string().contains("b: phase1"), "{err}");
 
+    // B, still in phase1, cannot overwrite A's phase2 with a change of its own: its save is
+    // guarded on the revision it last loaded. Nothing changed on either side.
+    match b.rollback(Duration::from_secs(5)) {
+        Err(MigrateError::Conflict { key, .. }) => assert_eq!(key, format!("{prefix}phase")),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(b.phase(), Phase::Phase1);
+    assert_eq!(pa.load().unwrap().map(|s| s.phase), Some(Phase::Phase2));
+
     // B's watcher starts again: the full re-read applies phase2 and acks it.
     wb = Some(watch(&pb, &b));
     wait_for("b to apply phase2", || b.phase() == Phase::Phase2);
