@@ -209,9 +209,60 @@ fn two_nodes_follow_one_phase_and_the_ack_gate_holds_back_an_advance() {
     }
 }
 
+fn etcdctl(endpoints: &[String], args: &[&str]) {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(endpoints.join(","))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+}
+
 #[test]
-fn a_cluster_down_gives_typed_errors_within_the_timeout() {
+fn an_invalid_stored_phase_is_a_typed_error_and_changes_nothing() {
+    let cluster = etcd_cluster::shared();
+    let endpoints = cluster.endpoints();
+    let prefix = etcd_cluster::unique_prefix();
+    let phases = connect(&endpoints, &prefix, "b");
+    let b = node(&phases, &["b"]);
+    let w = watch(&phases, &b);
+    wait_for("b to ack off", || phases.acks().unwrap().get("b") == Some(&Phase::Off));
+    assert_eq!(b.advance(Duration::from_secs(5)).unwrap(), Phase::Phase1);
+    wait_for("b to ack phase1", || {
+        phases.acks().unwrap().get("b") == Some(&Phase::Phase1)
+    });
+    let key = format!("{prefix}phase");
+    etcdctl(&endpoints, &["put", &key, "{not json"]);
+    match phases.load() {
+        Err(MigrateError::Unreadable { key: k, .. }) => assert_eq!(k, key),
+        other => panic!("expected Unreadable, got {other:?}"),
+    }
+    wait_for("the watcher to report the bad value", || {
+        w.status().last_error.is_some_and(|e| e.contains(&key))
+    });
+    assert_eq!(b.phase(), Phase::Phase1);
+    // A valid value again (written by someone else): the watcher applies it.
+    let mut state = PhaseState::new(Phase::Phase1);
+    state.record(Phase::Phase2, 1, "set");
+    etcdctl(&endpoints, &["put", &key, &serde_json::to_string(&state).unwrap()]);
+    wait_for("b to apply phase2", || b.phase() == Phase::Phase2);
+    wait_for("b to ack phase2", || {
+        phases.acks().unwrap().get("b") == Some(&Phase::Phase2)
+    });
+    let bad_ack = format!("{prefix}acks/zz");
+    etcdctl(&endpoints, &["put", &bad_ack, "phase2"]);
+    match phases.acks() {
+        Err(MigrateError::Unreadable { key: k, .. }) => assert_eq!(k, bad_ack),
+        other => panic!("expected Unreadable, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_watcher_fails_over_and_a_cluster_down_gives_typed_errors_within_the_timeout() {
     let mut cluster = etcd_cluster::Cluster::start();
+    let endpoints = cluster.endpoints();
     let prefix = etcd_cluster::unique_prefix();
     let options = EtcdOptions {
         connect_timeout: Duration::from_secs(2),
@@ -219,9 +270,26 @@ fn a_cluster_down_gives_typed_errors_within_the_timeout() {
         operation_timeout: Duration::from_secs(1),
         ..EtcdOptions::default()
     };
-    let store = EtcdPhaseStore::connect(&cluster.endpoints(), prefix.as_str(), "a", options.clone()).unwrap();
-    store.save(&PhaseState::new(Phase::Phase1)).unwrap();
-    for i in 0..3 {
+    let store = EtcdPhaseStore::connect(&endpoints, prefix.as_str(), "a", options.clone()).unwrap();
+    store.save(&PhaseState::new(Phase::Off)).unwrap();
+
+    // B watches through the first member; that member dies; a change still reaches B.
+    let pb = EtcdPhaseStore::connect(&endpoints, prefix.as_str(), "b", options.clone()).unwrap();
+    let b = node(&pb, &["b"]);
+    let wb = watch(&pb, &b);
+    wait_for("b to connect", || wb.status().connected);
+    cluster.kill(0);
+    let a = node(&store, &["b"]);
+    wait_for("a quorum without n1", || a.advance(Duration::from_secs(5)).is_ok());
+    wait_for("b to apply phase1 through another member", || {
+        b.phase() == Phase::Phase1
+    });
+    wait_for("b to ack phase1", || {
+        pb.acks().is_ok_and(|acks| acks.get("b") == Some(&Phase::Phase1))
+    });
+    assert!(wb.status().reconnects >= 1, "{:?}", wb.status());
+
+    for i in 1..3 {
         cluster.kill(i);
     }
     let limit = options.operation_timeout + Duration::from_secs(2);
@@ -233,12 +301,12 @@ fn a_cluster_down_gives_typed_errors_within_the_timeout() {
     unavailable(store.load().map(|_| ()), "load");
     assert!(t.elapsed() < limit, "load took {:?}", t.elapsed());
     let t = Instant::now();
-    unavailable(store.save(&PhaseState::new(Phase::Phase2)), "save");
+    unavailable(store.save(&PhaseState::new(Phase::Phase3)), "save");
     assert!(t.elapsed() < limit, "save took {:?}", t.elapsed());
     unavailable(store.ack(Phase::Phase1), "ack");
     unavailable(store.acks().map(|_| ()), "acks");
     // Connecting to a dead cluster is typed too.
-    match EtcdPhaseStore::connect(&cluster.endpoints(), prefix.as_str(), "b", options) {
+    match EtcdPhaseStore::connect(&endpoints, prefix.as_str(), "c", options) {
         Err(MigrateError::Unavailable { .. }) => {}
         other => panic!("connect: expected Unavailable, got {other:?}"),
     }
