@@ -282,8 +282,10 @@ fn a_watcher_fails_over_and_a_cluster_down_gives_typed_errors_within_the_timeout
     let b = node(&pb, &["b"]);
     let wb = watch(&pb, &b);
     wait_for("b to connect", || wb.status().connected);
-    cluster.kill(0);
     let a = node(&store, &["b"]);
+    wait_for("b to ack off", || pb.acks().unwrap().get("b") == Some(&Phase::Off));
+    // (If n1 led, the election takes about a second: the advance is retried meanwhile.)
+    cluster.kill(0);
     wait_for("a quorum without n1", || a.advance(Duration::from_secs(5)).is_ok());
     wait_for("b to apply phase1 through another member", || {
         b.phase() == Phase::Phase1
@@ -323,4 +325,106 @@ fn a_watcher_fails_over_and_a_cluster_down_gives_typed_errors_within_the_timeout
         EtcdPhaseStore::connect(&["https://x:1".into()], "p/", "a", EtcdOptions::default()),
         Err(MigrateError::Invalid(_))
     ));
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_erlmcp-rollout"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn cli_json(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {o:?}"))
+}
+
+#[test]
+fn cli_phase_commands_on_an_etcd_state() {
+    let cluster = etcd_cluster::shared();
+    let endpoints = cluster.endpoints();
+    let prefix = etcd_cluster::unique_prefix();
+    let hosts: Vec<&str> = endpoints.iter().map(|e| e.trim_start_matches("http://")).collect();
+    let state = format!("etcd:{}/{prefix}", hosts.join(","));
+    let dir = tempfile::tempdir().unwrap();
+    let (from, to) = (dir.path().join("a.redb"), dir.path().join("b.redb"));
+    for f in [&from, &to] {
+        erlmcp_rollout::session::DiskStore::create(f, StoreOptions::default()).unwrap();
+    }
+    let (from, to) = (format!("disk:{}", from.display()), format!("disk:{}", to.display()));
+    let outbox = dir.path().join("outbox.redb");
+    let outbox = outbox.to_str().unwrap();
+    let advance = |nodes: &str| {
+        cli(&[
+            "sessions",
+            "phase",
+            "advance",
+            "--state",
+            &state,
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--outbox",
+            outbox,
+            "--expect-nodes",
+            nodes,
+            "--json",
+        ])
+    };
+
+    let o = cli(&["sessions", "phase", "show", "--state", &state, "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(
+        (cli_json(&o)["phase"].as_str(), cli_json(&o)["saved"].as_bool()),
+        (Some("off"), Some(false))
+    );
+    // Node b has not acknowledged anything: the gate refuses (exit 15), nothing changes.
+    let o = advance("b");
+    assert_eq!(o.status.code(), Some(15), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("b: no acknowledgement"),
+        "{o:?}"
+    );
+    let b = connect(&endpoints, &prefix, "b");
+    assert_eq!(b.load().unwrap(), None);
+    b.ack(Phase::Off).unwrap();
+    let o = advance("b");
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(cli_json(&o)["phase"], "phase1");
+    assert_eq!(b.load().unwrap().map(|s| s.phase), Some(Phase::Phase1));
+    // show lists the acks and marks b as lagging.
+    let o = cli(&["sessions", "phase", "show", "--state", &state]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("phase: phase1\n"), "{out}");
+    assert!(out.contains("node b: applies off (lagging)"), "{out}");
+    let o = cli(&["sessions", "phase", "show", "--state", &state, "--json"]);
+    assert_eq!(cli_json(&o)["acks"], serde_json::json!({"b": "off"}));
+    // set forces a phase; a file-only flag combination is refused.
+    let o = cli(&["sessions", "phase", "set", "off", "--state", &state, "--json"]);
+    assert_eq!(
+        (o.status.code(), cli_json(&o)["phase"].as_str()),
+        (Some(0), Some("off"))
+    );
+    assert_eq!(b.load().unwrap().map(|s| s.phase), Some(Phase::Off));
+    let file_state = dir.path().join("phase.json");
+    let o = cli(&[
+        "sessions",
+        "phase",
+        "advance",
+        "--state",
+        file_state.to_str().unwrap(),
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--outbox",
+        outbox,
+        "--expect-nodes",
+        "b",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--expect-nodes needs an etcd --state"),
+        "{o:?}"
+    );
 }

@@ -661,9 +661,10 @@ mod watcher {
         fn sync(&self) -> bool {
             let synced = self.migrator.sync_phase(self.options.sync_timeout);
             let applied = self.migrator.phase();
+            // The status says what the node applies before the cluster hears of it.
+            self.status.lock().unwrap_or_else(PoisonError::into_inner).applied = applied;
             let acked = self.store.ack(applied);
             let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-            s.applied = applied;
             match (synced, acked) {
                 (Ok(_), Ok(())) => {
                     s.syncs += 1;
