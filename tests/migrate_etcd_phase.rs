@@ -3,6 +3,8 @@
 //! migrator "nodes" following one phase key through their watchers, the ack gate, and
 //! typed errors when the cluster is down.
 
+#[path = "session_support/blackhole_proxy.rs"]
+mod blackhole_proxy;
 #[path = "session_support/etcd_cluster.rs"]
 mod etcd_cluster;
 
@@ -99,6 +101,36 @@ fn concurrent_saves_one_wins_the_other_gets_a_typed_conflict() {
         // After loading again, the loser may save.
         stores[*loser].save(&stored).unwrap();
     }
+}
+
+#[test]
+fn a_save_whose_answer_is_lost_is_retried_safely() {
+    let cluster = etcd_cluster::shared();
+    let mut endpoints = cluster.endpoints();
+    // The first member is reached through a proxy that can drop every answer: the txn is
+    // applied by etcd, the store never hears so, times out and retries on the next member.
+    let proxy = blackhole_proxy::Proxy::start(endpoints[0].trim_start_matches("http://"));
+    endpoints[0] = proxy.url();
+    let prefix = etcd_cluster::unique_prefix();
+    let options = EtcdOptions {
+        request_timeout: Duration::from_millis(300),
+        ..EtcdOptions::default()
+    };
+    let store = EtcdPhaseStore::connect(&endpoints, prefix.as_str(), "a", options).unwrap();
+    assert_eq!(store.load().unwrap(), None);
+    let mut state = PhaseState::new(Phase::Off);
+    state.record(Phase::Phase1, 1, "advance");
+    proxy.arm();
+    // The retry's guard fails (the first attempt applied), but the key holds our own
+    // bytes: that is success, not a conflict.
+    store.save(&state).unwrap();
+    proxy.disarm();
+    let other = connect(&cluster.endpoints(), &prefix, "b");
+    assert_eq!(other.load().unwrap(), Some(state.clone()));
+    // The store knows the revision it wrote: the next save goes through, once.
+    state.record(Phase::Phase2, 2, "advance");
+    store.save(&state).unwrap();
+    assert_eq!(other.load().unwrap().map(|s| s.history.len()), Some(2));
 }
 
 #[test]
