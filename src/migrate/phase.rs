@@ -267,8 +267,9 @@ pub trait PhaseStore: Send + Sync {
     /// Saves the state durably before returning.
     ///
     /// # Errors
-    /// [`MigrateError::File`] (or the backend's error) when it cannot be written; the
-    /// previous state is then intact.
+    /// [`MigrateError::File`] (or the backend's error, e.g. `Unavailable`) when it cannot be
+    /// written; the previous state is then intact. A backend that guards saves returns
+    /// [`MigrateError::Conflict`] when someone else saved since this process last loaded.
     fn save(&self, state: &PhaseState) -> Result<(), MigrateError>;
 }
 
