@@ -80,7 +80,14 @@ pub struct MigratorConfig {
     pub clock: Arc<dyn Clock>,
     /// How verification (for the gates) runs.
     pub verify: VerifyConfig,
+    /// An extra gate [`Migrator::advance`] runs first, given the current and the requested
+    /// phase; an error refuses the move (nothing changed). With an etcd phase store,
+    /// `EtcdPhaseStore::ack_gate` refuses while some node has not applied the current phase.
+    pub advance_gate: Option<AdvanceGate>,
 }
+
+/// A gate for [`MigratorConfig::advance_gate`]: `(from, to)`, `Err` refuses the move.
+pub type AdvanceGate = Arc<dyn Fn(Phase, Phase) -> Result<(), MigrateError> + Send + Sync>;
 
 impl std::fmt::Debug for MigratorConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,6 +96,7 @@ impl std::fmt::Debug for MigratorConfig {
             .field("relay_batch", &self.relay_batch)
             .field("backoff_base", &self.backoff_base)
             .field("backoff_max", &self.backoff_max)
+            .field("advance_gate", &self.advance_gate.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -106,6 +114,7 @@ impl Default for MigratorConfig {
             touch: TouchPolicy::default(),
             clock: Arc::new(SystemClock),
             verify: VerifyConfig::default(),
+            advance_gate: None,
         }
     }
 }
@@ -669,7 +678,8 @@ impl Migrator {
         }
     }
 
-    /// Moves one phase forward if the gates pass (see the [module docs](self)): drains
+    /// Moves one phase forward if the gates pass (see the [module docs](self)): runs
+    /// [`MigratorConfig::advance_gate`] if set, drains
     /// the outbox (up to `timeout`), verifies the stores, then, with writes paused,
     /// drains what arrived meanwhile, re-checks the keys verify reported, saves the new
     /// phase and applies it. Returns the new phase.
@@ -685,6 +695,9 @@ impl Migrator {
             to: from,
             reason: "cleanup is the last phase".into(),
         })?;
+        if let Some(gate) = &self.config.advance_gate {
+            gate(from, to)?;
+        }
         let needs_verify = matches!(to, Phase::Phase2 | Phase::Phase3);
         let drains = from.dual_writes() || (from == Phase::Phase3 && self.state().reverse_outbox);
         let mut report = None;
@@ -818,16 +831,20 @@ impl Migrator {
     /// phase this node applies. Gates are not re-run (whoever saved the phase ran them, or
     /// forced it); but when the store of record changes (to or from phase 3), this node's
     /// own outbox is drained first with writes paused, so none of its intents is left
-    /// behind. Returns the phase applied.
+    /// behind. Writes also pause while the phase store is read (one file read, or one
+    /// etcd round trip). Returns the phase applied.
     ///
     /// # Errors
     /// [`MigrateError::Gate`] when the outbox does not drain within `timeout` (the old
     /// phase stays applied; call again); [`MigrateError::File`] when the state cannot be read.
     pub fn sync_phase(&self, timeout: Duration) -> Result<Phase, MigrateError> {
-        let Some(saved) = self.phases.load()? else {
-            return Ok(self.phase());
-        };
+        // Loaded with the phase lock held, so the state this node applies and the version
+        // the phase store last saw (an etcd store guards its next save on it) never differ
+        // while an `advance` or `rollback` of this node saves.
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let Some(saved) = self.phases.load()? else {
+            return Ok(state.phase);
+        };
         if *state == saved {
             return Ok(state.phase);
         }

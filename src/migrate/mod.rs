@@ -10,6 +10,8 @@
 //! - `outbox` and `dual` (feature `disk`): the durable outbox of write intents and the
 //!   dual-write [`dual::Migrator`], itself a `Store`, with its relay, shadow reads, gates
 //!   and counters.
+//! - `etcd_phase` (feature `etcd`): the phase kept cluster-wide in etcd (guarded saves,
+//!   per-node acknowledgements, a watcher that applies changes on every node).
 //! - [`durable`]: small files replaced atomically and durably (checkpoints, phase files).
 //!
 //! `docs/migration.md` walks through a migration end to end.
@@ -18,6 +20,8 @@ pub mod backfill;
 #[cfg(feature = "disk")]
 pub mod dual;
 pub mod durable;
+#[cfg(feature = "etcd")]
+pub mod etcd_phase;
 #[cfg(feature = "disk")]
 pub mod outbox;
 pub mod phase;
@@ -79,6 +83,32 @@ pub enum MigrateError {
     /// A phase change was refused; nothing changed.
     #[error(transparent)]
     Gate(#[from] phase::GateRefusal),
+    /// The phase store's backend (etcd) did not answer within its timeout or refused the
+    /// request. A failed save may or may not have been applied; load again to know.
+    #[error("{what} unavailable: {reason}")]
+    Unavailable {
+        /// What was tried (`etcd phase store at [endpoints]: save key ...`).
+        what: String,
+        /// The last failure.
+        reason: String,
+    },
+    /// A guarded save lost a race: `key` was changed by someone else since this process
+    /// last loaded it. Nothing was written; load, decide again, save.
+    #[error("{key} was changed by someone else since it was last loaded (now at revision {revision}); nothing was written: load it again and retry")]
+    Conflict {
+        /// The key (or file) that changed.
+        key: String,
+        /// Its revision now (0 when it is absent).
+        revision: i64,
+    },
+    /// A stored value (an etcd key) is not what it should be (not valid JSON, unknown format).
+    #[error("{key}: {reason}")]
+    Unreadable {
+        /// The key.
+        key: String,
+        /// What is wrong with its value.
+        reason: String,
+    },
     /// Bad arguments (e.g. chunk size 0).
     #[error("invalid migration setting: {0}")]
     Invalid(String),

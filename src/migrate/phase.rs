@@ -143,6 +143,17 @@ pub enum GateRefusal {
         /// The first differing key, escaped.
         first: Option<String>,
     },
+    /// Some nodes have not applied (acknowledged) the current phase yet, so moving on
+    /// could leave them two phases behind (see `EtcdPhaseStore::check_all_acked`).
+    #[error("cannot move from {from} to {to}: not every node applies {from} yet ({})", lagging.join(", "))]
+    NotAcknowledged {
+        /// The current phase.
+        from: Phase,
+        /// The requested phase.
+        to: Phase,
+        /// Each lagging node with what it applies (`b: phase1`, `c: no acknowledgement`).
+        lagging: Vec<String>,
+    },
     /// There is no such move (e.g. skipping a phase, leaving `cleanup`).
     #[error("cannot move from {from} to {to}: {reason}")]
     NotAllowed {
@@ -244,8 +255,8 @@ impl PhaseState {
     }
 }
 
-/// Where the migration state is persisted. Implementations: [`FilePhaseStore`]; an etcd
-/// one can keep it cluster-wide.
+/// Where the migration state is persisted. Implementations: [`FilePhaseStore`] and, with
+/// feature `etcd`, `EtcdPhaseStore` (cluster-wide, guarded saves).
 pub trait PhaseStore: Send + Sync {
     /// The stored state; `Ok(None)` when none has been saved.
     ///
@@ -256,8 +267,9 @@ pub trait PhaseStore: Send + Sync {
     /// Saves the state durably before returning.
     ///
     /// # Errors
-    /// [`MigrateError::File`] (or the backend's error) when it cannot be written; the
-    /// previous state is then intact.
+    /// [`MigrateError::File`] (or the backend's error, e.g. `Unavailable`) when it cannot be
+    /// written; the previous state is then intact. A backend that guards saves returns
+    /// [`MigrateError::Conflict`] when someone else saved since this process last loaded.
     fn save(&self, state: &PhaseState) -> Result<(), MigrateError>;
 }
 

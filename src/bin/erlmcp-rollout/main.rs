@@ -32,7 +32,8 @@ pub mod exit {
     pub const GIT: u8 = 13;
     /// `sessions get`: no record is stored under the id.
     pub const NOT_FOUND: u8 = 14;
-    /// `sessions phase advance|rollback`: a gate refused the move; nothing changed.
+    /// `sessions phase advance|rollback`: a gate refused the move, or the etcd phase changed
+    /// meanwhile; nothing changed.
     pub const GATE: u8 = 15;
     /// `sessions verify` / `migrate --verify`: the stores differ.
     pub const DIFFERENCES: u8 = 16;
@@ -104,7 +105,10 @@ fn error_code(e: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<ScopeError>().is_some() {
             return exit::GIT;
         }
-        if let Some(erlmcp_rollout::migrate::MigrateError::Gate(_)) = cause.downcast_ref() {
+        if let Some(
+            erlmcp_rollout::migrate::MigrateError::Gate(_) | erlmcp_rollout::migrate::MigrateError::Conflict { .. },
+        ) = cause.downcast_ref()
+        {
             return exit::GATE;
         }
     }

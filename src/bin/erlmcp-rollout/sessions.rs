@@ -10,12 +10,13 @@ use clap::{Args, Subcommand};
 use erlmcp_rollout::flags::format_time;
 use erlmcp_rollout::migrate::backfill::{backfill, BackfillConfig, BackfillProgress};
 use erlmcp_rollout::migrate::dual::{Migrator, MigratorConfig};
+use erlmcp_rollout::migrate::etcd_phase::EtcdPhaseStore;
 use erlmcp_rollout::migrate::outbox::Outbox;
 use erlmcp_rollout::migrate::phase::{FilePhaseStore, Phase, PhaseState, PhaseStore};
 use erlmcp_rollout::migrate::verify::{repair, verify, TargetOnly, VerifyConfig, VerifyReport};
-use erlmcp_rollout::session::uri::StoreUri;
+use erlmcp_rollout::session::uri::{etcd_prefix, Endpoint, StoreUri};
 use erlmcp_rollout::session::{
-    codec, stats, Clock, Session, SessionId, StoreOptions, SystemClock, Timeout, Visibility,
+    codec, stats, Clock, EtcdOptions, Session, SessionId, StoreOptions, SystemClock, Timeout, Visibility,
 };
 use serde_json::{json, Value};
 
@@ -37,12 +38,16 @@ Exit codes:
 
 const MIGRATE_EXIT_CODES: &str = "\
 Stores are URIs: memory:, disk:PATH (a redb file), etcd:HOST:PORT[,HOST:PORT...][/PREFIX].
+--state is a phase file, or etcd:HOST:PORT[,HOST:PORT...][/PREFIX] for the phase kept in etcd
+under PREFIX/phase (default prefix erlmcp/migration/), with each node's ack under PREFIX/acks/.
 
 Exit codes:
    0  done (and, with --verify / after --repair, the stores are equal)
-   1  a store, checkpoint, outbox or phase file failed (the message says which and why)
+   1  a store, checkpoint, outbox, phase file or etcd phase store failed (the message says
+      which and why)
    2  bad command-line usage (including a malformed store URI)
-  15  phase advance/rollback refused by a gate (the reason is printed; nothing changed)
+  15  phase advance/rollback refused by a gate, or the etcd phase changed meanwhile
+      (the reason is printed; nothing changed)
   16  verification found differences (listed)";
 
 #[derive(Subcommand)]
@@ -138,9 +143,9 @@ pub enum PhaseCommand {
 
 #[derive(Args)]
 pub struct PhaseShowArgs {
-    /// The phase file.
-    #[arg(long, value_name = "FILE")]
-    state: PathBuf,
+    /// The phase file, or etcd:HOST:PORT,...[/PREFIX] (then the nodes' acks are shown too).
+    #[arg(long, value_name = "FILE|ETCD")]
+    state: PhaseLocation,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
@@ -150,9 +155,9 @@ pub struct PhaseShowArgs {
 pub struct PhaseSetArgs {
     /// off, phase1, phase2, phase3 or cleanup.
     phase: Phase,
-    /// The phase file (created if absent).
-    #[arg(long, value_name = "FILE")]
-    state: PathBuf,
+    /// The phase file (created if absent), or etcd:HOST:PORT,...[/PREFIX].
+    #[arg(long, value_name = "FILE|ETCD")]
+    state: PhaseLocation,
     /// Also set the phase-3 reverse outbox on or off.
     #[arg(long, value_name = "BOOL")]
     reverse_outbox: Option<bool>,
@@ -163,9 +168,13 @@ pub struct PhaseSetArgs {
 
 #[derive(Args)]
 pub struct PhaseMoveArgs {
-    /// The phase file (created in phase off if absent).
-    #[arg(long, value_name = "FILE")]
-    state: PathBuf,
+    /// The phase file (created in phase off if absent), or etcd:HOST:PORT,...[/PREFIX].
+    #[arg(long, value_name = "FILE|ETCD")]
+    state: PhaseLocation,
+    /// With an etcd --state: refuse to advance until every one of these nodes has
+    /// acknowledged the current phase (comma-separated node ids).
+    #[arg(long, value_name = "NODES", value_delimiter = ',')]
+    expect_nodes: Vec<String>,
     /// The primary (old) store.
     #[arg(long, value_name = "STORE")]
     from: StoreUri,
@@ -611,20 +620,68 @@ fn print_state(state: &PhaseState, json_out: bool, extra: Value) -> Result<()> {
     Ok(())
 }
 
+/// Where `--state` keeps the phase.
+#[derive(Clone, Debug)]
+pub enum PhaseLocation {
+    /// A JSON file.
+    File(PathBuf),
+    /// etcd: member URLs and the key prefix.
+    Etcd(Vec<String>, String),
+}
+
+/// The default key prefix of an etcd `--state`.
+const DEFAULT_PHASE_PREFIX: &str = "erlmcp/migration/";
+
+impl std::str::FromStr for PhaseLocation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if !s.starts_with("etcd:") {
+            return Ok(PhaseLocation::File(PathBuf::from(s)));
+        }
+        match StoreUri::parse(s).map_err(|e| e.to_string())? {
+            StoreUri::Etcd { endpoints, prefix } => Ok(PhaseLocation::Etcd(
+                endpoints.iter().map(Endpoint::url).collect(),
+                prefix.map_or_else(|| DEFAULT_PHASE_PREFIX.to_owned(), |p| etcd_prefix(Some(&p))),
+            )),
+            other => Err(format!("expected an etcd: location, got {other:?}")),
+        }
+    }
+}
+
+/// The CLI reads and saves the phase but never acknowledges one (it applies none).
+const CLI_NODE_ID: &str = "erlmcp-rollout-cli";
+
+fn open_phases(at: &PhaseLocation) -> Result<(Box<dyn PhaseStore>, Option<EtcdPhaseStore>)> {
+    Ok(match at {
+        PhaseLocation::File(path) => (Box::new(FilePhaseStore::new(path)), None),
+        PhaseLocation::Etcd(urls, prefix) => {
+            let store = EtcdPhaseStore::connect(urls, prefix.as_str(), CLI_NODE_ID, EtcdOptions::default())?;
+            (Box::new(store.clone()), Some(store))
+        }
+    })
+}
+
 fn phase_show(a: PhaseShowArgs) -> Result<u8> {
-    let store = FilePhaseStore::new(&a.state);
+    let (store, etcd) = open_phases(&a.state)?;
     let state = store.load()?;
     let found = state.is_some();
-    print_state(
-        &state.unwrap_or_else(|| PhaseState::new(Phase::Off)),
-        a.json,
-        json!({"saved": found}),
-    )?;
+    let acks = etcd.map(|e| e.acks()).transpose()?;
+    let state = state.unwrap_or_else(|| PhaseState::new(Phase::Off));
+    print_state(&state, a.json, json!({"saved": found, "acks": acks}))?;
+    if let (Some(acks), false) = (acks, a.json) {
+        let mut o = BufWriter::new(std::io::stdout().lock());
+        for (node, phase) in acks {
+            let mark = if phase == state.phase { "" } else { " (lagging)" };
+            writeln!(o, "node {node}: applies {phase}{mark}")?;
+        }
+        o.flush()?;
+    }
     Ok(exit::OK)
 }
 
 fn phase_set(a: PhaseSetArgs) -> Result<u8> {
-    let store = FilePhaseStore::new(&a.state);
+    let (store, _) = open_phases(&a.state)?;
     let mut state = store.load()?.unwrap_or_else(|| PhaseState::new(Phase::Off));
     if state.phase != a.phase {
         state.record(a.phase, SystemClock.now_unix_ms(), "set");
@@ -643,13 +700,17 @@ fn phase_move(a: PhaseMoveArgs, forward: bool) -> Result<u8> {
         a.to.open(StoreOptions::default())
             .with_context(|| format!("opening store {}", a.to))?
             .into();
-    let m = Migrator::open(
-        primary,
-        secondary,
-        Outbox::open(&a.outbox)?,
-        Box::new(FilePhaseStore::new(&a.state)),
-        MigratorConfig::default(),
-    )?;
+    let (phases, etcd) = open_phases(&a.state)?;
+    let advance_gate = match (etcd, a.expect_nodes.is_empty()) {
+        (_, true) => None,
+        (Some(etcd), false) => Some(etcd.ack_gate(a.expect_nodes.clone())),
+        (None, false) => anyhow::bail!("--expect-nodes needs an etcd --state (nodes acknowledge phases there)"),
+    };
+    let config = MigratorConfig {
+        advance_gate,
+        ..MigratorConfig::default()
+    };
+    let m = Migrator::open(primary, secondary, Outbox::open(&a.outbox)?, phases, config)?;
     let timeout = Duration::from_secs(a.timeout);
     let from = m.phase();
     if forward {
