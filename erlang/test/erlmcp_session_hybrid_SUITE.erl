@@ -7,7 +7,7 @@
 -compile([export_all, nowarn_export_all]).
 
 all() ->
-    [phases_end_to_end, gate_refuses_unverified_advance, deletes_are_not_resurrected,
+    [phase_in_etcd_reaches_every_node, phases_end_to_end, gate_refuses_unverified_advance, deletes_are_not_resurrected,
      phase_is_saved_and_authoritative, memory_to_disk, bad_options, live_cutover_from_a_legacy_backend].
 
 init_per_suite(Config) ->
@@ -202,3 +202,74 @@ live_cutover_from_a_legacy_backend(Config) ->
     {ok, NS} = erlmcp_session_native:init(#{store => New}),
     {ok, NewIds, NS} = erlmcp_session_native:list(NS),
     ?assertEqual(lists:sort([<<"after">> | Live ++ (Old -- [<<"old-2">>])]), NewIds).
+
+phase_in_etcd_reaches_every_node(Config) ->
+    %% doc: with phase_etcd the phase is cluster-wide: node a advances, node b (its own
+    %% stores and outbox) applies the change from its etcd watch and acknowledges it; an
+    %% advance waits for every expected node's acknowledgement.
+    Dir = ?config(dir, Config),
+    Root = filename:dirname(filename:dirname(filename:dirname(filename:dirname(filename:dirname(
+               code:lib_dir(erlmcp_rollout)))))),
+    Script = filename:join([Root, "scripts", "etcd-cluster"]),
+    EtcdDir = filename:join(Dir, "etcd"),
+    {0, _} = run(Script, ["start", EtcdDir]),
+    try
+        {ok, Eps} = file:read_file(filename:join(EtcdDir, "endpoints")),
+        Endpoints = binary:split(string:trim(Eps), <<",">>, [global]),
+        Node = fun(Name) ->
+                       NDir = filename:join(Dir, atom_to_list(Name)),
+                       ok = filelib:ensure_path(filename:join(NDir, "x")),
+                       {ok, H} = erlmcp_session_backend_hybrid:init(
+                                   #{primary => {disk, filename:join(NDir, "old.redb")},
+                                     secondary => {disk, filename:join(NDir, "new.redb")},
+                                     state_dir => NDir,
+                                     phase_etcd => #{endpoints => Endpoints, node => Name,
+                                                     prefix => <<"ct/migration/">>, expect_nodes => [a, b]}}),
+                       H
+               end,
+        A = Node(a),
+        B = Node(b),
+        ?assertMatch({ok, off, _}, erlmcp_session_backend_hybrid:status(B)),
+        %% refused until b's watcher has acknowledged the phase it applies (off)
+        advance_when_acked(A, phase1, erlang:monotonic_time(millisecond) + 3000),
+        T0 = erlang:monotonic_time(millisecond),
+        wait_phase(B, phase1, T0 + 1000),
+        ct:log("node b applied phase1 ~b ms after node a's advance returned", [erlang:monotonic_time(millisecond) - T0]),
+        %% both nodes dual-write; a's advance passes once both acknowledged phase1
+        {ok, A} = erlmcp_session_backend_hybrid:store(<<"x">>, session(<<"x">>, 1), A),
+        {ok, _} = erlmcp_session_backend_hybrid:drain(10000, A),
+        advance_when_acked(A, phase2, erlang:monotonic_time(millisecond) + 3000),
+        wait_phase(B, phase2, erlang:monotonic_time(millisecond) + 1000)
+    after
+        run(Script, ["stop", EtcdDir])
+    end.
+
+advance_when_acked(H, To, Deadline) ->
+    case erlmcp_session_backend_hybrid:advance(H) of
+        {ok, To} -> ok;
+        {error, {gate, Why}} = E ->
+            erlang:monotonic_time(millisecond) < Deadline orelse ct:fail({gate_never_opened, E}),
+            binary:match(Why, <<"acknowledg">>) =/= nomatch orelse ct:fail({unexpected_gate, E}),
+            timer:sleep(10),
+            advance_when_acked(H, To, Deadline)
+    end.
+
+wait_phase(H, Phase, Deadline) ->
+    case erlmcp_session_backend_hybrid:status(H) of
+        {ok, Phase, _} -> ok;
+        Other ->
+            erlang:monotonic_time(millisecond) < Deadline orelse ct:fail({phase_not_applied, Phase, Other}),
+            timer:sleep(5),
+            wait_phase(H, Phase, Deadline)
+    end.
+
+run(Exe, Args) ->
+    Port = open_port({spawn_executable, Exe}, [{args, Args}, exit_status, stderr_to_stdout, binary]),
+    run_collect(Port, []).
+
+run_collect(Port, Acc) ->
+    receive
+        {Port, {data, D}} -> run_collect(Port, [D | Acc]);
+        {Port, {exit_status, St}} -> {St, iolist_to_binary(lists:reverse(Acc))}
+    after 60000 -> ct:fail(command_timeout)
+    end.

@@ -18,7 +18,9 @@ use std::sync::{Arc, Condvar, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use erlmcp_rollout::migrate::dual::{Migrator, MigratorConfig, RelayHandle};
+use erlmcp_rollout::migrate::etcd_phase::{EtcdPhaseStore, PhaseWatchOptions, PhaseWatcher};
 use erlmcp_rollout::migrate::outbox::Outbox;
+use erlmcp_rollout::migrate::phase::PhaseStore;
 use erlmcp_rollout::migrate::phase::{FilePhaseStore, Phase};
 use erlmcp_rollout::migrate::MigrateError;
 use erlmcp_rollout::session::{
@@ -63,6 +65,7 @@ mod atoms {
         state_dir,
         migration_phase,
         shadow_sample,
+        phase_etcd,
         gate,
         migration,
         off,
@@ -113,6 +116,46 @@ pub struct StoreHandle {
 struct Hybrid {
     migrator: Arc<Migrator>,
     _relay: RelayHandle,
+    /// With the phase in etcd: applies changes made elsewhere and acks them.
+    _phase_watcher: Option<PhaseWatcher>,
+}
+
+/// `phase_etcd => #{endpoints := [..], node := Name, prefix => P, expect_nodes => [Name]}`.
+struct PhaseEtcd {
+    endpoints: Vec<String>,
+    prefix: String,
+    node: String,
+    expect: Vec<String>,
+}
+
+fn decode_phase_etcd(v: Term<'_>) -> Result<PhaseEtcd, String> {
+    let usage = "phase_etcd must be #{endpoints => [\"host:port\"], node => Name, prefix => P, expect_nodes => [Name]}";
+    let iter = rustler::types::map::MapIterator::new(v).ok_or(usage)?;
+    let mut p = PhaseEtcd {
+        endpoints: Vec::new(),
+        prefix: "erlmcp/migration/".into(),
+        node: String::new(),
+        expect: Vec::new(),
+    };
+    let names = |t: Term<'_>| -> Option<Vec<String>> {
+        proper_list(t)?
+            .into_iter()
+            .map(|e| text(e).or_else(|| e.atom_to_string().ok()))
+            .collect()
+    };
+    for (k, v) in iter {
+        match k.atom_to_string().as_deref() {
+            Ok("endpoints") => p.endpoints = names(v).ok_or(usage)?,
+            Ok("prefix") => p.prefix = text(v).ok_or(usage)?,
+            Ok("node") => p.node = text(v).or_else(|| v.atom_to_string().ok()).ok_or(usage)?,
+            Ok("expect_nodes") => p.expect = names(v).ok_or(usage)?,
+            _ => {}
+        }
+    }
+    if p.endpoints.is_empty() || p.node.is_empty() {
+        return Err(usage.into());
+    }
+    Ok(p)
 }
 
 static HYBRIDS: LazyLock<Mutex<HashMap<PathBuf, Weak<Hybrid>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
@@ -489,6 +532,7 @@ fn open_hybrid<'a>(env: Env<'a>, primary: Term<'a>, secondary: Term<'a>, opts: T
     let mut state_dir = None;
     let mut want_phase = None;
     let mut shadow = None;
+    let mut phase_etcd = None;
     if let Some(iter) = rustler::types::map::MapIterator::new(opts) {
         for (k, v) in iter {
             let Ok(key) = k.decode::<Atom>() else { continue };
@@ -501,6 +545,11 @@ fn open_hybrid<'a>(env: Env<'a>, primary: Term<'a>, secondary: Term<'a>, opts: T
                 match decode_phase(v) {
                     Some(p) => want_phase = Some(p),
                     None => return bad("migration_phase must be off, phase1, phase2, phase3 or cleanup".into()),
+                }
+            } else if key == atoms::phase_etcd() {
+                match decode_phase_etcd(v) {
+                    Ok(p) => phase_etcd = Some(p),
+                    Err(e) => return bad(e),
                 }
             } else if key == atoms::shadow_sample() {
                 match v.decode::<u64>() {
@@ -543,23 +592,46 @@ fn open_hybrid<'a>(env: Env<'a>, primary: Term<'a>, secondary: Term<'a>, opts: T
             if let Some(n) = shadow {
                 config.shadow_sample = n;
             }
-            let opened = Outbox::open(dir.join("outbox.redb")).and_then(|outbox| {
-                Migrator::open(
-                    p,
-                    s,
-                    outbox,
-                    Box::new(FilePhaseStore::new(dir.join("phase.json"))),
-                    config,
-                )
-            });
+            // The phase: a file in state_dir, or (phase_etcd) cluster-wide in etcd.
+            let etcd_phases = match &phase_etcd {
+                Some(p) => match EtcdPhaseStore::connect(
+                    &p.endpoints,
+                    p.prefix.clone(),
+                    p.node.clone(),
+                    EtcdOptions::default(),
+                ) {
+                    Ok(store) => {
+                        if !p.expect.is_empty() {
+                            config.advance_gate = Some(store.ack_gate(p.expect.clone()));
+                        }
+                        Some(store)
+                    }
+                    Err(e) => return (atoms::error(), migrate_error_term(env, &e)).encode(env),
+                },
+                None => None,
+            };
+            let phases: Box<dyn PhaseStore> = match &etcd_phases {
+                Some(store) => Box::new(store.clone()),
+                None => Box::new(FilePhaseStore::new(dir.join("phase.json"))),
+            };
+            let opened =
+                Outbox::open(dir.join("outbox.redb")).and_then(|outbox| Migrator::open(p, s, outbox, phases, config));
             let migrator = match opened {
                 Ok(m) => Arc::new(m),
                 Err(e) => return (atoms::error(), migrate_error_term(env, &e)).encode(env),
             };
             let relay = migrator.start_relay();
+            let watcher = match etcd_phases {
+                Some(store) => match store.watch(migrator.clone(), PhaseWatchOptions::default()) {
+                    Ok(w) => Some(w),
+                    Err(e) => return (atoms::error(), migrate_error_term(env, &e)).encode(env),
+                },
+                None => None,
+            };
             let h = Arc::new(Hybrid {
                 migrator,
                 _relay: relay,
+                _phase_watcher: watcher,
             });
             registry.insert(dir, Arc::downgrade(&h));
             h
