@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use super::config::{ConfigError, FlagsConfig};
 use super::engine::{Engine, WatchCallback, WatchEvent};
+use crate::session::InvalidInput;
 
 /// The key [`push_flags`] and [`Engine::watch_etcd`] use unless told otherwise.
 pub const DEFAULT_FLAGS_KEY: &str = "erlmcp/feature_flags";
@@ -59,30 +60,13 @@ pub struct PushOutcome {
 }
 
 fn urls(endpoints: &[String]) -> Result<Vec<String>, PushError> {
-    if endpoints.is_empty() {
-        return Err(PushError::Endpoint {
-            endpoint: String::new(),
-            reason: "no etcd endpoint given".into(),
-        });
-    }
-    endpoints
-        .iter()
-        .map(|e| {
-            let url = if e.contains("://") {
-                e.clone()
-            } else {
-                format!("http://{e}")
-            };
-            if url.starts_with("http://") && url.len() > "http://".len() {
-                Ok(url)
-            } else {
-                Err(PushError::Endpoint {
-                    endpoint: e.clone(),
-                    reason: "expected host:port or an http:// URL (no TLS)".into(),
-                })
-            }
-        })
-        .collect()
+    crate::session::endpoint_urls(endpoints).map_err(|e| match e {
+        InvalidInput::Endpoint { endpoint, reason } => PushError::Endpoint { endpoint, reason },
+        other => PushError::Endpoint {
+            endpoint: endpoints.join(","),
+            reason: other.to_string(),
+        },
+    })
 }
 
 /// Validates `json` exactly as `flags check` does and, only if it is valid, writes it to

@@ -118,28 +118,7 @@ fn rejected(e: &etcd_client::Error) -> bool {
 }
 
 fn urls(endpoints: &[String]) -> Result<Vec<String>, MigrateError> {
-    if endpoints.is_empty() {
-        return Err(MigrateError::Invalid(
-            "no etcd endpoint given for the phase store".into(),
-        ));
-    }
-    endpoints
-        .iter()
-        .map(|e| {
-            let url = if e.contains("://") {
-                e.clone()
-            } else {
-                format!("http://{e}")
-            };
-            if url.starts_with("http://") && url.len() > "http://".len() {
-                Ok(url)
-            } else {
-                Err(MigrateError::Invalid(format!(
-                    "etcd endpoint {e:?}: expected host:port or an http:// URL such as http://127.0.0.1:2379 (no TLS)"
-                )))
-            }
-        })
-        .collect()
+    crate::session::endpoint_urls(endpoints).map_err(|e| MigrateError::Invalid(format!("phase store: {e}")))
 }
 
 fn now_ms() -> i64 {

@@ -1093,29 +1093,7 @@ impl EtcdStore {
         etcd: EtcdOptions,
         options: StoreOptions,
     ) -> Result<Self, StoreError> {
-        if endpoints.is_empty() {
-            return Err(InvalidInput::Endpoint {
-                endpoint: String::new(),
-                reason: "no etcd endpoint given".into(),
-            }
-            .into());
-        }
-        let mut urls = Vec::with_capacity(endpoints.len());
-        for e in endpoints {
-            let url = if e.contains("://") {
-                e.clone()
-            } else {
-                format!("http://{e}")
-            };
-            if !url.starts_with("http://") || url.len() <= "http://".len() {
-                return Err(InvalidInput::Endpoint {
-                    endpoint: e.clone(),
-                    reason: "expected host:port or an http:// URL such as http://127.0.0.1:2379 (no TLS)".into(),
-                }
-                .into());
-            }
-            urls.push(url);
-        }
+        let urls = endpoint_urls(endpoints)?;
         let endpoints = urls.as_slice();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -1488,4 +1466,33 @@ impl Store for EtcdStore {
             }
         })
     }
+}
+
+/// `host:port` or `http://host:port` endpoints as the URLs etcd-client takes (no TLS is
+/// compiled in). Shared by every etcd client of the crate (session store, flags, phase).
+pub(crate) fn endpoint_urls(endpoints: &[String]) -> Result<Vec<String>, InvalidInput> {
+    if endpoints.is_empty() {
+        return Err(InvalidInput::Endpoint {
+            endpoint: String::new(),
+            reason: "no etcd endpoint given".into(),
+        });
+    }
+    endpoints
+        .iter()
+        .map(|e| {
+            let url = if e.contains("://") {
+                e.clone()
+            } else {
+                format!("http://{e}")
+            };
+            if url.starts_with("http://") && url.len() > "http://".len() {
+                Ok(url)
+            } else {
+                Err(InvalidInput::Endpoint {
+                    endpoint: e.clone(),
+                    reason: "expected host:port or an http:// URL such as http://127.0.0.1:2379 (no TLS)".into(),
+                })
+            }
+        })
+        .collect()
 }

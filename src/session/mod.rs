@@ -34,6 +34,8 @@ pub mod codec;
 mod disk;
 #[cfg(feature = "etcd")]
 mod etcd;
+#[cfg(feature = "etcd")]
+pub(crate) use etcd::endpoint_urls;
 mod memory;
 mod model;
 mod stats;
