@@ -420,17 +420,9 @@ impl EtcdPhaseStore {
         let Some(rt) = self.runtime.0.as_ref() else {
             return Err(self.inner.unavailable("call", "the store is shutting down"));
         };
-        if tokio::runtime::Handle::try_current().is_err() {
-            return rt.block_on(fut);
-        }
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        rt.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv().unwrap_or_else(|_| {
-            Err(self
-                .inner
-                .unavailable("call", "the client runtime stopped before answering"))
+        crate::session::run_on(rt, fut, || {
+            self.inner
+                .unavailable("call", "the client runtime stopped before answering")
         })
     }
 

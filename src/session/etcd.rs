@@ -1178,18 +1178,8 @@ impl EtcdStore {
                 reason: "the etcd store is shutting down".into(),
             });
         };
-        if tokio::runtime::Handle::try_current().is_err() {
-            return rt.block_on(fut);
-        }
-        // Inside another runtime `block_on` would panic: run on ours, wait on a channel.
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        rt.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv().unwrap_or_else(|_| {
-            Err(StoreError::Unavailable {
-                reason: "the etcd store's runtime stopped before answering".into(),
-            })
+        run_on(rt, fut, || StoreError::Unavailable {
+            reason: "the etcd store's runtime stopped before answering".into(),
         })
     }
 
@@ -1495,4 +1485,22 @@ pub(crate) fn endpoint_urls(endpoints: &[String]) -> Result<Vec<String>, Invalid
             }
         })
         .collect()
+}
+
+/// Runs `fut` on `rt` and waits for it, from any thread: inside another tokio runtime
+/// (where `block_on` would panic) it is spawned on `rt` and this thread waits on a
+/// channel; `stopped` is the error when `rt` shuts down before answering.
+pub(crate) fn run_on<T: Send + 'static, E: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl Future<Output = Result<T, E>> + Send + 'static,
+    stopped: impl FnOnce() -> E,
+) -> Result<T, E> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return rt.block_on(fut);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().unwrap_or_else(|_| Err(stopped()))
 }
