@@ -41,18 +41,10 @@ end_per_group(_Group, _Config) ->
     ok.
 
 script(Name) ->
-    filename:join([filename:dirname(fixture_dir()), "..", "..", "scripts", Name]).
+    erlmcp_test_os:script(Name).
 
 run(Exe, Args) ->
-    Port = open_port({spawn_executable, Exe}, [{args, Args}, exit_status, stderr_to_stdout, binary]),
-    run_collect(Port, []).
-
-run_collect(Port, Acc) ->
-    receive
-        {Port, {data, D}} -> run_collect(Port, [D | Acc]);
-        {Port, {exit_status, St}} -> {St, iolist_to_binary(lists:reverse(Acc))}
-    after 60000 -> ct:fail(command_timeout)
-    end.
+    erlmcp_test_os:run(Exe, Args).
 
 etcd_put(Config, Key, Value) ->
     {0, _} = run(os:find_executable("etcdctl"),

@@ -208,9 +208,7 @@ phase_in_etcd_reaches_every_node(Config) ->
     %% stores and outbox) applies the change from its etcd watch and acknowledges it; an
     %% advance waits for every expected node's acknowledgement.
     Dir = ?config(dir, Config),
-    Root = filename:dirname(filename:dirname(filename:dirname(filename:dirname(filename:dirname(
-               code:lib_dir(erlmcp_rollout)))))),
-    Script = filename:join([Root, "scripts", "etcd-cluster"]),
+    Script = erlmcp_test_os:script("etcd-cluster"),
     EtcdDir = filename:join(Dir, "etcd"),
     {0, _} = run(Script, ["start", EtcdDir]),
     try
@@ -264,12 +262,4 @@ wait_phase(H, Phase, Deadline) ->
     end.
 
 run(Exe, Args) ->
-    Port = open_port({spawn_executable, Exe}, [{args, Args}, exit_status, stderr_to_stdout, binary]),
-    run_collect(Port, []).
-
-run_collect(Port, Acc) ->
-    receive
-        {Port, {data, D}} -> run_collect(Port, [D | Acc]);
-        {Port, {exit_status, St}} -> {St, iolist_to_binary(lists:reverse(Acc))}
-    after 60000 -> ct:fail(command_timeout)
-    end.
+    erlmcp_test_os:run(Exe, Args).

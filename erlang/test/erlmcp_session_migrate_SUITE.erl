@@ -288,18 +288,6 @@ cutover_command_end_to_end(Config) ->
     ?assertNotEqual(nomatch, string:find(Err, "nonexistent")),
     {1, _} = run_script(["--to", "disk:" ++ Target]).
 
-repo_root() ->
-    %% erlang/_build/test/lib/erlmcp_rollout -> the repository
-    filename:dirname(filename:dirname(filename:dirname(filename:dirname(filename:dirname(code:lib_dir(erlmcp_rollout)))))).
-
 run_script(Args) ->
-    Script = filename:join([repo_root(), "scripts", "session-cutover"]),
-    Port = open_port({spawn_executable, Script}, [{args, Args}, exit_status, stderr_to_stdout, binary]),
-    collect_port(Port, []).
-
-collect_port(Port, Acc) ->
-    receive
-        {Port, {data, D}} -> collect_port(Port, [D | Acc]);
-        {Port, {exit_status, St}} -> {St, binary_to_list(iolist_to_binary(lists:reverse(Acc)))}
-    after 120000 -> ct:fail(script_timeout)
-    end.
+    {St, Out} = erlmcp_test_os:run(erlmcp_test_os:script("session-cutover"), Args),
+    {St, binary_to_list(Out)}.

@@ -48,21 +48,8 @@ end_per_group(etcd, Config) ->
 end_per_group(_Group, _Config) ->
     ok.
 
-repo_root() ->
-    %% erlang/_build/test/lib/erlmcp_rollout -> the repository
-    filename:dirname(filename:dirname(filename:dirname(filename:dirname(filename:dirname(code:lib_dir(erlmcp_rollout)))))).
-
 script(Args) ->
-    Script = filename:join([repo_root(), "scripts", "etcd-cluster"]),
-    Port = open_port({spawn_executable, Script}, [{args, Args}, exit_status, stderr_to_stdout, binary]),
-    collect_port(Port, []).
-
-collect_port(Port, Acc) ->
-    receive
-        {Port, {data, D}} -> collect_port(Port, [D | Acc]);
-        {Port, {exit_status, St}} -> {St, iolist_to_binary(lists:reverse(Acc))}
-    after 60000 -> ct:fail(etcd_cluster_script_timeout)
-    end.
+    erlmcp_test_os:run(erlmcp_test_os:script("etcd-cluster"), Args).
 
 init_per_testcase(Case, Config) ->
     ok = erlmcp_rollout_nif:session_set_clock(?T0),
