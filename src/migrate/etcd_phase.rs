@@ -108,11 +108,10 @@ impl std::fmt::Debug for EtcdPhaseStore {
 
 /// Whether etcd refused the request for good (retrying elsewhere will not help).
 fn rejected(e: &etcd_client::Error) -> bool {
-    // gRPC status codes (fixed by the gRPC spec): invalid argument, permission denied,
-    // failed precondition, out of range, unimplemented, unauthenticated.
-    const FINAL: [i32; 6] = [3, 7, 9, 11, 12, 16];
     match e {
-        etcd_client::Error::GRpcStatus(status) => FINAL.contains(&i32::from(status.code())),
+        etcd_client::Error::GRpcStatus(status) => {
+            crate::session::REJECTED_GRPC_CODES.contains(&i32::from(status.code()))
+        }
         _ => false,
     }
 }

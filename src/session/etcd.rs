@@ -236,18 +236,18 @@ enum Failure {
     Rejected(String),
 }
 
+/// gRPC status codes with which etcd refuses a request for good (retrying on another
+/// member will not help): invalid argument, permission denied, failed precondition, out
+/// of range, unimplemented, unauthenticated. Shared by every etcd client of the crate.
+pub(crate) const REJECTED_GRPC_CODES: [i32; 6] = [3, 7, 9, 11, 12, 16];
+
 fn classify(e: etcd_client::Error) -> Failure {
     match e {
         etcd_client::Error::GRpcStatus(status) => {
             // gRPC status codes (fixed by the gRPC spec).
             const INVALID_ARGUMENT: i32 = 3;
             const NOT_FOUND: i32 = 5;
-            const PERMISSION_DENIED: i32 = 7;
             const RESOURCE_EXHAUSTED: i32 = 8;
-            const FAILED_PRECONDITION: i32 = 9;
-            const OUT_OF_RANGE: i32 = 11;
-            const UNIMPLEMENTED: i32 = 12;
-            const UNAUTHENTICATED: i32 = 16;
             let msg = status.message().to_string();
             let code = status.code();
             match i32::from(code) {
@@ -258,8 +258,7 @@ fn classify(e: etcd_client::Error) -> Failure {
                 {
                     Failure::TooLarge(msg)
                 }
-                INVALID_ARGUMENT | PERMISSION_DENIED | UNAUTHENTICATED | FAILED_PRECONDITION | OUT_OF_RANGE
-                | UNIMPLEMENTED => Failure::Rejected(format!("{code:?}: {msg}")),
+                c if REJECTED_GRPC_CODES.contains(&c) => Failure::Rejected(format!("{code:?}: {msg}")),
                 _ => Failure::Transient(format!("{code:?}: {msg}")),
             }
         }

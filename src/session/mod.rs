@@ -35,7 +35,7 @@ mod disk;
 #[cfg(feature = "etcd")]
 mod etcd;
 #[cfg(feature = "etcd")]
-pub(crate) use etcd::{endpoint_urls, run_on};
+pub(crate) use etcd::{endpoint_urls, run_on, REJECTED_GRPC_CODES};
 mod memory;
 mod model;
 mod stats;
