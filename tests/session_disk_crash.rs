@@ -18,23 +18,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+#[path = "session_support/seeded.rs"]
+mod seeded;
+use seeded::{env_u64, xorshift};
+
 use erlmcp_rollout::session::{DiskStore, Session, SessionId, Store, StoreError, StoreOptions, Timeout, Visibility};
 
 const CHILD_ENV: &str = "ERLMCP_CRASH_CHILD";
 const PATH_ENV: &str = "ERLMCP_CRASH_PATH";
 const THREADS: usize = 8;
 const KEYS_PER_THREAD: usize = 100;
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
-fn xorshift(seed: &mut u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    *seed
-}
 
 /// The metadata of `key` at `version`: derived from both, 20 bytes to ~2 KiB.
 fn meta(key: &str, version: u64) -> Vec<u8> {

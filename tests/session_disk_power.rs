@@ -15,22 +15,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+#[path = "session_support/seeded.rs"]
+mod seeded;
+use seeded::{env_u64, xorshift};
+
 use erlmcp_rollout::session::{DiskStore, Session, SessionId, Store, StoreError, StoreOptions, Timeout, Visibility};
 use sim_disk::SimDisk;
 
 const THREADS: usize = 8;
 const KEYS_PER_THREAD: usize = 20;
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
-fn xorshift(seed: &mut u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    *seed
-}
 
 /// The metadata of `key` at `version`: derived from both, of varying length.
 fn meta(key: &str, version: u64) -> Vec<u8> {
