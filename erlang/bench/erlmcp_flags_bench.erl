@@ -21,7 +21,7 @@
 -module(erlmcp_flags_bench).
 
 -export([main/1]).
--export([caller/6]).
+-export([caller/6, shape_nop/2]).
 
 -define(NCTX, 1024).
 -define(PT(Name), {?MODULE, flag, Name}).
@@ -61,8 +61,20 @@ Fn(N, Name, Ctxs, Acc) ->
 ?LOOP(loop_ets_tid, ets_is_enabled(persistent_term:get(?ETS_TID), Name, Ctx)).
 ?LOOP(loop_nif_noop, is_map(Ctx) andalso erlmcp_rollout_nif:flags_set_clock(system) =:= ok).
 ?LOOP(loop_nif_status, is_map(Ctx) andalso is_tuple(erlmcp_rollout_nif:flags_status())).
+?LOOP(loop_nif_nop, erlmcp_rollout_nif:flags_nop(Name, Ctx) =:= Name).
+?LOOP(loop_shape_nop, ?MODULE:shape_nop(Name, Ctx)).
 
 empty(_Name, _Ctx) -> true.
+
+%% `is_enabled/2''s shape (remote call, guard, one NIF call, case on its
+%% answer) around a NIF that does nothing: the floor of the design.
+shape_nop(Name, Ctx) when is_map(Ctx) ->
+    case erlmcp_rollout_nif:flags_nop(true, Name) of
+        true -> true;
+        false -> false;
+        unknown -> false;
+        {custom, _} -> false
+    end.
 
 ctx_sid(#{session_id := S}) -> S;
 ctx_sid(_) -> <<>>.
@@ -81,7 +93,9 @@ run_loop(b_per_key, N, Name, Ctxs) -> loop_b_per_key(N, Name, Ctxs, 0);
 run_loop(ets_named, N, Name, Ctxs) -> loop_ets_named(N, Name, Ctxs, 0);
 run_loop(ets_tid, N, Name, Ctxs) -> loop_ets_tid(N, Name, Ctxs, 0);
 run_loop(nif_noop, N, Name, Ctxs) -> loop_nif_noop(N, Name, Ctxs, 0);
-run_loop(nif_status, N, Name, Ctxs) -> loop_nif_status(N, Name, Ctxs, 0).
+run_loop(nif_status, N, Name, Ctxs) -> loop_nif_status(N, Name, Ctxs, 0);
+run_loop(nif_nop, N, Name, Ctxs) -> loop_nif_nop(N, Name, Ctxs, 0);
+run_loop(shape_nop, N, Name, Ctxs) -> loop_shape_nop(N, Name, Ctxs, 0).
 
 %%% The config
 
@@ -372,6 +386,10 @@ breakdown(Scenarios, Reps, N) ->
              {"persistent_term:get({M, flag, Name}) (a key per flag)", pt_get, Static, SCtxs}] ++
         [{"flags_set_clock(system) (NIF: atom arg, one atomic store ~ no-op)", nif_noop, Static, SCtxs}
          || erlang:function_exported(erlmcp_rollout_nif, flags_set_clock, 1)] ++
+        [{"flags_nop(Name, Ctx) (raw NIF returning its argument: a NIF call's floor)", nif_nop, Static, SCtxs}
+         || erlang:function_exported(erlmcp_rollout_nif, flags_nop, 2)] ++
+        [{"is_enabled's shape (remote call + guard + case) over flags_nop: the floor", shape_nop, Static, SCtxs}
+         || erlang:function_exported(erlmcp_rollout_nif, flags_nop, 2)] ++
         [{"erlmcp_rollout_nif:flags_status() (NIF, no arguments; builds metrics)", nif_status, Static, SCtxs},
              {"flags_eval(<<\"no_such_flag\">>, #{}) (NIF, unknown flag)", nif_eval_empty_ctx, <<"no_such_flag">>, SCtxs},
              {"flags_eval(<<\"no_such_flag\">>, Ctx)", nif_eval, <<"no_such_flag">>, SCtxs},

@@ -15,7 +15,7 @@
 -export([flags_eval/2, flags_eval_custom/3, flags_status/0, flags_configure/2,
          flags_load_file/1, flags_load_json/1, flags_set_override/2, flags_get_all/0,
          flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
-         flags_phash2/2, flags_set_clock/1, flags_watch_etcd/2, flags_unwatch_etcd/0, flags_etcd_status/0]).
+         flags_phash2/2, flags_set_clock/1, flags_nop/2, flags_watch_etcd/2, flags_unwatch_etcd/0, flags_etcd_status/0]).
 -export([session_open/2, session_put/4, session_touch/3, session_get/3, session_delete/3,
          session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_migration_phase/1, session_set_clock/1, session_now/0]).
 
@@ -97,6 +97,10 @@ flags_phash2(_Term, _Range) -> ?NOT_LOADED.
 
 -spec flags_set_clock(UnixMs :: integer() | system) -> ok.
 flags_set_clock(_UnixMs) -> ?NOT_LOADED.
+
+%% Calibration for the benchmark: a NIF that returns its first argument.
+-spec flags_nop(term(), term()) -> term().
+flags_nop(_A, _B) -> ?NOT_LOADED.
 
 -spec flags_watch_etcd(Endpoints :: [binary() | string()], Key :: binary() | string()) -> ok | {error, binary()}.
 flags_watch_etcd(_Endpoints, _Key) -> ?NOT_LOADED.

@@ -1,8 +1,9 @@
-//! Per-flag evaluation counters: striped relaxed atomics, cheap enough for
-//! every evaluation, and their Prometheus text rendering.
+//! Per-flag evaluation counters: per-thread stripes of relaxed atomics,
+//! cheap enough for every evaluation, and their Prometheus text rendering.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use serde::Serialize;
 
@@ -23,30 +24,51 @@ pub(crate) struct FlagCounters {
     stripes: [Stripe; STRIPES],
 }
 
-/// The stripe for the calling thread, from the address of a stack slot:
-/// threads run on separate stacks, so they spread over stripes, and unlike a
-/// thread-local this costs no `__tls_get_addr` call when the crate is loaded
-/// as a shared library (the NIF). Which stripe a count lands in never
-/// affects the totals.
+/// Stripes owned by one thread each; threads beyond them share the last.
+const SHARED: usize = STRIPES - 1;
+
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's stripe, `usize::MAX` until it first counts.
+    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// The stripe for the calling thread. The first `SHARED` threads that count
+/// each get a stripe of their own for good, so their increments need no
+/// atomic read-modify-write (a `lock`ed instruction costs more than the rest
+/// of a static flag's evaluation): only the owner writes it, readers see a
+/// value at most one increment old. Later threads share the last stripe
+/// with `fetch_add`. Which stripe a count lands in never affects the totals.
 #[inline(always)]
 fn my_stripe() -> usize {
-    let marker = 0u8;
-    let addr = std::hint::black_box(&marker) as *const u8 as usize;
-    // Thread stacks are megabytes apart; frames of one thread stay within a
-    // few KiB of each other.
-    (addr >> 20) % STRIPES
+    STRIPE.with(|s| {
+        let mine = s.get();
+        if mine != usize::MAX {
+            return mine;
+        }
+        let mine = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed).min(SHARED);
+        s.set(mine);
+        mine
+    })
 }
 
 impl FlagCounters {
     #[inline]
     pub(crate) fn record(&self, enabled: bool) {
-        if let Some(stripe) = self.stripes.get(my_stripe()) {
+        let at = my_stripe();
+        if let Some(stripe) = self.stripes.get(at) {
             let c = if enabled {
                 &stripe.true_count
             } else {
                 &stripe.false_count
             };
-            c.fetch_add(1, Ordering::Relaxed);
+            if at < SHARED {
+                // This thread's own stripe: nobody else writes it.
+                c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+            } else {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -154,7 +176,9 @@ mod tests {
     #[test]
     fn counts_from_many_threads_add_up() {
         let c = std::sync::Arc::new(FlagCounters::default());
-        let handles: Vec<_> = (0..8)
+        // More threads than stripes: owned stripes and the shared one.
+        let threads = STRIPES as u64 * 2;
+        let handles: Vec<_> = (0..threads)
             .map(|i| {
                 let c = c.clone();
                 std::thread::spawn(move || {
@@ -168,8 +192,8 @@ mod tests {
             h.join().unwrap();
         }
         let r = c.read();
-        assert_eq!(r.true_count + r.false_count, 80_000);
-        let expected_true: u64 = (0..8)
+        assert_eq!(r.true_count + r.false_count, threads * 10_000);
+        let expected_true: u64 = (0..threads)
             .map(|i| (0..10_000).filter(|n| (n + i) % 3 == 0).count() as u64)
             .sum();
         assert_eq!(r.true_count, expected_true);

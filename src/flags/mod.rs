@@ -24,6 +24,7 @@ mod overrides;
 pub mod phash2;
 pub mod plan;
 mod snapshot;
+mod table;
 mod value;
 
 pub use clock::{unix_ms, Clock, ManualClock, SystemClock};
@@ -44,4 +45,5 @@ pub use overrides::{EnvOverrideError, EnvOverrides, Override, OverrideSource, EN
 pub use snapshot::{
     ConditionFailure, CustomPredicate, Deferred, Evaluation, Explanation, FlagDetails, Reason, Snapshot, Step,
 };
+pub use table::FlagId;
 pub use value::{Context, MapContext, OwnedValue, Value};

@@ -22,6 +22,7 @@ use super::config::{Condition, FlagSpec, FlagsConfig, Literal, Number, Operator}
 use super::metrics::FlagCounters;
 use super::overrides::{Override, Overrides};
 use super::phash2;
+use super::table::{same_bytes, FlagId, FlagTable};
 use super::value::{Context, Value};
 
 /// A predicate registered for `{"custom": NAME}` conditions.
@@ -186,7 +187,7 @@ pub(crate) struct CompiledFlag {
 /// custom predicates folded in. Cheap to share; obtained from
 /// [`super::Engine::snapshot`].
 pub struct Snapshot {
-    flags: FxHashMap<Box<[u8]>, CompiledFlag>,
+    flags: FlagTable<CompiledFlag>,
     environment: Box<str>,
     config: Arc<FlagsConfig>,
     overrides: Overrides,
@@ -374,12 +375,18 @@ impl CompiledFlag {
         }
     }
 
-    #[inline]
-    fn rule(&self, clock: &dyn Clock) -> (Rule, Option<usize>) {
+    /// The rule in force now, by reference: a copy of the 3-byte `Rule`
+    /// written field by field and read back whole stalled store forwarding
+    /// on the hot path.
+    #[inline(always)]
+    fn rule(&self, clock: &dyn Clock) -> &Rule {
         if self.stages.is_empty() {
-            (self.base, None)
-        } else {
-            self.rule_at(clock.now_unix_ms())
+            return &self.base;
+        }
+        let n = self.stages.partition_point(|(at, _)| *at <= clock.now_unix_ms());
+        match n.checked_sub(1).and_then(|i| self.stages.get(i)) {
+            Some((_, r)) => r,
+            None => &self.base,
         }
     }
 
@@ -394,9 +401,12 @@ impl CompiledFlag {
         u8::try_from(b).unwrap_or(u8::MAX)
     }
 
-    #[inline]
+    // Always inlined: returned through memory, the `Evaluation` written
+    // field by field and read back whole stalled store forwarding (perf:
+    // the largest single cost of a static flag through the NIF).
+    #[inline(always)]
     fn evaluate<C: Context>(&self, ctx: &C, clock: &dyn Clock) -> Evaluation {
-        let (rule, _) = self.rule(clock);
+        let rule = self.rule(clock);
         let enabled = self.overridden.map_or(rule.enabled, |o| o.enabled);
         let reason = self.decide(enabled, rule, ctx);
         Evaluation {
@@ -405,8 +415,8 @@ impl CompiledFlag {
         }
     }
 
-    #[inline]
-    fn decide<C: Context>(&self, enabled: bool, rule: Rule, ctx: &C) -> Reason {
+    #[inline(always)]
+    fn decide<C: Context>(&self, enabled: bool, rule: &Rule, ctx: &C) -> Reason {
         if !enabled {
             return Reason::Disabled;
         }
@@ -449,7 +459,7 @@ fn attribute_of(c: &Cond) -> Option<&str> {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn check<C: Context>(c: &Cond, ctx: &C) -> Result<(), ConditionFailure> {
     use ConditionFailure::{MissingAttribute, NotMet, Unregistered, WrongType};
     let ok = |b: bool| if b { Ok(()) } else { Err(NotMet) };
@@ -457,6 +467,21 @@ fn check<C: Context>(c: &Cond, ctx: &C) -> Result<(), ConditionFailure> {
         return match predicate {
             Some(p) => ok(p(ctx as &dyn Context)),
             None => ctx.custom(name).map_or(Err(Unregistered), ok),
+        };
+    }
+    // The most common condition on its own path: matching the value where
+    // it is made keeps it in registers (spilled and copied byte-wise for the
+    // general match below, it stalled store forwarding).
+    if let Cond::Equals {
+        attribute,
+        value: expected,
+    } = c
+    {
+        return match ctx.get(attribute) {
+            None => Err(MissingAttribute),
+            Some(Value::Binary(b)) => ok(same_bytes(b, expected)),
+            Some(Value::Atom(a)) => ok(same_bytes(a.as_bytes(), expected)),
+            Some(Value::Int(_) | Value::BigInt { .. }) => Err(NotMet),
         };
     }
     let Some(attr) = attribute_of(c) else {
@@ -572,12 +597,13 @@ fn cmp_int(i: i64, operand: Number) -> Ordering {
 impl Snapshot {
     pub(crate) fn compile(mut input: CompileInput<'_>) -> Snapshot {
         let config = input.config.clone();
-        let mut flags = FxHashMap::default();
-        flags.reserve(config.len());
         let mut keys = Interner::default();
-        for (name, spec) in config.iter() {
-            flags.insert(bytes(name), CompiledFlag::compile(name, spec, &mut input, &mut keys));
-        }
+        let flags = FlagTable::new(
+            config
+                .iter()
+                .map(|(name, spec)| (bytes(name), CompiledFlag::compile(name, spec, &mut input, &mut keys)))
+                .collect(),
+        );
         Snapshot {
             flags,
             environment: input.environment.into(),
@@ -594,7 +620,14 @@ impl Snapshot {
     /// [`Reason::UnknownFlag`].
     #[inline]
     pub fn evaluate<C: Context>(&self, name: &[u8], ctx: &C) -> Evaluation {
-        match self.flags.get(name) {
+        self.evaluate_id(self.flags.find(name), ctx)
+    }
+
+    /// [`Snapshot::evaluate`] for a flag found by [`Snapshot::flag_id`] on
+    /// this snapshot; `None` is an unknown flag.
+    #[inline]
+    pub fn evaluate_id<C: Context>(&self, id: Option<FlagId>, ctx: &C) -> Evaluation {
+        match id.and_then(|id| self.flags.at(id)) {
             Some(flag) => {
                 let e = flag.evaluate(ctx, &*self.clock);
                 flag.counters.record(e.enabled);
@@ -617,7 +650,32 @@ impl Snapshot {
     /// [`Context::custom`] supplies them. One hash lookup either way.
     #[inline]
     pub fn evaluate_or_defer<C: Context>(&self, name: &[u8], ctx: &C) -> Deferred<'_> {
-        match self.flags.get(name) {
+        self.evaluate_or_defer_id(self.flags.find(name), ctx)
+    }
+
+    /// The id of flag `name` in this snapshot, for adapters that resolve
+    /// names once (the NIF maps atom names to ids per published snapshot).
+    #[inline]
+    pub fn flag_id(&self, name: &[u8]) -> Option<FlagId> {
+        self.flags.find(name)
+    }
+
+    /// [`Snapshot::evaluate_or_defer`] for a flag found by
+    /// [`Snapshot::flag_id`] on this snapshot; `None` is an unknown flag
+    /// (counted as one).
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::flags::{Deferred, Engine, FlagsConfig};
+    /// let engine = Engine::builder().build(FlagsConfig::from_json(br#"{"f": {"enabled": true}}"#).unwrap());
+    /// let snap = engine.snapshot();
+    /// let id = snap.flag_id(b"f");
+    /// assert!(matches!(snap.evaluate_or_defer_id(id, &()), Deferred::Evaluated(e) if e.enabled));
+    /// assert!(matches!(snap.evaluate_or_defer_id(None, &()), Deferred::Evaluated(e) if !e.enabled));
+    /// ```
+    #[inline(always)]
+    pub fn evaluate_or_defer_id<C: Context>(&self, id: Option<FlagId>, ctx: &C) -> Deferred<'_> {
+        match id.and_then(|id| self.flags.at(id)) {
             Some(flag) if !flag.external_customs.is_empty() => Deferred::NeedsCustom(&flag.external_customs),
             Some(flag) => {
                 let e = flag.evaluate(ctx, &*self.clock);

@@ -2,10 +2,11 @@
 //! process (a restarted `erlmcp_feature_flags` server finds the last loaded
 //! flags still serving).
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Cache};
 use erlmcp_rollout::flags::{
     phash2, Clock, ConditionFailure, ConfigError, Deferred, Engine, EnvOverrides, FlagsConfig, Problem, Reason,
     ReloadOutcome, Snapshot, SystemClock, Value,
@@ -54,6 +55,36 @@ static PUBLISHED: LazyLock<ArcSwap<Published>> = LazyLock::new(|| {
     })
 });
 
+thread_local! {
+    /// Each thread's cached handle on `PUBLISHED`: while nothing was
+    /// published since, a load is one relaxed pointer compare instead of
+    /// `ArcSwap::load`'s debt-slot bookkeeping (two locked instructions).
+    static LOCAL: RefCell<Option<Cache<&'static ArcSwap<Published>, Arc<Published>>>> =
+        const { RefCell::new(None) };
+}
+
+/// The published snapshot and tables, through this thread's cache; `None`
+/// only while the thread exits (its cache is gone). The pointer stays valid
+/// until this thread's next call here: the cache holds a strong reference,
+/// and only this thread replaces it. (A pointer, not a closure or a guard:
+/// anything wider coming back through memory stalled store forwarding.)
+#[inline(always)]
+fn published_here() -> Option<*const Published> {
+    LOCAL
+        .try_with(|local| {
+            let mut slot = local.try_borrow_mut().ok()?;
+            let cache = slot.get_or_insert_with(|| Cache::new(&*PUBLISHED));
+            Some(Arc::as_ptr(cache.load()))
+        })
+        .ok()
+        .flatten()
+}
+
+/// Published values replaced since, kept until no thread's cache holds them
+/// (checked at every publish), so that a scheduler thread refreshing its
+/// cache never frees a snapshot on the hot path.
+static RETIRED: Mutex<Vec<Arc<Published>>> = Mutex::new(Vec::new());
+
 /// Serializes engine changes with their publication, so that a slower
 /// writer can never publish an older snapshot over a newer one.
 static WRITER: Mutex<()> = Mutex::new(());
@@ -85,12 +116,16 @@ fn publish(env: Env<'_>) {
     let flag_atoms = snapshot
         .config()
         .iter()
-        .filter_map(|(name, _)| atom(env, name).map(|a| (a.as_c_arg(), Box::from(name.as_bytes()))))
+        .filter_map(|(name, _)| Some((atom(env, name)?.as_c_arg(), snapshot.flag_id(name.as_bytes())?)))
         .collect();
-    PUBLISHED.store(Arc::new(Published {
+    let old = PUBLISHED.swap(Arc::new(Published {
         snapshot,
         tables: Tables { key_atoms, flag_atoms },
     }));
+    let mut retired = RETIRED.lock().unwrap_or_else(|p| p.into_inner());
+    retired.push(old);
+    // Only this list holds them: no cache can reach them any more.
+    retired.retain(|p| Arc::strong_count(p) > 1);
 }
 
 /// `true | false | unknown | {custom, [Name]}`: the hot path of
@@ -100,15 +135,24 @@ fn publish(env: Env<'_>) {
 /// binary or atom, the context not a map, or a value evaluation reads is not
 /// a binary, atom or integer.
 fn flags_eval<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>) -> NifResult<Term<'a>> {
-    let published = PUBLISHED.load();
+    match published_here() {
+        // SAFETY: valid for this call (see `published_here`); evaluation
+        // never re-enters it on this thread.
+        Some(p) => eval_published(env, unsafe { &*p }, name, ctx),
+        None => eval_published(env, &PUBLISHED.load(), name, ctx),
+    }
+}
+
+#[inline(always)]
+fn eval_published<'a>(env: Env<'a>, published: &Published, name: Term<'a>, ctx: Term<'a>) -> NifResult<Term<'a>> {
     let tables = &published.tables;
-    let Some(name) = tables.flag_name(name)? else {
+    let Some(id) = tables.flag_id(&published.snapshot, name)? else {
         MapCtx::new(ctx, &[], &[])?;
         published.snapshot.count_unknown();
         return Ok(atoms::unknown().encode(env));
     };
     let c = MapCtx::new(ctx, &tables.key_atoms, &[])?;
-    match published.snapshot.evaluate_or_defer(name, &c) {
+    match published.snapshot.evaluate_or_defer_id(Some(id), &c) {
         Deferred::NeedsCustom(names) => {
             let names: Vec<&str> = names.iter().map(|n| &**n).collect();
             Ok((atoms::custom(), names).encode(env))
@@ -152,6 +196,29 @@ unsafe extern "C" fn flags_eval_raw(
     }
 }
 
+// Calibration: the cost of a NIF call itself (registered by hand like
+// `flags_eval/2`, so no rustler wrapper): returns its first argument.
+rustler::codegen_runtime::inventory::submit!(rustler::Nif {
+    name: c"flags_nop".as_ptr(),
+    arity: 2,
+    flags: rustler::SchedulerFlags::Normal as rustler::codegen_runtime::c_uint,
+    raw_func: flags_nop_raw,
+});
+
+unsafe extern "C" fn flags_nop_raw(
+    nif_env: *mut rustler::sys::ErlNifEnv,
+    argc: rustler::codegen_runtime::c_int,
+    argv: *const rustler::sys::ErlNifTerm,
+) -> rustler::sys::ErlNifTerm {
+    // SAFETY: the VM passes `argc` valid terms at `argv`.
+    unsafe {
+        if argc != 2 || argv.is_null() {
+            return rustler::sys::enif_make_badarg(nif_env);
+        }
+        *argv
+    }
+}
+
 /// `{Generation, Flags, Reloads}`: the snapshot serving now and how many
 /// successful loads this library has seen (0 = nothing loaded since the
 /// VM loaded the library).
@@ -183,11 +250,11 @@ fn flags_eval_custom<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>, answers: T
     }
     let published = PUBLISHED.load();
     let tables = &published.tables;
-    let Some(name) = tables.flag_name(name)? else {
+    let Some(id) = tables.flag_id(&published.snapshot, name)? else {
         return Ok(atoms::unknown().encode(env));
     };
     let c = MapCtx::new(ctx, &tables.key_atoms, &customs)?;
-    let e = published.snapshot.evaluate(name, &c);
+    let e = published.snapshot.evaluate_id(Some(id), &c);
     if c.saw_bad_value() {
         return Err(Error::BadArg);
     }

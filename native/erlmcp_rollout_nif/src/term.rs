@@ -2,7 +2,7 @@
 
 use std::cell::{Cell, RefCell};
 
-use erlmcp_rollout::flags::{Context, Value};
+use erlmcp_rollout::flags::{Context, FlagId, Snapshot, Value};
 use rustc_hash::FxHashMap;
 use rustler::sys::{
     c_char, c_uint, enif_get_atom, enif_get_map_size, enif_get_map_value, enif_inspect_binary, ErlNifBinary,
@@ -94,19 +94,21 @@ pub struct KeyAtom {
 pub struct Tables {
     /// (address of the snapshot's key string, its text, its atom).
     pub key_atoms: Vec<KeyAtom>,
-    pub flag_atoms: FxHashMap<ErlNifTerm, Box<[u8]>>,
+    /// Flag name atom -> the flag's id in the published snapshot.
+    pub flag_atoms: FxHashMap<ErlNifTerm, FlagId>,
 }
 
 impl Tables {
-    /// The bytes of a flag name given as a binary or an atom, without
-    /// copying. `Ok(None)`: an atom that names no flag of the loaded config.
-    #[inline]
-    pub fn flag_name<'s, 't: 's>(&'s self, term: Term<'t>) -> rustler::NifResult<Option<&'s [u8]>> {
+    /// The flag named by a binary or an atom in `snapshot` (the snapshot
+    /// these tables were made for), without copying. `Ok(None)`: a name the
+    /// loaded config does not have.
+    #[inline(always)]
+    pub fn flag_id(&self, snapshot: &Snapshot, term: Term<'_>) -> rustler::NifResult<Option<FlagId>> {
         if let Some(b) = binary_bytes(term) {
-            return Ok(Some(b));
+            return Ok(snapshot.flag_id(b));
         }
         if term.get_type() == TermType::Atom {
-            return Ok(self.flag_atoms.get(&term.as_c_arg()).map(|b| &**b));
+            return Ok(self.flag_atoms.get(&term.as_c_arg()).copied());
         }
         Err(rustler::Error::BadArg)
     }
@@ -179,11 +181,21 @@ impl<'a, 'k> MapCtx<'a, 'k> {
 
     /// A term as a core [`Value`]: binaries borrowed; atom text and big
     /// integer digits kept in the arena. `None` for other types.
+    ///
+    /// The binary case is inlined into evaluation and the rest kept out of
+    /// line: an `Option<Value>` returned through memory stalls store
+    /// forwarding when read back (perf: the largest cost of a condition flag).
+    #[inline(always)]
     pub fn value_of(&self, term: Term<'a>) -> Option<Value<'_>> {
         // Binaries first, without asking the type: the common case.
-        if let Some(b) = binary_bytes(term) {
-            return Some(Value::Binary(b));
+        match binary_bytes(term) {
+            Some(b) => Some(Value::Binary(b)),
+            None => self.other_value_of(term),
         }
+    }
+
+    #[inline(never)]
+    fn other_value_of(&self, term: Term<'a>) -> Option<Value<'_>> {
         match term.get_type() {
             TermType::Atom => {
                 let mut buf = [0u8; ATOM_BUF];
@@ -216,6 +228,12 @@ impl<'a, 'k> MapCtx<'a, 'k> {
         }
     }
 
+    /// The value under `key` (an atom key, else a binary key). The common
+    /// case (a key of the published snapshot, present as an atom) is inlined;
+    /// the rest is out of line. Bare term words all the way: an
+    /// `Option<Term>` (three words) comes back through memory, and reading it
+    /// back whole after a partial write stalls store forwarding.
+    #[inline(always)]
     fn lookup(&self, key: &str) -> Option<Term<'a>> {
         if self.empty {
             return None;
@@ -225,24 +243,46 @@ impl<'a, 'k> MapCtx<'a, 'k> {
             .key_atoms
             .iter()
             .find(|k| k.addr == addr && k.text.len() == key.len());
-        let atom_key = match found.or_else(|| self.key_atoms.iter().find(|k| &*k.text == key)) {
+        let raw = match found {
+            Some(k) => match self.get_atom_key(k.atom) {
+                Some(v) => Some(v),
+                None => self.binary_key(key),
+            },
+            None => self.other_lookup(key),
+        }?;
+        // SAFETY: `raw` is a term of this env, read from the map.
+        Some(unsafe { Term::new(self.map.get_env(), raw) })
+    }
+
+    #[inline(always)]
+    fn get_atom_key(&self, a: Atom) -> Option<ErlNifTerm> {
+        let env = self.map.get_env();
+        let mut value: ErlNifTerm = self.map.as_c_arg();
+        // SAFETY: valid env, map and key terms; enif_get_map_value writes
+        // `value` and returns non-zero only when the key is present.
+        let found = unsafe { enif_get_map_value(env.as_c_arg(), self.map.as_c_arg(), a.as_c_arg(), &mut value) };
+        (found != 0).then_some(value)
+    }
+
+    /// A key that is not one of the published snapshot's own strings.
+    #[inline(never)]
+    fn other_lookup(&self, key: &str) -> Option<ErlNifTerm> {
+        let atom_key = match self.key_atoms.iter().find(|k| &*k.text == key) {
             Some(k) => Some(k.atom),
             None => Atom::existing_from_utf8_bytes(self.map.get_env(), key.as_bytes()).ok(),
         };
-        if let Some(a) = atom_key {
-            let env = self.map.get_env();
-            let mut value: ErlNifTerm = self.map.as_c_arg();
-            // SAFETY: valid env, map and key terms; enif_get_map_value writes
-            // `value` and returns non-zero only when the key is present.
-            if unsafe { enif_get_map_value(env.as_c_arg(), self.map.as_c_arg(), a.as_c_arg(), &mut value) } != 0 {
-                // SAFETY: `value` is a term of this env, read from the map.
-                return Some(unsafe { Term::new(env, value) });
-            }
+        match atom_key.and_then(|a| self.get_atom_key(a)) {
+            Some(v) => Some(v),
+            None => self.binary_key(key),
         }
-        // Binary keys: scan (context maps are small flatmaps).
+    }
+
+    /// Binary keys: scan (context maps are small flatmaps).
+    #[inline(never)]
+    fn binary_key(&self, key: &str) -> Option<ErlNifTerm> {
         MapIterator::new(self.map)?.find_map(|(k, v)| {
             let b = k.decode::<Binary>().ok()?;
-            (b.as_slice() == key.as_bytes()).then_some(v)
+            (b.as_slice() == key.as_bytes()).then_some(v.as_c_arg())
         })
     }
 
@@ -258,6 +298,9 @@ impl<'a, 'k> MapCtx<'a, 'k> {
 }
 
 impl Context for MapCtx<'_, '_> {
+    // Inlined: an `Option<Value>` returned through memory and read back
+    // whole stalled store forwarding (perf, condition flags).
+    #[inline(always)]
     fn get(&self, key: &str) -> Option<Value<'_>> {
         let term = self.lookup(key)?;
         let v = self.value_of(term);
