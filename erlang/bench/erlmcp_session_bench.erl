@@ -63,7 +63,48 @@ run(Dir, Secs) ->
     io:format("  disk/DETS+sync durable writes/s at 64: ~.1fx ~s~n", [DiskX, verdict(DiskX >= 50)]),
     DiskX1 = per_sec(maps:get(store1, Disk)) / per_sec(maps:get(store1, Sync)),
     io:format("  disk/DETS+sync durable writes/s at 1:  ~.1fx~n", [DiskX1]),
+    store_split(maps:get("native memory", maps:from_list([{N, I} || {N, I, _, _} <- Backends]))),
     legacy_import(Dir, case Secs < 1 of true -> 20000; false -> 100000 end),
+    ok.
+
+%% Where a memory store/3 goes, against erlmcp's ETS store: 1 process,
+%% compiled loops over 1024 prebuilt sessions, best of 3 x 1 000 000 calls.
+-define(SPLIT(Fn, Pattern, Expr),
+Fn(0, _Items, _X) -> ok;
+Fn(N, Items, X) ->
+    Pattern = element((N band 1023) + 1, Items),
+    _ = Expr,
+    Fn(N - 1, Items, X)).
+
+?SPLIT(split_loop, {Id, S}, {Id, S}).
+?SPLIT(split_ets, {Id, S}, ets:insert(X, {Id, S})).
+?SPLIT(split_ets_meta, {Id, S}, ets:insert(X, {Id, maps:get(metadata, S)})).
+?SPLIT(split_t2b, {_, S}, byte_size(term_to_binary(maps:get(metadata, S)))).
+?SPLIT(split_copy, {_, S}, erlmcp_rollout_nif:session_copy_probe(maps:get(metadata, S))).
+?SPLIT(split_put, {Id, S}, erlmcp_rollout_nif:session_put(element(2, X), no_tag, Id, S)).
+?SPLIT(split_store, {Id, S}, erlmcp_session_native:store(Id, S, X)).
+
+store_split(Init) ->
+    State = state(Init),
+    Sessions = list_to_tuple([{key(9, I), session(key(9, I))} || I <- lists:seq(0, 1023)]),
+    Fields = list_to_tuple([begin {ok, F} = erlmcp_session_native:to_native(Id, S), {Id, F} end
+                            || {Id, S} <- tuple_to_list(Sessions)]),
+    Ets = ets_init(),
+    N = 1000000,
+    Best = fun(F, Items, X) ->
+                   lists:min([element(1, timer:tc(fun() -> F(N, Items, X) end)) * 1000 / N || _ <- [1, 2, 3]])
+           end,
+    io:format("~nmemory store/3 split, 1 process, ns/call including the loop (best of 3 x ~b):~n", [N]),
+    [io:format("  ~-66s ~7.1f~n", [Label, Best(F, Items, X)])
+     || {Label, F, Items, X} <-
+            [{"loop (element/2 of a prebuilt {Id, Session})", fun split_loop/3, Sessions, none},
+             {"ets:insert/2 of {Id, Session}, erlmcp's table options (ETS store)", fun split_ets/3, Sessions, Ets},
+             {"ets:insert/2 of {Id, Metadata} only", fun split_ets_meta/3, Sessions, Ets},
+             {"term_to_binary(Metadata)", fun split_t2b/3, Sessions, none},
+             {"session_copy_probe(Metadata): copy into NIF-owned memory + free", fun split_copy/3, Sessions, none},
+             {"session_put NIF, fields prebuilt (memory)", fun split_put/3, Fields, State},
+             {"erlmcp_session_native:store/3 (memory)", fun split_store/3, Sessions, State}]],
+    ets:delete(Ets),
     ok.
 
 %% The cutover path: a DETS file in erlmcp's format -> native disk store,

@@ -17,7 +17,8 @@
          flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
          flags_phash2/2, flags_set_clock/1, flags_nop/2, flags_watch_etcd/2, flags_unwatch_etcd/0, flags_etcd_status/0]).
 -export([session_open/2, session_put/4, session_touch/3, session_get/3, session_delete/3,
-         session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_migration_phase/1, session_set_clock/1, session_now/0]).
+         session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_migration_phase/1, session_set_clock/1, session_now/0,
+         session_copy_probe/1]).
 
 -on_load(init/0).
 
@@ -167,3 +168,8 @@ session_set_clock(_At) -> ?NOT_LOADED.
 
 -spec session_now() -> integer().
 session_now() -> ?NOT_LOADED.
+
+%% Benchmark calibration: copies Term into NIF-owned memory and frees it
+%% (what keeping session metadata as a term would cost per store).
+-spec session_copy_probe(term()) -> ok.
+session_copy_probe(_Term) -> ?NOT_LOADED.
