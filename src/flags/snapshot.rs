@@ -362,31 +362,28 @@ impl CompiledFlag {
         }
     }
 
-    /// The rule in force at `now_ms` and the index of its stage.
-    #[inline]
-    fn rule_at(&self, now_ms: i64) -> (Rule, Option<usize>) {
+    /// The rule in force at `now_ms` and the index of its stage, by
+    /// reference: a copy of the 3-byte `Rule` written field by field and
+    /// read back whole stalled store forwarding on the hot path.
+    #[inline(always)]
+    fn rule_at(&self, now_ms: i64) -> (&Rule, Option<usize>) {
         let n = self.stages.partition_point(|(at, _)| *at <= now_ms);
         match n
             .checked_sub(1)
-            .and_then(|i| self.stages.get(i).map(|(_, r)| (*r, Some(i))))
+            .and_then(|i| self.stages.get(i).map(|(_, r)| (r, Some(i))))
         {
             Some(found) => found,
-            None => (self.base, None),
+            None => (&self.base, None),
         }
     }
 
-    /// The rule in force now, by reference: a copy of the 3-byte `Rule`
-    /// written field by field and read back whole stalled store forwarding
-    /// on the hot path.
+    /// The rule in force now (no clock read without stages).
     #[inline(always)]
     fn rule(&self, clock: &dyn Clock) -> &Rule {
         if self.stages.is_empty() {
-            return &self.base;
-        }
-        let n = self.stages.partition_point(|(at, _)| *at <= clock.now_unix_ms());
-        match n.checked_sub(1).and_then(|i| self.stages.get(i)) {
-            Some((_, r)) => r,
-            None => &self.base,
+            &self.base
+        } else {
+            self.rule_at(clock.now_unix_ms()).0
         }
     }
 
