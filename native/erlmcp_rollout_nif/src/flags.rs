@@ -229,6 +229,10 @@ fn flags_status() -> (u64, usize, u64) {
     (generation, flags, ENGINE.metrics().reloads)
 }
 
+// Inlined: called out of line, the `Reason` assembled in registers was
+// written to the stack in parts and read back whole (a store-forwarding
+// stall on every evaluation, perf).
+#[inline(always)]
 fn reason_atom(reason: Reason) -> Atom {
     match reason {
         Reason::UnknownFlag => atoms::unknown(),
