@@ -21,8 +21,11 @@ use std::time::{Duration, Instant};
 #[path = "session_support/seeded.rs"]
 mod seeded;
 use seeded::{env_u64, xorshift};
+#[path = "session_support/versioned.rs"]
+mod versioned;
+use versioned::{check_acked, write_next};
 
-use erlmcp_rollout::session::{DiskStore, Session, SessionId, Store, StoreError, StoreOptions, Timeout, Visibility};
+use erlmcp_rollout::session::{DiskStore, StoreOptions};
 
 const CHILD_ENV: &str = "ERLMCP_CRASH_CHILD";
 const PATH_ENV: &str = "ERLMCP_CRASH_PATH";
@@ -55,20 +58,7 @@ fn writer(path: &Path) {
             std::thread::spawn(move || {
                 for step in 0usize.. {
                     let key = format!("w{t}-{}", step % KEYS_PER_THREAD);
-                    let sid = SessionId::new(&key).unwrap();
-                    let result = match store.get(&sid) {
-                        Err(StoreError::NotFound { .. }) => {
-                            store.create(Session::new(sid, 0, Timeout::Infinity, meta(&key, 1)))
-                        }
-                        Ok(s) if step % 3 == 0 => {
-                            store.put(Session::new(sid, 0, Timeout::Infinity, meta(&key, s.version + 1)))
-                        }
-                        Ok(s) => store.update_if_version(
-                            Session::new(sid, 0, Timeout::Infinity, meta(&key, s.version + 1)),
-                            s.version,
-                        ),
-                        Err(e) => Err(e),
-                    };
+                    let result = write_next(&*store, &key, step, meta);
                     match result {
                         Ok(s) => println_flushed(&format!("ack {key} {}", s.version)),
                         Err(e) => panic!("{key}: {e}"),
@@ -153,19 +143,7 @@ fn check(path: &Path, acked: &BTreeMap<String, u64>) -> Duration {
     let start = Instant::now();
     let store = DiskStore::create(path, StoreOptions::default()).unwrap();
     let reopen = start.elapsed();
-    for (key, version) in acked {
-        let s = store
-            .get(&SessionId::new(key).unwrap())
-            .unwrap_or_else(|e| panic!("{key}: acknowledged at v{version}, lost after kill -9: {e}"));
-        assert!(
-            s.version >= *version,
-            "{key}: acknowledged v{version}, found v{}",
-            s.version
-        );
-        assert_eq!(s.metadata.as_ref(), meta(key, s.version).as_slice(), "{key}: contents");
-    }
-    let all = store.scan(None, usize::MAX, Visibility::Raw).unwrap();
-    assert!(all.records.len() >= acked.len());
+    check_acked(&store, acked, meta, "kill -9");
     drop(store);
     let mut db = redb::Database::create(path).unwrap();
     assert!(db.check_integrity().unwrap(), "redb integrity check failed");

@@ -18,8 +18,11 @@ use std::time::Duration;
 #[path = "session_support/seeded.rs"]
 mod seeded;
 use seeded::{env_u64, xorshift};
+#[path = "session_support/versioned.rs"]
+mod versioned;
+use versioned::{check_acked, write_next};
 
-use erlmcp_rollout::session::{DiskStore, Session, SessionId, Store, StoreError, StoreOptions, Timeout, Visibility};
+use erlmcp_rollout::session::{DiskStore, StoreOptions};
 use sim_disk::SimDisk;
 
 const THREADS: usize = 8;
@@ -45,20 +48,7 @@ fn write_until_failure(
                 let mut count = 0;
                 for step in 0.. {
                     let key = format!("p{t}-{}", step % KEYS_PER_THREAD);
-                    let sid = SessionId::new(&key).unwrap();
-                    let result = match store.get(&sid) {
-                        Err(StoreError::NotFound { .. }) => {
-                            store.create(Session::new(sid, 0, Timeout::Infinity, meta(&key, 1)))
-                        }
-                        Ok(s) if step % 3 == 0 => {
-                            store.put(Session::new(sid, 0, Timeout::Infinity, meta(&key, s.version + 1)))
-                        }
-                        Ok(s) => store.update_if_version(
-                            Session::new(sid, 0, Timeout::Infinity, meta(&key, s.version + 1)),
-                            s.version,
-                        ),
-                        Err(e) => Err(e),
-                    };
+                    let result = write_next(&*store, &key, step, meta);
                     match result {
                         Ok(s) => {
                             count += 1;
@@ -74,23 +64,6 @@ fn write_until_failure(
             })
         })
         .collect()
-}
-
-fn check(store: &DiskStore, acked: &BTreeMap<String, u64>) {
-    for (key, version) in acked {
-        let s = store
-            .get(&SessionId::new(key).unwrap())
-            .unwrap_or_else(|e| panic!("{key}: acknowledged at v{version}, lost after power loss: {e}"));
-        assert!(
-            s.version >= *version,
-            "{key}: acknowledged v{version}, found v{}",
-            s.version
-        );
-        assert_eq!(s.metadata.as_ref(), meta(key, s.version).as_slice(), "{key}: contents");
-    }
-    // Every stored record decodes.
-    let all = store.scan(None, usize::MAX, Visibility::Raw).unwrap();
-    assert!(all.records.len() >= acked.len());
 }
 
 #[test]
@@ -109,7 +82,7 @@ fn acknowledged_writes_survive_simulated_power_loss() {
     for round in 0..rounds {
         let disk = SimDisk::from_image(image);
         let store = Arc::new(DiskStore::with_backend(disk.clone(), StoreOptions::default()).unwrap());
-        check(&store, &acked.lock().unwrap());
+        check_acked(&*store, &acked.lock().unwrap(), meta, "power loss");
         let writers = write_until_failure(&store, &acked);
         std::thread::sleep(Duration::from_micros(500 + xorshift(&mut seed) % 30_000));
         let torn = (round % 2 == 1).then(|| xorshift(&mut seed));
@@ -128,5 +101,5 @@ fn acknowledged_writes_survive_simulated_power_loss() {
     let acked = acked.lock().unwrap();
     assert!(!acked.is_empty(), "no write was acknowledged in {rounds} rounds");
     println!("{total} acknowledged writes in {rounds} rounds, all present");
-    check(&store, &acked);
+    check_acked(&store, &acked, meta, "power loss");
 }
