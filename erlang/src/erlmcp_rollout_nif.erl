@@ -114,29 +114,36 @@ flags_etcd_status() -> ?NOT_LOADED.
 
 %% Sessions. Every call taking a `Tag' either answers at once or returns
 %% `async' and later sends `{Tag, Result}' to the caller (disk and etcd
-%% stores, and every sweep); see `erlmcp_session_native'.
+%% stores, and every sweep); see `erlmcp_session_native'. A fresh
+%% reference makes the reply unique; the five point calls to a memory
+%% store always answer at once and take any term.
+-type reply_tag() :: reference() | atom().
 
 -spec session_open(Spec :: memory | {disk, file:filename_all()} | {etcd, [binary() | string()]}, Opts :: map()) ->
     {ok, store_handle(), store_kind()} | {error, {bad_option | bad_store, binary()} | store_error()}.
 session_open(_Spec, _Opts) -> ?NOT_LOADED.
 
--spec session_put(store_handle(), Tag :: reference(), Id :: binary(), native_fields()) ->
-    ok | {error, store_error()} | async.
+%% `Metadata' may also be a map for the NIF to encode (the bytes
+%% `term_to_binary/1' writes); `term_to_binary' asks the caller to encode it
+%% and call again (a pid, a fun, a large or deep term, ...).
+-spec session_put(store_handle(), Tag :: reply_tag(), Id :: binary(),
+                  native_fields() | {integer(), integer(), pos_integer() | infinity, map()}) ->
+    ok | {error, store_error()} | async | term_to_binary.
 session_put(_Handle, _Tag, _Id, _Fields) -> ?NOT_LOADED.
 
--spec session_touch(store_handle(), Tag :: reference(), Id :: binary()) ->
+-spec session_touch(store_handle(), Tag :: reply_tag(), Id :: binary()) ->
     {ok, stored()} | {error, store_error()} | async.
 session_touch(_Handle, _Tag, _Id) -> ?NOT_LOADED.
 
--spec session_get(store_handle(), Tag :: reference(), Id :: binary()) ->
+-spec session_get(store_handle(), Tag :: reply_tag(), Id :: binary()) ->
     {ok, stored()} | {error, store_error()} | async.
 session_get(_Handle, _Tag, _Id) -> ?NOT_LOADED.
 
--spec session_delete(store_handle(), Tag :: reference(), Id :: binary()) ->
+-spec session_delete(store_handle(), Tag :: reply_tag(), Id :: binary()) ->
     {ok, WasLive :: boolean()} | {error, store_error()} | async.
 session_delete(_Handle, _Tag, _Id) -> ?NOT_LOADED.
 
--spec session_list_page(store_handle(), Tag :: reference(), After :: binary() | start, Limit :: 1..1000) ->
+-spec session_list_page(store_handle(), Tag :: reply_tag(), After :: binary() | start, Limit :: 1..1000) ->
     {ok, [binary()], Next :: binary() | done} | {error, store_error()} | async.
 session_list_page(_Handle, _Tag, _After, _Limit) -> ?NOT_LOADED.
 

@@ -38,11 +38,30 @@ impl ShardMap {
         self.records.get_mut(id)
     }
 
-    fn insert(&mut self, s: Session) {
-        let id = s.id.clone();
-        if self.records.insert(id.clone(), s).is_none() {
-            self.order.insert(id);
+    /// Stores `s`; returns the record it replaced, for the caller to drop
+    /// after unlocking (freeing its metadata need not hold the lock).
+    fn insert(&mut self, s: Session) -> Option<Session> {
+        if let Some(slot) = self.records.get_mut(&s.id) {
+            return Some(std::mem::replace(slot, s));
         }
+        let id = s.id.clone();
+        self.order.insert(id.clone());
+        self.records.insert(id, s);
+        None
+    }
+
+    /// Stores `s` with the next version of its key (one lookup); returns
+    /// what [`ShardMap::insert`] does and the version given.
+    fn put(&mut self, mut s: Session) -> (Session, Option<Session>) {
+        s.tombstone = false;
+        if let Some(slot) = self.records.get_mut(&s.id) {
+            s.version = next_version(Some(slot));
+            let stored = s.clone();
+            return (stored, Some(std::mem::replace(slot, s)));
+        }
+        s.version = next_version(None);
+        let stored = s.clone();
+        (stored, self.insert(s))
     }
 
     fn len(&self) -> usize {
@@ -165,13 +184,11 @@ impl Store for MemoryStore {
         Ok(read(self.shard(id)).get(id).cloned())
     }
 
-    fn put(&self, mut session: Session) -> Result<Session, StoreError> {
+    fn put(&self, session: Session) -> Result<Session, StoreError> {
         session.validate()?;
-        let mut map = write(self.shard(&session.id));
-        session.version = next_version(map.get(&session.id));
-        session.tombstone = false;
-        map.insert(session.clone());
-        Ok(session)
+        let (stored, replaced) = write(self.shard(&session.id)).put(session);
+        drop(replaced);
+        Ok(stored)
     }
 
     fn update_if_version(&self, mut session: Session, expected: u64) -> Result<Session, StoreError> {

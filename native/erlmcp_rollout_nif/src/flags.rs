@@ -162,55 +162,8 @@ fn eval_published<'a>(env: Env<'a>, published: &Published, name: Term<'a>, ctx: 
     }
 }
 
-/// Registers `$f` (`fn(Env, Term, Term) -> NifResult<Term>`) as the 2-ary
-/// NIF `$name` by hand rather than with `#[rustler::nif]`: rustler 0.39's
-/// generated wrapper collects the arguments into a `Vec` on every call, a
-/// heap allocation (measured ~15 % of `flags_eval/2`). Same contract
-/// otherwise: panics are caught and raised as `nif_panicked`, errors become
-/// `badarg`.
-macro_rules! nif2_by_hand {
-    ($name:literal, $raw:ident, $f:path) => {
-        rustler::codegen_runtime::inventory::submit!(rustler::Nif {
-            name: $name.as_ptr(),
-            arity: 2,
-            flags: rustler::SchedulerFlags::Normal as rustler::codegen_runtime::c_uint,
-            raw_func: $raw,
-        });
-
-        unsafe extern "C" fn $raw(
-            nif_env: *mut rustler::sys::ErlNifEnv,
-            argc: rustler::codegen_runtime::c_int,
-            argv: *const rustler::sys::ErlNifTerm,
-        ) -> rustler::sys::ErlNifTerm {
-            let lifetime = ();
-            // SAFETY: the VM calls this with a valid env and `argc` terms at
-            // `argv` (arity 2 is registered above); the terms live as long as
-            // the env.
-            unsafe {
-                let env = Env::new(&lifetime, nif_env);
-                if argc != 2 || argv.is_null() {
-                    return rustler::sys::enif_make_badarg(nif_env);
-                }
-                let a = Term::new(env, *argv);
-                let b = Term::new(env, *argv.add(1));
-                // The closure returns one term word: `catch_unwind` hands
-                // its result back through memory, and a whole `NifResult`
-                // read back after a partial write stalled store forwarding.
-                let answer = std::panic::catch_unwind(move || match $f(env, a, b) {
-                    Ok(term) => term.as_c_arg(),
-                    Err(e) => rustler::codegen_runtime::handle_nif_result::<Term<'_>>(Ok(Err(e)), env).apply(env),
-                });
-                match answer {
-                    Ok(term) => term,
-                    Err(panic) => rustler::codegen_runtime::handle_nif_result::<Term<'_>>(Err(panic), env).apply(env),
-                }
-            }
-        }
-    };
-}
-
 // The hot path of `erlmcp_feature_flags:is_enabled/2`.
-nif2_by_hand!(c"flags_eval", flags_eval_raw, flags_eval);
+nif_by_hand!(c"flags_eval", flags_eval_raw, flags_eval, [name, ctx]);
 
 /// Calibration for the benchmark: the cost of a NIF call itself (registered
 /// like `flags_eval/2`, without rustler's wrapper): returns its first argument.
@@ -218,7 +171,7 @@ fn flags_nop<'a>(_env: Env<'a>, first: Term<'a>, _second: Term<'a>) -> NifResult
     Ok(first)
 }
 
-nif2_by_hand!(c"flags_nop", flags_nop_raw, flags_nop);
+nif_by_hand!(c"flags_nop", flags_nop_raw, flags_nop, [first, second]);
 
 /// `{Generation, Flags, Reloads}`: the snapshot serving now and how many
 /// successful loads this library has seen (0 = nothing loaded since the

@@ -10,6 +10,63 @@
 //! (load, configure, overrides, details, metrics, get_all) can take
 //! milliseconds with a thousand flags and runs on a dirty scheduler.
 
+/// Registers `$f` (`fn(Env, Term, ...) -> NifResult<Term>`, one `Term` per
+/// name in `[$arg, ...]`) as the NIF `$name` of that arity, by hand rather
+/// than with `#[rustler::nif]`: rustler 0.39's generated wrapper collects
+/// the arguments into a `Vec` on every call, a heap allocation (measured
+/// ~15 % of `flags_eval/2`). Same contract otherwise: panics are caught and
+/// raised as `nif_panicked`, errors become `badarg`. For the hot paths only.
+macro_rules! nif_by_hand {
+    ($name:literal, $raw:ident, $f:path, [$($arg:ident),+]) => {
+        rustler::codegen_runtime::inventory::submit!(rustler::Nif {
+            name: $name.as_ptr(),
+            arity: nif_by_hand!(@count $($arg)+),
+            flags: rustler::SchedulerFlags::Normal as rustler::codegen_runtime::c_uint,
+            raw_func: $raw,
+        });
+
+        unsafe extern "C" fn $raw(
+            nif_env: *mut rustler::sys::ErlNifEnv,
+            argc: rustler::codegen_runtime::c_int,
+            argv: *const rustler::sys::ErlNifTerm,
+        ) -> rustler::sys::ErlNifTerm {
+            let lifetime = ();
+            // SAFETY: the VM calls this with a valid env and `argc` terms at
+            // `argv` (the arity registered above); the terms live as long as
+            // the env.
+            unsafe {
+                let env = rustler::Env::new(&lifetime, nif_env);
+                if argc != nif_by_hand!(@count $($arg)+) as rustler::codegen_runtime::c_int || argv.is_null() {
+                    return rustler::sys::enif_make_badarg(nif_env);
+                }
+                let mut at = argv;
+                $(
+                    let $arg = rustler::Term::new(env, *at);
+                    at = at.add(1);
+                )+
+                let _ = at;
+                // The closure returns one term word: `catch_unwind` hands
+                // its result back through memory, and a whole `NifResult`
+                // read back after a partial write stalled store forwarding.
+                let answer = std::panic::catch_unwind(move || match $f(env, $($arg),+) {
+                    Ok(term) => term.as_c_arg(),
+                    Err(e) => rustler::codegen_runtime::handle_nif_result::<rustler::Term<'_>>(Ok(Err(e)), env)
+                        .apply(env),
+                });
+                match answer {
+                    Ok(term) => term,
+                    Err(panic) => {
+                        rustler::codegen_runtime::handle_nif_result::<rustler::Term<'_>>(Err(panic), env).apply(env)
+                    }
+                }
+            }
+        }
+    };
+    (@count $($arg:ident)+) => { 0 $(+ nif_by_hand!(@one $arg))+ };
+    (@one $arg:ident) => { 1 };
+}
+
+mod etf;
 mod flags;
 mod session;
 mod term;
@@ -65,4 +122,8 @@ pub mod atoms {
     }
 }
 
-rustler::init!("erlmcp_rollout_nif");
+rustler::init!("erlmcp_rollout_nif", load = load);
+
+fn load(env: rustler::Env<'_>, _info: rustler::Term<'_>) -> bool {
+    session::open_handle_type(env)
+}

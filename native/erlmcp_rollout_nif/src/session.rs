@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicPtr, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
@@ -28,9 +28,14 @@ use erlmcp_rollout::session::{
     SystemClock, Timeout, TouchPolicy, Visibility,
 };
 use rustler::env::SavedTerm;
+use rustler::sys::{
+    c_void, enif_alloc_resource, enif_get_resource, enif_make_resource, enif_open_resource_type, enif_release_resource,
+    ErlNifEnv, ErlNifResourceFlags, ErlNifResourceType,
+};
 use rustler::types::tuple::get_tuple;
-use rustler::{Atom, Binary, Encoder, Env, LocalPid, NewBinary, NifResult, OwnedEnv, Resource, ResourceArc, Term};
+use rustler::{Atom, Binary, Decoder, Encoder, Env, LocalPid, NewBinary, NifResult, OwnedEnv, Term};
 
+use crate::etf;
 use crate::term::{binary_bytes, proper_list, text};
 
 mod atoms {
@@ -61,6 +66,7 @@ mod atoms {
         expired,
         tombstones,
         async_ = "async",
+        term_to_binary,
         hybrid,
         state_dir,
         migration_phase,
@@ -160,8 +166,78 @@ fn decode_phase_etcd(v: Term<'_>) -> Result<PhaseEtcd, String> {
 
 static HYBRIDS: LazyLock<Mutex<HashMap<PathBuf, Weak<Hybrid>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
-#[rustler::resource_impl]
-impl Resource for StoreHandle {}
+// ------------------------------------------------ the handle resource
+//
+// Store handles are a resource type of this library's own rather than
+// rustler's `#[resource_impl]`: rustler finds the resource type on every
+// decode in a SipHash map keyed by `TypeId` (~20 ns of each session call,
+// perf); here it is one pointer, opened by the load callback.
+
+static HANDLE_TYPE: AtomicPtr<ErlNifResourceType> = AtomicPtr::new(std::ptr::null_mut());
+
+// enif_alloc_resource returns word-aligned memory.
+const _: () = assert!(std::mem::align_of::<StoreHandle>() <= std::mem::align_of::<usize>());
+
+/// The VM's destructor of a handle: the last reference is gone.
+unsafe extern "C" fn drop_handle(_env: *mut ErlNifEnv, obj: *mut c_void) {
+    // SAFETY: `obj` holds the StoreHandle `handle_term` wrote, dropped once.
+    let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
+        std::ptr::drop_in_place(obj as *mut StoreHandle)
+    }));
+}
+
+/// Opens the store handle resource type: from the library's load callback.
+pub fn open_handle_type(env: Env<'_>) -> bool {
+    let mut tried = std::mem::MaybeUninit::uninit();
+    // SAFETY: called from the load callback with its env; the name is a
+    // NUL-terminated static.
+    let t = unsafe {
+        enif_open_resource_type(
+            env.as_c_arg(),
+            std::ptr::null(),
+            c"erlmcp_session_store".as_ptr(),
+            Some(drop_handle),
+            ErlNifResourceFlags::ERL_NIF_RT_CREATE,
+            tried.as_mut_ptr(),
+        )
+    };
+    HANDLE_TYPE.store(t.cast_mut(), Ordering::Release);
+    !t.is_null()
+}
+
+/// A new handle term that owns `handle`.
+fn handle_term(env: Env<'_>, handle: StoreHandle) -> Term<'_> {
+    // SAFETY: the type was opened at load (no NIF runs otherwise); the
+    // memory is fresh, word-aligned and large enough; the term keeps the
+    // resource alive once this function's reference is released.
+    unsafe {
+        let obj = enif_alloc_resource(HANDLE_TYPE.load(Ordering::Acquire), std::mem::size_of::<StoreHandle>());
+        (obj as *mut StoreHandle).write(handle);
+        let term = enif_make_resource(env.as_c_arg(), obj);
+        enif_release_resource(obj);
+        Term::new(env, term)
+    }
+}
+
+impl<'a> Decoder<'a> for &'a StoreHandle {
+    fn decode(term: Term<'a>) -> NifResult<Self> {
+        let mut obj: *const c_void = std::ptr::null();
+        // SAFETY: a handle term holds a StoreHandle written by
+        // `handle_term`, alive while the term is (`'a`).
+        unsafe {
+            if enif_get_resource(
+                term.get_env().as_c_arg(),
+                term.as_c_arg(),
+                HANDLE_TYPE.load(Ordering::Relaxed),
+                &mut obj,
+            ) == 0
+            {
+                return Err(rustler::Error::BadArg);
+            }
+            Ok(&*(obj as *const StoreHandle))
+        }
+    }
+}
 
 static REGISTRY: LazyLock<Mutex<HashMap<StoreKey, Weak<dyn Store>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
@@ -487,7 +563,7 @@ fn session_open<'a>(env: Env<'a>, spec: Term<'a>, opts: Term<'a>) -> Term<'a> {
                 blocking,
                 hybrid: None,
             };
-            (atoms::ok(), ResourceArc::new(handle), kind).encode(env)
+            (atoms::ok(), handle_term(env, handle), kind).encode(env)
         }
         Err(e) => (atoms::error(), error_term(env, &e)).encode(env),
     }
@@ -648,7 +724,7 @@ fn open_hybrid<'a>(env: Env<'a>, primary: Term<'a>, secondary: Term<'a>, opts: T
         blocking: p_blocking || s_blocking,
         hybrid: Some(hybrid),
     };
-    (atoms::ok(), ResourceArc::new(handle), atoms::hybrid()).encode(env)
+    (atoms::ok(), handle_term(env, handle), atoms::hybrid()).encode(env)
 }
 
 /// How long each gated step may wait for the outbox to drain.
@@ -848,55 +924,112 @@ fn decode_open_options(opts: Term<'_>) -> Result<OpenOptions, String> {
     Ok(o)
 }
 
-/// A session from `Id` and `{CreatedAt, LastAccessed, Timeout, Meta}`.
-fn decode_session(id: Term<'_>, fields: Term<'_>) -> Result<Session, String> {
-    let id = session_id(id)?;
-    let [created, accessed, timeout, meta]: [Term<'_>; 4] = get_tuple(fields)
-        .ok()
-        .and_then(|t| t.try_into().ok())
-        .ok_or("session fields must be {CreatedAt, LastAccessed, TimeoutMs | infinity, Metadata}")?;
-    let created_at = decode_time(created, "created_at")?;
-    let last_accessed = decode_time(accessed, "last_accessed")?;
-    let timeout = decode_timeout(timeout)?;
-    let meta = binary_bytes(meta).ok_or("metadata must be a binary")?;
-    let mut s = Session::new(id, created_at, timeout, Arc::<[u8]>::from(meta));
-    s.last_accessed = last_accessed;
-    Ok(s)
+/// A session from `Id` and `{CreatedAt, LastAccessed, Timeout, Meta}`, its
+/// metadata still a term.
+struct Fields<'a> {
+    id: SessionId,
+    created_at: i64,
+    last_accessed: i64,
+    timeout: Timeout,
+    meta: Term<'a>,
+}
+
+impl Fields<'_> {
+    fn decode<'a>(id: Term<'a>, fields: Term<'a>) -> Result<Fields<'a>, String> {
+        let id = session_id(id)?;
+        let [created, accessed, timeout, meta]: [Term<'a>; 4] = get_tuple(fields)
+            .ok()
+            .and_then(|t| t.try_into().ok())
+            .ok_or("session fields must be {CreatedAt, LastAccessed, TimeoutMs | infinity, Metadata}")?;
+        Ok(Fields {
+            id,
+            created_at: decode_time(created, "created_at")?,
+            last_accessed: decode_time(accessed, "last_accessed")?,
+            timeout: decode_timeout(timeout)?,
+            meta,
+        })
+    }
+
+    fn into_session(self, meta: Arc<[u8]>) -> Session {
+        let mut s = Session::new(self.id, self.created_at, self.timeout, meta);
+        s.last_accessed = self.last_accessed;
+        s
+    }
+}
+
+/// A session from `Id` and `{CreatedAt, LastAccessed, Timeout, MetaBytes}`.
+fn decode_session<'a>(id: Term<'a>, fields: Term<'a>) -> Result<Session, String> {
+    let f = Fields::decode(id, fields)?;
+    let meta = binary_bytes(f.meta).ok_or("metadata must be a binary")?;
+    Ok(f.into_session(Arc::from(meta)))
+}
+
+thread_local! {
+    /// This scheduler thread's metadata encoder.
+    static ENCODER: std::cell::RefCell<etf::Scratch> = std::cell::RefCell::new(etf::Scratch::default());
+}
+
+/// `Meta` in external term format, encoded here when the encoder takes it.
+fn encode_meta(meta: Term<'_>) -> Result<Arc<[u8]>, etf::NotHere> {
+    ENCODER.with_borrow_mut(|e| e.encode(meta).map(Arc::from))
 }
 
 /// `session_put(Handle, Tag, Id, {CreatedAt, LastAccessed, Timeout, Meta})
-/// -> ok | {error, E} | async`: create or replace.
-#[rustler::nif]
+/// -> ok | {error, E} | async | term_to_binary`: create or replace. `Meta`
+/// is external term format bytes, or a map that this NIF encodes itself
+/// (the bytes `term_to_binary/1` would write); `term_to_binary` asks the
+/// caller to encode that map and call again (see `etf`). Registered by
+/// hand: `erlmcp_session_native:store/3` runs it on every write.
 fn session_put<'a>(
     env: Env<'a>,
-    handle: &StoreHandle,
+    handle: Term<'a>,
     tag: Term<'a>,
     id: Term<'a>,
     fields: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    let session = match decode_session(id, fields) {
-        Ok(s) => s,
+    let handle: &StoreHandle = handle.decode()?;
+    let f = match Fields::decode(id, fields) {
+        Ok(f) => f,
         Err(e) => return Ok(invalid(env, &e)),
     };
+    let meta = match binary_bytes(f.meta) {
+        Some(bytes) => Arc::from(bytes),
+        None if f.meta.is_map() => match encode_meta(f.meta) {
+            Ok(meta) => meta,
+            Err(etf::NotHere) => return Ok(atoms::term_to_binary().encode(env)),
+        },
+        None => {
+            return Ok(invalid(
+                env,
+                "metadata must be a binary (external term format) or a map",
+            ))
+        }
+    };
+    let session = f.into_session(meta);
     Ok(run(env, handle, tag, false, move |store| match store.put(session) {
         Ok(_) => Reply::Ok,
         Err(e) => Reply::Failed(e),
     }))
 }
 
+nif_by_hand!(c"session_put", session_put_raw, session_put, [handle, tag, id, fields]);
+
 /// `session_touch(Handle, Tag, Id) -> {ok, {Created, LastAccessed, Timeout,
 /// Meta, Version}} | {error, not_found | E} | async`: read and slide expiry.
-#[rustler::nif]
-fn session_touch<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, id: Term<'a>) -> Term<'a> {
+/// Registered by hand: `erlmcp_session_native:fetch/2` runs it on every read.
+fn session_touch<'a>(env: Env<'a>, handle: Term<'a>, tag: Term<'a>, id: Term<'a>) -> NifResult<Term<'a>> {
+    let handle: &StoreHandle = handle.decode()?;
     let id = match session_id(id) {
         Ok(id) => id,
-        Err(e) => return invalid(env, &e),
+        Err(e) => return Ok(invalid(env, &e)),
     };
-    run(env, handle, tag, false, move |store| match store.touch(&id) {
+    Ok(run(env, handle, tag, false, move |store| match store.touch(&id) {
         Ok(s) => Reply::Session(s),
         Err(e) => Reply::Failed(e),
-    })
+    }))
 }
+
+nif_by_hand!(c"session_touch", session_touch_raw, session_touch, [handle, tag, id]);
 
 /// `session_get(Handle, Tag, Id)`: like `session_touch/3` without touching.
 #[rustler::nif]
