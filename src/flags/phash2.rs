@@ -80,7 +80,7 @@ const SSMALL28_LIMIT: u64 = 1 << 27;
 /// An [`Value::Int`] and a [`Value::BigInt`] of the same value hash the same,
 /// whatever leading zero bytes the magnitude has, and `-0` is `0`.
 #[must_use]
-#[inline]
+#[inline(always)]
 pub fn hash(term: &Value<'_>) -> u32 {
     mix_term(0, term)
 }
@@ -105,7 +105,7 @@ pub fn hash_salted(salt: &[u8], term: &Value<'_>) -> u32 {
 /// assert_eq!(phash2(&Value::Int(42), 1 << 27), 30328728);
 /// ```
 #[must_use]
-#[inline]
+#[inline(always)]
 pub fn phash2(term: &Value<'_>, range: u32) -> u32 {
     hash(term) % range.max(1)
 }
@@ -151,7 +151,9 @@ pub fn atom_hash(name: &str) -> u32 {
 }
 
 /// Mix one term into the running hash `h` (one step of `make_hash2`'s loop).
-#[inline]
+/// Inlined into the caller that built the `Value`: called out of line, the
+/// value went through memory and reading its tag back stalled (perf).
+#[inline(always)]
 fn mix_term(h: u32, term: &Value<'_>) -> u32 {
     match *term {
         Value::Binary(bytes) => mix_binary(h, bytes),
