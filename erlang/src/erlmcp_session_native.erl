@@ -31,7 +31,10 @@
 %% Sessions round-trip exactly. A session in erlmcp's shape (exactly `id',
 %% `created_at', `last_accessed', `timeout_ms', `metadata', with `id' equal
 %% to the key and `metadata' a map) is stored field by field with the
-%% metadata in external term format (readable from Rust and the CLI). Any
+%% metadata in external term format (readable from Rust and the CLI): the
+%% bytes `term_to_binary/1' writes, encoded by the NIF itself for the usual
+%% terms and by `term_to_binary/1' here for the rest (pids, funs, large or
+%% deep terms; see `erlmcp_rollout_nif:session_put/4'). Any
 %% other map (extra or missing keys) is stored whole; missing times default
 %% to now, a missing timeout to `infinity'. A present `created_at',
 %% `last_accessed' or `timeout_ms' of the wrong type is rejected with
