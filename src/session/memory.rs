@@ -50,8 +50,8 @@ impl ShardMap {
         None
     }
 
-    /// Stores `s` with the next version of its key (one lookup); returns
-    /// what [`ShardMap::insert`] does and the version given.
+    /// Stores `s` with the next version of its key (one hash lookup when
+    /// the key exists); returns a copy as stored and the record it replaced.
     fn put(&mut self, mut s: Session) -> (Session, Option<Session>) {
         s.tombstone = false;
         if let Some(slot) = self.records.get_mut(&s.id) {
