@@ -68,6 +68,58 @@ impl Clock for ManualClock {
     }
 }
 
+/// The system clock unless pinned to a fixed time (tests, and "what will
+/// this look like at T" checks on a running node); one relaxed atomic load
+/// per read.
+///
+/// # Examples
+/// ```
+/// use erlmcp_rollout::flags::{Clock, PinnableClock};
+/// let clock = PinnableClock::default();
+/// assert!(clock.pin(1_000));
+/// assert_eq!(clock.now_unix_ms(), 1_000);
+/// clock.unpin();
+/// assert!(clock.now_unix_ms() > 1_000);
+/// assert!(!clock.pin(i64::MIN)); // the one time that cannot be pinned
+/// ```
+#[derive(Debug)]
+pub struct PinnableClock(AtomicI64);
+
+/// Stored for "not pinned".
+const UNPINNED: i64 = i64::MIN;
+
+impl Default for PinnableClock {
+    fn default() -> Self {
+        PinnableClock(AtomicI64::new(UNPINNED))
+    }
+}
+
+impl PinnableClock {
+    /// Show `unix_ms` from now on; `false` (and no change) for `i64::MIN`,
+    /// which stands for "not pinned".
+    pub fn pin(&self, unix_ms: i64) -> bool {
+        if unix_ms == UNPINNED {
+            return false;
+        }
+        self.0.store(unix_ms, Ordering::Relaxed);
+        true
+    }
+
+    /// Back to the system clock.
+    pub fn unpin(&self) {
+        self.0.store(UNPINNED, Ordering::Relaxed);
+    }
+}
+
+impl Clock for PinnableClock {
+    fn now_unix_ms(&self) -> i64 {
+        match self.0.load(Ordering::Relaxed) {
+            UNPINNED => SystemClock.now_unix_ms(),
+            pinned => pinned,
+        }
+    }
+}
+
 /// Milliseconds since the epoch of a time (saturating).
 pub fn unix_ms(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(if t.unix_timestamp() < 0 {

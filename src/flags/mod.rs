@@ -27,7 +27,7 @@ mod snapshot;
 mod table;
 mod value;
 
-pub use clock::{unix_ms, Clock, ManualClock, SystemClock};
+pub use clock::{unix_ms, Clock, ManualClock, PinnableClock, SystemClock};
 pub use config::{
     format_time, parse_time, Condition, ConfigError, FlagSpec, FlagsConfig, Literal, Number, Operator, Percentage,
     Problem, Schedule, Stage, DEFAULT_STICKINESS, MAX_FLAG_NAME_CHARS, OPERATORS,

@@ -3,36 +3,22 @@
 //! flags still serving).
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use arc_swap::{ArcSwap, Cache};
 use erlmcp_rollout::flags::{
-    phash2, Clock, ConditionFailure, ConfigError, Deferred, Engine, EnvOverrides, FlagsConfig, Problem, Reason,
-    ReloadOutcome, Snapshot, SystemClock, Value,
+    phash2, ConditionFailure, ConfigError, Deferred, Engine, EnvOverrides, FlagsConfig, PinnableClock, Problem, Reason,
+    ReloadOutcome, Snapshot, Value,
 };
 use erlmcp_rollout::flags::{EtcdFlagsOptions, EtcdWatcher};
 use rustler::{Atom, Encoder, Env, Error, NifResult, OwnedEnv, Term};
 
 use crate::atoms;
-use crate::term::{name_text, KeyAtom, MapCtx, Tables};
+use crate::term::{name_text, set_clock, KeyAtom, MapCtx, Tables};
 
-/// The system clock unless a time is pinned (`flags_set_clock/1`, for
-/// tests and "what will this look like at T" checks).
-struct PinnableClock(AtomicI64);
-
-const UNPINNED: i64 = i64::MIN;
-
-impl Clock for PinnableClock {
-    fn now_unix_ms(&self) -> i64 {
-        match self.0.load(Ordering::Relaxed) {
-            UNPINNED => SystemClock.now_unix_ms(),
-            pinned => pinned,
-        }
-    }
-}
-
-static CLOCK: LazyLock<Arc<PinnableClock>> = LazyLock::new(|| Arc::new(PinnableClock(AtomicI64::new(UNPINNED))));
+/// The flags' clock: the system clock unless pinned with `flags_set_clock/1`
+/// (tests, and "what will this look like at T" checks).
+static CLOCK: LazyLock<Arc<PinnableClock>> = LazyLock::new(|| Arc::new(PinnableClock::default()));
 
 static ENGINE: LazyLock<Arc<Engine>> =
     LazyLock::new(|| Arc::new(Engine::builder().clock(CLOCK.clone()).build(FlagsConfig::default())));
@@ -412,17 +398,7 @@ fn flags_phash2<'a>(term: Term<'a>, range: u64) -> NifResult<u64> {
 /// back to the system clock with `system`.
 #[rustler::nif]
 fn flags_set_clock(at: Term<'_>) -> NifResult<Atom> {
-    let v = if at.decode::<Atom>().ok() == Some(atoms::system()) {
-        UNPINNED
-    } else {
-        let ms: i64 = at.decode()?;
-        if ms == UNPINNED {
-            return Err(Error::BadArg);
-        }
-        ms
-    };
-    CLOCK.0.store(v, Ordering::Relaxed);
-    Ok(atoms::ok())
+    set_clock(&CLOCK, at)
 }
 
 /// `flags_watch_etcd(Endpoints, Key) -> ok | {error, Message}`: the flags

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
@@ -24,8 +24,8 @@ use erlmcp_rollout::migrate::phase::PhaseStore;
 use erlmcp_rollout::migrate::phase::{FilePhaseStore, Phase};
 use erlmcp_rollout::migrate::MigrateError;
 use erlmcp_rollout::session::{
-    Clock, DiskStore, EtcdOptions, EtcdStore, MemoryStore, Session, SessionId, Store, StoreError, StoreOptions,
-    SystemClock, Timeout, TouchPolicy, Visibility,
+    Clock, DiskStore, EtcdOptions, EtcdStore, MemoryStore, PinnableClock, Session, SessionId, Store, StoreError,
+    StoreOptions, Timeout, TouchPolicy, Visibility,
 };
 use rustler::env::SavedTerm;
 use rustler::sys::{
@@ -36,7 +36,7 @@ use rustler::types::tuple::get_tuple;
 use rustler::{Atom, Binary, Decoder, Encoder, Env, LocalPid, NewBinary, NifResult, OwnedEnv, Term};
 
 use crate::etf;
-use crate::term::{binary_bytes, proper_list, text};
+use crate::term::{binary_bytes, proper_list, set_clock, text};
 
 mod atoms {
     rustler::atoms! {
@@ -84,20 +84,7 @@ mod atoms {
 
 /// The clock every store opened here uses: the system clock unless pinned
 /// with `session_set_clock/1` (tests move time by hand).
-struct PinnableClock(AtomicI64);
-
-const UNPINNED: i64 = i64::MIN;
-
-impl Clock for PinnableClock {
-    fn now_unix_ms(&self) -> i64 {
-        match self.0.load(Ordering::Relaxed) {
-            UNPINNED => SystemClock.now_unix_ms(),
-            pinned => pinned,
-        }
-    }
-}
-
-static CLOCK: LazyLock<Arc<PinnableClock>> = LazyLock::new(|| Arc::new(PinnableClock(AtomicI64::new(UNPINNED))));
+static CLOCK: LazyLock<Arc<PinnableClock>> = LazyLock::new(|| Arc::new(PinnableClock::default()));
 
 /// Which store a handle is; also the registry key that makes two `init`s of
 /// the same store share it.
@@ -1177,16 +1164,7 @@ fn session_sweep<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>) -> Term<
 /// `session_set_clock(Ms | system) -> ok`: pin the sessions' clock (tests).
 #[rustler::nif]
 fn session_set_clock(at: Term<'_>) -> NifResult<Atom> {
-    let v = if at.decode::<Atom>().ok() == Some(atoms::system()) {
-        UNPINNED
-    } else {
-        match at.decode::<i64>() {
-            Ok(ms) if ms != UNPINNED => ms,
-            _ => return Err(rustler::Error::BadArg),
-        }
-    };
-    CLOCK.0.store(v, Ordering::Relaxed);
-    Ok(atoms::ok())
+    set_clock(&CLOCK, at)
 }
 
 /// `session_now() -> Ms`: the sessions' clock.

@@ -2,7 +2,7 @@
 
 use std::cell::{Cell, RefCell};
 
-use erlmcp_rollout::flags::{Context, FlagId, Snapshot, Value};
+use erlmcp_rollout::flags::{Context, FlagId, PinnableClock, Snapshot, Value};
 use rustc_hash::FxHashMap;
 use rustler::sys::{
     c_char, c_uint, enif_get_atom, enif_get_map_size, enif_get_map_value, enif_inspect_binary, ErlNifBinary,
@@ -316,6 +316,18 @@ impl Context for MapCtx<'_, '_> {
             .find(|(n, _)| n.as_slice() == name.as_bytes())
             .map(|(_, v)| *v)
     }
+}
+
+/// `Set_clock(UnixMs | system) -> ok` for `clock`: pin it, or back to the
+/// system clock; `badarg` for anything else (and for the one integer that
+/// cannot be pinned, `i64::MIN`).
+pub fn set_clock(clock: &PinnableClock, at: Term<'_>) -> rustler::NifResult<Atom> {
+    if at.decode::<Atom>().ok() == Some(crate::atoms::system()) {
+        clock.unpin();
+    } else if !clock.pin(at.decode()?) {
+        return Err(rustler::Error::BadArg);
+    }
+    Ok(crate::atoms::ok())
 }
 
 /// The elements of a proper list; `None` for anything else. (rustler 0.39's
