@@ -6,9 +6,11 @@
 #[path = "session_support/etcd_cluster.rs"]
 mod etcd_cluster;
 
+use etcd_cluster::wait_for;
+
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use erlmcp_rollout::flags::{push_flags, Engine, EtcdFlagsOptions, EtcdWatcher, FlagsConfig, PushError};
 
@@ -29,19 +31,6 @@ fn watch(engine: &Arc<Engine>, endpoints: &[String], key: &str) -> EtcdWatcher {
         ..EtcdFlagsOptions::default()
     };
     engine.watch_etcd(endpoints, options).unwrap()
-}
-
-/// Waits (functionally, up to 20 s) until `cond` holds; returns how long it took.
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    start.elapsed()
 }
 
 fn flag(engine: &Engine, name: &str) -> Option<bool> {

@@ -8,6 +8,8 @@ mod blackhole_proxy;
 #[path = "session_support/etcd_cluster.rs"]
 mod etcd_cluster;
 
+use etcd_cluster::wait_for;
+
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -20,19 +22,6 @@ use erlmcp_rollout::session::{EtcdOptions, MemoryStore, Session, SessionId, Stor
 
 fn connect(endpoints: &[String], prefix: &str, node: &str) -> EtcdPhaseStore {
     EtcdPhaseStore::connect(endpoints, prefix, node, EtcdOptions::default()).unwrap()
-}
-
-/// Waits (functionally, up to 20 s) until `cond` holds; returns how long it took.
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    start.elapsed()
 }
 
 #[test]

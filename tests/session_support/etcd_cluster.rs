@@ -256,3 +256,17 @@ pub fn store(opts: StoreOptions) -> EtcdStore {
     let cluster = shared();
     EtcdStore::connect(&cluster.endpoints(), unique_prefix(), EtcdOptions::default(), opts).unwrap()
 }
+
+/// Waits (functionally, up to 20 s, polling every millisecond) until `cond` holds; returns
+/// how long it took. For what a cluster does asynchronously (a watch event, an election).
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    start.elapsed()
+}
