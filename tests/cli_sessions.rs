@@ -56,12 +56,19 @@ fn fixture(path: &Path) {
     store.delete(&id("gone")).unwrap();
 }
 
-#[test]
-fn stats_counts_each_state_and_bytes() {
+/// A temporary disk store holding [`fixture`], and its store URI (the store lives as long
+/// as the directory).
+fn fixture_store() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
     fixture(&path);
     let uri = format!("disk:{}", path.display());
+    (dir, uri)
+}
+
+#[test]
+fn stats_counts_each_state_and_bytes() {
+    let (_dir, uri) = fixture_store();
     let o = run(&["sessions", "stats", &uri, "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v = json(&o);
@@ -81,10 +88,7 @@ fn stats_counts_each_state_and_bytes() {
 
 #[test]
 fn get_shows_every_state_losslessly() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.redb");
-    fixture(&path);
-    let uri = format!("disk:{}", path.display());
+    let (_dir, uri) = fixture_store();
     let o = run(&["sessions", "get", &uri, "beta"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = stdout(&o);
@@ -122,10 +126,7 @@ fn get_shows_every_state_losslessly() {
 
 #[test]
 fn list_pages_with_limit_after_and_raw() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.redb");
-    fixture(&path);
-    let uri = format!("disk:{}", path.display());
+    let (_dir, uri) = fixture_store();
     let o = run(&["sessions", "list", &uri, "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v = json(&o);
