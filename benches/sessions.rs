@@ -17,6 +17,11 @@
 
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
+#[path = "support/workload.rs"]
+mod workload;
+
+use workload::{ids, order, session};
+
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,27 +30,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use erlmcp_rollout::session::{
-    codec, Clock, DiskStore, MemoryStore, Session, SessionId, Store, StoreOptions, SystemClock, Timeout,
+    codec, Clock, DiskStore, MemoryStore, Session, SessionId, Store, StoreOptions, SystemClock,
 };
 
 const N: usize = 10_000;
-
-fn ids() -> Vec<SessionId> {
-    (0..N)
-        .map(|i| {
-            SessionId::new(format!(
-                "session-{:032x}",
-                (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            ))
-            .unwrap()
-        })
-        .collect()
-}
-
-fn session(id: &SessionId) -> Session {
-    let now = SystemClock.now_unix_ms();
-    Session::new(id.clone(), now, Timeout::ms(3_600_000).unwrap(), vec![7u8; 64])
-}
 
 /// The baseline: one global `RwLock` around a std `HashMap`.
 #[derive(Default)]
@@ -60,13 +48,9 @@ impl Baseline {
     }
 }
 
-fn order() -> Vec<usize> {
-    (0..N).map(|i| (i * 7_919) % N).collect()
-}
-
 fn bench_single(c: &mut Criterion) {
-    let ids = ids();
-    let order = order();
+    let ids = ids(N);
+    let order = order(N);
     let memory = MemoryStore::new(StoreOptions::default());
     let baseline = Baseline::default();
     for id in &ids {
@@ -139,7 +123,7 @@ fn gets_with_writer(
             }
         })
     };
-    let order = order();
+    let order = order(N);
     let start = Instant::now();
     for k in 0..iters as usize {
         get(&ids[order[k % N]]);
@@ -151,7 +135,7 @@ fn gets_with_writer(
 }
 
 fn bench_contended(c: &mut Criterion) {
-    let ids = Arc::new(ids());
+    let ids = Arc::new(ids(N));
     let memory = Arc::new(MemoryStore::new(StoreOptions::default()));
     let baseline = Arc::new(Baseline::default());
     for id in ids.iter() {
@@ -192,8 +176,8 @@ fn bench_contended(c: &mut Criterion) {
 
 /// The redb store: reads on a snapshot; each write one durable commit (fsync).
 fn bench_disk(c: &mut Criterion) {
-    let ids = ids();
-    let order = order();
+    let ids = ids(N);
+    let order = order(N);
     let dir = tempfile::tempdir().unwrap();
     let disk = DiskStore::create(dir.path().join("bench.redb"), StoreOptions::default()).unwrap();
     disk.apply_batch_if_newer(
@@ -285,7 +269,7 @@ fn timed_writes(iters: u64, threads: usize, prepared: &[Session], put: &(impl Fn
 /// Durable acknowledged writes per second, 1 / 16 / 64 writer threads: group commit vs
 /// one commit per write, in the same run.
 fn bench_disk_writes(c: &mut Criterion) {
-    let ids = ids();
+    let ids = ids(N);
     let prepared: Vec<Session> = ids.iter().map(session).collect();
     let dir = tempfile::tempdir().unwrap();
     let mut g = c.benchmark_group("disk_writes");
@@ -378,7 +362,7 @@ fn paired(
 /// The CPU cost of the group-commit machinery for a lone writer: the same two write
 /// paths on redb's `InMemoryBackend` (no fsync), one thread, alternating.
 fn bench_disk_writes_cpu(c: &mut Criterion) {
-    let ids = ids();
+    let ids = ids(N);
     let prepared: Vec<Session> = ids.iter().map(session).collect();
     let mut g = c.benchmark_group("disk_writes_in_memory");
     g.throughput(Throughput::Elements(1));

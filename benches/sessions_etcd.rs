@@ -16,6 +16,11 @@
 
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
+#[path = "support/workload.rs"]
+mod workload;
+
+use workload::{ids, order, session};
+
 #[path = "../tests/session_support/etcd_cluster.rs"]
 mod etcd_cluster;
 
@@ -24,39 +29,16 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use erlmcp_rollout::session::{
-    codec, Clock, EtcdOptions, EtcdStore, Session, SessionId, Store, StoreOptions, SystemClock, Timeout,
-};
+use erlmcp_rollout::session::{codec, EtcdOptions, EtcdStore, Session, SessionId, Store, StoreOptions};
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 
 const N: usize = 1_000;
 
-fn ids() -> Vec<SessionId> {
-    (0..N)
-        .map(|i| {
-            SessionId::new(format!(
-                "session-{:032x}",
-                (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            ))
-            .unwrap()
-        })
-        .collect()
-}
-
-fn session(id: &SessionId) -> Session {
-    let now = SystemClock.now_unix_ms();
-    Session::new(id.clone(), now, Timeout::ms(3_600_000).unwrap(), vec![7u8; 64])
-}
-
-fn order() -> Vec<usize> {
-    (0..N).map(|i| (i * 7_919) % N).collect()
-}
-
 fn bench(c: &mut Criterion) {
     let cluster = etcd_cluster::Cluster::start();
     let endpoints = cluster.endpoints();
-    let ids = ids();
-    let order = order();
+    let ids = ids(N);
+    let order = order(N);
     let store = EtcdStore::connect(
         &endpoints,
         "bench/store/",

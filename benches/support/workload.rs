@@ -1,0 +1,27 @@
+//! The session workload the session benches share: `n` ids of 40 bytes (scattered
+//! 128-bit hex), sessions with an hour's timeout and 64 bytes of metadata, and a fixed
+//! scattered visiting order.
+
+use erlmcp_rollout::session::{Clock, Session, SessionId, SystemClock, Timeout};
+
+pub fn ids(n: usize) -> Vec<SessionId> {
+    (0..n)
+        .map(|i| {
+            SessionId::new(format!(
+                "session-{:032x}",
+                (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ))
+            .unwrap()
+        })
+        .collect()
+}
+
+pub fn session(id: &SessionId) -> Session {
+    let now = SystemClock.now_unix_ms();
+    Session::new(id.clone(), now, Timeout::ms(3_600_000).unwrap(), vec![7u8; 64])
+}
+
+/// `0..n` visited with stride 7 919 (a prime: every index once when `n` is not a multiple).
+pub fn order(n: usize) -> Vec<usize> {
+    (0..n).map(|i| (i * 7_919) % n).collect()
+}
