@@ -7,7 +7,9 @@
 //! The bytes are those OTP 25's `term_to_binary/1` writes for the same term
 //! (minor version 1: latin-1 atoms as `ATOM_EXT`, lists of bytes as
 //! `STRING_EXT`, small maps in key order), so a session stored either way
-//! holds the same bytes. Everything else is declined with [`NotHere`] and
+//! holds the same bytes. (OTP 26 made UTF-8 atom tags `term_to_binary/1`'s
+//! default: there the atom tags would differ, the decoded terms would not.)
+//! Everything else is declined with [`NotHere`] and
 //! the caller encodes with `term_to_binary/1`: pids, ports, references,
 //! funs, integers beyond 64 bits, bitstrings, atoms beyond latin-1, maps
 //! over 32 keys (their internal order is the VM's), terms nested deeper
