@@ -6,7 +6,7 @@
 #[path = "session_support/etcd_cluster.rs"]
 mod etcd_cluster;
 
-use etcd_cluster::wait_for;
+use etcd_cluster::{etcdctl, wait_for};
 
 use std::process::Command;
 use std::sync::Arc;
@@ -35,18 +35,6 @@ fn watch(engine: &Arc<Engine>, endpoints: &[String], key: &str) -> EtcdWatcher {
 
 fn flag(engine: &Engine, name: &str) -> Option<bool> {
     engine.get_all().get(name).copied()
-}
-
-fn etcdctl(endpoints: &[String], args: &[&str]) -> String {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg("--endpoints")
-        .arg(endpoints.join(","))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod blackhole_proxy;
 #[path = "session_support/etcd_cluster.rs"]
 mod etcd_cluster;
 
-use etcd_cluster::wait_for;
+use etcd_cluster::{etcdctl, wait_for};
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -283,17 +283,6 @@ fn two_nodes_follow_one_phase_and_the_ack_gate_holds_back_an_advance() {
     for (p, _) in &propagation {
         assert!(*p < Duration::from_secs(1), "propagation took {p:?}");
     }
-}
-
-fn etcdctl(endpoints: &[String], args: &[&str]) {
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg("--endpoints")
-        .arg(endpoints.join(","))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
 }
 
 #[test]

@@ -217,20 +217,8 @@ fn records_are_plain_codec_values_under_the_prefix() {
             vec![9],
         ))
         .unwrap();
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &cluster.endpoints().join(","),
-            "get",
-            &prefix,
-            "--prefix",
-            "-w",
-            "json",
-        ])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = etcd_cluster::etcdctl(&cluster.endpoints(), &["get", &prefix, "--prefix", "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let kv = &v["kvs"][0];
     let key = base64_decode(kv["key"].as_str().unwrap());
     let mut expected_key = prefix.into_bytes();
@@ -271,20 +259,11 @@ fn base64_decode(s: &str) -> Vec<u8> {
 
 /// `etcdctl get PREFIX --prefix -w json`: (key without the prefix, value, lease) per key.
 fn etcdctl_records(prefix: &str) -> Vec<(Vec<u8>, Vec<u8>, i64)> {
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &etcd_cluster::shared().endpoints().join(","),
-            "get",
-            prefix,
-            "--prefix",
-            "-w",
-            "json",
-        ])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = etcd_cluster::etcdctl(
+        &etcd_cluster::shared().endpoints(),
+        &["get", prefix, "--prefix", "-w", "json"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["kvs"]
         .as_array()
         .map(|kvs| {
@@ -304,19 +283,11 @@ fn etcdctl_records(prefix: &str) -> Vec<(Vec<u8>, Vec<u8>, i64)> {
 
 /// Remaining TTL (s) of a lease, as etcd reports it.
 fn lease_ttl(lease: i64) -> i64 {
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &etcd_cluster::shared().endpoints().join(","),
-            "lease",
-            "timetolive",
-        ])
-        .arg(format!("{lease:x}"))
-        .args(["-w", "json"])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = etcd_cluster::etcdctl(
+        &etcd_cluster::shared().endpoints(),
+        &["lease", "timetolive", &format!("{lease:x}"), "-w", "json"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["ttl"].as_i64().unwrap()
 }
 

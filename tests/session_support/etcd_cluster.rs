@@ -270,3 +270,17 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
     }
     start.elapsed()
 }
+
+/// `etcdctl --endpoints ENDPOINTS ARGS...` (API v3): its standard output. Panics with the
+/// output when it fails.
+pub fn etcdctl(endpoints: &[String], args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(endpoints.join(","))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
