@@ -20,6 +20,13 @@ use erlmcp_rollout::migrate::phase::{GateRefusal, Phase, PhaseState, PhaseStore}
 use erlmcp_rollout::migrate::MigrateError;
 use erlmcp_rollout::session::{EtcdOptions, MemoryStore, Session, SessionId, Store, StoreOptions, Timeout};
 
+/// Waits until `node`'s ack in etcd reads `phase`.
+fn wait_for_ack(store: &EtcdPhaseStore, node: &str, phase: Phase) {
+    wait_for(&format!("{node} to ack {phase}"), || {
+        store.acks().unwrap().get(node) == Some(&phase)
+    });
+}
+
 fn connect(endpoints: &[String], prefix: &str, node: &str) -> EtcdPhaseStore {
     EtcdPhaseStore::connect(endpoints, prefix, node, EtcdOptions::default()).unwrap()
 }
@@ -224,9 +231,7 @@ fn two_nodes_follow_one_phase_and_the_ack_gate_holds_back_an_advance() {
     // B stops watching: it keeps applying phase1. A moves on to phase2 (B acked phase1) ...
     drop(wb.take());
     assert_eq!(a.advance(Duration::from_secs(5)).unwrap(), Phase::Phase2);
-    wait_for("a to ack phase2", || {
-        pa.acks().unwrap().get("a") == Some(&Phase::Phase2)
-    });
+    wait_for_ack(&pa, "a", Phase::Phase2);
     assert_eq!(b.phase(), Phase::Phase1);
     // ... but not to phase3: B has not applied phase2. Nothing changed.
     match a.advance(Duration::from_secs(5)) {
@@ -255,9 +260,7 @@ fn two_nodes_follow_one_phase_and_the_ack_gate_holds_back_an_advance() {
     // B's watcher starts again: the full re-read applies phase2 and acks it.
     wb = Some(watch(&pb, &b));
     wait_for("b to apply phase2", || b.phase() == Phase::Phase2);
-    wait_for("b to ack phase2", || {
-        pa.acks().unwrap().get("b") == Some(&Phase::Phase2)
-    });
+    wait_for_ack(&pa, "b", Phase::Phase2);
     pa.check_all_acked(Phase::Phase2, &["a".into(), "b".into()]).unwrap();
 
     // Into phase3: B drains its outbox before the store of record changes.
@@ -293,11 +296,9 @@ fn an_invalid_stored_phase_is_a_typed_error_and_changes_nothing() {
     let phases = connect(&endpoints, &prefix, "b");
     let b = node(&phases, &["b"]);
     let w = watch(&phases, &b);
-    wait_for("b to ack off", || phases.acks().unwrap().get("b") == Some(&Phase::Off));
+    wait_for_ack(&phases, "b", Phase::Off);
     assert_eq!(b.advance(Duration::from_secs(5)).unwrap(), Phase::Phase1);
-    wait_for("b to ack phase1", || {
-        phases.acks().unwrap().get("b") == Some(&Phase::Phase1)
-    });
+    wait_for_ack(&phases, "b", Phase::Phase1);
     let key = format!("{prefix}phase");
     etcdctl(&endpoints, &["put", &key, "{not json"]);
     match phases.load() {
@@ -313,9 +314,7 @@ fn an_invalid_stored_phase_is_a_typed_error_and_changes_nothing() {
     state.record(Phase::Phase2, 1, "set");
     etcdctl(&endpoints, &["put", &key, &serde_json::to_string(&state).unwrap()]);
     wait_for("b to apply phase2", || b.phase() == Phase::Phase2);
-    wait_for("b to ack phase2", || {
-        phases.acks().unwrap().get("b") == Some(&Phase::Phase2)
-    });
+    wait_for_ack(&phases, "b", Phase::Phase2);
     let bad_ack = format!("{prefix}acks/zz");
     etcdctl(&endpoints, &["put", &bad_ack, "phase2"]);
     match phases.acks() {
@@ -344,7 +343,7 @@ fn a_watcher_fails_over_and_a_cluster_down_gives_typed_errors_within_the_timeout
     let wb = watch(&pb, &b);
     wait_for("b to connect", || wb.status().connected);
     let a = node(&store, &["b"]);
-    wait_for("b to ack off", || pb.acks().unwrap().get("b") == Some(&Phase::Off));
+    wait_for_ack(&pb, "b", Phase::Off);
     // (If n1 led, the election takes about a second: the advance is retried meanwhile.)
     cluster.kill(0);
     wait_for("a quorum without n1", || a.advance(Duration::from_secs(5)).is_ok());
