@@ -156,7 +156,7 @@ impl Writer<'_> {
         let word = unsafe { std::mem::transmute::<ErlNifTerm, usize>(t) };
         let slot = self.atoms.slot(word);
         if slot.0 == word {
-            // <<ATOM_EXT, Len:16, Text>>, Len < ATOM_SLOT - 3.
+            // <<ATOM_EXT, Len:16, Text>>, Len <= ATOM_SLOT - 3.
             let len = 3 + usize::from(slot.1[2]);
             self.out.extend_from_slice(&slot.1[..len]);
             return Ok(());
