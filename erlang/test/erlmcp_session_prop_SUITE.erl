@@ -84,7 +84,8 @@ metadata_bytes_are_term_to_binary(_Config) ->
                        {ok, S} = erlmcp_session_native:store(<<"m">>, Sess, S),
                        {ok, {Now, Now, 60000, Bytes, _}} = erlmcp_session_native:stored(<<"m">>, S),
                        {ok, Back, S} = erlmcp_session_native:get(<<"m">>, S),
-                       ?WHENFAIL(ct:pal("meta ~P~nNIF answered ~p (want one of ~p)~nstored ~P~nterm_to_binary ~P",
+                       ?WHENFAIL(ct:pal("meta ~P~nNIF answered ~p (want one of ~p)~nNIF bytes ~P~nstored ~P~n"
+                                        "term_to_binary ~P",
                                         [Meta, 40, Answer, Want, NifBytes, 60, Bytes, 60, Bin, 60]),
                                  lists:member(Answer, Want) andalso NifBytes =:= Bin andalso Bytes =:= Bin
                                  andalso Back =:= Sess)

@@ -1,20 +1,25 @@
 //! Session metadata in Erlang's external term format, written by the NIF
 //! itself, so that `erlmcp_session_native:store/3` needs no
-//! `term_to_binary/1` and no intermediate binary (an off-heap binary for
-//! anything over 64 bytes: an allocation now and a free at the caller's
-//! next garbage collection).
+//! `term_to_binary/1` and no intermediate binary.
 //!
-//! The bytes are those OTP 25's `term_to_binary/1` writes for the same term
-//! (minor version 1: latin-1 atoms as `ATOM_EXT`, lists of bytes as
-//! `STRING_EXT`, small maps in key order), so a session stored either way
-//! holds the same bytes. (OTP 26 made UTF-8 atom tags `term_to_binary/1`'s
-//! default: there the atom tags would differ, the decoded terms would not.)
-//! Everything else is declined with [`NotHere`] and
-//! the caller encodes with `term_to_binary/1`: pids, ports, references,
-//! funs, integers beyond 64 bits, bitstrings, atoms beyond latin-1, maps
-//! over 32 keys (their internal order is the VM's), terms nested deeper
-//! than [`MAX_DEPTH`] and encodings over [`MAX_LEN`] bytes (that BIF yields;
-//! a NIF on a normal scheduler must stay short).
+//! Invariant: the bytes are exactly those the running VM's
+//! `term_to_binary/1` writes for the same term, so a session stored by this
+//! encoder and one stored by the Erlang fallback (or by another node, or a
+//! legacy import) hold the same bytes, and `verify` and the Merkle digests
+//! compare equal. The one thing that differs between OTP releases is how
+//! atoms are tagged: up to OTP 25 latin-1 atoms are `ATOM_EXT`, from OTP 26
+//! every atom is `SMALL_ATOM_UTF8_EXT` (or `ATOM_UTF8_EXT` when its UTF-8
+//! text is over 255 bytes). [`probe_atom_tags`] asks the VM's own encoder
+//! (`enif_term_to_binary`) at load time which one it writes; no version
+//! string is parsed. Lists of bytes are `STRING_EXT` and small maps are
+//! written in the VM's internal key order on every release in the matrix.
+//!
+//! Everything else is declined with [`NotHere`] and the caller encodes with
+//! `term_to_binary/1`: pids, ports, references, funs, integers beyond 64
+//! bits, bitstrings, atoms beyond latin-1 (NIF version 2.16 reads atom text
+//! as latin-1 only), maps over 32 keys (their internal order is the VM's),
+//! terms nested deeper than [`MAX_DEPTH`] and encodings over [`MAX_LEN`]
+//! bytes (that BIF yields; a NIF on a normal scheduler must stay short).
 
 use rustler::sys::{
     c_char, c_int, c_uint, enif_get_atom, enif_get_double, enif_get_int64, enif_get_list_cell, enif_get_map_size,
@@ -22,7 +27,8 @@ use rustler::sys::{
     enif_map_iterator_destroy, enif_map_iterator_get_pair, enif_map_iterator_next, enif_term_type, ErlNifBinary,
     ErlNifCharEncoding, ErlNifEnv, ErlNifMapIterator, ErlNifMapIteratorEntry, ErlNifTerm, ErlNifTermType,
 };
-use rustler::Term;
+use rustler::{Encoder, Env, Term};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Longest encoding written here, in bytes.
 pub const MAX_LEN: usize = 64 * 1024;
@@ -43,6 +49,8 @@ const NEW_FLOAT_EXT: u8 = 70;
 const SMALL_INTEGER_EXT: u8 = 97;
 const INTEGER_EXT: u8 = 98;
 const ATOM_EXT: u8 = 100;
+const ATOM_UTF8_EXT: u8 = 118;
+const SMALL_ATOM_UTF8_EXT: u8 = 119;
 const SMALL_TUPLE_EXT: u8 = 104;
 const LARGE_TUPLE_EXT: u8 = 105;
 const NIL_EXT: u8 = 106;
@@ -54,6 +62,24 @@ const MAP_EXT: u8 = 116;
 
 /// Longest list `term_to_binary/1` writes as `STRING_EXT`.
 const MAX_STRING_EXT: usize = 65_535;
+
+/// Whether this VM's `term_to_binary/1` tags atoms as UTF-8 (OTP 26 and
+/// later). Set once by [`probe_atom_tags`] in the load callback, before any
+/// NIF can run; read by every encoder.
+static UTF8_ATOMS: AtomicBool = AtomicBool::new(false);
+
+/// Asks the VM's own encoder how it writes a latin-1 atom and makes this
+/// module write the same. Returns `false` (the load then fails) for a tag
+/// this module does not know, rather than writing bytes that differ.
+pub fn probe_atom_tags(env: Env<'_>) -> bool {
+    let bytes = crate::atoms::ok().encode(env).to_binary();
+    match bytes.as_slice() {
+        [VERSION, ATOM_EXT, ..] => UTF8_ATOMS.store(false, Ordering::Relaxed),
+        [VERSION, SMALL_ATOM_UTF8_EXT, ..] => UTF8_ATOMS.store(true, Ordering::Relaxed),
+        _ => return false,
+    }
+    true
+}
 
 /// A scheduler thread's encoder: its output buffer (reused call after
 /// call; at most [`MAX_LEN`] and a few hundred bytes) and the encodings of
@@ -84,8 +110,9 @@ impl Scratch {
 
 /// Atom encodings by atom term: an atom's term is the same word for the
 /// VM's lifetime (atoms are never freed), so a hit needs no check beyond
-/// the word. Direct-mapped on the atom index bits; atoms of up to
-/// `ATOM_SLOT - 3` bytes.
+/// the word. Direct-mapped on the atom index bits; a slot holds its
+/// encoding's length and then the encoding (tag, length, text), for
+/// encodings of up to `ATOM_SLOT - 1` bytes.
 struct AtomCache {
     slots: Box<[(usize, [u8; ATOM_SLOT])]>,
 }
@@ -156,9 +183,9 @@ impl Writer<'_> {
         let word = unsafe { std::mem::transmute::<ErlNifTerm, usize>(t) };
         let slot = self.atoms.slot(word);
         if slot.0 == word {
-            // <<ATOM_EXT, Len:16, Text>>, Len <= ATOM_SLOT - 3.
-            let len = 3 + usize::from(slot.1[2]);
-            self.out.extend_from_slice(&slot.1[..len]);
+            // A cached encoding: its length byte is slot.1[0].
+            let len = usize::from(slot.1[0]);
+            self.out.extend_from_slice(&slot.1[1..=len]);
             return Ok(());
         }
         // 255 latin-1 characters and the NUL enif_get_atom adds.
@@ -172,17 +199,41 @@ impl Writer<'_> {
                 ErlNifCharEncoding::ERL_NIF_LATIN1,
             )
         };
-        // 0: characters beyond latin-1 (ATOM_UTF8_EXT: not written here).
+        // 0: characters beyond latin-1 (not readable with NIF version 2.16).
         let len = usize::try_from(n).ok().and_then(|n| n.checked_sub(1)).ok_or(NotHere)?;
         // SAFETY: enif_get_atom wrote `n` bytes (the text and a NUL).
         let text = unsafe { std::slice::from_raw_parts(text.as_ptr() as *const u8, len) };
+        // `room`, on the field: `slot` borrows the atom cache.
+        if self.out.len() + 3 + 2 * len > MAX_LEN {
+            return Err(NotHere);
+        }
         let at = self.out.len();
-        self.out.push(ATOM_EXT);
-        self.out.extend_from_slice(&(len as u16).to_be_bytes());
-        self.out.extend_from_slice(text);
-        if len + 3 <= ATOM_SLOT {
+        if UTF8_ATOMS.load(Ordering::Relaxed) {
+            // Latin-1 characters >= 0x80 take two UTF-8 bytes.
+            let utf8_len = len + text.iter().filter(|&&c| c >= 0x80).count();
+            if let Ok(short) = u8::try_from(utf8_len) {
+                self.out.extend_from_slice(&[SMALL_ATOM_UTF8_EXT, short]);
+            } else {
+                self.out.push(ATOM_UTF8_EXT);
+                self.out.extend_from_slice(&(utf8_len as u16).to_be_bytes());
+            }
+            for &c in text {
+                if c < 0x80 {
+                    self.out.push(c);
+                } else {
+                    self.out.extend_from_slice(&[0xC0 | (c >> 6), 0x80 | (c & 0x3F)]);
+                }
+            }
+        } else {
+            self.out.push(ATOM_EXT);
+            self.out.extend_from_slice(&(len as u16).to_be_bytes());
+            self.out.extend_from_slice(text);
+        }
+        let written = self.out.len() - at;
+        if written < ATOM_SLOT {
             slot.0 = word;
-            slot.1[..len + 3].copy_from_slice(&self.out[at..]);
+            slot.1[0] = written as u8;
+            slot.1[1..=written].copy_from_slice(&self.out[at..]);
         }
         Ok(())
     }

@@ -125,5 +125,5 @@ pub mod atoms {
 rustler::init!("erlmcp_rollout_nif", load = load);
 
 fn load(env: rustler::Env<'_>, _info: rustler::Term<'_>) -> bool {
-    session::open_handle_type(env)
+    etf::probe_atom_tags(env) && session::open_handle_type(env)
 }
