@@ -938,6 +938,42 @@ fn round(v: f64) -> f64 {
 /// # Ok::<(), erlmcp_rollout::deploy::canary::CanaryError>(())
 /// ```
 pub fn decide(m: &CanaryMetrics, t: &Thresholds) -> Verdict {
+    decide_with(m, t, &DecideOptions::default())
+}
+
+/// Options of [`decide_with`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DecideOptions {
+    /// Metrics nobody measures here (e.g. CPU without a query): their rules are
+    /// left out instead of reporting no data.
+    pub unjudged: Vec<Metric>,
+    /// There is no stable side (all traffic is on the canary, a 100 % stage):
+    /// the canary-vs-stable rules are left out and `min_requests` and
+    /// freshness apply to the canary alone.
+    pub no_baseline: bool,
+}
+
+/// [`decide`] with [`DecideOptions`].
+///
+/// # Examples
+/// ```
+/// use erlmcp_rollout::deploy::canary::{decide_with, CanaryMetrics, Decision, DecideOptions, Metric, Thresholds};
+/// let m = CanaryMetrics::from_json(br#"{
+///   "canary": {"requests": 5000, "error_rate": 0.0002, "latency_p95_ms": 6, "latency_p99_ms": 12},
+///   "stable": {"requests": 0}
+/// }"#)?;
+/// let opts = DecideOptions { unjudged: vec![Metric::Cpu, Metric::Memory, Metric::Restarts], no_baseline: true };
+/// assert_eq!(decide_with(&m, &Thresholds::default(), &opts).decision, Decision::Promote);
+/// # Ok::<(), erlmcp_rollout::deploy::canary::CanaryError>(())
+/// ```
+pub fn decide_with(m: &CanaryMetrics, t: &Thresholds, opts: &DecideOptions) -> Verdict {
+    let mut m = *m;
+    if opts.no_baseline {
+        // The canary is its own reference: the relative rules are dropped
+        // below, and the two-sided checks see the canary on both sides.
+        m.stable = m.canary;
+    }
+    let m = &m;
     let c = &m.canary;
     let s = &m.stable;
     let mut rules = Vec::new();
@@ -1028,6 +1064,19 @@ pub fn decide(m: &CanaryMetrics, t: &Thresholds) -> Verdict {
                 above("canary memory usage", u, max, pct)
             }),
     );
+    rules.retain(|r| {
+        let relative = matches!(r.rule, "error_rate_vs_stable" | "latency_p95_vs_stable");
+        !(opts.unjudged.contains(&r.metric) || (opts.no_baseline && relative))
+    });
+    if opts.no_baseline {
+        // One freshness rule (the canary's), not a copy for "stable".
+        let mut seen_freshness = false;
+        rules.retain(|r| {
+            let dup = r.rule == "freshness" && seen_freshness;
+            seen_freshness |= r.rule == "freshness";
+            !dup
+        });
+    }
 
     finish(rules, t)
 }
