@@ -198,7 +198,12 @@ impl std::fmt::Display for StateStore {
         match self {
             StateStore::File(p) => write!(f, "{}", p.display()),
             #[cfg(feature = "etcd")]
-            StateStore::Etcd { endpoints, prefix, .. } => write!(f, "etcd:{}/{prefix}", endpoints.join(",")),
+            StateStore::Etcd { endpoints, prefix, .. } => write!(
+                f,
+                "etcd:{}/{}",
+                super::target::spec_endpoints(endpoints),
+                prefix.trim_end_matches('/')
+            ),
         }
     }
 }

@@ -69,7 +69,7 @@ impl std::fmt::Display for FlagTarget {
         match self {
             FlagTarget::File(p) => write!(f, "{}", p.display()),
             #[cfg(feature = "etcd")]
-            FlagTarget::Etcd { endpoints, key, .. } => write!(f, "etcd:{}/{key}", endpoints.join(",")),
+            FlagTarget::Etcd { endpoints, key, .. } => write!(f, "etcd:{}/{key}", spec_endpoints(endpoints)),
         }
     }
 }
@@ -101,6 +101,13 @@ pub fn split_etcd_spec(spec: &str) -> Result<Option<(Vec<String>, Option<String>
         }
         _ => Ok(None),
     }
+}
+
+/// Endpoint URLs as an `etcd:` spec lists them (`host:port`), so a target's or
+/// state store's `Display` parses back.
+pub(crate) fn spec_endpoints(endpoints: &[String]) -> String {
+    let hosts: Vec<&str> = endpoints.iter().map(|e| e.trim_start_matches("http://")).collect();
+    hosts.join(",")
 }
 
 fn hash(bytes: &[u8]) -> Guard {
@@ -345,6 +352,17 @@ mod tests {
             .contains("\"é\": {\"rollout_percentage\": 50, \"enabled\": true}"));
         assert!(set_percentage(before.as_bytes(), "nope", 5).is_err());
         assert!(set_percentage(b"{\"f\": {\"enabled\": 1}}", "f", 5).is_err());
+    }
+
+    #[test]
+    fn specs_parse_back() {
+        let spec = "etcd:127.0.0.1:2379,h-2:22379/erlmcp/feature_flags";
+        let t = FlagTarget::parse(spec, Duration::from_secs(1)).unwrap();
+        assert_eq!(t.to_string(), spec);
+        assert_eq!(FlagTarget::parse(&t.to_string(), Duration::from_secs(1)).unwrap(), t);
+        assert!(FlagTarget::parse("etcd:127.0.0.1:2379", Duration::from_secs(1)).is_err());
+        let s = crate::deploy::rollout::StateStore::parse("etcd:h:1/rollouts", Duration::from_secs(1)).unwrap();
+        assert_eq!(s.to_string(), "etcd:h:1/rollouts");
     }
 
     #[test]
