@@ -455,7 +455,21 @@ pub fn judge(
             "canary within every limit and not worse than stable".into()
         }
     } else {
-        reasons.join("; ")
+        // Several rules lacking the same input say the same thing: once each,
+        // and the first few (every rule is in `rules`).
+        let mut unique: Vec<&String> = Vec::new();
+        for r in &reasons {
+            if !unique.contains(&r) {
+                unique.push(r);
+            }
+        }
+        let shown: Vec<&str> = unique.iter().take(3).map(|s| s.as_str()).collect();
+        let more = unique.len().saturating_sub(shown.len());
+        if more > 0 {
+            format!("{} (+{more} more)", shown.join("; "))
+        } else {
+            shown.join("; ")
+        }
     };
     let side_values = |m: &crate::deploy::canary::SideMetrics, c: &Cohort| {
         let mut o = json!({

@@ -6,7 +6,7 @@
 //!   thresholds, PromQL templates; strict validation with positions.
 //! - [`stats`]: the two-proportion test for error rates and the
 //!   Mann-Whitney comparison of latency histogram buckets.
-//! - [`judge`]: one judgement of a window: `canary decide` rules plus the
+//! - [`mod@judge`]: one judgement of a window: `canary decide` rules plus the
 //!   tests -> pass, inconclusive, error, approval or rollback.
 //! - [`target`]: the flag config in a file or an etcd key; guarded publishes
 //!   that change one number in place.

@@ -253,7 +253,7 @@ impl RolloutPlan {
     ///                                        "interval": "10s"}"#)?;
     /// assert_eq!((plan.stages[0].observe_ms, plan.interval_ms), (90_000, 10_000));
     /// let err = RolloutPlan::from_json(br#"{"stages": [{"percent": 50, "observe": "1x"}]}"#).unwrap_err();
-    /// assert!(err.to_string().contains("$.stages[0].observe (line 1, column 41)"), "{err}");
+    /// assert!(err.to_string().contains("$.stages[0].observe (line 1, column 40)"), "{err}");
     /// # Ok::<(), erlmcp_rollout::deploy::rollout::plan::PlanProblems>(())
     /// ```
     pub fn from_json(input: &[u8]) -> Result<RolloutPlan, PlanProblems> {
