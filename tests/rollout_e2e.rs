@@ -13,6 +13,8 @@
 //! canary share drops to 0; latency 2x -> pause, `approve` continues to 100 %;
 //! latency 2x -> pause, `abort` rolls back (exit 12); the controller killed with
 //! -9 mid-window and restarted -> each publish exactly once in the audit log;
+//! a human edit of another flag is built upon, one of this flag pauses the run
+//! and `approve` publishes on top of it;
 //! the etcd leader killed mid-run (state in etcd) -> completes; Prometheus
 //! stopped mid-run -> judgements are errors, then a rollback as the plan says,
 //! never a promote.
@@ -30,8 +32,9 @@ use erlmcp_rollout::flags::push_flags;
 use serde_json::Value;
 
 const KEY: &str = "erlmcp/feature_flags";
-const FLAGS: [&str; 7] = [
+const FLAGS: [&str; 8] = [
     "f_healthy",
+    "f_conflict",
     "f_errors",
     "f_latency_approve",
     "f_latency_abort",
@@ -588,6 +591,59 @@ fn rollout_end_to_end() {
     assert_eq!(resume.len(), 1);
     assert_eq!(resume[0]["stage"], 2, "resumed the same stage");
     eprintln!("kill -9 + restart: {:?}", t.elapsed());
+
+    // 5b. Concurrent human edits: one to another flag is built upon (no pause);
+    // one to this flag pauses the run; approve publishes on top of it.
+    let t = Instant::now();
+    let human_edit = |f: &dyn Fn(&mut Value)| {
+        let (bytes, _) = erlmcp_rollout::flags::read_flags(&endpoints, KEY, Duration::from_secs(5))
+            .expect("read")
+            .expect("key");
+        let mut v: Value = serde_json::from_slice(&bytes).expect("json");
+        f(&mut v);
+        push_flags(&endpoints, KEY, v.to_string().as_bytes(), Duration::from_secs(5)).expect("human push");
+    };
+    let state = env.dir.join("f_conflict.state.json").display().to_string();
+    let mut c = env.spawn(&env.args("f_conflict", &plan, None));
+    wait_until("the first publish", Duration::from_secs(30), || {
+        publishes(&env.lines("f_conflict")) == [10]
+    });
+    human_edit(&|v| v["f_healthy"]["metadata"] = serde_json::json!({"note": "edited by a human"}));
+    wait_until("the second publish", Duration::from_secs(30), || {
+        publishes(&env.lines("f_conflict")) == [10, 50]
+    });
+    human_edit(&|v| {
+        v["f_conflict"]["rollout_percentage"] = 20.into();
+        v["f_conflict"]["metadata"] = serde_json::json!({"owner": "bob"});
+    });
+    wait_until("the conflict pause", Duration::from_secs(30), || {
+        let st: Value = serde_json::from_slice(&std::fs::read(&state).unwrap_or_default()).unwrap_or(Value::Null);
+        st["phase"] == "paused" && st["pause"]["kind"] == "conflict"
+    });
+    assert_eq!(
+        etcd_percent(&endpoints, "f_conflict"),
+        20,
+        "the human's edit is not overwritten while paused"
+    );
+    let (code, out, err) = env.cli(&["rollout", "approve", "--state", &state, "--actor", "bob"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, err) = wait_exit(&mut c, Duration::from_secs(60));
+    let lines = env.lines("f_conflict");
+    assert_eq!(code, 0, "{err}\n{lines:#?}");
+    assert_eq!(publishes(&lines), [10, 50, 100]);
+    assert_eq!(
+        Env::events(&lines, "pause").len(),
+        1,
+        "only the edit of this flag pauses"
+    );
+    let (bytes, _) = erlmcp_rollout::flags::read_flags(&endpoints, KEY, Duration::from_secs(5))
+        .expect("read")
+        .expect("key");
+    let v: Value = serde_json::from_slice(&bytes).expect("json");
+    assert_eq!(v["f_conflict"]["metadata"]["owner"], "bob", "{v:#}");
+    assert_eq!(v["f_healthy"]["metadata"]["note"], "edited by a human", "{v:#}");
+    assert_eq!(v["f_conflict"]["rollout_percentage"], 100);
+    eprintln!("concurrent edits: {:?}", t.elapsed());
 
     // 6. The etcd leader killed mid-run (the state in etcd too): completes.
     let t = Instant::now();

@@ -28,7 +28,7 @@ use super::audit::AuditLog;
 use super::judge::{judge, JudgementOutcome};
 use super::plan::{LimitAction, RolloutPlan};
 use super::state::{Command, ControllerLock, Holder, JudgementSummary, Pause, Pending, Phase, RunState, StateStore};
-use super::target::{flag_state, set_percentage, FlagTarget, PublishError};
+use super::target::{flag_spec, flag_state, set_percentage, FlagTarget, PublishError};
 use super::{now, RolloutError};
 use crate::deploy::prometheus::Client;
 
@@ -210,6 +210,7 @@ impl<'a> Ctl<'a> {
                     window_start: None,
                     next_judgement_at: None,
                     guard: cur.guard,
+                    flag_spec: flag_spec(&cur.bytes, &o.flag)?,
                     pending: None,
                     publish_seq: 0,
                     consecutive_inconclusive: 0,
@@ -570,6 +571,7 @@ impl<'a> Ctl<'a> {
                 // Roll back on top of the config as it is now (a human asked for it).
                 let cur = self.o.target.read()?;
                 self.st.guard = cur.guard;
+                self.st.flag_spec = flag_spec(&cur.bytes, &self.o.flag)?;
                 self.st.pending = None;
                 self.begin_publish(self.plan.rollback_to, "abort")
             }
@@ -586,6 +588,7 @@ impl<'a> Ctl<'a> {
                         // Re-apply the pending publish on top of the edited config.
                         let cur = self.o.target.read()?;
                         self.st.guard = cur.guard;
+                        self.st.flag_spec = flag_spec(&cur.bytes, &self.o.flag)?;
                         if let Some(pending) = &mut self.st.pending {
                             pending.based_on = cur.guard;
                         }
@@ -628,7 +631,7 @@ impl<'a> Ctl<'a> {
 
     fn finish_publish(&mut self, p: Pending) -> Result<(), RolloutError> {
         if self.o.dry_run {
-            return self.published(&p, self.st.guard);
+            return self.published(&p, self.st.guard, None);
         }
         let cur = match self.o.target.read() {
             Ok(c) => c,
@@ -642,7 +645,7 @@ impl<'a> Ctl<'a> {
         if cur.guard == p.based_on {
             let bytes = set_percentage(&cur.bytes, &self.o.flag, p.to)?;
             return match self.o.target.publish(p.based_on, &bytes) {
-                Ok(guard) => self.published(&p, guard),
+                Ok(guard) => self.published(&p, guard, Some(flag_spec(&bytes, &self.o.flag)?)),
                 // Both resolve on the next read: made (ours) or not (a conflict).
                 Err(PublishError::Conflict(why) | PublishError::Unavailable(why)) => {
                     self.note = Some(format!("publishing {} %: {why}; re-checking", p.to));
@@ -653,10 +656,21 @@ impl<'a> Ctl<'a> {
             };
         }
         let (_, now_pct) = flag_state(&cur.bytes, &self.o.flag)?;
-        if now_pct == p.to {
+        let spec_now = flag_spec(&cur.bytes, &self.o.flag)?;
+        if now_pct == p.to && p.from != p.to {
             // The config moved on from the guard and holds our percentage: our
             // publish was made (its acknowledgement or our save was lost).
-            return self.published(&p, cur.guard);
+            return self.published(&p, cur.guard, Some(spec_now));
+        }
+        if spec_now == self.st.flag_spec {
+            // Someone edited other flags, not this one: the publish changes one
+            // number of this flag, so it is recomputed on top of their edit
+            // (nothing of theirs is overwritten), still guarded.
+            self.st.guard = cur.guard;
+            let mut rebased = p.clone();
+            rebased.based_on = cur.guard;
+            self.st.pending = Some(rebased);
+            return self.save();
         }
         self.pause(
             "conflict",
@@ -670,8 +684,11 @@ impl<'a> Ctl<'a> {
         )
     }
 
-    fn published(&mut self, p: &Pending, guard: u64) -> Result<(), RolloutError> {
+    fn published(&mut self, p: &Pending, guard: u64, spec: Option<Value>) -> Result<(), RolloutError> {
         self.note = None;
+        if let Some(spec) = spec {
+            self.st.flag_spec = spec;
+        }
         if !self.audit.has_publish(&self.st.run_id, p.seq)? {
             self.log(
                 "publish",

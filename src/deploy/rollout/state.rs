@@ -134,6 +134,10 @@ pub struct RunState {
     pub next_judgement_at: Option<f64>,
     /// The guard of the config as last read or written.
     pub guard: Guard,
+    /// The flag's spec in that config: an edit elsewhere in the config is
+    /// rebased onto, an edit of this flag is a conflict.
+    #[serde(default)]
+    pub flag_spec: serde_json::Value,
     /// A publish saved before it was made, cleared after.
     pub pending: Option<Pending>,
     /// The last publish sequence number used.

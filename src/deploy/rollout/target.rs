@@ -257,6 +257,22 @@ pub fn flag_state(bytes: &[u8], flag: &str) -> Result<(bool, u8), PublishError> 
     Ok((spec.enabled, spec.rollout_percentage.get()))
 }
 
+/// The flag's whole spec as JSON (after validation), to tell whether a
+/// concurrent edit touched this flag or only others.
+///
+/// # Errors
+/// [`PublishError::Invalid`] when the config is invalid or has no such flag.
+pub fn flag_spec(bytes: &[u8], flag: &str) -> Result<serde_json::Value, PublishError> {
+    let config = FlagsConfig::from_json(bytes).map_err(|e| {
+        let problems: Vec<String> = e.problems().iter().map(ToString::to_string).collect();
+        PublishError::Invalid(format!("the flag config is invalid: {}", problems.join("; ")))
+    })?;
+    let spec = config
+        .get(flag)
+        .ok_or_else(|| PublishError::Invalid(format!("the flag config has no flag {flag:?}")))?;
+    serde_json::to_value(spec).map_err(|e| PublishError::Invalid(e.to_string()))
+}
+
 /// The config `bytes` with flag `flag`'s `rollout_percentage` set to `percent`,
 /// every other byte unchanged (the member is added first in the flag's object
 /// when absent). The result is validated.
