@@ -17,7 +17,10 @@
 //! and `approve` publishes on top of it;
 //! the etcd leader killed mid-run (state in etcd) -> completes; Prometheus
 //! stopped mid-run -> judgements are errors, then a rollback as the plan says,
-//! never a promote.
+//! never a promote; without Prometheus and `"on_inconclusive": "pause"` ->
+//! paused past the window, never promoted, `abort` rolls back. Fault
+//! injection (an extra layer): the controller exits right before and right
+//! after a publish; restarted, each publish still happens once.
 
 #[path = "session_support/etcd_cluster.rs"]
 mod etcd_cluster;
@@ -32,9 +35,12 @@ use erlmcp_rollout::flags::push_flags;
 use serde_json::Value;
 
 const KEY: &str = "erlmcp/feature_flags";
-const FLAGS: [&str; 8] = [
+const FLAGS: [&str; 11] = [
     "f_healthy",
     "f_conflict",
+    "f_fault_before",
+    "f_fault_after",
+    "f_prometheus_pause",
     "f_errors",
     "f_latency_approve",
     "f_latency_abort",
@@ -592,6 +598,35 @@ fn rollout_end_to_end() {
     assert_eq!(resume[0]["stage"], 2, "resumed the same stage");
     eprintln!("kill -9 + restart: {:?}", t.elapsed());
 
+    // 5a. Killed right before and right after a publish (fault injection, the
+    // process exits as if killed): still each publish exactly once.
+    let t = Instant::now();
+    for (flag, fault) in [
+        ("f_fault_before", "exit_before_publish:2"),
+        ("f_fault_after", "exit_after_publish:2"),
+    ] {
+        let args = env.args(flag, &plan, None);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_erlmcp-rollout"))
+            .args(&args)
+            .env("ERLMCP_ROLLOUT_FAULT", fault)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("erlmcp-rollout");
+        let (code, err) = wait_exit(&mut c, Duration::from_secs(60));
+        assert_eq!(code, 137, "{fault}: {err}");
+        let expect_now = if fault.starts_with("exit_before") { 10 } else { 50 };
+        assert_eq!(etcd_percent(&endpoints, flag), expect_now, "{fault}");
+        let mut c = env.spawn(&args);
+        let (code, err) = wait_exit(&mut c, Duration::from_secs(60));
+        let lines = env.lines(flag);
+        assert_eq!(code, 0, "{fault}: {err}\n{lines:#?}");
+        assert_eq!(publishes(&lines), [10, 50, 100], "{fault}: {lines:#?}");
+        let resume = Env::events(&lines, "resume");
+        assert_eq!(resume[0]["pending_publish"]["seq"], 2, "{fault}: {resume:#?}");
+    }
+    eprintln!("exit right before / after a publish + restart: {:?}", t.elapsed());
+
     // 5b. Concurrent human edits: one to another flag is built upon (no pause);
     // one to this flag pauses the run; approve publishes on top of it.
     let t = Instant::now();
@@ -703,5 +738,26 @@ fn rollout_end_to_end() {
         .unwrap_or("")
         .contains("without an answer from Prometheus"));
     assert_eq!(publishes(&lines), [10, 0]);
-    eprintln!("Prometheus stopped: {:?}; total {:?}", t.elapsed(), started.elapsed());
+    eprintln!("Prometheus stopped: {:?}", t.elapsed());
+
+    // 8. No Prometheus and "on_inconclusive": "pause": paused past the limit,
+    // never promoted; abort rolls back.
+    let t = Instant::now();
+    let plan = write_plan(tmp.path(), "pause", "3s", "");
+    let state = env.dir.join("f_prometheus_pause.state.json").display().to_string();
+    let mut c = env.spawn(&env.args("f_prometheus_pause", &plan, None));
+    wait_until("the limit pause", Duration::from_secs(30), || {
+        let st: Value = serde_json::from_slice(&std::fs::read(&state).unwrap_or_default()).unwrap_or(Value::Null);
+        st["phase"] == "paused" && st["pause"]["kind"] == "limit"
+    });
+    std::thread::sleep(Duration::from_secs(4)); // past the window: still paused, never promoted
+    let lines = env.lines("f_prometheus_pause");
+    assert!(Env::events(&lines, "promote").is_empty(), "{lines:#?}");
+    assert_eq!(publishes(&lines), [10]);
+    let (code, out, err) = env.cli(&["rollout", "abort", "--state", &state]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, err) = wait_exit(&mut c, Duration::from_secs(30));
+    assert_eq!(code, 12, "{err}");
+    assert_eq!(publishes(&env.lines("f_prometheus_pause")), [10, 0]);
+    eprintln!("no Prometheus, pause: {:?}; total {:?}", t.elapsed(), started.elapsed());
 }

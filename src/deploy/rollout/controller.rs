@@ -644,8 +644,12 @@ impl<'a> Ctl<'a> {
         };
         if cur.guard == p.based_on {
             let bytes = set_percentage(&cur.bytes, &self.o.flag, p.to)?;
+            fault("exit_before_publish", p.seq);
             return match self.o.target.publish(p.based_on, &bytes) {
-                Ok(guard) => self.published(&p, guard, Some(flag_spec(&bytes, &self.o.flag)?)),
+                Ok(guard) => {
+                    fault("exit_after_publish", p.seq);
+                    self.published(&p, guard, Some(flag_spec(&bytes, &self.o.flag)?))
+                }
                 // Both resolve on the next read: made (ours) or not (a conflict).
                 Err(PublishError::Conflict(why) | PublishError::Unavailable(why)) => {
                     self.note = Some(format!("publishing {} %: {why}; re-checking", p.to));
@@ -712,5 +716,16 @@ impl<'a> Ctl<'a> {
             }
         }
         self.save()
+    }
+}
+
+/// Fault injection for the crash tests, an extra layer over the real `kill -9`
+/// test: with `ERLMCP_ROLLOUT_FAULT=exit_before_publish:N` or
+/// `exit_after_publish:N` the process exits at once (no destructors, no
+/// state save, as if killed) just before or just after publish number `N`
+/// is made.
+fn fault(point: &str, seq: u64) {
+    if std::env::var("ERLMCP_ROLLOUT_FAULT").is_ok_and(|v| v == format!("{point}:{seq}")) {
+        std::process::exit(137);
     }
 }
