@@ -384,8 +384,8 @@ fn command(a: CommandArgs, action: &str) -> Result<u8> {
         }
     }) {
         Ok(o) => {
-            println!("no controller was running; rolled back here");
-            Ok(exit_code(o))
+            println!("no controller was running; rolled back here ({o:?})");
+            Ok(exit::OK)
         }
         Err(erlmcp_rollout::deploy::rollout::RolloutError::Locked(who)) => {
             println!(

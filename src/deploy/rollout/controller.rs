@@ -112,8 +112,15 @@ impl Progress {
         if let Some(n) = &self.note {
             s.push_str(&format!(" | {n}"));
         }
+        // One terminal line: a wrapped line could not be redrawn in place.
+        if s.chars().count() > Self::MAX_CHARS {
+            s = s.chars().take(Self::MAX_CHARS - 3).collect::<String>() + "...";
+        }
         s
     }
+
+    /// The longest [`Progress::line`].
+    pub const MAX_CHARS: usize = 150;
 }
 
 /// What the controller reports as it goes.
