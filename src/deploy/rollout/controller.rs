@@ -179,6 +179,14 @@ impl<'a> Ctl<'a> {
         let (st, plan, resumed) = match existing {
             Some(st) if !st.phase.finished() => {
                 let plan = RolloutPlan::from_json(st.plan.to_string().as_bytes())?;
+                if st.stage >= plan.stages.len() {
+                    return Err(RolloutError::State(format!(
+                        "{}: stage {} of a {}-stage plan",
+                        o.store,
+                        st.stage + 1,
+                        plan.stages.len()
+                    )));
+                }
                 (st, plan, true)
             }
             _ => {
