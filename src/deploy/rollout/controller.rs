@@ -362,6 +362,14 @@ impl<'a> Ctl<'a> {
         if let Some(done) = self.outcome() {
             return Ok(Some(done));
         }
+        // A publish in flight is settled (made and logged, or found not made)
+        // before any command, so an abort never leaves a made publish unlogged.
+        if let Some(p) = self.st.pending.clone() {
+            if self.st.phase == Phase::Running {
+                self.finish_publish(p)?;
+                return Ok(self.outcome());
+            }
+        }
         match self.o.store.take_command(&self.o.flag) {
             Ok(Some(cmd)) => {
                 self.command(cmd)?;
@@ -370,12 +378,6 @@ impl<'a> Ctl<'a> {
             Ok(None) => {}
             // Commands wait in the store; the next tick looks again.
             Err(e) => self.note = Some(format!("cannot read commands: {e}")),
-        }
-        if let Some(p) = self.st.pending.clone() {
-            if self.st.phase == Phase::Running {
-                self.finish_publish(p)?;
-                return Ok(self.outcome());
-            }
         }
         match self.st.phase {
             Phase::Paused => {
