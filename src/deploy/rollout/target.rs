@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::flags::json::{self, Kind, Node, Pos};
-use crate::flags::FlagsConfig;
+use crate::flags::{FlagSpec, FlagsConfig};
 
 /// The version of the config a publish is based on: an etcd `mod_revision`, or
 /// a 64-bit SipHash of a file's bytes.
@@ -242,11 +242,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
-/// The flag's `enabled` and `rollout_percentage` in a config.
-///
-/// # Errors
-/// [`PublishError::Invalid`] when the config is invalid or has no such flag.
-pub fn flag_state(bytes: &[u8], flag: &str) -> Result<(bool, u8), PublishError> {
+/// Validate a config and run `f` on flag `flag`'s spec.
+fn with_flag<T>(bytes: &[u8], flag: &str, f: impl FnOnce(&FlagSpec) -> T) -> Result<T, PublishError> {
     let config = FlagsConfig::from_json(bytes).map_err(|e| {
         let problems: Vec<String> = e.problems().iter().map(ToString::to_string).collect();
         PublishError::Invalid(format!("the flag config is invalid: {}", problems.join("; ")))
@@ -254,7 +251,15 @@ pub fn flag_state(bytes: &[u8], flag: &str) -> Result<(bool, u8), PublishError> 
     let spec = config
         .get(flag)
         .ok_or_else(|| PublishError::Invalid(format!("the flag config has no flag {flag:?}")))?;
-    Ok((spec.enabled, spec.rollout_percentage.get()))
+    Ok(f(spec))
+}
+
+/// The flag's `enabled` and `rollout_percentage` in a config.
+///
+/// # Errors
+/// [`PublishError::Invalid`] when the config is invalid or has no such flag.
+pub fn flag_state(bytes: &[u8], flag: &str) -> Result<(bool, u8), PublishError> {
+    with_flag(bytes, flag, |spec| (spec.enabled, spec.rollout_percentage.get()))
 }
 
 /// The flag's whole spec as JSON (after validation), to tell whether a
@@ -263,14 +268,7 @@ pub fn flag_state(bytes: &[u8], flag: &str) -> Result<(bool, u8), PublishError> 
 /// # Errors
 /// [`PublishError::Invalid`] when the config is invalid or has no such flag.
 pub fn flag_spec(bytes: &[u8], flag: &str) -> Result<serde_json::Value, PublishError> {
-    let config = FlagsConfig::from_json(bytes).map_err(|e| {
-        let problems: Vec<String> = e.problems().iter().map(ToString::to_string).collect();
-        PublishError::Invalid(format!("the flag config is invalid: {}", problems.join("; ")))
-    })?;
-    let spec = config
-        .get(flag)
-        .ok_or_else(|| PublishError::Invalid(format!("the flag config has no flag {flag:?}")))?;
-    serde_json::to_value(spec).map_err(|e| PublishError::Invalid(e.to_string()))
+    with_flag(bytes, flag, |spec| serde_json::to_value(spec))?.map_err(|e| PublishError::Invalid(e.to_string()))
 }
 
 /// The config `bytes` with flag `flag`'s `rollout_percentage` set to `percent`,
