@@ -1076,6 +1076,17 @@ pub fn decide_with(m: &CanaryMetrics, t: &Thresholds, opts: &DecideOptions) -> V
             seen_freshness |= r.rule == "freshness";
             !dup
         });
+        // min_requests saw the canary on both sides: say so once.
+        for r in rules.iter_mut().filter(|r| r.rule == "min_requests") {
+            r.inputs.retain(|(name, _)| name != "stable.requests");
+            if let [(_, Reading::Value(n)), (_, Reading::Value(min))] = r.inputs[..] {
+                r.message = if r.outcome == Outcome::Continue {
+                    format!("too little traffic to judge: canary {n} requests (minimum {min}; no stable cohort)")
+                } else {
+                    format!("canary {n} requests (minimum {min}; no stable cohort)")
+                };
+            }
+        }
     }
 
     finish(rules, t)
@@ -1217,6 +1228,33 @@ mod tests {
         assert_eq!(v.decision, Decision::Promote, "{}", v.render());
         assert!(v.warnings.is_empty());
         assert!(v.triggers.is_empty());
+    }
+
+    #[test]
+    fn without_a_baseline_only_the_canary_is_judged() {
+        let mut m = healthy();
+        m.stable = SideMetrics::default();
+        let opts = DecideOptions {
+            unjudged: vec![Metric::Cpu],
+            no_baseline: true,
+        };
+        let v = decide_with(&m, &Thresholds::default(), &opts);
+        assert_eq!(v.decision, Decision::Promote, "{}", v.render());
+        let names: Vec<&str> = v.rules.iter().map(|r| r.rule).collect();
+        assert!(
+            !names.contains(&"error_rate_vs_stable") && !names.contains(&"cpu"),
+            "{names:?}"
+        );
+        let min = v.rules.iter().find(|r| r.rule == "min_requests").unwrap();
+        assert!(
+            min.message.contains("no stable cohort") && min.inputs.len() == 2,
+            "{min:?}"
+        );
+        m.canary.requests = Reading::Value(10.0);
+        assert_eq!(
+            decide_with(&m, &Thresholds::default(), &opts).decision,
+            Decision::Continue
+        );
     }
 
     #[test]
