@@ -207,6 +207,10 @@ fn a_second_controller_is_refused_and_abort_rolls_back() {
         st.contains("phase:    paused") && st.contains("paused:   limit"),
         "{st}"
     );
+    assert!(
+        st.contains("control:  a controller runs: pid") && st.contains("\"tester\""),
+        "{st}"
+    );
     // approve: goes on (and pauses again: Prometheus is still not there).
     let o = cli(&[
         "rollout".into(),
@@ -241,6 +245,12 @@ fn abort_without_a_controller_rolls_back_itself() {
     wait_until("the limit pause", || d.state()["phase"] == "paused");
     c.kill().expect("kill -9");
     let _ = c.wait();
+    let status = cli(&["rollout".into(), "status".into(), "--state".into(), d.s("state.json")]);
+    assert!(
+        text(&status).contains("control:  no controller runs"),
+        "{}",
+        text(&status)
+    );
     let o = cli(&[
         "rollout".into(),
         "abort".into(),

@@ -10,8 +10,8 @@ use clap::{Args, Subcommand};
 use erlmcp_rollout::deploy::prometheus::Client;
 use erlmcp_rollout::deploy::rollout::audit::{render_line, rfc3339};
 use erlmcp_rollout::deploy::rollout::{
-    now, run, AuditLog, Command as RunCommand, Event, FlagTarget, Phase, RolloutPlan, RunOptions, RunOutcome, RunState,
-    StateStore,
+    now, run, AuditLog, Command as RunCommand, ControllerLock, Event, FlagTarget, Phase, RolloutPlan, RunOptions,
+    RunOutcome, RunState, StateStore,
 };
 use serde_json::json;
 
@@ -314,6 +314,17 @@ fn status(a: StatusArgs) -> Result<u8> {
             "          erlmcp-rollout rollout approve|abort --state {store} --flag {}",
             st.flag
         )?;
+    }
+    if !st.phase.finished() {
+        let who = FlagTarget::parse(&st.target, ETCD_TIMEOUT)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| Ok(ControllerLock::holder(&t, &st.flag)?));
+        match who {
+            Ok(Some(h)) => writeln!(o, "control:  a controller runs: {h}")?,
+            Ok(None) if st.dry_run => writeln!(o, "control:  dry run (no lock)")?,
+            Ok(None) => writeln!(o, "control:  no controller runs; start `rollout run` again to resume")?,
+            Err(e) => writeln!(o, "control:  unknown ({e})")?,
+        }
     }
     if let Some(p) = &st.pending {
         writeln!(

@@ -513,6 +513,47 @@ impl ControllerLock {
         }
     }
 
+    /// Who holds the lock of `flag` on `target` now (`None`: no controller runs).
+    ///
+    /// # Errors
+    /// [`RolloutError::State`] when the lock cannot be inspected.
+    pub fn holder(target: &FlagTarget, flag: &str) -> Result<Option<Holder>, RolloutError> {
+        match target {
+            FlagTarget::File(path) => {
+                use rustix::fs::{flock, FlockOperation};
+                let path = Self::lock_path(path, flag);
+                let file = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(io_err(format!("cannot open {}", path.display()))(e)),
+                };
+                // A shared lock is granted unless a controller holds the exclusive one;
+                // it is dropped with `file`.
+                if flock(&file, FlockOperation::NonBlockingLockShared).is_ok() {
+                    return Ok(None);
+                }
+                let text = std::fs::read(&path).map_err(io_err(format!("cannot read {}", path.display())))?;
+                Ok(serde_json::from_slice(&text).ok())
+            }
+            #[cfg(feature = "etcd")]
+            FlagTarget::Etcd {
+                endpoints,
+                key,
+                timeout,
+            } => {
+                let urls = crate::flags::etcd::urls(endpoints).map_err(|e| RolloutError::Usage(e.to_string()))?;
+                let key = format!("{key}/rollout-lock/{flag}");
+                let key = key.as_str();
+                let value = crate::flags::etcd::with_member(&urls, *timeout, |mut c| async move {
+                    let r = c.get(key, None).await?;
+                    Ok(Ok(r.kvs().first().map(|kv| kv.value().to_vec())))
+                })
+                .map_err(|e| RolloutError::State(format!("controller lock: {e}")))?;
+                Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+            }
+        }
+    }
+
     /// The lock file of `flag` for a flags file.
     pub fn lock_path(flags_file: &Path, flag: &str) -> PathBuf {
         let dir = match flags_file.parent() {
