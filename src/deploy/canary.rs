@@ -938,6 +938,42 @@ fn round(v: f64) -> f64 {
 /// # Ok::<(), erlmcp_rollout::deploy::canary::CanaryError>(())
 /// ```
 pub fn decide(m: &CanaryMetrics, t: &Thresholds) -> Verdict {
+    decide_with(m, t, &DecideOptions::default())
+}
+
+/// Options of [`decide_with`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DecideOptions {
+    /// Metrics nobody measures here (e.g. CPU without a query): their rules are
+    /// left out instead of reporting no data.
+    pub unjudged: Vec<Metric>,
+    /// There is no stable side (all traffic is on the canary, a 100 % stage):
+    /// the canary-vs-stable rules are left out and `min_requests` and
+    /// freshness apply to the canary alone.
+    pub no_baseline: bool,
+}
+
+/// [`decide`] with [`DecideOptions`].
+///
+/// # Examples
+/// ```
+/// use erlmcp_rollout::deploy::canary::{decide_with, CanaryMetrics, Decision, DecideOptions, Metric, Thresholds};
+/// let m = CanaryMetrics::from_json(br#"{
+///   "canary": {"requests": 5000, "error_rate": 0.0002, "latency_p95_ms": 6, "latency_p99_ms": 12},
+///   "stable": {"requests": 0}
+/// }"#)?;
+/// let opts = DecideOptions { unjudged: vec![Metric::Cpu, Metric::Memory, Metric::Restarts], no_baseline: true };
+/// assert_eq!(decide_with(&m, &Thresholds::default(), &opts).decision, Decision::Promote);
+/// # Ok::<(), erlmcp_rollout::deploy::canary::CanaryError>(())
+/// ```
+pub fn decide_with(m: &CanaryMetrics, t: &Thresholds, opts: &DecideOptions) -> Verdict {
+    let mut m = *m;
+    if opts.no_baseline {
+        // The canary is its own reference: the relative rules are dropped
+        // below, and the two-sided checks see the canary on both sides.
+        m.stable = m.canary;
+    }
+    let m = &m;
     let c = &m.canary;
     let s = &m.stable;
     let mut rules = Vec::new();
@@ -1028,6 +1064,30 @@ pub fn decide(m: &CanaryMetrics, t: &Thresholds) -> Verdict {
                 above("canary memory usage", u, max, pct)
             }),
     );
+    rules.retain(|r| {
+        let relative = matches!(r.rule, "error_rate_vs_stable" | "latency_p95_vs_stable");
+        !(opts.unjudged.contains(&r.metric) || (opts.no_baseline && relative))
+    });
+    if opts.no_baseline {
+        // One freshness rule (the canary's), not a copy for "stable".
+        let mut seen_freshness = false;
+        rules.retain(|r| {
+            let dup = r.rule == "freshness" && seen_freshness;
+            seen_freshness |= r.rule == "freshness";
+            !dup
+        });
+        // min_requests saw the canary on both sides: say so once.
+        for r in rules.iter_mut().filter(|r| r.rule == "min_requests") {
+            r.inputs.retain(|(name, _)| name != "stable.requests");
+            if let [(_, Reading::Value(n)), (_, Reading::Value(min))] = r.inputs[..] {
+                r.message = if r.outcome == Outcome::Continue {
+                    format!("too little traffic to judge: canary {n} requests (minimum {min}; no stable cohort)")
+                } else {
+                    format!("canary {n} requests (minimum {min}; no stable cohort)")
+                };
+            }
+        }
+    }
 
     finish(rules, t)
 }
@@ -1168,6 +1228,33 @@ mod tests {
         assert_eq!(v.decision, Decision::Promote, "{}", v.render());
         assert!(v.warnings.is_empty());
         assert!(v.triggers.is_empty());
+    }
+
+    #[test]
+    fn without_a_baseline_only_the_canary_is_judged() {
+        let mut m = healthy();
+        m.stable = SideMetrics::default();
+        let opts = DecideOptions {
+            unjudged: vec![Metric::Cpu],
+            no_baseline: true,
+        };
+        let v = decide_with(&m, &Thresholds::default(), &opts);
+        assert_eq!(v.decision, Decision::Promote, "{}", v.render());
+        let names: Vec<&str> = v.rules.iter().map(|r| r.rule).collect();
+        assert!(
+            !names.contains(&"error_rate_vs_stable") && !names.contains(&"cpu"),
+            "{names:?}"
+        );
+        let min = v.rules.iter().find(|r| r.rule == "min_requests").unwrap();
+        assert!(
+            min.message.contains("no stable cohort") && min.inputs.len() == 2,
+            "{min:?}"
+        );
+        m.canary.requests = Reading::Value(10.0);
+        assert_eq!(
+            decide_with(&m, &Thresholds::default(), &opts).decision,
+            Decision::Continue
+        );
     }
 
     #[test]

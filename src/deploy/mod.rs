@@ -32,10 +32,12 @@ pub mod canary;
 pub mod ci_scope;
 pub mod plan;
 pub mod prometheus;
+#[cfg(feature = "rollout")]
+pub mod rollout;
 
 pub use canary::{
-    decide, CanaryError, CanaryMetrics, Decision, Freshness, Metric, NoData, NoDataPolicy, Outcome, Reading,
-    RuleResult, Side, SideMetrics, Thresholds, Verdict, Warning,
+    decide, decide_with, CanaryError, CanaryMetrics, DecideOptions, Decision, Freshness, Metric, NoData, NoDataPolicy,
+    Outcome, Reading, RuleResult, Side, SideMetrics, Thresholds, Verdict, Warning,
 };
 pub use ci_scope::{classify, ScopeConfig, ScopeError, ScopeReport};
 pub use plan::{PlanError, Ramp, RampStage, Trigger, TriggerId, ROLLBACK_MATRIX};

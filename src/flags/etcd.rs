@@ -38,6 +38,19 @@ pub enum PushError {
         /// What is wrong.
         reason: String,
     },
+    /// [`push_flags_guarded`]: the key changed since `expected` (a concurrent edit);
+    /// nothing was written.
+    #[error(
+        "etcd key {key:?} changed concurrently (expected revision {expected}, found {actual}); nothing was written"
+    )]
+    Conflict {
+        /// The key.
+        key: String,
+        /// The revision the write was guarded on.
+        expected: i64,
+        /// The key's revision now (0: the key is absent).
+        actual: i64,
+    },
     /// No member accepted the write in time (it may or may not have been applied).
     #[error("etcd at [{endpoints}] unavailable: {reason}")]
     Unavailable {
@@ -59,7 +72,7 @@ pub struct PushOutcome {
     pub revision: i64,
 }
 
-fn urls(endpoints: &[String]) -> Result<Vec<String>, PushError> {
+pub(crate) fn urls(endpoints: &[String]) -> Result<Vec<String>, PushError> {
     crate::session::endpoint_urls(endpoints).map_err(|e| match e {
         InvalidInput::Endpoint { endpoint, reason } => PushError::Endpoint { endpoint, reason },
         other => PushError::Endpoint {
@@ -89,6 +102,103 @@ fn urls(endpoints: &[String]) -> Result<Vec<String>, PushError> {
 pub fn push_flags(endpoints: &[String], key: &str, json: &[u8], timeout: Duration) -> Result<PushOutcome, PushError> {
     let config = FlagsConfig::from_json(json).map_err(PushError::Invalid)?;
     let urls = urls(endpoints)?;
+    with_member(&urls, timeout, |mut client| async move {
+        let current = client.get(key, None).await?;
+        if let Some(kv) = current.kvs().first() {
+            if kv.value() == json {
+                return Ok(Ok((false, kv.mod_revision())));
+            }
+        }
+        let put = client.put(key, json, None).await?;
+        Ok(Ok((true, put.header().map_or(0, |h| h.revision()))))
+    })
+    .map(|(changed, revision)| PushOutcome {
+        flags: config.len(),
+        changed,
+        revision,
+    })
+}
+
+/// Reads `key`: its value and `mod_revision`, or `None` when the key is absent (a
+/// linearizable read through the leader).
+///
+/// # Errors
+/// [`PushError::Endpoint`], [`PushError::Unavailable`] when no member answered within
+/// `timeout`.
+pub fn read_flags(endpoints: &[String], key: &str, timeout: Duration) -> Result<Option<(Vec<u8>, i64)>, PushError> {
+    let urls = urls(endpoints)?;
+    with_member(&urls, timeout, |mut client| async move {
+        let current = client.get(key, None).await?;
+        Ok(Ok(current
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision()))))
+    })
+}
+
+/// As [`push_flags`], but only if the key's `mod_revision` is still `expected_revision`
+/// (one etcd transaction), so a concurrent edit is never overwritten: then
+/// [`PushError::Conflict`] and nothing is written. A write whose acknowledgement was
+/// lost (leader change) is recognised on the retry: the key then already holds `json`.
+///
+/// # Errors
+/// [`PushError::Invalid`], [`PushError::Conflict`], [`PushError::Endpoint`],
+/// [`PushError::Unavailable`] (the write may or may not have happened).
+pub fn push_flags_guarded(
+    endpoints: &[String],
+    key: &str,
+    json: &[u8],
+    expected_revision: i64,
+    timeout: Duration,
+) -> Result<PushOutcome, PushError> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let config = FlagsConfig::from_json(json).map_err(PushError::Invalid)?;
+    let urls = urls(endpoints)?;
+    with_member(&urls, timeout, |mut client| async move {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, expected_revision)])
+            .and_then([TxnOp::put(key, json, None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = client.txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(Ok((true, resp.header().map_or(0, |h| h.revision()))));
+        }
+        let current = resp.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+            _ => None,
+        });
+        Ok(match current {
+            Some((value, revision)) if value == json => Ok((true, revision)),
+            other => Err(PushError::Conflict {
+                key: key.to_owned(),
+                expected: expected_revision,
+                actual: other.map_or(0, |(_, r)| r),
+            }),
+        })
+    })
+    .map(|(changed, revision)| PushOutcome {
+        flags: config.len(),
+        changed,
+        revision,
+    })
+}
+
+/// Connects to one member with the crate's flag-client options (connect timeout,
+/// leader required). Every one-shot flag client (push, read, guarded push) connects here.
+pub(crate) async fn connect(url: &str, timeout: Duration) -> Result<Client, etcd_client::Error> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_require_leader(true);
+    Client::connect([url], Some(opts)).await
+}
+
+/// Runs `op` against the members in turn until one answers, within `timeout` overall.
+/// A transport error moves on to the next member; `op`'s own `Err(PushError)` is final.
+pub(crate) fn with_member<T, F, Fut>(urls: &[String], timeout: Duration, mut op: F) -> Result<T, PushError>
+where
+    F: FnMut(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<Result<T, PushError>, etcd_client::Error>>,
+{
     let unavailable = |reason: String| PushError::Unavailable {
         endpoints: urls.join(", "),
         reason,
@@ -105,28 +215,12 @@ pub fn push_flags(endpoints: &[String], key: &str, json: &[u8], timeout: Duratio
             let url = &urls[i % urls.len()];
             i += 1;
             let attempt = tokio::time::timeout_at(deadline, async {
-                let opts = ConnectOptions::new()
-                    .with_connect_timeout(timeout)
-                    .with_require_leader(true);
-                let mut client = Client::connect([url.as_str()], Some(opts)).await?;
-                let current = client.get(key, None).await?;
-                if let Some(kv) = current.kvs().first() {
-                    if kv.value() == json {
-                        return Ok((false, kv.mod_revision()));
-                    }
-                }
-                let put = client.put(key, json, None).await?;
-                Ok::<_, etcd_client::Error>((true, put.header().map_or(0, |h| h.revision())))
+                let client = connect(url, timeout).await?;
+                op(client).await
             })
             .await;
             match attempt {
-                Ok(Ok((changed, revision))) => {
-                    return Ok(PushOutcome {
-                        flags: config.len(),
-                        changed,
-                        revision,
-                    })
-                }
+                Ok(Ok(result)) => return result,
                 Ok(Err(e)) => last = format!("{url}: {e}"),
                 Err(_) => last = format!("{url}: no answer within {timeout:?}"),
             }

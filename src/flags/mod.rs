@@ -15,7 +15,7 @@ mod clock;
 mod config;
 mod engine;
 #[cfg(feature = "etcd")]
-mod etcd;
+pub(crate) mod etcd;
 pub(crate) mod json;
 mod listing;
 pub mod matrix;
@@ -37,7 +37,10 @@ pub use engine::{
     WatchStatus, DEFAULT_ENVIRONMENT,
 };
 #[cfg(feature = "etcd")]
-pub use etcd::{push_flags, EtcdFlagsOptions, EtcdWatchStatus, EtcdWatcher, PushError, PushOutcome, DEFAULT_FLAGS_KEY};
+pub use etcd::{
+    push_flags, push_flags_guarded, read_flags, EtcdFlagsOptions, EtcdWatchStatus, EtcdWatcher, PushError, PushOutcome,
+    DEFAULT_FLAGS_KEY,
+};
 pub use json::{Pos, SyntaxError};
 pub use listing::{environments_named, state_table, FlagStateRow};
 pub use metrics::{Counts, Metrics};

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod canary;
 mod ci;
 mod flags;
+mod rollout;
 mod sessions;
 
 /// Exit codes shared by every command.
@@ -37,6 +38,8 @@ pub mod exit {
     pub const GATE: u8 = 15;
     /// `sessions verify` / `migrate --verify`: the stores differ.
     pub const DIFFERENCES: u8 = 16;
+    /// `rollout run`: the run was aborted by `rollout abort` (rolled back).
+    pub const ABORTED: u8 = 12;
     /// `canary decide`: promote (the same as [`OK`]).
     pub const PROMOTE: u8 = OK;
 }
@@ -64,6 +67,9 @@ enum Command {
     /// Session stores: inspect, migrate, verify, migration phases.
     #[command(subcommand)]
     Sessions(sessions::Command),
+    /// Closed-loop progressive delivery of a flag: run the ramp, judge every window, roll back.
+    #[command(subcommand)]
+    Rollout(rollout::Command),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
         Command::Canary(cmd) => canary::run(cmd),
         Command::Ci(cmd) => ci::run(cmd),
         Command::Sessions(cmd) => sessions::run(cmd),
+        Command::Rollout(cmd) => rollout::run_cmd(cmd),
     };
     match result {
         Ok(code) => ExitCode::from(code),
