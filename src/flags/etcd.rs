@@ -57,6 +57,10 @@ pub struct PushOutcome {
     pub changed: bool,
     /// The etcd revision of the key's value after the push.
     pub revision: i64,
+    /// The key's value before the push (`None`: the key was absent), for the
+    /// audit trail's diff.
+    #[serde(skip)]
+    pub previous: Option<Vec<u8>>,
 }
 
 fn urls(endpoints: &[String]) -> Result<Vec<String>, PushError> {
@@ -110,21 +114,23 @@ pub fn push_flags(endpoints: &[String], key: &str, json: &[u8], timeout: Duratio
                     .with_require_leader(true);
                 let mut client = Client::connect([url.as_str()], Some(opts)).await?;
                 let current = client.get(key, None).await?;
+                let previous = current.kvs().first().map(|kv| kv.value().to_vec());
                 if let Some(kv) = current.kvs().first() {
                     if kv.value() == json {
-                        return Ok((false, kv.mod_revision()));
+                        return Ok((false, kv.mod_revision(), previous));
                     }
                 }
                 let put = client.put(key, json, None).await?;
-                Ok::<_, etcd_client::Error>((true, put.header().map_or(0, |h| h.revision())))
+                Ok::<_, etcd_client::Error>((true, put.header().map_or(0, |h| h.revision()), previous))
             })
             .await;
             match attempt {
-                Ok(Ok((changed, revision))) => {
+                Ok(Ok((changed, revision, previous))) => {
                     return Ok(PushOutcome {
                         flags: config.len(),
                         changed,
                         revision,
+                        previous,
                     })
                 }
                 Ok(Err(e)) => last = format!("{url}: {e}"),
@@ -382,7 +388,7 @@ fn apply(engine: &Engine, options: &EtcdFlagsOptions, status: &Mutex<EtcdWatchSt
             return;
         }
         Some((bytes, revision)) => {
-            let result = engine.reload_bytes(bytes);
+            let result = engine.reload_bytes(bytes, &format!("etcd:{}@{revision}", options.key));
             let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
             s.revision = revision;
             match result {

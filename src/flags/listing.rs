@@ -55,7 +55,7 @@ pub fn state_table(config: &FlagsConfig, environments: &[String], clock: Arc<dyn
             .environment(env.clone())
             .clock(clock.clone())
             .build(config.clone());
-        for d in engine.details() {
+        for d in engine.all_details() {
             let conditions = d.config.conditions.len();
             let state = if !d.effective_enabled {
                 "off (disabled)".to_owned()
