@@ -62,10 +62,11 @@ pub fn state_table(config: &FlagsConfig, environments: &[String], clock: Arc<dyn
             } else if !d.environment_allowed {
                 "off (environment)".to_owned()
             } else {
-                let base = if d.rollout_percentage == 100 {
-                    "on".to_owned()
-                } else {
-                    format!("{}%", d.rollout_percentage)
+                let base = match d.rollout_basis_points {
+                    Some(10_000) => "on".to_owned(),
+                    Some(bp) => format!("{}.{:02}%", bp / 100, bp % 100),
+                    None if d.rollout_percentage == 100 => "on".to_owned(),
+                    None => format!("{}%", d.rollout_percentage),
                 };
                 match conditions {
                     0 => base,

@@ -204,16 +204,26 @@ pub(crate) struct CompiledFlag {
     /// this flag's and its prerequisites' (transitively).
     external_customs: Box<[Box<str>]>,
     pub(crate) counters: Arc<FlagCounters>,
-    /// Basis-point rollouts and prerequisites. `Some` sends the boolean
-    /// evaluation of this flag out of line ([`CompiledFlag::evaluate_full`]),
-    /// so that flags without them keep the inlined path unchanged.
+    /// Basis-point rollouts, prerequisites and variants; `None` for a flag
+    /// that has none of them. Never read on the inlined path: a flag with
+    /// basis points or prerequisites has [`EXT_PERCENTAGE`] in every rule,
+    /// which sends its boolean evaluation out of line
+    /// ([`CompiledFlag::evaluate_full`]) from the percentage compare the
+    /// inlined path makes anyway.
     ext: Option<Box<Ext>>,
-    /// Variants; read only by `details` and prerequisites on a variant,
-    /// never by the boolean evaluation of this flag.
-    variants: Option<Box<CompiledVariants>>,
 }
 
+/// The `Rule::percentage` of a flag evaluated out of line (its real
+/// percentages are in [`Ext::percentages`]).
+const EXT_PERCENTAGE: u8 = u8::MAX;
+
 struct Ext {
+    /// The real percentage of the base rule (index 0) and of stage `i`
+    /// (index `i + 1`) of a flag whose rules hold [`EXT_PERCENTAGE`].
+    percentages: Box<[u8]>,
+    /// Variants; read only by `details` and by prerequisites on a variant,
+    /// never by the boolean evaluation of this flag.
+    variants: Option<CompiledVariants>,
     /// Basis points in force for the base rule (index 0) and for stage
     /// `i` (index `i + 1`); `None` = the rule's percentage applies.
     fine: Box<[Option<u16>]>,
@@ -482,22 +492,33 @@ impl CompiledFlag {
                 }
             })
             .collect();
-        let ext = (fine.iter().any(Option::is_some) || !prerequisites.is_empty()).then(|| {
+        let variants = spec.variants.as_ref().map(|vs| CompiledVariants {
+            names: vs.iter().map(|v| Box::from(v.name.as_str())).collect(),
+            weights: vs.iter().map(|v| v.weight).collect(),
+            positive: vs.iter().filter(|v| v.weight > 0).count(),
+        });
+        let out_of_line = fine.iter().any(Option::is_some) || !prerequisites.is_empty();
+        let mut base = base;
+        let mut stages: Box<[(i64, Rule)]> = stages;
+        let mut percentages = Vec::new();
+        if out_of_line {
+            percentages.push(base.percentage);
+            base.percentage = EXT_PERCENTAGE;
+            for (_, r) in stages.iter_mut() {
+                percentages.push(r.percentage);
+                r.percentage = EXT_PERCENTAGE;
+            }
+        }
+        let ext = (out_of_line || variants.is_some()).then(|| {
             Box::new(Ext {
+                percentages: percentages.into(),
+                variants,
                 fine: fine.into(),
                 prerequisites,
             })
         });
-        let variants = spec.variants.as_ref().map(|vs| {
-            Box::new(CompiledVariants {
-                names: vs.iter().map(|v| Box::from(v.name.as_str())).collect(),
-                weights: vs.iter().map(|v| v.weight).collect(),
-                positive: vs.iter().filter(|v| v.weight > 0).count(),
-            })
-        });
         CompiledFlag {
             ext,
-            variants,
             external_customs: external_customs.into(),
             base,
             stages,
@@ -553,12 +574,9 @@ impl CompiledFlag {
     // the largest single cost of a static flag through the NIF).
     #[inline(always)]
     fn evaluate<C: Context>(&self, ctx: &C, clock: &dyn Clock, flags: &FlagTable<CompiledFlag>) -> Evaluation {
-        if self.ext.is_some() {
-            return self.evaluate_ext(ctx, clock, flags);
-        }
         let rule = self.rule(clock);
         let enabled = self.overridden.map_or(rule.enabled, |o| o.enabled);
-        let reason = self.decide(enabled, rule, ctx);
+        let reason = self.decide(enabled, rule, ctx, clock, flags);
         Evaluation {
             enabled: matches!(reason, Reason::Enabled),
             reason,
@@ -566,7 +584,14 @@ impl CompiledFlag {
     }
 
     #[inline(always)]
-    fn decide<C: Context>(&self, enabled: bool, rule: &Rule, ctx: &C) -> Reason {
+    fn decide<C: Context>(
+        &self,
+        enabled: bool,
+        rule: &Rule,
+        ctx: &C,
+        clock: &dyn Clock,
+        flags: &FlagTable<CompiledFlag>,
+    ) -> Reason {
         if !enabled {
             return Reason::Disabled;
         }
@@ -581,6 +606,8 @@ impl CompiledFlag {
                     percentage: rule.percentage,
                 };
             }
+        } else if rule.percentage == EXT_PERCENTAGE {
+            return self.decide_ext(ctx, clock, flags);
         }
         match self.first_failing_condition(ctx) {
             Some((index, failure)) => Reason::Condition { index, failure },
@@ -589,12 +616,22 @@ impl CompiledFlag {
     }
 
     #[inline(never)]
-    fn evaluate_ext<C: Context>(&self, ctx: &C, clock: &dyn Clock, flags: &FlagTable<CompiledFlag>) -> Evaluation {
-        let reason = self.evaluate_full(ctx, clock.now_unix_ms(), flags, 0, &mut Trace::default());
-        Evaluation {
-            enabled: matches!(reason, Reason::Enabled),
-            reason,
+    fn decide_ext<C: Context>(&self, ctx: &C, clock: &dyn Clock, flags: &FlagTable<CompiledFlag>) -> Reason {
+        self.evaluate_full(ctx, clock.now_unix_ms(), flags, 0, &mut Trace::default())
+    }
+
+    /// The real percentage of `rule` (the rule of `stage`).
+    fn percentage_at(&self, stage: Option<usize>, rule: &Rule) -> u8 {
+        match &self.ext {
+            Some(ext) if rule.percentage == EXT_PERCENTAGE => {
+                ext.percentages.get(stage.map_or(0, |i| i + 1)).copied().unwrap_or(100)
+            }
+            _ => rule.percentage,
         }
+    }
+
+    fn variants(&self) -> Option<&CompiledVariants> {
+        self.ext.as_ref()?.variants.as_ref()
     }
 
     /// The whole evaluation order (DESIGN §3.2 with prerequisites and
@@ -617,6 +654,7 @@ impl CompiledFlag {
         if !rule.env_allowed {
             return Reason::Environment;
         }
+        let percentage = self.percentage_at(stage, rule);
         if let Some(ext) = &self.ext {
             for (i, q) in ext.prerequisites.iter().enumerate() {
                 if !self.prerequisite_met(q, ctx, now_ms, flags, depth, trace) {
@@ -638,15 +676,12 @@ impl CompiledFlag {
                 }
             }
             Some(_) => {}
-            None if rule.percentage < 100 => {
+            None if percentage < 100 => {
                 trace.split = true;
                 trace.key_missing |= ctx.get(&self.stickiness).is_none();
                 let bucket = self.bucket(ctx);
-                if bucket >= rule.percentage {
-                    return Reason::Rollout {
-                        bucket,
-                        percentage: rule.percentage,
-                    };
+                if bucket >= percentage {
+                    return Reason::Rollout { bucket, percentage };
                 }
             }
             None => {}
@@ -706,7 +741,7 @@ impl CompiledFlag {
     /// The variant an enabled flag serves to `ctx` (weighted rendezvous on
     /// the fine bucket; see [`super::config::Variants`]). `None` without variants.
     fn variant_index<C: Context>(&self, ctx: &C, trace: &mut Trace) -> Option<usize> {
-        let v = self.variants.as_ref()?;
+        let v = self.variants()?;
         if v.positive == 1 {
             return v.weights.iter().position(|w| *w > 0);
         }
@@ -1131,7 +1166,7 @@ impl Snapshot {
                     name: name.to_owned(),
                     effective_enabled: f.overridden.map_or(rule.enabled, |o| o.enabled),
                     environment_allowed: rule.env_allowed,
-                    rollout_percentage: rule.percentage,
+                    rollout_percentage: f.percentage_at(stage, rule),
                     rollout_basis_points: f.fine_at(stage),
                     schedule_stage: stage,
                     r#override: f.overridden,
@@ -1181,7 +1216,9 @@ impl Snapshot {
                     None,
                     format!(
                         "stage [{i}] (since {at}) in force: enabled={}, rollout_percentage={}, environment allowed={}",
-                        rule.enabled, rule.percentage, rule.env_allowed
+                        rule.enabled,
+                        flag.percentage_at(stage, rule),
+                        rule.env_allowed
                     ),
                 );
             }
@@ -1252,7 +1289,7 @@ impl Snapshot {
                     if inside { "below" } else { "not below" }
                 ),
             );
-        } else if rule.percentage == 100 {
+        } else if flag.percentage_at(stage, rule) == 100 {
             step("rollout", Some(true), "rollout_percentage=100: everyone".to_owned());
         } else {
             let value = ctx.get(&flag.stickiness);
@@ -1265,14 +1302,15 @@ impl Snapshot {
                 Some(s) => format!("phash2({{<<{s:?}>>, Value}}, 100)"),
                 None => "phash2(Value, 100)".to_owned(),
             };
-            let inside = bucket < rule.percentage;
+            let percentage = flag.percentage_at(stage, rule);
+            let inside = bucket < percentage;
             step(
                 "rollout",
                 Some(inside),
                 format!(
                     "{shown}; {formula} = {bucket}, {} {}%",
                     if inside { "below" } else { "not below" },
-                    rule.percentage
+                    percentage
                 ),
             );
         }
@@ -1333,7 +1371,7 @@ impl Snapshot {
         let variant = if on {
             parent
                 .variant_index(ctx, &mut trace)
-                .and_then(|i| parent.variants.as_ref()?.names.get(i).map(|n| n.to_string()))
+                .and_then(|i| parent.variants()?.names.get(i).map(|n| n.to_string()))
         } else {
             None
         };
@@ -1485,8 +1523,9 @@ mod tests {
         );
     }
 
-    /// The inlined path and `evaluate_full` (used by flags with prerequisites
-    /// or basis points, `details` and `explain`) decide alike.
+    /// The inlined path (which sends flags with prerequisites or basis
+    /// points to `evaluate_full`) and `evaluate_full` (also behind `details`
+    /// and `explain`) decide alike, stages and real percentages included.
     #[test]
     fn the_fast_path_and_the_full_evaluator_agree() {
         use crate::flags::{Engine, FlagsConfig, ManualClock, MapContext};
@@ -1497,7 +1536,11 @@ mod tests {
                  "cond": {"enabled": true, "rollout_percentage": 70, "conditions": [{"user_id": "u-1"},
                           {"attribute": "n", "op": "gt", "values": [5]}, {"custom": "nobody"}]},
                  "sched": {"enabled": false, "schedule": [{"at": "2026-01-01", "enabled": true, "rollout_percentage": 40},
-                          {"at": "2026-03-01", "environments": []}]}}"#,
+                          {"at": "2026-03-01", "environments": []}]},
+                 "fine": {"enabled": true, "rollout_basis_points": 3000, "conditions": [{"user_id": "u-1"}],
+                          "schedule": [{"at": "2026-01-01", "rollout_percentage": 60}, {"at": "2026-03-01", "rollout_basis_points": 10}]},
+                 "child": {"enabled": true, "rollout_percentage": 80, "prerequisites": [{"flag": "roll"}, {"flag": "cond", "is": "off"}],
+                           "schedule": [{"at": "2026-01-01", "rollout_percentage": 20}]}}"#,
         )
         .unwrap();
         for at in ["2025-12-01T00:00:00Z", "2026-02-01T00:00:00Z", "2026-04-01T00:00:00Z"] {
@@ -1508,15 +1551,12 @@ mod tests {
                 .build(config.clone());
             let snap = engine.snapshot();
             for i in 0..300 {
-                let mut ctx = MapContext::new()
-                    .binary("session_id", format!("s-{i}"))
-                    .int("n", i % 9);
+                let mut ctx = MapContext::new().binary("session_id", format!("s-{i}")).int("n", i % 9);
                 if i % 3 == 0 {
                     ctx = ctx.binary("user_id", "u-1");
                 }
                 for (name, _) in config.iter() {
                     let f = snap.flags.get(name.as_bytes()).unwrap();
-                    assert!(f.ext.is_none());
                     let fast = f.evaluate(&ctx, &*snap.clock, &snap.flags);
                     let full = f.evaluate_full(&ctx, clock.now_unix_ms(), &snap.flags, 0, &mut Trace::default());
                     assert_eq!(fast.reason, full, "{name} {at} {i}");
