@@ -290,8 +290,8 @@ impl Engine {
     /// # Examples
     /// ```
     /// use erlmcp_rollout::flags::{Engine, ErrorCode, FlagsConfig, MapContext, ResolutionReason};
-    /// let engine = Engine::builder().build(FlagsConfig::from_json(br#"{"banner": {"enabled": true,
-    ///     "variants": {"blue": {"value": "#00f", "weight": 1}, "green": {"value": "#0f0", "weight": 1}}}}"#)?);
+    /// let engine = Engine::builder().build(FlagsConfig::from_json(br##"{"banner": {"enabled": true,
+    ///     "variants": {"blue": {"value": "#00f", "weight": 1}, "green": {"value": "#0f0", "weight": 1}}}}"##)?);
     /// let d = engine.details("banner", &MapContext::new().binary("session_id", "s-1"));
     /// assert_eq!(d.reason, ResolutionReason::Split);
     /// assert!(matches!(d.variant.as_deref(), Some("blue" | "green")));

@@ -48,7 +48,7 @@ pub const PROVIDER_NAME: &str = "erlmcp-rollout";
 /// use open_feature::{EvaluationContext, OpenFeature};
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let engine = Arc::new(Engine::builder().build(FlagsConfig::from_json(
-///     br#"{"banner": {"enabled": true, "variants": {"blue": {"value": "#00f", "weight": 1}}}}"#).unwrap()));
+///     br##"{"banner": {"enabled": true, "variants": {"blue": {"value": "#00f", "weight": 1}}}}"##).unwrap()));
 /// let mut api = OpenFeature::default();
 /// api.set_provider(EngineProvider::new(engine)).await;
 /// let client = api.create_client();
