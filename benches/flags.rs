@@ -90,6 +90,40 @@ fn evaluation(c: &mut Criterion) {
     g.finish();
 }
 
+/// The issue-18 additions, on their own engine (so the `evaluate` group's
+/// snapshot is the one the earlier runs measured): a basis-point rollout and
+/// a one-prerequisite flag through the boolean path (out of line), and
+/// `details` of a plain flag and of a three-variant flag.
+fn extended(c: &mut Criterion) {
+    let engine = Engine::builder().environment("production").build(
+        FlagsConfig::from_json(
+            br##"{"mcp_static": {"enabled": true},
+                 "mcp_fine": {"enabled": true, "rollout_basis_points": 5000},
+                 "mcp_child": {"enabled": true, "prerequisites": [{"flag": "mcp_static"}]},
+                 "mcp_variants": {"enabled": true, "variants": {"a": {"value": "A", "weight": 5},
+                                  "b": {"value": "B", "weight": 3}, "c": {"value": "C", "weight": 2}}}}"##,
+        )
+        .unwrap(),
+    );
+    let ctx_values = [("session_id", Value::Binary(b"session-0001"))];
+    let ctx = SliceCtx(&ctx_values);
+    assert!(engine.is_enabled("mcp_child", &ctx));
+    let mut g = c.benchmark_group("extended");
+    g.bench_function("fine_rollout", |b| {
+        b.iter(|| black_box(engine.evaluate(black_box("mcp_fine"), &ctx)))
+    });
+    g.bench_function("one_prerequisite", |b| {
+        b.iter(|| black_box(engine.evaluate(black_box("mcp_child"), &ctx)))
+    });
+    g.bench_function("details_static", |b| {
+        b.iter(|| black_box(engine.details(black_box("mcp_static"), &ctx)))
+    });
+    g.bench_function("details_three_variants", |b| {
+        b.iter(|| black_box(engine.details(black_box("mcp_variants"), &ctx)))
+    });
+    g.finish();
+}
+
 fn reload(c: &mut Criterion) {
     let json = many_flags(1000);
     let config = FlagsConfig::from_json(json.as_bytes()).unwrap();
@@ -193,5 +227,5 @@ impl Histogram {
     }
 }
 
-criterion_group!(benches, evaluation, reload);
+criterion_group!(benches, evaluation, extended, reload);
 criterion_main!(benches);

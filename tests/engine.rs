@@ -53,7 +53,11 @@ fn overrides_survive_reloads_until_cleared() {
         "an override set before the flag existed applies once it does"
     );
     assert!(engine.is_enabled("mcp_tasks", &()));
-    let d = engine.details().into_iter().find(|d| d.name == "mcp_sampling").unwrap();
+    let d = engine
+        .all_details()
+        .into_iter()
+        .find(|d| d.name == "mcp_sampling")
+        .unwrap();
     assert_eq!(d.r#override.map(|o| o.source), Some(OverrideSource::Runtime));
     engine.clear("mcp_sampling");
     assert!(engine.is_enabled("mcp_sampling", &()));

@@ -18,6 +18,14 @@
 %% etcd outages keep the last good flags. `start_link/1' waits up to 5 s for
 %% the first read. `reload_now/0' then reports the watch's health.
 %%
+%% `details/2' and `variant/2' add OpenFeature-style evaluation details
+%% (value, variant, reason, error code, metadata) for flags with variants,
+%% prerequisites and basis-point rollouts (docs/flags.md). With
+%% `audit_log => Path' every change of the effective flags (reloads, etcd
+%% updates, `enable/1', `disable/1', `clear/1') is appended to `Path' as one
+%% synced JSON line naming the actor (`erlang:<node>:<pid>' of the caller for
+%% overrides, the node for reloads); `erlmcp-rollout flags history Path' reads it.
+%%
 %% Custom conditions (`{"custom": Name}' in the config) run the fun registered
 %% with `register_condition/2' in the caller's process; an unregistered name,
 %% a fun that crashes or returns a non-boolean makes the condition false.
@@ -28,7 +36,7 @@
 -export([start_link/0, start_link/1, stop/0,
          is_enabled/1, is_enabled/2,
          enable/1, disable/1, clear/1,
-         get_all/0, details/0,
+         get_all/0, details/0, details/2, variant/2,
          reload/0, reload_now/0,
          explain/2,
          register_condition/2, unregister_condition/1,
@@ -43,9 +51,11 @@
                      environment => atom() | binary(),
                      reload_interval_ms => pos_integer(),
                      check_interval_ms => pos_integer(),
-                     etcd => #{endpoints := [binary() | string()], key => binary() | string()}}.
+                     etcd => #{endpoints := [binary() | string()], key => binary() | string()},
+                     audit_log => file:filename_all()}.
+-type details() :: #{binary() => term()}.
 -type problem() :: erlmcp_rollout_nif:problem().
--export_type([flag_name/0, context/0, options/0, problem/0]).
+-export_type([flag_name/0, context/0, options/0, problem/0, details/0]).
 
 -define(SERVER, ?MODULE).
 -define(DEFAULT_CONFIG, "config/feature_flags.json").
@@ -63,7 +73,8 @@
     reload_ms :: pos_integer(),
     check_ms :: pos_integer(),
     stamp :: term(),
-    last_error = undefined :: undefined | [problem()]
+    last_error = undefined :: undefined | [problem()],
+    audit = undefined :: undefined | binary()
 }).
 
 %%% API
@@ -175,6 +186,38 @@ get_all() ->
 details() ->
     erlmcp_rollout_nif:flags_details().
 
+%% @doc OpenFeature-style evaluation details of `Name' for `Context': a map
+%% with binary keys `<<"flag">>', `<<"value">>' (the variant's value, or the
+%% boolean for a flag without variants; `undefined' when off with variants or
+%% on error), `<<"variant">>' (binary or `undefined'), `<<"reason">>'
+%% (`<<"STATIC">>', `<<"TARGETING_MATCH">>', `<<"SPLIT">>', `<<"DISABLED">>',
+%% `<<"DEFAULT">>' or `<<"ERROR">>'), `<<"error_code">>' (`<<"FLAG_NOT_FOUND">>',
+%% `<<"PARSE_ERROR">>', `<<"TARGETING_KEY_MISSING">>' or `undefined'),
+%% `<<"error_message">>', `<<"metadata">>' (the flag's metadata) and
+%% `<<"evaluation">>' (`is_enabled/2''s answer and the engine's reason).
+%% Counted like `is_enabled/2'. Raises `badarg' for a name that is not a binary
+%% or atom or a context that is not a map.
+-spec details(Name :: flag_name(), Context :: context()) -> details().
+details(Name, Context) when (is_binary(Name) orelse is_atom(Name)), is_map(Context) ->
+    Answers = [{N, run_custom(N, Context)} || N <- erlmcp_rollout_nif:flags_custom_names(Name)],
+    erlmcp_rollout_nif:flags_eval_details(Name, Context, Answers);
+details(_Name, _Context) ->
+    erlang:error(badarg).
+
+%% @doc The variant `Name' serves to `Context':
+%% `#{<<"variant">> := binary(), <<"value">> := term()}', or `undefined' when
+%% the flag is off, has no variants, is unknown or cannot be evaluated (see
+%% `details/2' for why).
+-spec variant(Name :: flag_name(), Context :: context()) ->
+    #{binary() => term()} | undefined.
+variant(Name, Context) ->
+    case details(Name, Context) of
+        #{<<"variant">> := Variant, <<"value">> := Value} when is_binary(Variant) ->
+            #{<<"variant">> => Variant, <<"value">> => Value};
+        _ ->
+            undefined
+    end.
+
 %% @doc Reload asynchronously (the result is logged).
 -spec reload() -> ok.
 reload() ->
@@ -224,7 +267,11 @@ init(Options) ->
     case options(Options) of
         {ok, State} ->
             case configure(State) of
-                ok -> first_load(State);
+                ok ->
+                    case audit(State) of
+                        ok -> first_load(State);
+                        {error, Reason} -> {stop, Reason}
+                    end;
                 {error, Reason} -> {stop, Reason}
             end;
         {error, Reason} ->
@@ -276,8 +323,9 @@ handle_call(reload_now, _From, #state{etcd = {_, _}} = State) ->
 handle_call(reload_now, _From, State) ->
     {Reply, NewState} = load(State),
     {reply, Reply, NewState};
-handle_call({override, Name, Value}, _From, State) ->
-    {reply, erlmcp_rollout_nif:flags_set_override(Name, Value), State};
+handle_call({override, Name, Value}, {Pid, _Tag}, State) ->
+    Actor = iolist_to_binary(["erlang:", atom_to_binary(node(Pid), utf8), ":", pid_to_list(Pid)]),
+    {reply, erlmcp_rollout_nif:flags_set_override_by(Name, Value, Actor), State};
 handle_call(_Request, _From, State) ->
     {reply, {error, unknown_call}, State}.
 
@@ -349,37 +397,68 @@ await_etcd(Deadline) ->
             end
     end.
 
+%% The audit trail is on only while a server started with `audit_log' runs
+%% (a restart without it turns it off).
+audit(#state{audit = undefined}) ->
+    erlmcp_rollout_nif:flags_audit(off);
+audit(#state{audit = Path}) ->
+    case erlmcp_rollout_nif:flags_audit({file, Path, atom_to_binary(node(), utf8)}) of
+        ok -> ok;
+        {error, Why} -> {error, {bad_option, audit_log, Why}}
+    end.
+
 options(Options) ->
-    Known = [config, environment, reload_interval_ms, check_interval_ms, etcd],
+    Known = [config, environment, reload_interval_ms, check_interval_ms, etcd, audit_log],
     case [K || K <- maps:keys(Options), not lists:member(K, Known)] of
         [Unknown | _] ->
             {error, {bad_option, Unknown}};
         [] ->
-            Config = maps:get(config, Options, ?DEFAULT_CONFIG),
-            Env = maps:get(environment, Options, dev),
-            Reload = maps:get(reload_interval_ms, Options, ?DEFAULT_RELOAD_MS),
-            Check = maps:get(check_interval_ms, Options, ?DEFAULT_CHECK_MS),
-            Etcd = maps:get(etcd, Options, undefined),
-            if
-                Etcd =/= undefined, is_map_key(config, Options) ->
-                    {error, {bad_option, etcd, <<"give config (a file) or etcd, not both">>}};
-                Etcd =/= undefined ->
-                    etcd_options(Etcd, Env, Reload, Check);
-                not (is_binary(Config) orelse is_list(Config)) ->
-                    {error, {bad_option, config}};
-                not (is_atom(Env) orelse is_binary(Env)) ->
-                    {error, {bad_option, environment}};
-                not (is_integer(Reload) andalso Reload > 0) ->
-                    {error, {bad_option, reload_interval_ms}};
-                not (is_integer(Check) andalso Check > 0) ->
-                    {error, {bad_option, check_interval_ms}};
-                true ->
-                    case unicode:characters_to_binary(Config) of
-                        Path when is_binary(Path) ->
-                            {ok, #state{config = Path, environment = Env, reload_ms = Reload, check_ms = Check}};
-                        _ ->
-                            {error, {bad_option, config}}
-                    end
+            case audit_option(maps:get(audit_log, Options, undefined)) of
+                {ok, Audit} ->
+                    case options_rest(Options) of
+                        {ok, State} -> {ok, State#state{audit = Audit}};
+                        Error -> Error
+                    end;
+                Error ->
+                    Error
+            end
+    end.
+
+audit_option(undefined) ->
+    {ok, undefined};
+audit_option(Path) when is_binary(Path); is_list(Path) ->
+    case unicode:characters_to_binary(Path) of
+        Bin when is_binary(Bin), Bin =/= <<>> -> {ok, Bin};
+        _ -> {error, {bad_option, audit_log}}
+    end;
+audit_option(_Other) ->
+    {error, {bad_option, audit_log}}.
+
+options_rest(Options) ->
+    Config = maps:get(config, Options, ?DEFAULT_CONFIG),
+    Env = maps:get(environment, Options, dev),
+    Reload = maps:get(reload_interval_ms, Options, ?DEFAULT_RELOAD_MS),
+    Check = maps:get(check_interval_ms, Options, ?DEFAULT_CHECK_MS),
+    Etcd = maps:get(etcd, Options, undefined),
+    if
+        Etcd =/= undefined, is_map_key(config, Options) ->
+            {error, {bad_option, etcd, <<"give config (a file) or etcd, not both">>}};
+        Etcd =/= undefined ->
+            etcd_options(Etcd, Env, Reload, Check);
+        not (is_binary(Config) orelse is_list(Config)) ->
+            {error, {bad_option, config}};
+        not (is_atom(Env) orelse is_binary(Env)) ->
+            {error, {bad_option, environment}};
+        not (is_integer(Reload) andalso Reload > 0) ->
+            {error, {bad_option, reload_interval_ms}};
+        not (is_integer(Check) andalso Check > 0) ->
+            {error, {bad_option, check_interval_ms}};
+        true ->
+            case unicode:characters_to_binary(Config) of
+                Path when is_binary(Path) ->
+                    {ok, #state{config = Path, environment = Env, reload_ms = Reload, check_ms = Check}};
+                _ ->
+                    {error, {bad_option, config}}
             end
     end.
 

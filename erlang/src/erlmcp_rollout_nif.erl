@@ -15,7 +15,8 @@
 -export([flags_eval/2, flags_eval_custom/3, flags_status/0, flags_configure/2,
          flags_load_file/1, flags_load_json/1, flags_set_override/2, flags_get_all/0,
          flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
-         flags_phash2/2, flags_set_clock/1, flags_nop/2, flags_watch_etcd/2, flags_unwatch_etcd/0, flags_etcd_status/0]).
+         flags_phash2/2, flags_set_clock/1, flags_nop/2, flags_watch_etcd/2, flags_unwatch_etcd/0, flags_etcd_status/0,
+         flags_custom_names/1, flags_eval_details/3, flags_set_override_by/3, flags_audit/1]).
 -export([session_open/2, session_put/4, session_touch/3, session_get/3, session_delete/3,
          session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_migration_phase/1, session_set_clock/1, session_now/0,
          session_copy_probe/1]).
@@ -76,6 +77,19 @@ flags_load_json(_Json) -> ?NOT_LOADED.
 
 -spec flags_set_override(Name :: name(), Value :: true | false | clear) -> ok.
 flags_set_override(_Name, _Value) -> ?NOT_LOADED.
+
+-spec flags_set_override_by(Name :: name(), Value :: true | false | clear, Actor :: binary()) -> ok.
+flags_set_override_by(_Name, _Value, _Actor) -> ?NOT_LOADED.
+
+-spec flags_custom_names(Name :: name()) -> [binary()].
+flags_custom_names(_Name) -> ?NOT_LOADED.
+
+-spec flags_eval_details(Name :: name(), Context :: map(), Answers :: [{binary(), boolean()}]) ->
+    #{binary() => term()}.
+flags_eval_details(_Name, _Context, _Answers) -> ?NOT_LOADED.
+
+-spec flags_audit({file, Path :: binary() | string(), Actor :: binary()} | off) -> ok | {error, binary()}.
+flags_audit(_Spec) -> ?NOT_LOADED.
 
 -spec flags_get_all() -> #{binary() => boolean()}.
 flags_get_all() -> ?NOT_LOADED.

@@ -31,14 +31,17 @@ pub struct FlagsConfig {
 }
 
 /// One flag as written in the config.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct FlagSpec {
     /// Master switch (default `false`).
     pub enabled: bool,
-    /// Share of stickiness buckets that get the flag (default 100).
+    /// Share of stickiness buckets that get the flag (default 100):
+    /// `phash2(Value, 100) < P`. Unused when `rollout_basis_points` is set.
     pub rollout_percentage: Percentage,
+    /// The finer rollout, replacing `rollout_percentage` when set:
+    /// `phash2(Value, 10000) < BP` (hash contract v1, see [`super::phash2`]).
+    pub rollout_basis_points: Option<BasisPoints>,
     /// Where the flag may be on; `None` = every environment, empty = none.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub environments: Option<Vec<String>>,
     /// All must hold.
     pub conditions: Vec<Condition>,
@@ -47,11 +50,45 @@ pub struct FlagSpec {
     /// Context key whose value is hashed for the rollout (default `session_id`).
     pub stickiness: String,
     /// When set, buckets are `phash2({Salt, Value}, 100)`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub salt: Option<String>,
     /// Time-staged rollout, stages strictly increasing in time.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// Named values with weights; an enabled flag serves one of them per
+    /// stickiness value (see [`Variants`]).
+    pub variants: Option<Variants>,
+    /// Flags that must be in a given state for this one to be on (checked in
+    /// order after `enabled` and `environments`).
+    pub prerequisites: Vec<Prerequisite>,
+}
+
+impl Serialize for FlagSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("enabled", &self.enabled)?;
+        match &self.rollout_basis_points {
+            Some(bp) => m.serialize_entry("rollout_basis_points", bp)?,
+            None => m.serialize_entry("rollout_percentage", &self.rollout_percentage)?,
+        }
+        if let Some(e) = &self.environments {
+            m.serialize_entry("environments", e)?;
+        }
+        m.serialize_entry("conditions", &self.conditions)?;
+        m.serialize_entry("metadata", &self.metadata)?;
+        m.serialize_entry("stickiness", &self.stickiness)?;
+        if let Some(salt) = &self.salt {
+            m.serialize_entry("salt", salt)?;
+        }
+        if let Some(schedule) = &self.schedule {
+            m.serialize_entry("schedule", schedule)?;
+        }
+        if let Some(v) = &self.variants {
+            m.serialize_entry("variants", v)?;
+        }
+        if !self.prerequisites.is_empty() {
+            m.serialize_entry("prerequisites", &self.prerequisites)?;
+        }
+        m.end()
+    }
 }
 
 impl Default for FlagSpec {
@@ -59,12 +96,15 @@ impl Default for FlagSpec {
         FlagSpec {
             enabled: false,
             rollout_percentage: Percentage::FULL,
+            rollout_basis_points: None,
             environments: None,
             conditions: Vec::new(),
             metadata: serde_json::Map::new(),
             stickiness: DEFAULT_STICKINESS.to_owned(),
             salt: None,
             schedule: None,
+            variants: None,
+            prerequisites: Vec::new(),
         }
     }
 }
@@ -102,6 +142,190 @@ impl Percentage {
     }
 }
 
+/// A finer rollout share in basis points, 0..=10000 (10000 = everyone):
+/// in when `phash2(Value, 10000) < BP`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct BasisPoints(u16);
+
+impl BasisPoints {
+    /// 100 %.
+    pub const FULL: BasisPoints = BasisPoints(10_000);
+
+    /// `Some` when `value <= 10000`.
+    pub fn new(value: u16) -> Option<BasisPoints> {
+        (value <= 10_000).then_some(BasisPoints(value))
+    }
+
+    /// The value, 0..=10000.
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+/// Longest variant name (it may become an Erlang atom in callers' code).
+pub const MAX_VARIANT_NAME_CHARS: usize = 255;
+/// Most variants a flag may declare.
+pub const MAX_VARIANTS: usize = 64;
+/// Largest weight of one variant (weights are relative; the sum must be > 0).
+pub const MAX_VARIANT_WEIGHT: u32 = 1_000_000;
+/// Longest chain of prerequisites (a -> b -> c is 2): evaluation of a flag
+/// visits at most this many levels, so a NIF call stays bounded.
+pub const MAX_PREREQUISITE_DEPTH: usize = 8;
+/// Most flag evaluations one flag's prerequisite tree may expand to
+/// (counting a parent reached twice twice).
+pub const MAX_PREREQUISITE_EVALUATIONS: usize = 64;
+
+/// A flag's variants, in config order: each a name, a JSON value and a
+/// relative weight. All values have the same JSON type ([`Variants::kind`]).
+///
+/// Assignment (hash contract v1, documented in `docs/flags.md`): the cohort
+/// value `B = phash2(Value, 10000)` (salted: `phash2({Salt, Value}, 10000)`)
+/// picks, by weighted rendezvous hashing, the variant `i` with the smallest
+/// `-ln(U_i) / W_i`, where `U_i = (phash2({NameBinary_i, B}, 2^32) + 0.5) / 2^32`.
+/// Changing one variant's weight only moves sessions into or out of that
+/// variant; adding a variant only moves sessions into it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Variants(Vec<Variant>);
+
+/// One variant.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Variant {
+    /// Its name (1..=255 of `A-Z a-z 0-9 _ - .`).
+    #[serde(skip)]
+    pub name: String,
+    /// The value served (never `null`).
+    pub value: serde_json::Value,
+    /// Relative weight, 0..=[`MAX_VARIANT_WEIGHT`]; 0 = never chosen.
+    pub weight: u32,
+}
+
+impl Variants {
+    /// Build from variants; fails with a message when names repeat, all
+    /// weights are 0, a value is null or the values' types differ.
+    pub fn new(variants: Vec<Variant>) -> Result<Variants, String> {
+        if variants.is_empty() {
+            return Err("variants must not be empty (or be left out)".into());
+        }
+        if variants.iter().all(|v| v.weight == 0) {
+            return Err("at least one variant must have a weight above 0".into());
+        }
+        let mut names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("variant {:?} is declared twice", w[0]));
+        }
+        let first = value_kind(&variants[0].value);
+        if let Some(v) = variants.iter().find(|v| value_kind(&v.value) != first) {
+            return Err(format!(
+                "variant {:?} is {}, but {:?} is {}: all variants must have the same type",
+                v.name,
+                value_kind(&v.value),
+                variants[0].name,
+                first
+            ));
+        }
+        if first == "null" {
+            return Err("a variant's value must not be null".into());
+        }
+        Ok(Variants(variants))
+    }
+
+    /// The variants, in config order.
+    pub fn iter(&self) -> impl Iterator<Item = &Variant> {
+        self.0.iter()
+    }
+
+    /// The variant named `name`.
+    pub fn get(&self, name: &str) -> Option<&Variant> {
+        self.0.iter().find(|v| v.name == name)
+    }
+
+    /// Number of variants.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Always `false` (a `Variants` has at least one).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The values' JSON type: `boolean`, `string`, `integer`, `float`,
+    /// `object` or `array`.
+    pub fn kind(&self) -> &'static str {
+        self.0.first().map_or("null", |v| value_kind(&v.value))
+    }
+}
+
+/// The JSON type of a variant value; integers and floats are different types.
+pub fn value_kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value as J;
+    match v {
+        J::Null => "null",
+        J::Bool(_) => "boolean",
+        J::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        J::Number(_) => "float",
+        J::String(_) => "string",
+        J::Array(_) => "array",
+        J::Object(_) => "object",
+    }
+}
+
+impl Serialize for Variants {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for v in &self.0 {
+            m.serialize_entry(&v.name, v)?;
+        }
+        m.end()
+    }
+}
+
+/// A prerequisite: flag `flag` must evaluate (for the same context) to the
+/// required state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prerequisite {
+    /// The parent flag.
+    pub flag: String,
+    /// What it must evaluate to.
+    pub requirement: Requirement,
+}
+
+/// The state a prerequisite requires of its parent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Requirement {
+    /// `"is": "on"` (the default): the parent is on.
+    On,
+    /// `"is": "off"`: the parent is off.
+    Off,
+    /// `"variant": NAME`: the parent is on and serves this variant.
+    Variant(String),
+}
+
+impl Serialize for Prerequisite {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry("flag", &self.flag)?;
+        match &self.requirement {
+            Requirement::On => m.serialize_entry("is", "on")?,
+            Requirement::Off => m.serialize_entry("is", "off")?,
+            Requirement::Variant(v) => m.serialize_entry("variant", v)?,
+        }
+        m.end()
+    }
+}
+
+impl fmt::Display for Prerequisite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.requirement {
+            Requirement::On => write!(f, "{:?} is on", self.flag),
+            Requirement::Off => write!(f, "{:?} is off", self.flag),
+            Requirement::Variant(v) => write!(f, "{:?} serves variant {v:?}", self.flag),
+        }
+    }
+}
+
 /// Stages sorted strictly by time.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(transparent)]
@@ -133,9 +357,12 @@ pub struct Stage {
     /// Replaces `enabled`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
-    /// Replaces `rollout_percentage`.
+    /// Replaces the rollout (`rollout_percentage`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollout_percentage: Option<Percentage>,
+    /// Replaces the rollout (in basis points; never together with `rollout_percentage`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout_basis_points: Option<BasisPoints>,
     /// Replaces `environments`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub environments: Option<Vec<String>>,
@@ -546,6 +773,9 @@ impl JPath<'_> {
 struct Validator {
     problems: Vec<Problem>,
     flag: Option<String>,
+    /// Every well-formed prerequisite (flag, index, position, it), also of
+    /// flags with other problems, for the checks across flags.
+    prereqs: Vec<(String, usize, Pos, Prerequisite)>,
 }
 
 impl Validator {
@@ -599,7 +829,7 @@ impl Validator {
         let Some(members) = self.object(&JPath::Root, root, "an object mapping flag names to flags") else {
             return FlagsConfig { flags };
         };
-        for m in members {
+        for m in &members {
             let path = JPath::Key(&JPath::Root, &m.key);
             self.flag = Some(m.key.clone());
             let chars = m.key.chars().count();
@@ -619,6 +849,8 @@ impl Validator {
             }
             self.flag = None;
         }
+        let names: Vec<&str> = members.iter().map(|m| m.key.as_str()).collect();
+        self.check_prerequisites(&names, &flags);
         FlagsConfig { flags }
     }
 
@@ -626,7 +858,7 @@ impl Validator {
         let members = self.object(path, node, "an object (the flag)")?;
         let mut spec = FlagSpec::default();
         let before = self.problems.len();
-        for m in members {
+        for m in &members {
             let p = JPath::Key(path, &m.key);
             let v = &m.value;
             match m.key.as_str() {
@@ -642,17 +874,365 @@ impl Validator {
                 }
                 "salt" => spec.salt = self.string(&p, v),
                 "schedule" => spec.schedule = self.schedule(&p, v),
+                "rollout_basis_points" => spec.rollout_basis_points = self.basis_points(&p, v),
+                "variants" => spec.variants = self.variants(&p, v),
+                "prerequisites" => spec.prerequisites = self.prerequisites(&p, v),
                 other => self.problem(
                     &p,
                     m.key_pos,
                     format!(
-                        "unknown field {other:?}; a flag has enabled, rollout_percentage, environments, \
-                         conditions, metadata, stickiness, salt, schedule"
+                        "unknown field {other:?}; a flag has enabled, rollout_percentage, rollout_basis_points, \
+                         environments, conditions, metadata, stickiness, salt, schedule, variants, prerequisites"
                     ),
                 ),
             }
         }
+        if let (Some(a), Some(b)) = (
+            members.iter().find(|m| m.key == "rollout_percentage"),
+            members.iter().find(|m| m.key == "rollout_basis_points"),
+        ) {
+            let later = if a.key_pos.line > b.key_pos.line
+                || (a.key_pos.line == b.key_pos.line && a.key_pos.column > b.key_pos.column)
+            {
+                a
+            } else {
+                b
+            };
+            self.problem(
+                &JPath::Key(path, &later.key),
+                later.key_pos,
+                "give rollout_percentage or rollout_basis_points, not both",
+            );
+        }
         (self.problems.len() == before).then_some(spec)
+    }
+
+    fn basis_points(&mut self, path: &JPath<'_>, node: &Node) -> Option<BasisPoints> {
+        let Kind::Number(text) = &node.kind else {
+            self.wrong_type(path, node, "an integer 0..10000 (basis points)");
+            return None;
+        };
+        match text.parse::<u16>().ok().and_then(BasisPoints::new) {
+            Some(p) => Some(p),
+            None => {
+                self.problem(
+                    path,
+                    node.pos,
+                    format!("must be an integer 0..10000 (basis points), got {text}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn variants(&mut self, path: &JPath<'_>, node: &Node) -> Option<Variants> {
+        let members = self.object(
+            path,
+            node,
+            "an object mapping variant names to {\"value\": ..., \"weight\": N}",
+        )?;
+        let before = self.problems.len();
+        if members.len() > MAX_VARIANTS {
+            self.problem(
+                path,
+                node.pos,
+                format!("{} variants; at most {MAX_VARIANTS}", members.len()),
+            );
+        }
+        let mut out = Vec::with_capacity(members.len());
+        for m in &members {
+            let p = JPath::Key(path, &m.key);
+            let chars = m.key.chars().count();
+            if chars == 0
+                || chars > MAX_VARIANT_NAME_CHARS
+                || !m
+                    .key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            {
+                self.problem(
+                    &p,
+                    m.key_pos,
+                    format!(
+                        "variant name {:?} must be 1..{MAX_VARIANT_NAME_CHARS} of A-Z a-z 0-9 _ - .",
+                        m.key
+                    ),
+                );
+            }
+            let Some(fields) = self.object(&p, &m.value, "a variant object {\"value\": ..., \"weight\": N}") else {
+                continue;
+            };
+            let mut value = None;
+            let mut weight = None;
+            for f in &fields {
+                let fp = JPath::Key(&p, &f.key);
+                match f.key.as_str() {
+                    "value" => {
+                        if matches!(f.value.kind, Kind::Null) {
+                            self.problem(&fp, f.value.pos, "a variant's value must not be null");
+                        } else {
+                            value = Some(to_json_value(&f.value));
+                        }
+                    }
+                    "weight" => match &f.value.kind {
+                        Kind::Number(t) => match t.parse::<u32>().ok().filter(|w| *w <= MAX_VARIANT_WEIGHT) {
+                            Some(w) => weight = Some(w),
+                            None => self.problem(
+                                &fp,
+                                f.value.pos,
+                                format!("weight must be an integer 0..{MAX_VARIANT_WEIGHT}, got {t}"),
+                            ),
+                        },
+                        _ => self.wrong_type(&fp, &f.value, "an integer weight"),
+                    },
+                    other => self.problem(
+                        &fp,
+                        f.key_pos,
+                        format!("unknown field {other:?} in a variant; a variant has value, weight"),
+                    ),
+                }
+            }
+            if value.is_none() && !fields.iter().any(|f| f.key == "value") {
+                self.problem(&p, m.value.pos, "variant is missing \"value\"");
+            }
+            if weight.is_none() && !fields.iter().any(|f| f.key == "weight") {
+                self.problem(&p, m.value.pos, "variant is missing \"weight\"");
+            }
+            if let (Some(value), Some(weight)) = (value, weight) {
+                out.push((
+                    Variant {
+                        name: m.key.clone(),
+                        value,
+                        weight,
+                    },
+                    m.key_pos,
+                ));
+            }
+        }
+        if self.problems.len() != before {
+            return None;
+        }
+        // Types: name the first variant whose type differs, where it is.
+        if let Some((first, _)) = out.first() {
+            let kind = value_kind(&first.value);
+            if let Some((odd, pos)) = out.iter().find(|(v, _)| value_kind(&v.value) != kind) {
+                self.problem(
+                    &JPath::Key(&JPath::Key(path, &odd.name), "value"),
+                    *pos,
+                    format!(
+                        "variant {:?} is {}, but {:?} is {}: all variants must have the same type",
+                        odd.name,
+                        value_kind(&odd.value),
+                        first.name,
+                        kind
+                    ),
+                );
+                return None;
+            }
+        }
+        match Variants::new(out.into_iter().map(|(v, _)| v).collect()) {
+            Ok(v) => Some(v),
+            Err(message) => {
+                self.problem(path, node.pos, message);
+                None
+            }
+        }
+    }
+
+    fn prerequisites(&mut self, path: &JPath<'_>, node: &Node) -> Vec<Prerequisite> {
+        let Some(items) = self.array(
+            path,
+            node,
+            "a list of prerequisites {\"flag\": NAME, \"is\": \"on\"|\"off\"} or {\"flag\": NAME, \"variant\": V}",
+        ) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Prerequisite> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = JPath::Index(path, i);
+            let Some(fields) = self.object(&p, item, "a prerequisite object") else {
+                continue;
+            };
+            let before = self.problems.len();
+            let mut flag = None;
+            let mut requirement = None;
+            for f in &fields {
+                let fp = JPath::Key(&p, &f.key);
+                match f.key.as_str() {
+                    "flag" => flag = self.non_empty_string(&fp, &f.value),
+                    "is" => match self.string(&fp, &f.value).as_deref() {
+                        Some("on") => requirement = Some(Requirement::On),
+                        Some("off") => requirement = Some(Requirement::Off),
+                        Some(other) => self.problem(&fp, f.value.pos, format!("{other:?} is not \"on\" or \"off\"")),
+                        None => {}
+                    },
+                    "variant" => requirement = self.non_empty_string(&fp, &f.value).map(Requirement::Variant),
+                    other => self.problem(
+                        &fp,
+                        f.key_pos,
+                        format!("unknown field {other:?} in a prerequisite; a prerequisite has flag and is or variant"),
+                    ),
+                }
+            }
+            if fields.iter().any(|f| f.key == "is") && fields.iter().any(|f| f.key == "variant") {
+                self.problem(&p, item.pos, "give \"is\" or \"variant\", not both");
+            }
+            if !fields.iter().any(|f| f.key == "flag") {
+                self.problem(&p, item.pos, "prerequisite is missing \"flag\"");
+            }
+            if self.problems.len() != before {
+                continue;
+            }
+            if let Some(flag) = flag {
+                if out.iter().any(|q| q.flag == flag) {
+                    self.problem(&p, item.pos, format!("flag {flag:?} is already a prerequisite"));
+                    continue;
+                }
+                let q = Prerequisite {
+                    flag,
+                    requirement: requirement.unwrap_or(Requirement::On),
+                };
+                self.prereqs
+                    .push((self.flag.clone().unwrap_or_default(), i, item.pos, q.clone()));
+                out.push(q);
+            }
+        }
+        out
+    }
+
+    /// Checks across flags: prerequisites name existing flags and variants,
+    /// form no cycle and stay within the depth and size bounds. Runs over
+    /// every well-formed prerequisite, also of flags with other problems.
+    fn check_prerequisites(&mut self, names: &[&str], flags: &BTreeMap<String, FlagSpec>) {
+        let prereqs = std::mem::take(&mut self.prereqs);
+        let mut graph: BTreeMap<&str, Vec<(usize, Pos, &Prerequisite)>> = BTreeMap::new();
+        let mut graph_ok = true;
+        for (name, i, pos, q) in &prereqs {
+            let p = JPath::Index(&JPath::Key(&JPath::Key(&JPath::Root, name), "prerequisites"), *i);
+            self.flag = Some(name.clone());
+            if q.flag == *name {
+                self.problem(&p, *pos, "a flag cannot be its own prerequisite");
+                graph_ok = false;
+            } else if !names.contains(&q.flag.as_str()) {
+                self.problem(&p, *pos, format!("prerequisite flag {:?} is not in the config", q.flag));
+                graph_ok = false;
+            } else if let Requirement::Variant(v) = &q.requirement {
+                match flags.get(&q.flag).map(|f| f.variants.as_ref()) {
+                    Some(Some(vs)) if vs.get(v).is_none() => {
+                        self.problem(&p, *pos, format!("flag {:?} has no variant {v:?}", q.flag));
+                    }
+                    Some(None) => {
+                        self.problem(
+                            &p,
+                            *pos,
+                            format!("flag {:?} has no variants; require \"is\": \"on\" or \"off\"", q.flag),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            self.flag = None;
+            graph.entry(name.as_str()).or_default().push((*i, *pos, q));
+        }
+        if !graph_ok {
+            return;
+        }
+        // Cycles: depth-first search in name order; each cycle reported once,
+        // at the prerequisite that leaves the first flag of the cycle found.
+        type Graph<'g> = BTreeMap<&'g str, Vec<(usize, Pos, &'g Prerequisite)>>;
+        fn visit<'a>(
+            name: &'a str,
+            graph: &Graph<'a>,
+            state: &mut BTreeMap<&'a str, u8>,
+            stack: &mut Vec<&'a str>,
+            cycles: &mut Vec<Vec<&'a str>>,
+        ) {
+            state.insert(name, 1);
+            stack.push(name);
+            for (_, _, q) in graph.get(name).map(Vec::as_slice).unwrap_or_default() {
+                match state.get(q.flag.as_str()) {
+                    Some(1) => {
+                        let from = stack.iter().position(|s| *s == q.flag).unwrap_or(0);
+                        let mut c: Vec<&str> = stack[from..].to_vec();
+                        c.push(q.flag.as_str());
+                        cycles.push(c);
+                    }
+                    Some(_) => {}
+                    None => visit(q.flag.as_str(), graph, state, stack, cycles),
+                }
+            }
+            stack.pop();
+            state.insert(name, 2);
+        }
+        let mut state: BTreeMap<&str, u8> = BTreeMap::new();
+        let mut cycles: Vec<Vec<&str>> = Vec::new();
+        for name in graph.keys() {
+            if !state.contains_key(name) {
+                visit(name, &graph, &mut state, &mut Vec::new(), &mut cycles);
+            }
+        }
+        for c in &cycles {
+            let (first, next) = (c[0], c[1]);
+            let Some((i, pos, _)) = graph
+                .get(first)
+                .and_then(|qs| qs.iter().find(|(_, _, q)| q.flag == next))
+            else {
+                continue;
+            };
+            self.flag = Some(first.to_owned());
+            self.problem(
+                &JPath::Index(&JPath::Key(&JPath::Key(&JPath::Root, first), "prerequisites"), *i),
+                *pos,
+                format!("prerequisites form a cycle: {}", c.join(" -> ")),
+            );
+            self.flag = None;
+        }
+        if !cycles.is_empty() {
+            return;
+        }
+        // Depth and size of each flag's prerequisite tree (acyclic now).
+        fn measure<'a>(
+            name: &'a str,
+            graph: &Graph<'a>,
+            memo: &mut BTreeMap<&'a str, (usize, usize)>,
+        ) -> (usize, usize) {
+            if let Some(m) = memo.get(name) {
+                return *m;
+            }
+            let mut depth = 0;
+            let mut size = 1usize;
+            for (_, _, q) in graph.get(name).map(Vec::as_slice).unwrap_or_default() {
+                let (d, s) = measure(q.flag.as_str(), graph, memo);
+                depth = depth.max(d + 1);
+                size = size.saturating_add(s);
+            }
+            memo.insert(name, (depth, size));
+            (depth, size)
+        }
+        let mut memo: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for (name, qs) in &graph {
+            let (depth, size) = measure(name, &graph, &mut memo);
+            let p = JPath::Key(&JPath::Key(&JPath::Root, name), "prerequisites");
+            let pos = qs.first().map_or(Pos { line: 1, column: 1 }, |(_, pos, _)| *pos);
+            self.flag = Some((*name).to_owned());
+            if depth > MAX_PREREQUISITE_DEPTH {
+                self.problem(
+                    &p,
+                    pos,
+                    format!("prerequisite chain is {depth} levels deep; at most {MAX_PREREQUISITE_DEPTH}"),
+                );
+            } else if size - 1 > MAX_PREREQUISITE_EVALUATIONS {
+                self.problem(
+                    &p,
+                    pos,
+                    format!(
+                        "prerequisites expand to {} flag evaluations; at most {MAX_PREREQUISITE_EVALUATIONS}",
+                        size - 1
+                    ),
+                );
+            }
+            self.flag = None;
+        }
     }
 
     fn boolean(&mut self, path: &JPath<'_>, node: &Node) -> Option<bool> {
@@ -984,6 +1564,7 @@ impl Validator {
             at: OffsetDateTime::UNIX_EPOCH,
             enabled: None,
             rollout_percentage: None,
+            rollout_basis_points: None,
             environments: None,
         };
         for m in &members {
@@ -999,14 +1580,25 @@ impl Validator {
                 }
                 "enabled" => stage.enabled = self.boolean(&p, &m.value),
                 "rollout_percentage" => stage.rollout_percentage = self.percentage(&p, &m.value),
+                "rollout_basis_points" => stage.rollout_basis_points = self.basis_points(&p, &m.value),
                 "environments" => stage.environments = self.environments(&p, &m.value),
                 other => self.problem(
                     &p,
                     m.key_pos,
                     format!(
-                        "unknown field {other:?} in a stage; a stage has at, enabled, rollout_percentage, environments"
+                        "unknown field {other:?} in a stage; a stage has at, enabled, rollout_percentage, \
+                         rollout_basis_points, environments"
                     ),
                 ),
+            }
+        }
+        if let Some(m) = members.iter().find(|m| m.key == "rollout_basis_points") {
+            if members.iter().any(|m| m.key == "rollout_percentage") {
+                self.problem(
+                    &JPath::Key(path, "rollout_basis_points"),
+                    m.key_pos,
+                    "give rollout_percentage or rollout_basis_points, not both",
+                );
             }
         }
         match at {

@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+use super::audit::{audit_diff, override_change, AuditLog, FlagChange};
 use super::clock::{Clock, SystemClock};
 use super::config::{ConfigError, FlagsConfig};
+use super::details::EvaluationDetails;
 use super::metrics::{Counts, FlagCounters, Metrics};
 use super::overrides::{EnvOverrides, Overrides};
 use super::snapshot::{CompileInput, CustomPredicate, Evaluation, Explanation, FlagDetails, Snapshot};
@@ -36,6 +38,7 @@ pub struct EngineBuilder {
     environment: String,
     clock: Arc<dyn Clock>,
     env_overrides: EnvOverrides,
+    audit: Option<Arc<AuditLog>>,
 }
 
 impl Default for EngineBuilder {
@@ -44,6 +47,7 @@ impl Default for EngineBuilder {
             environment: DEFAULT_ENVIRONMENT.to_owned(),
             clock: Arc::new(SystemClock),
             env_overrides: EnvOverrides::default(),
+            audit: None,
         }
     }
 }
@@ -67,6 +71,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Append every change of the effective flags to `log` (see
+    /// [`AuditLog`]); off unless given.
+    pub fn audit_log(mut self, log: AuditLog) -> Self {
+        self.audit = Some(Arc::new(log));
+        self
+    }
+
     /// Compile `config` and start serving it.
     pub fn build(self, config: FlagsConfig) -> Engine {
         let mut state = State {
@@ -81,6 +92,7 @@ impl EngineBuilder {
             generation: 0,
             fingerprint: None,
             retired: None,
+            audit: self.audit,
         };
         let unknown = Arc::new(FlagCounters::default());
         let snapshot = compile(&mut state, &unknown, &self.clock);
@@ -91,6 +103,7 @@ impl EngineBuilder {
             unknown,
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            audit_failures: AtomicU64::new(0),
         }
     }
 }
@@ -107,6 +120,8 @@ struct State {
     fingerprint: Option<u64>,
     /// The previously published snapshot (see `Engine::publish`).
     retired: Option<Arc<Snapshot>>,
+    /// Where changes are recorded, when on.
+    audit: Option<Arc<AuditLog>>,
 }
 
 fn compile(state: &mut State, unknown: &Arc<FlagCounters>, clock: &Arc<dyn Clock>) -> Snapshot {
@@ -144,6 +159,7 @@ pub struct Engine {
     unknown: Arc<FlagCounters>,
     reloads: AtomicU64,
     reload_failures: AtomicU64,
+    audit_failures: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -242,7 +258,18 @@ impl Engine {
     /// Replace the `ERLMCP_FEATURE_FLAGS` overrides (runtime overrides stay).
     pub fn set_env_overrides(&self, overrides: EnvOverrides) {
         let mut state = self.lock();
+        let before: Vec<(String, Option<bool>)> = state
+            .config
+            .iter()
+            .map(|(n, _)| (n.to_owned(), state.overrides.lookup(n).map(|o| o.enabled)))
+            .collect();
         state.overrides.env = overrides;
+        self.audit(&state, "env", None, || {
+            before
+                .iter()
+                .filter_map(|(n, b)| override_change(n, *b, state.overrides.lookup(n).map(|o| o.enabled)))
+                .collect()
+        });
         self.publish(&mut state);
     }
 
@@ -252,15 +279,52 @@ impl Engine {
     }
 
     /// Each flag's config, override and counters.
-    pub fn details(&self) -> Vec<FlagDetails> {
-        self.current.load().details()
+    pub fn all_details(&self) -> Vec<FlagDetails> {
+        self.current.load().all_details()
+    }
+
+    /// Evaluate `flag` for `ctx` with OpenFeature-style details: value,
+    /// variant, reason, error code, flag metadata (see
+    /// [`EvaluationDetails`]). Counted like [`Engine::evaluate`].
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::flags::{Engine, ErrorCode, FlagsConfig, MapContext, ResolutionReason};
+    /// let engine = Engine::builder().build(FlagsConfig::from_json(br##"{"banner": {"enabled": true,
+    ///     "variants": {"blue": {"value": "#00f", "weight": 1}, "green": {"value": "#0f0", "weight": 1}}}}"##)?);
+    /// let d = engine.details("banner", &MapContext::new().binary("session_id", "s-1"));
+    /// assert_eq!(d.reason, ResolutionReason::Split);
+    /// assert!(matches!(d.variant.as_deref(), Some("blue" | "green")));
+    /// assert_eq!(engine.details("nope", &()).error_code, Some(ErrorCode::FlagNotFound));
+    /// # Ok::<(), erlmcp_rollout::flags::ConfigError>(())
+    /// ```
+    pub fn details<C: Context>(&self, flag: &str, ctx: &C) -> EvaluationDetails {
+        self.current.load().details(flag, ctx)
     }
 
     /// Replace the config. Overrides and custom predicates carry over.
     pub fn reload(&self, config: FlagsConfig) -> ReloadOutcome {
+        self.reload_from(config, None, "reload", None)
+    }
+
+    /// [`Engine::reload`], recording `source` and `actor` (default: the
+    /// audit log's) in the audit trail when it is on.
+    pub fn reload_by(&self, config: FlagsConfig, source: &str, actor: Option<&str>) -> ReloadOutcome {
+        self.reload_from(config, None, source, actor)
+    }
+
+    fn reload_from(
+        &self,
+        config: FlagsConfig,
+        fingerprint: Option<u64>,
+        source: &str,
+        actor: Option<&str>,
+    ) -> ReloadOutcome {
         let mut state = self.lock();
-        state.config = Arc::new(config);
-        state.fingerprint = None;
+        let config = Arc::new(config);
+        self.audit(&state, source, actor, || audit_diff(&state.config, &config));
+        state.config = config;
+        state.fingerprint = fingerprint;
         self.publish(&mut state);
         self.reloads.fetch_add(1, Ordering::Relaxed);
         ReloadOutcome {
@@ -270,13 +334,34 @@ impl Engine {
         }
     }
 
+    /// Record changes in the audit trail, when it is on (a failed write is
+    /// counted in [`Engine::audit_failures`]; the change still applies: a
+    /// kill switch must not depend on a disk).
+    fn audit(&self, state: &State, source: &str, actor: Option<&str>, changes: impl FnOnce() -> Vec<FlagChange>) {
+        if let Some(log) = &state.audit {
+            if log.record(SystemClock.now_unix_ms(), actor, source, changes()).is_err() {
+                self.audit_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Turn the audit trail on (`Some`) or off (`None`).
+    pub fn set_audit_log(&self, log: Option<AuditLog>) {
+        self.lock().audit = log.map(Arc::new);
+    }
+
+    /// Audit lines that could not be written or synced.
+    pub fn audit_failures(&self) -> u64 {
+        self.audit_failures.load(Ordering::Relaxed)
+    }
+
     /// Parse and validate `json`, then swap it in.
     ///
     /// # Errors
     /// Every problem in the config; the previous snapshot keeps serving.
     pub fn reload_json(&self, json: &[u8]) -> Result<ReloadOutcome, ConfigError> {
         match FlagsConfig::from_json(json) {
-            Ok(config) => Ok(self.reload(config)),
+            Ok(config) => Ok(self.reload_from(config, None, "json", None)),
             Err(e) => {
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
                 Err(e)
@@ -291,7 +376,7 @@ impl Engine {
     /// The file is unreadable or invalid; the previous snapshot keeps serving.
     pub fn reload_file(&self, path: impl AsRef<Path>) -> Result<ReloadOutcome, ConfigError> {
         match read(path.as_ref()) {
-            Ok(bytes) => self.reload_bytes(&bytes),
+            Ok(bytes) => self.reload_bytes(&bytes, &format!("file:{}", path.as_ref().display())),
             Err(e) => {
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
                 Err(e)
@@ -299,8 +384,9 @@ impl Engine {
         }
     }
 
-    /// Reload from file content unless it equals what was last loaded from a file.
-    pub(crate) fn reload_bytes(&self, bytes: &[u8]) -> Result<ReloadOutcome, ConfigError> {
+    /// Reload from file content unless it equals what was last loaded from a
+    /// file; `source` goes to the audit trail.
+    pub(crate) fn reload_bytes(&self, bytes: &[u8], source: &str) -> Result<ReloadOutcome, ConfigError> {
         let fp = fingerprint(bytes);
         {
             let state = self.lock();
@@ -319,27 +405,29 @@ impl Engine {
                 return Err(e);
             }
         };
-        let mut state = self.lock();
-        state.config = Arc::new(config);
-        state.fingerprint = Some(fp);
-        self.publish(&mut state);
-        self.reloads.fetch_add(1, Ordering::Relaxed);
-        Ok(ReloadOutcome {
-            changed: true,
-            flags: state.config.len(),
-            generation: state.generation,
-        })
+        Ok(self.reload_from(config, Some(fp), source, None))
     }
 
-    fn set_override(&self, name: &str, value: Option<bool>) {
+    /// Set (`Some`) or clear (`None`) the runtime override of `name`,
+    /// recording `actor` (default: the audit log's) in the audit trail.
+    pub fn set_override_by(&self, name: &str, value: Option<bool>, actor: Option<&str>) {
         let mut state = self.lock();
+        let before = state.overrides.lookup(name).map(|o| o.enabled);
         let changed = match value {
             Some(v) => state.overrides.runtime.insert(name.to_owned(), v) != Some(v),
             None => state.overrides.runtime.remove(name).is_some(),
         };
         if changed {
+            let after = state.overrides.lookup(name).map(|o| o.enabled);
+            self.audit(&state, "override", actor, || {
+                override_change(name, before, after).into_iter().collect()
+            });
             self.publish(&mut state);
         }
+    }
+
+    fn set_override(&self, name: &str, value: Option<bool>) {
+        self.set_override_by(name, value, None);
     }
 
     /// Force `name` on (replaces its `enabled`) until [`Engine::clear`];
@@ -589,7 +677,8 @@ fn watch_loop(
         let attempt = match read(path) {
             Ok(bytes) => {
                 let fp = fingerprint(&bytes);
-                (last_attempt != Some(Ok(fp))).then(|| (Ok(fp), engine.reload_bytes(&bytes)))
+                (last_attempt != Some(Ok(fp)))
+                    .then(|| (Ok(fp), engine.reload_bytes(&bytes, &format!("file:{}", path.display()))))
             }
             Err(e) => {
                 let kind = match &e {

@@ -70,6 +70,11 @@ pub struct PushOutcome {
     pub changed: bool,
     /// The etcd revision of the key's value after the push.
     pub revision: i64,
+    /// The key's value before the push, for the audit trail's diff. `None`: the key
+    /// was absent, or a guarded push found its own write already made (a lost
+    /// acknowledgement retried), so the value before it is no longer known.
+    #[serde(skip)]
+    pub previous: Option<Vec<u8>>,
 }
 
 pub(crate) fn urls(endpoints: &[String]) -> Result<Vec<String>, PushError> {
@@ -104,18 +109,20 @@ pub fn push_flags(endpoints: &[String], key: &str, json: &[u8], timeout: Duratio
     let urls = urls(endpoints)?;
     with_member(&urls, timeout, |mut client| async move {
         let current = client.get(key, None).await?;
+        let previous = current.kvs().first().map(|kv| kv.value().to_vec());
         if let Some(kv) = current.kvs().first() {
             if kv.value() == json {
-                return Ok(Ok((false, kv.mod_revision())));
+                return Ok(Ok((false, kv.mod_revision(), previous)));
             }
         }
         let put = client.put(key, json, None).await?;
-        Ok(Ok((true, put.header().map_or(0, |h| h.revision()))))
+        Ok(Ok((true, put.header().map_or(0, |h| h.revision()), previous)))
     })
-    .map(|(changed, revision)| PushOutcome {
+    .map(|(changed, revision, previous)| PushOutcome {
         flags: config.len(),
         changed,
         revision,
+        previous,
     })
 }
 
@@ -157,18 +164,27 @@ pub fn push_flags_guarded(
     with_member(&urls, timeout, |mut client| async move {
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, expected_revision)])
-            .and_then([TxnOp::put(key, json, None)])
+            .and_then([TxnOp::put(
+                key,
+                json,
+                Some(etcd_client::PutOptions::new().with_prev_key()),
+            )])
             .or_else([TxnOp::get(key, None)]);
         let resp = client.txn(txn).await?;
         if resp.succeeded() {
-            return Ok(Ok((true, resp.header().map_or(0, |h| h.revision()))));
+            let revision = resp.header().map_or(0, |h| h.revision());
+            let previous = resp.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Put(p) => p.prev_key().map(|kv| kv.value().to_vec()),
+                _ => None,
+            });
+            return Ok(Ok((true, revision, previous)));
         }
         let current = resp.op_responses().into_iter().find_map(|op| match op {
             etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())),
             _ => None,
         });
         Ok(match current {
-            Some((value, revision)) if value == json => Ok((true, revision)),
+            Some((value, revision)) if value == json => Ok((true, revision, None)),
             other => Err(PushError::Conflict {
                 key: key.to_owned(),
                 expected: expected_revision,
@@ -176,10 +192,11 @@ pub fn push_flags_guarded(
             }),
         })
     })
-    .map(|(changed, revision)| PushOutcome {
+    .map(|(changed, revision, previous)| PushOutcome {
         flags: config.len(),
         changed,
         revision,
+        previous,
     })
 }
 
@@ -476,7 +493,7 @@ fn apply(engine: &Engine, options: &EtcdFlagsOptions, status: &Mutex<EtcdWatchSt
             return;
         }
         Some((bytes, revision)) => {
-            let result = engine.reload_bytes(bytes);
+            let result = engine.reload_bytes(bytes, &format!("etcd:{}@{revision}", options.key));
             let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
             s.revision = revision;
             match result {

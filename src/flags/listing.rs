@@ -55,17 +55,18 @@ pub fn state_table(config: &FlagsConfig, environments: &[String], clock: Arc<dyn
             .environment(env.clone())
             .clock(clock.clone())
             .build(config.clone());
-        for d in engine.details() {
+        for d in engine.all_details() {
             let conditions = d.config.conditions.len();
             let state = if !d.effective_enabled {
                 "off (disabled)".to_owned()
             } else if !d.environment_allowed {
                 "off (environment)".to_owned()
             } else {
-                let base = if d.rollout_percentage == 100 {
-                    "on".to_owned()
-                } else {
-                    format!("{}%", d.rollout_percentage)
+                let base = match d.rollout_basis_points {
+                    Some(10_000) => "on".to_owned(),
+                    Some(bp) => format!("{}.{:02}%", bp / 100, bp % 100),
+                    None if d.rollout_percentage == 100 => "on".to_owned(),
+                    None => format!("{}%", d.rollout_percentage),
                 };
                 match conditions {
                     0 => base,

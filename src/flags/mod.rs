@@ -6,13 +6,18 @@
 //! - [`Context`]: where evaluation reads attributes ([`MapContext`] is a simple one).
 //! - [`phash2`]: rollout buckets identical to `erlang:phash2/2`.
 //! - [`plan`]: week plans to schedules and timelines; [`matrix`]: CI feature sets.
+//! - [`Engine::details`]: value, variant, OpenFeature reason and error code;
+//!   `EngineProvider` (feature `openfeature`): an OpenFeature provider.
+//! - [`AuditLog`]: the audit trail of flag changes (JSON lines).
 //! - [`batch`]: JSON-lines evaluation for scripts.
 //! - `push_flags` and `Engine::watch_etcd` (feature `etcd`): a config published in an
 //!   etcd key, reloaded by every watching engine within milliseconds.
 
+mod audit;
 pub mod batch;
 mod clock;
 mod config;
+mod details;
 mod engine;
 #[cfg(feature = "etcd")]
 pub(crate) mod etcd;
@@ -20,6 +25,8 @@ pub(crate) mod json;
 mod listing;
 pub mod matrix;
 mod metrics;
+#[cfg(feature = "openfeature")]
+mod openfeature;
 mod overrides;
 pub mod phash2;
 pub mod plan;
@@ -27,11 +34,15 @@ mod snapshot;
 mod table;
 mod value;
 
+pub use audit::{audit_diff, AuditError, AuditLog, AuditRecord, ChangeKind, FieldDiff, FlagChange, AUDIT_FORMAT};
 pub use clock::{unix_ms, Clock, ManualClock, PinnableClock, SystemClock};
 pub use config::{
-    format_time, parse_time, Condition, ConfigError, FlagSpec, FlagsConfig, Literal, Number, Operator, Percentage,
-    Problem, Schedule, Stage, DEFAULT_STICKINESS, MAX_FLAG_NAME_CHARS, OPERATORS,
+    format_time, parse_time, value_kind, BasisPoints, Condition, ConfigError, FlagSpec, FlagsConfig, Literal, Number,
+    Operator, Percentage, Prerequisite, Problem, Requirement, Schedule, Stage, Variant, Variants, DEFAULT_STICKINESS,
+    MAX_FLAG_NAME_CHARS, MAX_PREREQUISITE_DEPTH, MAX_PREREQUISITE_EVALUATIONS, MAX_VARIANTS, MAX_VARIANT_NAME_CHARS,
+    MAX_VARIANT_WEIGHT, OPERATORS,
 };
+pub use details::{ErrorCode, EvaluationDetails, ResolutionReason};
 pub use engine::{
     Engine, EngineBuilder, EngineError, FileWatcher, ReloadOutcome, WatchCallback, WatchEvent, WatchOptions,
     WatchStatus, DEFAULT_ENVIRONMENT,
@@ -44,6 +55,8 @@ pub use etcd::{
 pub use json::{Pos, SyntaxError};
 pub use listing::{environments_named, state_table, FlagStateRow};
 pub use metrics::{Counts, Metrics};
+#[cfg(feature = "openfeature")]
+pub use openfeature::{EngineProvider, PROVIDER_NAME};
 pub use overrides::{EnvOverrideError, EnvOverrides, Override, OverrideSource, ENV_VAR};
 pub use snapshot::{
     ConditionFailure, CustomPredicate, Deferred, Evaluation, Explanation, FlagDetails, Reason, Snapshot, Step,

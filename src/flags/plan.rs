@@ -36,6 +36,9 @@ pub struct TimelineRow {
     pub enabled: Option<bool>,
     /// Percentage from then on (`None`: unchanged).
     pub rollout_percentage: Option<u8>,
+    /// Basis points from then on (`None`: unchanged or a percentage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout_basis_points: Option<u16>,
     /// Environments from then on (`None`: unchanged).
     pub environments: Option<Vec<String>>,
 }
@@ -94,6 +97,7 @@ impl Plan {
                             flag: flag.clone(),
                             enabled: st.enabled,
                             rollout_percentage: st.rollout_percentage.map(|p| p.get()),
+                            rollout_basis_points: st.rollout_basis_points.map(|b| b.get()),
                             environments: st.environments.clone(),
                         },
                     )
@@ -144,7 +148,11 @@ pub fn render_timeline(rows: &[TimelineRow]) -> String {
     );
     for r in rows {
         let enabled = r.enabled.map_or("-".to_owned(), |b| b.to_string());
-        let pct = r.rollout_percentage.map_or("-".to_owned(), |p| format!("{p}%"));
+        let pct = match (r.rollout_basis_points, r.rollout_percentage) {
+            (Some(bp), _) => format!("{}.{:02}%", bp / 100, bp % 100),
+            (None, Some(p)) => format!("{p}%"),
+            (None, None) => "-".to_owned(),
+        };
         let envs =
             r.environments.as_ref().map_or(
                 "-".to_owned(),

@@ -18,7 +18,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
 use super::clock::{unix_ms, Clock};
-use super::config::{Condition, FlagSpec, FlagsConfig, Literal, Number, Operator};
+use super::config::{Condition, FlagSpec, FlagsConfig, Literal, Number, Operator, Requirement};
+use super::details::{resolution_reason, ErrorCode, EvaluationDetails, ResolutionReason};
 use super::metrics::FlagCounters;
 use super::overrides::{Override, Overrides};
 use super::phash2;
@@ -54,6 +55,19 @@ pub enum Reason {
         /// The percentage in force.
         percentage: u8,
     },
+    /// The stickiness value's fine bucket is not below the basis points
+    /// (`rollout_basis_points`).
+    FineRollout {
+        /// `phash2(Value, 10000)` (or salted).
+        bucket: u16,
+        /// The basis points in force.
+        basis_points: u16,
+    },
+    /// A prerequisite flag is not in the required state.
+    Prerequisite {
+        /// Its index in `prerequisites`.
+        index: u32,
+    },
     /// A condition did not hold.
     Condition {
         /// Its index in `conditions`.
@@ -66,14 +80,15 @@ pub enum Reason {
 }
 
 impl Reason {
-    /// The short code: `unknown_flag`, `disabled`, `environment`, `rollout`,
-    /// `condition` or `enabled`.
+    /// The short code: `unknown_flag`, `disabled`, `environment`,
+    /// `prerequisite`, `rollout`, `condition` or `enabled`.
     pub fn code(&self) -> &'static str {
         match self {
             Reason::UnknownFlag => "unknown_flag",
             Reason::Disabled => "disabled",
             Reason::Environment => "environment",
-            Reason::Rollout { .. } => "rollout",
+            Reason::Rollout { .. } | Reason::FineRollout { .. } => "rollout",
+            Reason::Prerequisite { .. } => "prerequisite",
             Reason::Condition { .. } => "condition",
             Reason::Enabled => "enabled",
         }
@@ -86,6 +101,13 @@ impl fmt::Display for Reason {
             Reason::Rollout { bucket, percentage } => {
                 write!(f, "rollout (bucket {bucket} is not below {percentage}%)")
             }
+            Reason::FineRollout { bucket, basis_points } => {
+                write!(
+                    f,
+                    "rollout (fine bucket {bucket} is not below {basis_points} basis points)"
+                )
+            }
+            Reason::Prerequisite { index } => write!(f, "prerequisite (#{index} not met)"),
             Reason::Condition { index, failure } => write!(f, "condition (#{index}: {failure})"),
             other => f.write_str(other.code()),
         }
@@ -178,9 +200,66 @@ pub(crate) struct CompiledFlag {
     salt: Option<Box<[u8]>>,
     conditions: Box<[Cond]>,
     overridden: Option<Override>,
-    /// Custom conditions without a Rust predicate (answered by the context).
+    /// Custom conditions without a Rust predicate (answered by the context),
+    /// this flag's and its prerequisites' (transitively).
     external_customs: Box<[Box<str>]>,
     pub(crate) counters: Arc<FlagCounters>,
+    /// Basis-point rollouts, prerequisites and variants; `None` for a flag
+    /// that has none of them. Never read on the inlined path: a flag with
+    /// basis points or prerequisites has [`EXT_PERCENTAGE`] in every rule,
+    /// which sends its boolean evaluation out of line
+    /// ([`CompiledFlag::evaluate_full`]) from the percentage compare the
+    /// inlined path makes anyway.
+    ext: Option<Box<Ext>>,
+}
+
+/// The `Rule::percentage` of a flag evaluated out of line (its real
+/// percentages are in [`Ext::percentages`]).
+const EXT_PERCENTAGE: u8 = u8::MAX;
+
+struct Ext {
+    /// The real percentage of the base rule (index 0) and of stage `i`
+    /// (index `i + 1`) of a flag whose rules hold [`EXT_PERCENTAGE`].
+    percentages: Box<[u8]>,
+    /// Variants; read only by `details` and by prerequisites on a variant,
+    /// never by the boolean evaluation of this flag.
+    variants: Option<CompiledVariants>,
+    /// Basis points in force for the base rule (index 0) and for stage
+    /// `i` (index `i + 1`); `None` = the rule's percentage applies.
+    fine: Box<[Option<u16>]>,
+    prerequisites: Box<[CompiledPrerequisite]>,
+}
+
+struct CompiledPrerequisite {
+    /// `None` when the parent is not in the config (only possible for a
+    /// config built in code): never met.
+    parent: Option<FlagId>,
+    want: Want,
+}
+
+#[derive(Clone, Copy)]
+enum Want {
+    On,
+    Off,
+    /// The parent's variant index.
+    Variant(usize),
+}
+
+struct CompiledVariants {
+    names: Box<[Box<str>]>,
+    weights: Box<[u32]>,
+    /// How many have a weight above 0 (1 = no split: that one always).
+    positive: usize,
+}
+
+/// What an evaluation observed besides its outcome (for `details`).
+#[derive(Default, Clone, Copy)]
+struct Trace {
+    /// A stickiness value was needed (rollout, variant split) and absent,
+    /// so `<<>>` was hashed.
+    key_missing: bool,
+    /// A rollout below 100 % or a variant split placed the value.
+    split: bool,
 }
 
 /// An immutable compiled config for one environment, with overrides and
@@ -308,8 +387,38 @@ fn compile_condition(c: &Condition, customs: &BTreeMap<String, CustomPredicate>,
     }
 }
 
+/// The custom conditions without a Rust predicate of `name` and of its
+/// prerequisites, transitively, in first-seen order without repeats.
+fn external_customs_of(
+    name: &str,
+    config: &FlagsConfig,
+    customs: &BTreeMap<String, CustomPredicate>,
+    out: &mut Vec<Box<str>>,
+    depth: usize,
+) {
+    let Some(spec) = config.get(name) else { return };
+    for c in &spec.conditions {
+        if let Condition::Custom { name } = c {
+            if !customs.contains_key(name) && !out.iter().any(|n| **n == **name) {
+                out.push(name.as_str().into());
+            }
+        }
+    }
+    if depth < super::config::MAX_PREREQUISITE_DEPTH {
+        for q in &spec.prerequisites {
+            external_customs_of(&q.flag, config, customs, out, depth + 1);
+        }
+    }
+}
+
 impl CompiledFlag {
-    fn compile(name: &str, spec: &FlagSpec, input: &mut CompileInput<'_>, keys: &mut Interner) -> CompiledFlag {
+    fn compile(
+        name: &str,
+        spec: &FlagSpec,
+        input: &mut CompileInput<'_>,
+        keys: &mut Interner,
+        ids: &BTreeMap<&str, usize>,
+    ) -> CompiledFlag {
         let base = Rule {
             enabled: spec.enabled,
             percentage: spec.rollout_percentage.get(),
@@ -341,16 +450,75 @@ impl CompiledFlag {
             .iter()
             .map(|c| compile_condition(c, input.customs, keys))
             .collect();
-        let mut external_customs: Vec<Box<str>> = conditions
+        let mut external_customs: Vec<Box<str>> = Vec::new();
+        external_customs_of(name, &input.config, input.customs, &mut external_customs, 0);
+        let fine_base = spec.rollout_basis_points.map(|b| b.get());
+        let mut fine = vec![fine_base];
+        if let Some(s) = &spec.schedule {
+            fine.extend(
+                s.stages()
+                    .iter()
+                    .map(|st| match (st.rollout_basis_points, st.rollout_percentage) {
+                        (Some(bp), _) => Some(bp.get()),
+                        (None, Some(_)) => None,
+                        (None, None) => fine_base,
+                    }),
+            );
+        }
+        let prerequisites: Box<[CompiledPrerequisite]> = spec
+            .prerequisites
             .iter()
-            .filter_map(|c| match c {
-                Cond::Custom { name, predicate: None } => Some(name.clone()),
-                _ => None,
+            .map(|q| {
+                let parent = ids.get(q.flag.as_str()).copied();
+                let want = match &q.requirement {
+                    Requirement::On => Want::On,
+                    Requirement::Off => Want::Off,
+                    Requirement::Variant(v) => {
+                        match input
+                            .config
+                            .get(&q.flag)
+                            .and_then(|p| p.variants.as_ref())
+                            .and_then(|vs| vs.iter().position(|x| x.name == *v))
+                        {
+                            Some(i) => Want::Variant(i),
+                            // No such variant (a config built in code): never met.
+                            None => Want::Variant(usize::MAX),
+                        }
+                    }
+                };
+                CompiledPrerequisite {
+                    parent: parent.and_then(FlagId::from_index),
+                    want,
+                }
             })
             .collect();
-        let mut seen = FxHashSet::default();
-        external_customs.retain(|n| seen.insert(n.clone()));
+        let variants = spec.variants.as_ref().map(|vs| CompiledVariants {
+            names: vs.iter().map(|v| Box::from(v.name.as_str())).collect(),
+            weights: vs.iter().map(|v| v.weight).collect(),
+            positive: vs.iter().filter(|v| v.weight > 0).count(),
+        });
+        let out_of_line = fine.iter().any(Option::is_some) || !prerequisites.is_empty();
+        let mut base = base;
+        let mut stages: Box<[(i64, Rule)]> = stages;
+        let mut percentages = Vec::new();
+        if out_of_line {
+            percentages.push(base.percentage);
+            base.percentage = EXT_PERCENTAGE;
+            for (_, r) in stages.iter_mut() {
+                percentages.push(r.percentage);
+                r.percentage = EXT_PERCENTAGE;
+            }
+        }
+        let ext = (out_of_line || variants.is_some()).then(|| {
+            Box::new(Ext {
+                percentages: percentages.into(),
+                variants,
+                fine: fine.into(),
+                prerequisites,
+            })
+        });
         CompiledFlag {
+            ext,
             external_customs: external_customs.into(),
             base,
             stages,
@@ -405,10 +573,10 @@ impl CompiledFlag {
     // field by field and read back whole stalled store forwarding (perf:
     // the largest single cost of a static flag through the NIF).
     #[inline(always)]
-    fn evaluate<C: Context>(&self, ctx: &C, clock: &dyn Clock) -> Evaluation {
+    fn evaluate<C: Context>(&self, ctx: &C, clock: &dyn Clock, flags: &FlagTable<CompiledFlag>) -> Evaluation {
         let rule = self.rule(clock);
         let enabled = self.overridden.map_or(rule.enabled, |o| o.enabled);
-        let reason = self.decide(enabled, rule, ctx);
+        let reason = self.decide(enabled, rule, ctx, clock, flags);
         Evaluation {
             enabled: matches!(reason, Reason::Enabled),
             reason,
@@ -416,7 +584,14 @@ impl CompiledFlag {
     }
 
     #[inline(always)]
-    fn decide<C: Context>(&self, enabled: bool, rule: &Rule, ctx: &C) -> Reason {
+    fn decide<C: Context>(
+        &self,
+        enabled: bool,
+        rule: &Rule,
+        ctx: &C,
+        clock: &dyn Clock,
+        flags: &FlagTable<CompiledFlag>,
+    ) -> Reason {
         if !enabled {
             return Reason::Disabled;
         }
@@ -431,11 +606,166 @@ impl CompiledFlag {
                     percentage: rule.percentage,
                 };
             }
+        } else if rule.percentage == EXT_PERCENTAGE {
+            return self.decide_ext(ctx, clock, flags);
         }
         match self.first_failing_condition(ctx) {
             Some((index, failure)) => Reason::Condition { index, failure },
             None => Reason::Enabled,
         }
+    }
+
+    #[inline(never)]
+    fn decide_ext<C: Context>(&self, ctx: &C, clock: &dyn Clock, flags: &FlagTable<CompiledFlag>) -> Reason {
+        self.evaluate_full(ctx, clock.now_unix_ms(), flags, 0, &mut Trace::default())
+    }
+
+    /// The real percentage of `rule` (the rule of `stage`).
+    fn percentage_at(&self, stage: Option<usize>, rule: &Rule) -> u8 {
+        match &self.ext {
+            Some(ext) if rule.percentage == EXT_PERCENTAGE => {
+                ext.percentages.get(stage.map_or(0, |i| i + 1)).copied().unwrap_or(100)
+            }
+            _ => rule.percentage,
+        }
+    }
+
+    fn variants(&self) -> Option<&CompiledVariants> {
+        self.ext.as_ref()?.variants.as_ref()
+    }
+
+    /// The whole evaluation order (DESIGN §3.2 with prerequisites and
+    /// basis points), for every kind of flag: the out-of-line path, and
+    /// `details` / `explain`. For a flag without `ext` it decides exactly as
+    /// [`CompiledFlag::decide`] (a unit test holds them together).
+    fn evaluate_full<C: Context>(
+        &self,
+        ctx: &C,
+        now_ms: i64,
+        flags: &FlagTable<CompiledFlag>,
+        depth: usize,
+        trace: &mut Trace,
+    ) -> Reason {
+        let (rule, stage) = self.rule_at(now_ms);
+        let enabled = self.overridden.map_or(rule.enabled, |o| o.enabled);
+        if !enabled {
+            return Reason::Disabled;
+        }
+        if !rule.env_allowed {
+            return Reason::Environment;
+        }
+        let percentage = self.percentage_at(stage, rule);
+        if let Some(ext) = &self.ext {
+            for (i, q) in ext.prerequisites.iter().enumerate() {
+                if !self.prerequisite_met(q, ctx, now_ms, flags, depth, trace) {
+                    return Reason::Prerequisite {
+                        index: u32::try_from(i).unwrap_or(u32::MAX),
+                    };
+                }
+            }
+        }
+        match self.fine_at(stage) {
+            Some(bp) if bp < 10_000 => {
+                trace.split = true;
+                let bucket = self.fine_bucket(ctx, trace);
+                if bucket >= bp {
+                    return Reason::FineRollout {
+                        bucket,
+                        basis_points: bp,
+                    };
+                }
+            }
+            Some(_) => {}
+            None if percentage < 100 => {
+                trace.split = true;
+                trace.key_missing |= ctx.get(&self.stickiness).is_none();
+                let bucket = self.bucket(ctx);
+                if bucket >= percentage {
+                    return Reason::Rollout { bucket, percentage };
+                }
+            }
+            None => {}
+        }
+        match self.first_failing_condition(ctx) {
+            Some((index, failure)) => Reason::Condition { index, failure },
+            None => Reason::Enabled,
+        }
+    }
+
+    fn prerequisite_met<C: Context>(
+        &self,
+        q: &CompiledPrerequisite,
+        ctx: &C,
+        now_ms: i64,
+        flags: &FlagTable<CompiledFlag>,
+        depth: usize,
+        trace: &mut Trace,
+    ) -> bool {
+        // Validation bounds the depth; a config built in code is cut off here.
+        if depth >= super::config::MAX_PREREQUISITE_DEPTH {
+            return false;
+        }
+        let Some(parent) = q.parent.and_then(|id| flags.at(id)) else {
+            return false;
+        };
+        let on = matches!(
+            parent.evaluate_full(ctx, now_ms, flags, depth + 1, trace),
+            Reason::Enabled
+        );
+        match q.want {
+            Want::On => on,
+            Want::Off => !on,
+            Want::Variant(v) => on && parent.variant_index(ctx, trace) == Some(v),
+        }
+    }
+
+    /// Basis points in force for the rule of `stage` (`None` = base).
+    fn fine_at(&self, stage: Option<usize>) -> Option<u16> {
+        let ext = self.ext.as_ref()?;
+        let i = stage.map_or(0, |i| i + 1);
+        ext.fine.get(i).copied().flatten()
+    }
+
+    /// `phash2(Value, 10000)` (salted: `phash2({Salt, Value}, 10000)`).
+    fn fine_bucket<C: Context>(&self, ctx: &C, trace: &mut Trace) -> u16 {
+        let value = ctx.get(&self.stickiness);
+        trace.key_missing |= value.is_none();
+        let value = value.unwrap_or(Value::Binary(b""));
+        let b = match &self.salt {
+            Some(salt) => phash2::phash2_salted(salt, &value, 10_000),
+            None => phash2::phash2(&value, 10_000),
+        };
+        u16::try_from(b).unwrap_or(u16::MAX)
+    }
+
+    /// The variant an enabled flag serves to `ctx` (weighted rendezvous on
+    /// the fine bucket; see [`super::config::Variants`]). `None` without variants.
+    fn variant_index<C: Context>(&self, ctx: &C, trace: &mut Trace) -> Option<usize> {
+        let v = self.variants()?;
+        if v.positive == 1 {
+            return v.weights.iter().position(|w| *w > 0);
+        }
+        trace.split = true;
+        let bucket = i64::from(self.fine_bucket(ctx, trace));
+        let mut best: Option<(f64, usize)> = None;
+        for (i, (name, w)) in v.names.iter().zip(v.weights.iter()).enumerate() {
+            if *w == 0 {
+                continue;
+            }
+            let h = phash2::hash_salted(name.as_bytes(), &Value::Int(bucket));
+            let u = (f64::from(h) + 0.5) / 4_294_967_296.0;
+            let score = -u.ln() / f64::from(*w);
+            // Ties (practically never) go to the smaller name: independent
+            // of the order variants are listed in.
+            let better = match best {
+                None => true,
+                Some((s, j)) => score < s || (score == s && v.names.get(j).is_some_and(|n| name < n)),
+            };
+            if better {
+                best = Some((score, i));
+            }
+        }
+        best.map(|(_, i)| i)
     }
 
     fn first_failing_condition<C: Context>(&self, ctx: &C) -> Option<(u32, ConditionFailure)> {
@@ -598,10 +928,17 @@ impl Snapshot {
     pub(crate) fn compile(mut input: CompileInput<'_>) -> Snapshot {
         let config = input.config.clone();
         let mut keys = Interner::default();
+        // Ids are positions in config order (what `FlagTable::new` assigns).
+        let ids: BTreeMap<&str, usize> = config.iter().enumerate().map(|(i, (n, _))| (n, i)).collect();
         let flags = FlagTable::new(
             config
                 .iter()
-                .map(|(name, spec)| (bytes(name), CompiledFlag::compile(name, spec, &mut input, &mut keys)))
+                .map(|(name, spec)| {
+                    (
+                        bytes(name),
+                        CompiledFlag::compile(name, spec, &mut input, &mut keys, &ids),
+                    )
+                })
                 .collect(),
         );
         Snapshot {
@@ -629,7 +966,7 @@ impl Snapshot {
     pub fn evaluate_id<C: Context>(&self, id: Option<FlagId>, ctx: &C) -> Evaluation {
         match id.and_then(|id| self.flags.at(id)) {
             Some(flag) => {
-                let e = flag.evaluate(ctx, &*self.clock);
+                let e = flag.evaluate(ctx, &*self.clock, &self.flags);
                 flag.counters.record(e.enabled);
                 e
             }
@@ -678,7 +1015,7 @@ impl Snapshot {
         match id.and_then(|id| self.flags.at(id)) {
             Some(flag) if !flag.external_customs.is_empty() => Deferred::NeedsCustom(&flag.external_customs),
             Some(flag) => {
-                let e = flag.evaluate(ctx, &*self.clock);
+                let e = flag.evaluate(ctx, &*self.clock, &self.flags);
                 flag.counters.record(e.enabled);
                 Deferred::Evaluated(e)
             }
@@ -754,8 +1091,71 @@ impl Snapshot {
             .collect()
     }
 
+    /// Evaluate `name` for `ctx` with OpenFeature-style details: the value
+    /// (the variant's value for a flag with variants), the variant, the
+    /// reason, an error code, the flag's metadata. Counted like
+    /// [`Snapshot::evaluate`]; `details(..).evaluation` equals its result.
+    pub fn details<C: Context>(&self, name: &str, ctx: &C) -> EvaluationDetails {
+        let Some(flag) = self.flags.get(name.as_bytes()) else {
+            self.unknown.record(false);
+            return EvaluationDetails {
+                flag: name.to_owned(),
+                value: None,
+                variant: None,
+                reason: ResolutionReason::Error,
+                error_code: Some(ErrorCode::FlagNotFound),
+                error_message: Some(format!("flag {name:?} is not in the config")),
+                metadata: serde_json::Map::new(),
+                evaluation: Evaluation {
+                    enabled: false,
+                    reason: Reason::UnknownFlag,
+                },
+            };
+        };
+        let spec = self.config.get(name);
+        let mut trace = Trace::default();
+        let reason = flag.evaluate_full(ctx, self.clock.now_unix_ms(), &self.flags, 0, &mut trace);
+        let enabled = matches!(reason, Reason::Enabled);
+        flag.counters.record(enabled);
+        let variant = if enabled {
+            flag.variant_index(ctx, &mut trace)
+        } else {
+            None
+        };
+        let variants = spec.and_then(|s| s.variants.as_ref());
+        let (value, variant) = match (variants, variant) {
+            (Some(vs), Some(i)) => match vs.iter().nth(i) {
+                Some(v) => (Some(v.value.clone()), Some(v.name.clone())),
+                None => (None, None),
+            },
+            (Some(_), None) => (None, None),
+            (None, _) => (Some(serde_json::Value::Bool(enabled)), None),
+        };
+        let targeted = spec.is_some_and(|s| !s.conditions.is_empty() || !s.prerequisites.is_empty());
+        let details = EvaluationDetails {
+            flag: name.to_owned(),
+            value,
+            variant,
+            reason: resolution_reason(reason, trace.split, targeted),
+            error_code: None,
+            error_message: None,
+            metadata: spec.map(|s| s.metadata.clone()).unwrap_or_default(),
+            evaluation: Evaluation { enabled, reason },
+        };
+        if trace.key_missing {
+            let key = spec.map_or(super::config::DEFAULT_STICKINESS, |s| s.stickiness.as_str());
+            return details.with_error(
+                ErrorCode::TargetingKeyMissing,
+                format!(
+                    "the context has no {key:?} (the flag's stickiness key), which its rollout or variant split needs"
+                ),
+            );
+        }
+        details
+    }
+
     /// Each flag's config, what is in force now, override and counters.
-    pub fn details(&self) -> Vec<FlagDetails> {
+    pub fn all_details(&self) -> Vec<FlagDetails> {
         let now = self.clock.now_unix_ms();
         self.config
             .iter()
@@ -766,7 +1166,8 @@ impl Snapshot {
                     name: name.to_owned(),
                     effective_enabled: f.overridden.map_or(rule.enabled, |o| o.enabled),
                     environment_allowed: rule.env_allowed,
-                    rollout_percentage: rule.percentage,
+                    rollout_percentage: f.percentage_at(stage, rule),
+                    rollout_basis_points: f.fine_at(stage),
                     schedule_stage: stage,
                     r#override: f.overridden,
                     counts: f.counters.read(),
@@ -815,7 +1216,9 @@ impl Snapshot {
                     None,
                     format!(
                         "stage [{i}] (since {at}) in force: enabled={}, rollout_percentage={}, environment allowed={}",
-                        rule.enabled, rule.percentage, rule.env_allowed
+                        rule.enabled,
+                        flag.percentage_at(stage, rule),
+                        rule.env_allowed
                     ),
                 );
             }
@@ -863,7 +1266,30 @@ impl Snapshot {
                 (None, None) => "every environment allowed (no environments list)".to_owned(),
             },
         );
-        if rule.percentage == 100 {
+        for (i, q) in spec.prerequisites.iter().enumerate() {
+            self.explain_prerequisite(&format!("prerequisite[{i}]"), q, ctx, now, 0, &mut step);
+        }
+        if let Some(bp) = flag.fine_at(stage) {
+            let value = ctx.get(&flag.stickiness);
+            let shown = match &value {
+                Some(v) => format!("{}={v}", flag.stickiness),
+                None => format!("{} missing: hashing <<>> as the reference does", flag.stickiness),
+            };
+            let bucket = flag.fine_bucket(ctx, &mut Trace::default());
+            let formula = match &spec.salt {
+                Some(s) => format!("phash2({{<<{s:?}>>, Value}}, 10000)"),
+                None => "phash2(Value, 10000)".to_owned(),
+            };
+            let inside = bucket < bp;
+            step(
+                "rollout",
+                Some(inside),
+                format!(
+                    "{shown}; {formula} = {bucket}, {} {bp} basis points",
+                    if inside { "below" } else { "not below" }
+                ),
+            );
+        } else if flag.percentage_at(stage, rule) == 100 {
             step("rollout", Some(true), "rollout_percentage=100: everyone".to_owned());
         } else {
             let value = ctx.get(&flag.stickiness);
@@ -876,14 +1302,15 @@ impl Snapshot {
                 Some(s) => format!("phash2({{<<{s:?}>>, Value}}, 100)"),
                 None => "phash2(Value, 100)".to_owned(),
             };
-            let inside = bucket < rule.percentage;
+            let percentage = flag.percentage_at(stage, rule);
+            let inside = bucket < percentage;
             step(
                 "rollout",
                 Some(inside),
                 format!(
                     "{shown}; {formula} = {bucket}, {} {}%",
                     if inside { "below" } else { "not below" },
-                    rule.percentage
+                    percentage
                 ),
             );
         }
@@ -896,11 +1323,76 @@ impl Snapshot {
             };
             step(&format!("condition[{i}]"), Some(r.is_ok()), detail);
         }
+        if let Some(vs) = &spec.variants {
+            let weights: Vec<String> = vs.iter().map(|v| format!("{}={}", v.name, v.weight)).collect();
+            let detail = if result.enabled {
+                let mut trace = Trace::default();
+                let chosen = flag.variant_index(ctx, &mut trace).and_then(|i| vs.iter().nth(i));
+                match chosen {
+                    Some(v) => format!(
+                        "serves {:?} = {} (weights {}; fine bucket {})",
+                        v.name,
+                        v.value,
+                        weights.join(", "),
+                        flag.fine_bucket(ctx, &mut Trace::default())
+                    ),
+                    None => "no variant".to_owned(),
+                }
+            } else {
+                format!("flag is off: no variant (weights {})", weights.join(", "))
+            };
+            step("variant", None, detail);
+        }
         Explanation {
             flag: name.to_owned(),
             environment: self.environment.to_string(),
             result,
             steps,
+        }
+    }
+
+    /// Steps for one prerequisite and, below it, the parent's own chain.
+    fn explain_prerequisite<C: Context>(
+        &self,
+        check: &str,
+        q: &super::config::Prerequisite,
+        ctx: &C,
+        now: i64,
+        depth: usize,
+        step: &mut impl FnMut(&str, Option<bool>, String),
+    ) {
+        let Some(parent) = self.flags.get(q.flag.as_bytes()) else {
+            step(check, Some(false), format!("{q}: {:?} is not in the config", q.flag));
+            return;
+        };
+        let mut trace = Trace::default();
+        let reason = parent.evaluate_full(ctx, now, &self.flags, depth + 1, &mut trace);
+        let on = matches!(reason, Reason::Enabled);
+        let variant = if on {
+            parent
+                .variant_index(ctx, &mut trace)
+                .and_then(|i| parent.variants()?.names.get(i).map(|n| n.to_string()))
+        } else {
+            None
+        };
+        let met = match &q.requirement {
+            Requirement::On => on,
+            Requirement::Off => !on,
+            Requirement::Variant(v) => variant.as_deref() == Some(v.as_str()),
+        };
+        let state = match (&variant, on) {
+            (Some(v), _) => format!("on, variant {v:?}"),
+            (None, true) => "on".to_owned(),
+            (None, false) => format!("off ({reason})"),
+        };
+        step(check, Some(met), format!("{q}: {:?} is {state}", q.flag));
+        if depth + 1 >= super::config::MAX_PREREQUISITE_DEPTH {
+            return;
+        }
+        if let Some(pspec) = self.config.get(&q.flag) {
+            for (j, pq) in pspec.prerequisites.iter().enumerate() {
+                self.explain_prerequisite(&format!("{check}.prerequisite[{j}]"), pq, ctx, now, depth + 1, step);
+            }
         }
     }
 
@@ -956,6 +1448,9 @@ pub struct FlagDetails {
     pub environment_allowed: bool,
     /// The percentage in force now.
     pub rollout_percentage: u8,
+    /// The basis points in force now, when the rollout is given in them
+    /// (then `rollout_percentage` does not apply).
+    pub rollout_basis_points: Option<u16>,
     /// Index of the schedule stage in force, if any.
     pub schedule_stage: Option<usize>,
     /// The override in force, if any.
@@ -1026,6 +1521,48 @@ mod tests {
             cmp_int(9_007_199_254_740_993, Number::Float(9_007_199_254_740_992.0)),
             Ordering::Greater
         );
+    }
+
+    /// The inlined path (which sends flags with prerequisites or basis
+    /// points to `evaluate_full`) and `evaluate_full` (also behind `details`
+    /// and `explain`) decide alike, stages and real percentages included.
+    #[test]
+    fn the_fast_path_and_the_full_evaluator_agree() {
+        use crate::flags::{Engine, FlagsConfig, ManualClock, MapContext};
+        let config = FlagsConfig::from_json(
+            br#"{"static": {"enabled": true}, "off": {}, "env": {"enabled": true, "environments": ["prod"]},
+                 "roll": {"enabled": true, "rollout_percentage": 30, "salt": "s"},
+                 "roll0": {"enabled": true, "rollout_percentage": 0},
+                 "cond": {"enabled": true, "rollout_percentage": 70, "conditions": [{"user_id": "u-1"},
+                          {"attribute": "n", "op": "gt", "values": [5]}, {"custom": "nobody"}]},
+                 "sched": {"enabled": false, "schedule": [{"at": "2026-01-01", "enabled": true, "rollout_percentage": 40},
+                          {"at": "2026-03-01", "environments": []}]},
+                 "fine": {"enabled": true, "rollout_basis_points": 3000, "conditions": [{"user_id": "u-1"}],
+                          "schedule": [{"at": "2026-01-01", "rollout_percentage": 60}, {"at": "2026-03-01", "rollout_basis_points": 10}]},
+                 "child": {"enabled": true, "rollout_percentage": 80, "prerequisites": [{"flag": "roll"}, {"flag": "cond", "is": "off"}],
+                           "schedule": [{"at": "2026-01-01", "rollout_percentage": 20}]}}"#,
+        )
+        .unwrap();
+        for at in ["2025-12-01T00:00:00Z", "2026-02-01T00:00:00Z", "2026-04-01T00:00:00Z"] {
+            let clock = Arc::new(ManualClock::at_rfc3339(at).unwrap());
+            let engine = Engine::builder()
+                .environment("dev")
+                .clock(clock.clone())
+                .build(config.clone());
+            let snap = engine.snapshot();
+            for i in 0..300 {
+                let mut ctx = MapContext::new().binary("session_id", format!("s-{i}")).int("n", i % 9);
+                if i % 3 == 0 {
+                    ctx = ctx.binary("user_id", "u-1");
+                }
+                for (name, _) in config.iter() {
+                    let f = snap.flags.get(name.as_bytes()).unwrap();
+                    let fast = f.evaluate(&ctx, &*snap.clock, &snap.flags);
+                    let full = f.evaluate_full(&ctx, clock.now_unix_ms(), &snap.flags, 0, &mut Trace::default());
+                    assert_eq!(fast.reason, full, "{name} {at} {i}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -15,6 +15,13 @@ use rustc_hash::FxHasher;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlagId(u32);
 
+impl FlagId {
+    /// The id of the `i`-th entry given to [`FlagTable::new`].
+    pub(crate) fn from_index(i: usize) -> Option<FlagId> {
+        u32::try_from(i).ok().filter(|i| *i != EMPTY).map(FlagId)
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Slot {
     hash: u64,

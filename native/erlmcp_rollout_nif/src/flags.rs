@@ -7,8 +7,8 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use arc_swap::{ArcSwap, Cache};
 use erlmcp_rollout::flags::{
-    phash2, ConditionFailure, ConfigError, Deferred, Engine, EnvOverrides, FlagsConfig, PinnableClock, Problem, Reason,
-    ReloadOutcome, Snapshot, Value,
+    phash2, AuditLog, ConditionFailure, ConfigError, Deferred, Engine, EnvOverrides, ErrorCode, FlagsConfig,
+    PinnableClock, Problem, Reason, ReloadOutcome, Snapshot, Value,
 };
 use erlmcp_rollout::flags::{EtcdFlagsOptions, EtcdWatcher};
 use rustler::{Atom, Encoder, Env, Error, NifResult, OwnedEnv, Term};
@@ -181,10 +181,8 @@ fn reason_atom(reason: Reason) -> Atom {
     }
 }
 
-/// Like `flags_eval/2` with the custom conditions answered:
-/// `Answers :: [{Name :: binary(), boolean()}]`; a name without an answer is false.
-#[rustler::nif]
-fn flags_eval_custom<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>, answers: Term<'a>) -> NifResult<Term<'a>> {
+/// `[{Name :: binary(), boolean()}]` decoded; `badarg` for anything else.
+fn answers_of<'a>(answers: Term<'a>) -> NifResult<Vec<(Vec<u8>, bool)>> {
     // Not `Vec<_>` as the argument type: rustler 0.39's list decoding panics
     // on an improper list; `list_length` refuses one first.
     let mut customs = Vec::with_capacity(answers.list_length()?);
@@ -192,6 +190,14 @@ fn flags_eval_custom<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>, answers: T
         let (n, b): (Term<'a>, bool) = item.decode()?;
         customs.push((name_text(n)?.into_bytes(), b));
     }
+    Ok(customs)
+}
+
+/// Like `flags_eval/2` with the custom conditions answered:
+/// `Answers :: [{Name :: binary(), boolean()}]`; a name without an answer is false.
+#[rustler::nif]
+fn flags_eval_custom<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>, answers: Term<'a>) -> NifResult<Term<'a>> {
+    let customs = answers_of(answers)?;
     let published = PUBLISHED.load();
     let tables = &published.tables;
     let Some(id) = tables.flag_id(&published.snapshot, name)? else {
@@ -210,6 +216,43 @@ fn flags_eval_custom<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>, answers: T
         r => r,
     };
     Ok(reason_atom(reason).encode(env))
+}
+
+/// `[Name :: binary()]`: the custom conditions (of the flag and of its
+/// prerequisites) that `flags_eval_details/3` needs answers for; `[]` for
+/// an unknown flag.
+#[rustler::nif]
+fn flags_custom_names<'a>(env: Env<'a>, name: Term<'a>) -> NifResult<Term<'a>> {
+    let text = name_text(name)?;
+    let published = PUBLISHED.load();
+    let names: Vec<&str> = published
+        .snapshot
+        .unregistered_conditions(text.as_bytes())
+        .iter()
+        .map(|n| &**n)
+        .collect();
+    Ok(names.encode(env))
+}
+
+/// OpenFeature-style evaluation details of one flag (binary keys: `flag`,
+/// `value`, `variant`, `reason`, `error_code`, `error_message`, `metadata`,
+/// `evaluation`), custom conditions answered as in `flags_eval_custom/3`. A
+/// context value the flag reads that is not a binary, atom or integer gives
+/// `reason` `ERROR` with `error_code` `PARSE_ERROR` (not `badarg`).
+#[rustler::nif]
+fn flags_eval_details<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>, answers: Term<'a>) -> NifResult<Term<'a>> {
+    let customs = answers_of(answers)?;
+    let text = name_text(name)?;
+    let published = PUBLISHED.load();
+    let c = MapCtx::new(ctx, &published.tables.key_atoms, &customs)?;
+    let mut d = published.snapshot.details(&text, &c);
+    if c.saw_bad_value() {
+        d = d.with_error(
+            ErrorCode::ParseError,
+            "a context value this flag reads is not a binary, atom or integer",
+        );
+    }
+    Ok(to_term(env, &d))
 }
 
 /// Set the environment and the `ERLMCP_FEATURE_FLAGS` value (`<<>>` = none).
@@ -280,8 +323,9 @@ fn flags_load_file<'a>(env: Env<'a>, path: &str) -> Term<'a> {
     reload_result(env, r)
 }
 
-/// Load a config from JSON text (dirty CPU: a large config takes milliseconds).
-#[rustler::nif(schedule = "DirtyCpu")]
+/// Load a config from JSON text (dirty I/O: a large config takes
+/// milliseconds, and the audit trail, when on, syncs a line).
+#[rustler::nif(schedule = "DirtyIo")]
 fn flags_load_json<'a>(env: Env<'a>, json: rustler::Binary<'a>) -> Term<'a> {
     let _w = writer();
     let r = ENGINE.reload_json(json.as_slice());
@@ -290,22 +334,61 @@ fn flags_load_json<'a>(env: Env<'a>, json: rustler::Binary<'a>) -> Term<'a> {
 }
 
 /// `Value :: true | false | clear`.
-#[rustler::nif(schedule = "DirtyCpu")]
+#[rustler::nif(schedule = "DirtyIo")]
 fn flags_set_override<'a>(env: Env<'a>, name: Term<'a>, value: Atom) -> NifResult<Atom> {
+    set_override(env, name, value, None)
+}
+
+/// `flags_set_override/2` recording `Actor` (a binary) in the audit trail.
+/// Dirty I/O: with the audit trail on, it syncs a line to disk.
+#[rustler::nif(schedule = "DirtyIo")]
+fn flags_set_override_by<'a>(env: Env<'a>, name: Term<'a>, value: Atom, actor: Term<'a>) -> NifResult<Atom> {
+    let actor = name_text(actor)?;
+    set_override(env, name, value, Some(&actor))
+}
+
+fn set_override<'a>(env: Env<'a>, name: Term<'a>, value: Atom, actor: Option<&str>) -> NifResult<Atom> {
     let name = name_text(name)?;
-    let name = name.as_str();
-    let _w = writer();
-    if value == atoms::true_() {
-        ENGINE.enable(name);
+    let value = if value == atoms::true_() {
+        Some(true)
     } else if value == atoms::false_() {
-        ENGINE.disable(name);
+        Some(false)
     } else if value == atoms::clear() {
-        ENGINE.clear(name);
+        None
     } else {
         return Err(Error::BadArg);
-    }
+    };
+    let _w = writer();
+    ENGINE.set_override_by(&name, value, actor);
     publish(env);
     Ok(atoms::ok())
+}
+
+/// `flags_audit({file, Path, Actor}) -> ok | {error, Message}` turns the
+/// audit trail on (appending to `Path`, recording `Actor` for reloads);
+/// `flags_audit(off) -> ok` turns it off.
+#[rustler::nif(schedule = "DirtyIo")]
+fn flags_audit<'a>(env: Env<'a>, spec: Term<'a>) -> NifResult<Term<'a>> {
+    if let Ok(a) = spec.decode::<Atom>() {
+        if a == atoms::off() {
+            ENGINE.set_audit_log(None);
+            return Ok(atoms::ok().encode(env));
+        }
+        return Err(Error::BadArg);
+    }
+    let (tag, path, actor): (Atom, Term<'a>, Term<'a>) = spec.decode()?;
+    if tag != atoms::file() {
+        return Err(Error::BadArg);
+    }
+    let path = crate::term::text(path).ok_or(Error::BadArg)?;
+    let actor = name_text(actor)?;
+    match AuditLog::open(&path, actor) {
+        Ok(log) => {
+            ENGINE.set_audit_log(Some(log));
+            Ok(atoms::ok().encode(env))
+        }
+        Err(e) => Ok((atoms::error(), e.to_string()).encode(env)),
+    }
 }
 
 /// `#{Name :: binary() => boolean()}`: effective `enabled` per flag.
@@ -346,7 +429,7 @@ pub(crate) fn to_term<'a, T: serde::Serialize>(env: Env<'a>, v: &T) -> Term<'a> 
 /// Each flag's config, what is in force, override and counters (binary keys).
 #[rustler::nif(schedule = "DirtyCpu")]
 fn flags_details(env: Env<'_>) -> Term<'_> {
-    to_term(env, &PUBLISHED.load().snapshot.details())
+    to_term(env, &PUBLISHED.load().snapshot.all_details())
 }
 
 /// The full reason chain (binary keys), as `erlmcp-rollout flags explain --json`.

@@ -75,6 +75,8 @@ mod term;
 pub mod atoms {
     rustler::atoms! {
     ok,
+    off,
+    file,
     error,
     unknown,
     custom,

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand};
 use erlmcp_rollout::flags::{
-    batch, matrix, parse_time, plan, unix_ms, Clock, ConfigError, Engine, EnvOverrides, FlagsConfig, ManualClock,
-    MapContext, OwnedValue, Reason, SystemClock, DEFAULT_ENVIRONMENT,
+    audit_diff, batch, matrix, parse_time, plan, unix_ms, AuditError, AuditLog, AuditRecord, ChangeKind, Clock,
+    ConfigError, Engine, EnvOverrides, FlagsConfig, ManualClock, MapContext, OwnedValue, Reason, SystemClock,
+    DEFAULT_ENVIRONMENT,
 };
 use serde_json::json;
 
@@ -31,6 +32,23 @@ pub enum Command {
     /// Validate a config (as `check` does) and publish it to an etcd key; an invalid
     /// config is never published (exit 1, every problem listed).
     Push(PushArgs),
+    /// Show the audit trail (the JSON-lines file of `--audit-log` / `audit_log`).
+    History(HistoryArgs),
+}
+
+#[derive(Args)]
+pub struct HistoryArgs {
+    /// The audit log (JSON lines).
+    file: PathBuf,
+    /// Only changes of this flag (repeatable).
+    #[arg(long = "flag")]
+    flags: Vec<String>,
+    /// Only the last N records (after filtering).
+    #[arg(long, value_name = "N")]
+    last: Option<usize>,
+    /// Machine-readable output (the records as JSON lines).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -46,6 +64,13 @@ pub struct PushArgs {
     /// Give up after this many seconds without an answer.
     #[arg(long, default_value_t = 5)]
     timeout_s: u64,
+    /// Who is pushing, for the audit trail (default: $USER@hostname).
+    #[arg(long)]
+    actor: Option<String>,
+    /// Append the push (actor, key@revision, per-flag diff against the key's previous
+    /// value) to this audit log (JSON lines, synced).
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
@@ -95,6 +120,9 @@ pub struct EvalArgs {
     /// Read JSON lines {"flag": NAME, "context": {...}} on stdin, write results on stdout.
     #[arg(long, conflicts_with_all = ["flag", "ctx", "ctx_int", "ctx_atom"])]
     batch: bool,
+    /// Print OpenFeature-style details (value, variant, reason, error code, metadata).
+    #[arg(long, conflicts_with = "batch")]
+    details: bool,
     #[command(flatten)]
     context: ContextArgs,
 }
@@ -163,7 +191,70 @@ pub fn run(cmd: Command) -> Result<u8> {
         Command::Plan(a) => plan_cmd(a),
         Command::Matrix(a) => matrix_cmd(a),
         Command::Push(a) => push(a),
+        Command::History(a) => history(a),
     }
+}
+
+fn default_actor() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned());
+    format!("{user}@{host}")
+}
+
+fn history(a: HistoryArgs) -> Result<u8> {
+    let records = match AuditLog::read(&a.file) {
+        Ok(r) => r,
+        Err(e @ AuditError::BadLine { .. }) => {
+            eprintln!("{e}");
+            return Ok(exit::INVALID);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut records: Vec<_> = records
+        .into_iter()
+        .filter_map(|mut r| {
+            if !a.flags.is_empty() {
+                r.changes.retain(|c| a.flags.contains(&c.flag));
+                if r.changes.is_empty() {
+                    return None;
+                }
+            }
+            Some(r)
+        })
+        .collect();
+    if let Some(n) = a.last {
+        let skip = records.len().saturating_sub(n);
+        records.drain(..skip);
+    }
+    let mut o = out();
+    for r in &records {
+        if a.json {
+            writeln!(o, "{}", serde_json::to_string(r)?)?;
+            continue;
+        }
+        writeln!(o, "{}  {}  {}", r.time, r.actor, r.source)?;
+        for c in &r.changes {
+            let kind = match c.change {
+                ChangeKind::Added => "added",
+                ChangeKind::Removed => "removed",
+                ChangeKind::Changed => "changed",
+                ChangeKind::Override => "override",
+            };
+            let fields: Vec<String> = c
+                .fields
+                .iter()
+                .map(|(k, d)| format!("{k}: {} -> {}", d.before, d.after))
+                .collect();
+            match c.change {
+                ChangeKind::Added | ChangeKind::Removed => writeln!(o, "  {:<24} {kind}", c.flag)?,
+                _ => writeln!(o, "  {:<24} {kind:<8} {}", c.flag, fields.join("; "))?,
+            }
+        }
+    }
+    o.flush()?;
+    Ok(exit::OK)
 }
 
 fn push(a: PushArgs) -> Result<u8> {
@@ -171,7 +262,28 @@ fn push(a: PushArgs) -> Result<u8> {
     let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let timeout = std::time::Duration::from_secs(a.timeout_s.max(1));
     let mut o = out();
-    match push_flags(&a.etcd, &a.key, &bytes, timeout) {
+    let audit = match &a.audit_log {
+        Some(path) => Some(AuditLog::open(path, a.actor.clone().unwrap_or_else(default_actor))?),
+        None => None,
+    };
+    let result = push_flags(&a.etcd, &a.key, &bytes, timeout);
+    if let (Some(log), Ok(p)) = (&audit, &result) {
+        if p.changed {
+            let previous = p
+                .previous
+                .as_deref()
+                .and_then(|b| FlagsConfig::from_json(b).ok())
+                .unwrap_or_default();
+            let new = FlagsConfig::from_json(&bytes)?;
+            log.append(&AuditRecord::now(
+                log.actor(),
+                format!("push:{}@{}", a.key, p.revision),
+                audit_diff(&previous, &new),
+            ))
+            .context("the push is published, but its audit line could not be written")?;
+        }
+    }
+    match result {
         Ok(p) if a.json => writeln!(
             o,
             "{}",
@@ -321,6 +433,26 @@ fn eval(a: EvalArgs) -> Result<u8> {
     }
     let flag = a.flag.as_deref().unwrap_or_default();
     let ctx = context(c)?;
+    if a.details {
+        let d = engine.details(flag, &ctx);
+        let mut o = out();
+        if c.json {
+            writeln!(o, "{}", serde_json::to_string(&d)?)?;
+        } else {
+            let value = d.value.as_ref().map_or("(none)".to_owned(), ToString::to_string);
+            write!(o, "{flag}: value {value}")?;
+            if let Some(v) = &d.variant {
+                write!(o, ", variant {v:?}")?;
+            }
+            write!(o, ", reason {}", d.reason.as_str())?;
+            if let (Some(code), Some(msg)) = (d.error_code, &d.error_message) {
+                write!(o, " ({}: {msg})", code.as_str())?;
+            }
+            writeln!(o, "; enabled={} ({})", d.evaluation.enabled, d.evaluation.reason)?;
+        }
+        o.flush()?;
+        return Ok(exit::OK);
+    }
     let e = engine.evaluate(flag, &ctx);
     let mut o = out();
     if c.json {
