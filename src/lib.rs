@@ -46,8 +46,11 @@
 //! ```
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod clock;
 #[cfg(feature = "deploy")]
 pub mod deploy;
 pub mod flags;
+pub(crate) mod json;
 pub mod migrate;
 pub mod session;
+pub(crate) mod time_text;

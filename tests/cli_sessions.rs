@@ -388,7 +388,7 @@ fn phase_show_set_advance_rollback_with_gates() {
     assert_eq!(json(&o)["phase"], "phase2");
     let o = mv("rollback");
     assert_eq!((o.status.code(), json(&o)["phase"].as_str()), (Some(0), Some("phase1")));
-    let o = run(&["sessions", "phase", "set", "cleanup", "--state", state_s]);
+    let o = run(&["sessions", "phase", "force", "cleanup", "--state", state_s]);
     assert_eq!(o.status.code(), Some(0));
     let o = mv("rollback");
     assert_eq!(o.status.code(), Some(15));
@@ -396,8 +396,8 @@ fn phase_show_set_advance_rollback_with_gates() {
     let o = run(&["sessions", "phase", "show", "--state", state_s]);
     let out = stdout(&o);
     assert!(out.starts_with("phase: cleanup\nreverse outbox: off\n"), "{out}");
-    assert!(out.contains("phase1 -> cleanup (set)"), "{out}");
-    let o = run(&["sessions", "phase", "set", "phase9", "--state", state_s]);
+    assert!(out.contains("phase1 -> cleanup (force)"), "{out}");
+    let o = run(&["sessions", "phase", "force", "phase9", "--state", state_s]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("unknown phase \"phase9\""), "{}", stderr(&o));
 }

@@ -118,6 +118,42 @@ fn gates_refuse_with_reasons_and_rollbacks_are_allowed() {
 }
 
 #[test]
+fn step_to_moves_through_every_gate_and_stops_at_the_first_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, s) = (memory(), memory());
+    let config = MigratorConfig {
+        advance_gate: Some(Arc::new(|from, to| {
+            if to == Phase::Phase3 {
+                Err(GateRefusal::NotAllowed {
+                    from,
+                    to,
+                    reason: "held by the test".into(),
+                }
+                .into())
+            } else {
+                Ok(())
+            }
+        })),
+        ..MigratorConfig::default()
+    };
+    let m = open(dir.path(), p, s, config);
+    assert_eq!(m.step_to(Phase::Phase2, SECS).unwrap(), Phase::Phase2);
+    // Phase 3 is refused: the move stops at phase 2, saved, and says why.
+    let err = m.step_to(Phase::Cleanup, SECS).unwrap_err();
+    assert!(err.to_string().contains("held by the test"), "{err}");
+    assert_eq!(m.phase(), Phase::Phase2);
+    assert_eq!(m.step_to(Phase::Off, SECS).unwrap(), Phase::Off);
+    let saved = FilePhaseStore::new(dir.path().join("phase.json"))
+        .load()
+        .unwrap()
+        .unwrap();
+    let hows: Vec<&str> = saved.history.iter().map(|c| c.how.as_str()).collect();
+    // One history entry per gated step, never a forced jump.
+    assert_eq!(hows, ["advance", "advance", "rollback", "rollback"]);
+    assert_eq!(m.step_to(Phase::Off, SECS).unwrap(), Phase::Off);
+}
+
+#[test]
 fn an_undrainable_outbox_blocks_the_gate_and_names_the_depth() {
     let dir = tempfile::tempdir().unwrap();
     let faulty = Faulty::new(memory());

@@ -459,7 +459,8 @@ fn cli_phase_commands_on_an_etcd_state() {
     assert!(out.contains("node b: applies off (lagging)"), "{out}");
     let o = cli(&["sessions", "phase", "show", "--state", &state, "--json"]);
     assert_eq!(cli_json(&o)["acks"], serde_json::json!({"b": "off"}));
-    // set forces a phase; a file-only flag combination is refused.
+    // force sets a phase past the gates (here by its old name `set`, which scripts may
+    // still use); a file-only flag combination is refused.
     let o = cli(&["sessions", "phase", "set", "off", "--state", &state, "--json"]);
     assert_eq!(
         (o.status.code(), cli_json(&o)["phase"].as_str()),

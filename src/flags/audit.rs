@@ -61,10 +61,10 @@ pub struct AuditRecord {
 impl AuditRecord {
     /// A record of `changes` made now by `actor` from `source`.
     pub fn now(actor: impl Into<String>, source: impl Into<String>, changes: Vec<FlagChange>) -> AuditRecord {
-        use super::clock::Clock as _;
+        use crate::clock::Clock as _;
         AuditRecord {
             format: AUDIT_FORMAT,
-            time: format_ms(super::clock::SystemClock.now_unix_ms()),
+            time: format_ms(crate::clock::SystemClock.now_unix_ms()),
             actor: actor.into(),
             source: source.into(),
             changes,

@@ -11,9 +11,9 @@ use std::io::{self, BufRead, Write};
 
 use serde::Serialize;
 
-use super::json::{self, Kind, Node};
 use super::snapshot::Snapshot;
 use super::value::{MapContext, OwnedValue};
+use crate::json::{self, Kind, Node};
 
 /// Counts of one batch run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

@@ -21,13 +21,13 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use super::audit::{audit_diff, override_change, AuditLog, FlagChange};
-use super::clock::{Clock, SystemClock};
 use super::config::{ConfigError, FlagsConfig};
 use super::details::EvaluationDetails;
 use super::metrics::{Counts, FlagCounters, Metrics};
 use super::overrides::{EnvOverrides, Overrides};
 use super::snapshot::{CompileInput, CustomPredicate, Evaluation, Explanation, FlagDetails, Snapshot};
 use super::value::Context;
+use crate::clock::{Clock, SystemClock};
 
 /// The environment used when none is given, as in the reference.
 pub const DEFAULT_ENVIRONMENT: &str = "dev";

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::clock::Clock;
 use super::config::FlagsConfig;
 use super::engine::{Engine, DEFAULT_ENVIRONMENT};
+use crate::clock::Clock;
 
 /// One flag's state in each environment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

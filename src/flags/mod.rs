@@ -15,13 +15,11 @@
 
 mod audit;
 pub mod batch;
-mod clock;
 mod config;
 mod details;
 mod engine;
 #[cfg(feature = "etcd")]
 pub(crate) mod etcd;
-pub(crate) mod json;
 mod listing;
 pub mod matrix;
 mod metrics;
@@ -34,8 +32,9 @@ mod snapshot;
 mod table;
 mod value;
 
+pub use crate::clock::{unix_ms, Clock, ManualClock, PinnableClock, SystemClock};
+pub use crate::json::{Pos, SyntaxError};
 pub use audit::{audit_diff, AuditError, AuditLog, AuditRecord, ChangeKind, FieldDiff, FlagChange, AUDIT_FORMAT};
-pub use clock::{unix_ms, Clock, ManualClock, PinnableClock, SystemClock};
 pub use config::{
     format_time, parse_time, value_kind, BasisPoints, Condition, ConfigError, FlagSpec, FlagsConfig, Literal, Number,
     Operator, Percentage, Prerequisite, Problem, Requirement, Schedule, Stage, Variant, Variants, DEFAULT_STICKINESS,
@@ -52,7 +51,6 @@ pub use etcd::{
     push_flags, push_flags_guarded, read_flags, EtcdFlagsOptions, EtcdWatchStatus, EtcdWatcher, PushError, PushOutcome,
     DEFAULT_FLAGS_KEY,
 };
-pub use json::{Pos, SyntaxError};
 pub use listing::{environments_named, state_table, FlagStateRow};
 pub use metrics::{Counts, Metrics};
 #[cfg(feature = "openfeature")]

@@ -151,8 +151,8 @@ pub fn atom_hash(name: &str) -> u32 {
 }
 
 /// Mix one term into the running hash `h` (one step of `make_hash2`'s loop).
-/// Inlined into the caller that built the `Value`: called out of line, the
-/// value went through memory and reading its tag back stalled (perf).
+/// Must stay inlined into the caller that built the `Value`, so the value and
+/// its tag stay in registers (BENCHMARKS.md, issue 3).
 #[inline(always)]
 fn mix_term(h: u32, term: &Value<'_>) -> u32 {
     match *term {
@@ -246,9 +246,8 @@ fn block_hash(bytes: &[u8], length: u32, initval: u32) -> u32 {
         }
     }
     // The last 0..=11 bytes, zero-padded; the low byte of `c` is reserved
-    // for the length. Assembled in registers: copying the tail into a
-    // buffer (a `memcpy` call) and reading it back as words stalled store
-    // forwarding, the largest cost of hashing a short binary.
+    // for the length. The words are assembled in registers from the bytes,
+    // never copied into a buffer and read back (BENCHMARKS.md, issue 3).
     let byte = |i: usize, shift: u32| tail.get(i).map_or(0, |&b| u32::from(b) << shift);
     let word = |at: usize| byte(at, 0) | byte(at + 1, 8) | byte(at + 2, 16) | byte(at + 3, 24);
     c = c.wrapping_add(length);

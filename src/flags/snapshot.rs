@@ -17,7 +17,6 @@ use std::sync::Arc;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
-use super::clock::{unix_ms, Clock};
 use super::config::{Condition, FlagSpec, FlagsConfig, Literal, Number, Operator, Requirement};
 use super::details::{resolution_reason, ErrorCode, EvaluationDetails, ResolutionReason};
 use super::metrics::FlagCounters;
@@ -25,6 +24,7 @@ use super::overrides::{Override, Overrides};
 use super::phash2;
 use super::table::{same_bytes, FlagId, FlagTable};
 use super::value::{Context, Value};
+use crate::clock::{unix_ms, Clock};
 
 /// A predicate registered for `{"custom": NAME}` conditions.
 pub type CustomPredicate = Arc<dyn Fn(&dyn Context) -> bool + Send + Sync>;
@@ -530,9 +530,9 @@ impl CompiledFlag {
         }
     }
 
-    /// The rule in force at `now_ms` and the index of its stage, by
-    /// reference: a copy of the 3-byte `Rule` written field by field and
-    /// read back whole stalled store forwarding on the hot path.
+    /// The rule in force at `now_ms` and the index of its stage. Returns a
+    /// reference, never a copy: the hot path must not write a `Rule` to
+    /// memory field by field and read it back whole (BENCHMARKS.md, issue 3).
     #[inline(always)]
     fn rule_at(&self, now_ms: i64) -> (&Rule, Option<usize>) {
         let n = self.stages.partition_point(|(at, _)| *at <= now_ms);
@@ -555,9 +555,9 @@ impl CompiledFlag {
         }
     }
 
-    // Inlined with the hash below it: called out of line, the `Value` it
-    // builds went through memory to `phash2` and reading its tag back
-    // stalled (perf; 3-4 ns of a rollout flag through the NIF).
+    // Must stay inlined together with the hash: the `Value` it builds is
+    // consumed in registers, never passed to `phash2` through memory
+    // (BENCHMARKS.md, issue 3: the rollout path).
     #[inline(always)]
     fn bucket<C: Context>(&self, ctx: &C) -> u8 {
         let value = ctx.get(&self.stickiness).unwrap_or(Value::Binary(b""));
@@ -569,9 +569,9 @@ impl CompiledFlag {
         u8::try_from(b).unwrap_or(u8::MAX)
     }
 
-    // Always inlined: returned through memory, the `Evaluation` written
-    // field by field and read back whole stalled store forwarding (perf:
-    // the largest single cost of a static flag through the NIF).
+    // Must stay inlined: the `Evaluation` is built in the caller's
+    // registers, never returned through memory (BENCHMARKS.md, issue 3:
+    // the static path).
     #[inline(always)]
     fn evaluate<C: Context>(&self, ctx: &C, clock: &dyn Clock, flags: &FlagTable<CompiledFlag>) -> Evaluation {
         let rule = self.rule(clock);
@@ -799,9 +799,9 @@ fn check<C: Context>(c: &Cond, ctx: &C) -> Result<(), ConditionFailure> {
             None => ctx.custom(name).map_or(Err(Unregistered), ok),
         };
     }
-    // The most common condition on its own path: matching the value where
-    // it is made keeps it in registers (spilled and copied byte-wise for the
-    // general match below, it stalled store forwarding).
+    // The most common condition on its own path: the value is matched where
+    // it is made, so it stays in registers (the general match below spills
+    // it; BENCHMARKS.md, issue 3: the condition path).
     if let Cond::Equals {
         attribute,
         value: expected,

@@ -802,6 +802,47 @@ impl Migrator {
         Ok(to)
     }
 
+    /// Steps to `want` one gated phase at a time: [`Migrator::advance`] while behind it,
+    /// [`Migrator::rollback`] while ahead, each step with its own `step_timeout`. Every
+    /// step is saved as it completes, so a refused step leaves the migration at the
+    /// last phase reached (the error says which gate, from where). This is the gated
+    /// move of erlmcp's `step_to/2`; forcing a phase past the gates is the CLI's
+    /// `sessions phase force`, a different verb on purpose.
+    ///
+    /// # Errors
+    /// The first step's error, as [`Migrator::advance`] / [`Migrator::rollback`].
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::{sync::Arc, time::Duration};
+    /// # use erlmcp_rollout::migrate::{dual::{Migrator, MigratorConfig}, outbox::Outbox, phase::{FilePhaseStore, Phase}};
+    /// # use erlmcp_rollout::session::{MemoryStore, StoreOptions};
+    /// # let dir = tempfile::tempdir()?;
+    /// let m = Migrator::open(
+    ///     Arc::new(MemoryStore::new(StoreOptions::default())),
+    ///     Arc::new(MemoryStore::new(StoreOptions::default())),
+    ///     Outbox::open(dir.path().join("outbox.redb"))?,
+    ///     Box::new(FilePhaseStore::new(dir.path().join("phase.json"))),
+    ///     MigratorConfig::default(),
+    /// )?;
+    /// assert_eq!(m.step_to(Phase::Phase2, Duration::from_secs(5))?, Phase::Phase2);
+    /// assert_eq!(m.step_to(Phase::Off, Duration::from_secs(5))?, Phase::Off);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn step_to(&self, want: Phase, step_timeout: Duration) -> Result<Phase, MigrateError> {
+        loop {
+            let now = self.phase();
+            if now == want {
+                return Ok(now);
+            }
+            if now < want {
+                self.advance(step_timeout)?;
+            } else {
+                self.rollback(step_timeout)?;
+            }
+        }
+    }
+
     /// Turns the phase 3 reverse outbox on or off (saved). It can be turned on only
     /// before phase 3 (turned on later, the primary would lack the earlier phase 3 writes).
     ///

@@ -43,7 +43,7 @@ pub mod uri;
 
 use std::sync::Arc;
 
-pub use crate::flags::{Clock, ManualClock, PinnableClock, SystemClock};
+pub use crate::clock::{Clock, ManualClock, PinnableClock, SystemClock};
 #[cfg(feature = "disk")]
 pub use disk::DiskStore;
 #[cfg(feature = "etcd")]

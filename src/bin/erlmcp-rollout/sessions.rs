@@ -130,9 +130,10 @@ pub enum PhaseCommand {
     /// Print the phase, the reverse-outbox setting and the history.
     #[command(after_help = MIGRATE_EXIT_CODES)]
     Show(PhaseShowArgs),
-    /// Force a phase, bypassing the gates (recorded as "set" in the history).
-    #[command(after_help = MIGRATE_EXIT_CODES)]
-    Set(PhaseSetArgs),
+    /// Force a phase, bypassing the gates (recorded as "force" in the history). The gated
+    /// move is `advance`/`rollback` here and `step_to/2` in Erlang. `set` is the old name.
+    #[command(after_help = MIGRATE_EXIT_CODES, alias = "set")]
+    Force(PhaseForceArgs),
     /// Move one phase forward if the gates pass: outbox drained, stores verified.
     #[command(after_help = MIGRATE_EXIT_CODES)]
     Advance(PhaseMoveArgs),
@@ -152,7 +153,7 @@ pub struct PhaseShowArgs {
 }
 
 #[derive(Args)]
-pub struct PhaseSetArgs {
+pub struct PhaseForceArgs {
     /// off, phase1, phase2, phase3 or cleanup.
     phase: Phase,
     /// The phase file (created if absent), or etcd:HOST:PORT,...[/PREFIX].
@@ -264,7 +265,7 @@ pub fn run(cmd: Command) -> Result<u8> {
         Command::Migrate(a) => migrate(a),
         Command::Verify(a) => verify_cmd(a),
         Command::Phase(PhaseCommand::Show(a)) => phase_show(a),
-        Command::Phase(PhaseCommand::Set(a)) => phase_set(a),
+        Command::Phase(PhaseCommand::Force(a)) => phase_force(a),
         Command::Phase(PhaseCommand::Advance(a)) => phase_move(a, true),
         Command::Phase(PhaseCommand::Rollback(a)) => phase_move(a, false),
     }
@@ -680,11 +681,11 @@ fn phase_show(a: PhaseShowArgs) -> Result<u8> {
     Ok(exit::OK)
 }
 
-fn phase_set(a: PhaseSetArgs) -> Result<u8> {
+fn phase_force(a: PhaseForceArgs) -> Result<u8> {
     let (store, _) = open_phases(&a.state)?;
     let mut state = store.load()?.unwrap_or_else(|| PhaseState::new(Phase::Off));
     if state.phase != a.phase {
-        state.record(a.phase, SystemClock.now_unix_ms(), "set");
+        state.record(a.phase, SystemClock.now_unix_ms(), "force");
     }
     if let Some(r) = a.reverse_outbox {
         state.reverse_outbox = r;

@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use crate::deploy::canary::Thresholds;
 use crate::deploy::plan::{Ramp, RampStage};
-use crate::flags::json::{self, Kind, Node};
+use crate::json::{self, Kind, Node};
 
 /// A problem in a plan file.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -16,8 +16,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::flags::json::{self, Kind, Node, Pos};
 use crate::flags::{FlagSpec, FlagsConfig};
+use crate::json::{self, Kind, Node, Pos};
 
 /// The version of the config a publish is based on: an etcd `mod_revision`, or
 /// a 64-bit SipHash of a file's bytes.

@@ -43,12 +43,12 @@ impl ManualClock {
         ManualClock(Arc::new(AtomicI64::new(unix_ms)))
     }
 
-    /// A clock showing an RFC 3339 time or a date (see [`super::parse_time`]).
+    /// A clock showing an RFC 3339 time or a date (see [`crate::flags::parse_time`]).
     ///
     /// # Errors
     /// The text is not a time.
     pub fn at_rfc3339(text: &str) -> Result<Self, String> {
-        super::config::parse_time(text).map(|t| ManualClock::new(unix_ms(t)))
+        crate::time_text::parse_time(text).map(|t| ManualClock::new(unix_ms(t)))
     }
 
     /// Set the time.
