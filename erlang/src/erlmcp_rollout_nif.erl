@@ -171,7 +171,7 @@ session_apply_batch(_Handle, _Tag, _Records) -> ?NOT_LOADED.
 session_get_many(_Handle, _Tag, _Ids) -> ?NOT_LOADED.
 
 -spec session_migration(store_handle(), Tag :: reference(),
-                        Action :: advance | rollback | drain | {set, atom()}, TimeoutMs :: non_neg_integer()) ->
+                        Action :: advance | rollback | drain | {step_to, atom()} | {set, atom()}, TimeoutMs :: non_neg_integer()) ->
     async | {error, {invalid, binary()}}.
 session_migration(_Handle, _Tag, _Action, _TimeoutMs) -> ?NOT_LOADED.
 

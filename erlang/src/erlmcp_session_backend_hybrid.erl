@@ -19,7 +19,7 @@
 %% one phase at a time, and a step forward passes only with the outbox
 %% drained and the stores verified equal (otherwise init returns
 %% `{error, {gate, Why}}' and nothing changes). Going back is always allowed.
-%% `advance/1', `rollback/1', `set_phase/2', `drain/2' and `status/1' do
+%% `advance/1', `rollback/1', `step_to/2', `drain/2' and `status/1' do
 %% the same at run time. `state_dir' identifies the migration: every init
 %% naming it in this VM shares one migrator and relay.
 %%
@@ -54,7 +54,7 @@
 -module(erlmcp_session_backend_hybrid).
 
 -export([init/1, store/3, fetch/2, delete/2, list/1, cleanup_expired/1]).
--export([advance/1, rollback/1, set_phase/2, drain/2, status/1, import_legacy/3]).
+-export([advance/1, rollback/1, step_to/2, set_phase/2, drain/2, status/1, import_legacy/3]).
 
 -define(STEP_TIMEOUT, 30000).
 
@@ -250,9 +250,16 @@ advance(S) -> phase_result(erlmcp_session_native:migration(advance, ?STEP_TIMEOU
 -spec rollback(state()) -> {ok, atom()} | {error, term()}.
 rollback(S) -> phase_result(erlmcp_session_native:migration(rollback, ?STEP_TIMEOUT, native(S))).
 
-%% @doc Step (gated) to `Phase'.
+%% @doc Steps to `Phase' one gated phase at a time (`advance/1' or
+%% `rollback/1' per step, each saved); a refused step stops there with the
+%% gate's reason. Forcing a phase past the gates is an operator's act:
+%% `erlmcp-rollout sessions phase force'.
+-spec step_to(off | phase1 | phase2 | phase3 | cleanup, state()) -> {ok, atom()} | {error, term()}.
+step_to(Phase, S) -> phase_result(erlmcp_session_native:migration({step_to, Phase}, ?STEP_TIMEOUT, native(S))).
+
+%% @doc The old name of `step_to/2' (gated as well), kept for callers.
 -spec set_phase(off | phase1 | phase2 | phase3 | cleanup, state()) -> {ok, atom()} | {error, term()}.
-set_phase(Phase, S) -> phase_result(erlmcp_session_native:migration({set, Phase}, ?STEP_TIMEOUT, native(S))).
+set_phase(Phase, S) -> step_to(Phase, S).
 
 %% @doc Wait until the outbox is empty (at most `TimeoutMs'); returns how many intents moved.
 -spec drain(non_neg_integer(), state()) -> {ok, non_neg_integer()} | {error, term()}.

@@ -177,7 +177,7 @@ stored(Id, #native{handle = H, kind = Kind}) ->
     ?AWAIT(Tag, erlmcp_rollout_nif:session_get(H, Tag, Id)).
 
 %% @doc A migration step of a hybrid store (see `erlmcp_session_backend_hybrid').
--spec migration(advance | rollback | drain | {set, atom()}, non_neg_integer(), state()) ->
+-spec migration(advance | rollback | drain | {step_to, atom()} | {set, atom()}, non_neg_integer(), state()) ->
     {ok, atom() | non_neg_integer()} | {error, term()}.
 migration(Action, TimeoutMs, #native{handle = H}) ->
     Tag = make_ref(),

@@ -136,8 +136,12 @@ memory_to_disk(Config) ->
                                                    migration_phase => phase1,
                                                    state_dir => filename:join(Dir, "state")}),
     [{ok, H} = erlmcp_session_backend_hybrid:store(Id, session(Id, 7), H) || Id <- ids(100)],
-    ?assertEqual({ok, phase2}, erlmcp_session_backend_hybrid:set_phase(phase2, H)),
-    [{ok, #{metadata := #{n := 7}}, H} = erlmcp_session_backend_hybrid:fetch(Id, H) || Id <- ids(100)].
+    ?assertEqual({ok, phase2}, erlmcp_session_backend_hybrid:step_to(phase2, H)),
+    [{ok, #{metadata := #{n := 7}}, H} = erlmcp_session_backend_hybrid:fetch(Id, H) || Id <- ids(100)],
+    %% The old name is the same gated move; an unknown phase is a clear error.
+    ?assertEqual({ok, off}, erlmcp_session_backend_hybrid:set_phase(off, H)),
+    ?assertEqual({ok, phase2}, erlmcp_session_backend_hybrid:step_to(phase2, H)),
+    ?assertMatch({error, {invalid, _}}, erlmcp_session_backend_hybrid:step_to(phase9, H)).
 
 bad_options(Config) ->
     Dir = ?config(dir, Config),

@@ -702,7 +702,7 @@ fn open_hybrid<'a>(env: Env<'a>, primary: Term<'a>, secondary: Term<'a>, opts: T
     };
     drop(registry);
     if let Some(want) = want_phase {
-        if let Err(e) = move_to(&hybrid.migrator, want) {
+        if let Err(e) = hybrid.migrator.step_to(want, STEP_TIMEOUT) {
             return (atoms::error(), migrate_error_term(env, &e)).encode(env);
         }
     }
@@ -717,21 +717,6 @@ fn open_hybrid<'a>(env: Env<'a>, primary: Term<'a>, secondary: Term<'a>, opts: T
 /// How long each gated step may wait for the outbox to drain.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Steps (gated) from the saved phase to `want`.
-fn move_to(m: &Migrator, want: Phase) -> Result<Phase, MigrateError> {
-    loop {
-        let now = m.phase();
-        if now == want {
-            return Ok(now);
-        }
-        if now < want {
-            m.advance(STEP_TIMEOUT)?;
-        } else {
-            m.rollback(STEP_TIMEOUT)?;
-        }
-    }
-}
-
 fn hybrid_of(handle: &StoreHandle) -> Result<&Arc<Hybrid>, String> {
     handle
         .hybrid
@@ -740,8 +725,9 @@ fn hybrid_of(handle: &StoreHandle) -> Result<&Arc<Hybrid>, String> {
 }
 
 /// `session_migration(Handle, Tag, Action, TimeoutMs)`, Action `advance |
-/// rollback | drain | {set, Phase}`: always on a worker. Replies `{ok,
-/// Phase}` (advance, rollback, set), `{ok, Moved}` (drain) or `{error,
+/// rollback | drain | {step_to, Phase}` (`{set, Phase}` is the old name of
+/// `step_to`, still accepted): always on a worker. Replies `{ok, Phase}`
+/// (advance, rollback, step_to), `{ok, Moved}` (drain) or `{error,
 /// {gate | unavailable | migration, Message}}`.
 #[rustler::nif]
 fn session_migration<'a>(
@@ -760,27 +746,28 @@ fn session_migration<'a>(
         Advance,
         Rollback,
         Drain,
-        Set(Phase),
+        StepTo(Phase),
     }
     let act = if let Ok(a) = action.decode::<Atom>() {
         match a.to_term(env).atom_to_string().as_deref() {
             Ok("advance") => Action::Advance,
             Ok("rollback") => Action::Rollback,
             Ok("drain") => Action::Drain,
-            _ => return invalid(env, "action must be advance, rollback, drain or {set, Phase}"),
+            _ => return invalid(env, "action must be advance, rollback, drain or {step_to, Phase}"),
         }
     } else {
-        match pair(action).and_then(|[t, p]| (t.atom_to_string().ok()? == "set").then_some(p)) {
+        let verb = |t: Term<'_>| matches!(t.atom_to_string().as_deref(), Ok("step_to" | "set"));
+        match pair(action).and_then(|[t, p]| verb(t).then_some(p)) {
             Some(p) => match decode_phase(p) {
-                Some(p) => Action::Set(p),
+                Some(p) => Action::StepTo(p),
                 None => {
                     return invalid(
                         env,
-                        "{set, Phase}: Phase must be off, phase1, phase2, phase3 or cleanup",
+                        "{step_to, Phase}: Phase must be off, phase1, phase2, phase3 or cleanup",
                     )
                 }
             },
-            None => return invalid(env, "action must be advance, rollback, drain or {set, Phase}"),
+            None => return invalid(env, "action must be advance, rollback, drain or {step_to, Phase}"),
         }
     };
     let pid: LocalPid = env.pid();
@@ -791,7 +778,7 @@ fn session_migration<'a>(
         let result: Result<Result<Phase, usize>, MigrateError> = match act {
             Action::Advance => m.advance(timeout).map(Ok),
             Action::Rollback => m.rollback(timeout).map(Ok),
-            Action::Set(p) => move_to(m, p).map(Ok),
+            Action::StepTo(p) => m.step_to(p, STEP_TIMEOUT).map(Ok),
             Action::Drain => m.drain(timeout).map(Err),
         };
         let _ = owned.send_and_clear(&pid, |env| {
