@@ -366,7 +366,14 @@ fn bench_disk_writes_cpu(c: &mut Criterion) {
     let prepared: Vec<Session> = ids.iter().map(session).collect();
     let mut g = c.benchmark_group("disk_writes_in_memory");
     g.throughput(Throughput::Elements(1));
-    let store = DiskStore::with_backend(redb::backends::InMemoryBackend::new(), StoreOptions::default()).unwrap();
+    let memory = redb::backends::InMemoryBackend::new;
+    let store = DiskStore::with_backends(
+        memory(),
+        [memory(), memory()],
+        StoreOptions::default(),
+        Default::default(),
+    )
+    .unwrap();
     let db = redb::Database::builder()
         .create_with_backend(redb::backends::InMemoryBackend::new())
         .unwrap();
