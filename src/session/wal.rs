@@ -23,7 +23,7 @@
 //! | offset | size | field |
 //! |---:|---:|---|
 //! | 0 | 4 | frame magic `WALF` |
-//! | 4 | 4 | CRC-32 (IEEE) of bytes 0..4 and 8..16 + `body_len` (everything but this field) |
+//! | 4 | 4 | CRC-32 (IEEE) over the magic, `body_len` and the body (everything but this field) |
 //! | 8 | 8 | `body_len` (u64) |
 //! | 16 | `body_len` | body |
 //!
