@@ -267,7 +267,9 @@ impl OneCommitPerWrite {
         {
             let mut table = txn.open_table(SESSIONS).unwrap();
             for s in records {
-                table.insert(s.id.as_bytes(), codec::encode(s).unwrap().as_slice()).unwrap();
+                table
+                    .insert(s.id.as_bytes(), codec::encode(s).unwrap().as_slice())
+                    .unwrap();
             }
         }
         txn.commit().unwrap();
@@ -276,11 +278,14 @@ impl OneCommitPerWrite {
     /// `DiskStore::get` before the write-ahead log: one read transaction, get, decode,
     /// liveness at the system clock's now.
     fn get(&self, id: &SessionId) -> Option<Session> {
-        use redb::{ReadableDatabase, ReadableTable};
+        use redb::ReadableDatabase;
         let now = SystemClock.now_unix_ms();
         let txn = self.0.begin_read().unwrap();
         let table = txn.open_table(SESSIONS).unwrap();
-        let s = table.get(id.as_bytes()).unwrap().map(|v| codec::decode_keyed(id, v.value()).unwrap());
+        let s = table
+            .get(id.as_bytes())
+            .unwrap()
+            .map(|v| codec::decode_keyed(id, v.value()).unwrap());
         s.filter(|s| s.is_live(now))
     }
 
@@ -412,7 +417,10 @@ fn bench_disk_writes(c: &mut Criterion) {
     let baseline = OneCommitPerWrite(redb::Database::create(dir.path().join("paired-baseline.redb")).unwrap());
     paired(&mut g, "disk_writes/paired_1_thread", &prepared, &store, &baseline);
     g.finish();
-    if rows.iter().all(|(_, group, bare)| group.0.get().0 > 0 && bare.0.get().0 > 0) {
+    if rows
+        .iter()
+        .all(|(_, group, bare)| group.0.get().0 > 0 && bare.0.get().0 > 0)
+    {
         println!("\ndisk_writes: durable writes (DiskStore::put) per bare fdatasync, same run");
         println!("| writers | durable writes/s | bare fdatasyncs/s (512-byte append) | writes per bare fdatasync |");
         println!("|---:|---:|---:|---:|");
@@ -460,7 +468,10 @@ fn bench_disk_reopen(c: &mut Criterion) {
             .iter()
             .map(|p| std::fs::metadata(p).unwrap().len())
             .sum();
-        println!("disk_reopen: {RECORDS} records in {:.1} MB of log", log_bytes as f64 / 1e6);
+        println!(
+            "disk_reopen: {RECORDS} records in {:.1} MB of log",
+            log_bytes as f64 / 1e6
+        );
     };
     let mut g = c.benchmark_group("disk_reopen");
     g.sample_size(10);

@@ -261,14 +261,24 @@ fn acknowledged_writes_stay_visible_while_checkpoints_prune() {
                 for w in 1..=150u64 {
                     let key = id(&format!("t{t}-{}", w % 5));
                     let s = store
-                        .put(Session::new(key.clone(), T0, Timeout::Infinity, w.to_be_bytes().to_vec()))
+                        .put(Session::new(
+                            key.clone(),
+                            T0,
+                            Timeout::Infinity,
+                            w.to_be_bytes().to_vec(),
+                        ))
                         .unwrap();
                     let got = store.get(&key).unwrap();
                     assert_eq!((got.version, got.metadata.as_ref()), (s.version, &w.to_be_bytes()[..]));
                     assert_eq!(store.get_raw(&key).unwrap().unwrap().version, s.version);
                     let page = store.scan(None, 1000, Visibility::Raw).unwrap();
                     let seen = page.records.iter().find(|r| r.id == key).unwrap();
-                    assert!(seen.version >= s.version, "scan saw v{} after v{} was acknowledged", seen.version, s.version);
+                    assert!(
+                        seen.version >= s.version,
+                        "scan saw v{} after v{} was acknowledged",
+                        seen.version,
+                        s.version
+                    );
                 }
             })
         })
