@@ -4,12 +4,22 @@
 //!   metadata), keys visited in a fixed pseudo-random order;
 //! - `*/get_with_writer`: the same gets while a second thread puts continuously
 //!   (the machine has 2 cores), where a global lock makes readers wait;
-//! - `disk/*`: the redb store on the same sessions, one thread;
+//! - `disk/*`: the disk store on the same sessions, one thread, after a checkpoint (the
+//!   log's tail index empty: reads go to redb); `disk/get_redb_direct` is the same-run
+//!   baseline for `disk/get`: the read path `DiskStore::get` had before the write-ahead
+//!   log (one redb read transaction, get, decode, liveness check) on a raw redb file with
+//!   the same records; `disk/get_log_tail` reads records still in the log's tail index;
 //! - `disk_writes/*`: durable acknowledged writes per second with 1, 16 and 64 writer
-//!   threads: `group_commit` is `DiskStore::put` (writers share commits), and the
-//!   same-run baseline `one_commit_per_write` is what `DiskStore::put` did before group
-//!   commit (one redb write transaction with `Durability::Immediate` per put: load,
-//!   decode, next version, encode, insert, commit), on raw redb;
+//!   threads: `group_commit` is `DiskStore::put` (writers share one log append and one
+//!   fdatasync), `bare_fdatasync` (run right before each writer count) is the disk's
+//!   floor measured in the same run (a 512-byte append + `fdatasync` on a file in the
+//!   same directory), and `one_commit_per_write` is what `DiskStore::put` did before
+//!   group commit (one redb write transaction with `Durability::Immediate` per put: load,
+//!   decode, next version, encode, insert, commit), on raw redb. At the end the table
+//!   writers / durable writes/s / bare fdatasyncs/s / ratio is printed;
+//! - `disk_reopen/1m_records`: opening a store whose log holds 1 000 000 un-checkpointed
+//!   records (1 000 000 distinct keys, written as 100 frames of 10 000), i.e. the replay
+//!   after a crash;
 //! - `disk_writes/paired_1_thread`: one thread alternating the two paths every 8 writes
 //!   (same disk weather for both), ratio printed;
 //! - `disk_writes_in_memory/paired_1_thread`: the same on redb's in-memory backend (no
@@ -30,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use erlmcp_rollout::session::{
-    codec, Clock, DiskStore, MemoryStore, Session, SessionId, Store, StoreOptions, SystemClock,
+    codec, Clock, DiskOptions, DiskStore, MemoryStore, Session, SessionId, Store, StoreOptions, SystemClock,
 };
 
 const N: usize = 10_000;
@@ -174,27 +184,37 @@ fn bench_contended(c: &mut Criterion) {
     g.finish();
 }
 
-/// The redb store: reads on a snapshot; each write one durable commit (fsync).
+/// The disk store: reads on the tail index over a redb snapshot; each write one durable
+/// log append (fdatasync).
 fn bench_disk(c: &mut Criterion) {
     let ids = ids(N);
     let order = order(N);
     let dir = tempfile::tempdir().unwrap();
     let disk = DiskStore::create(dir.path().join("bench.redb"), StoreOptions::default()).unwrap();
-    disk.apply_batch_if_newer(
-        ids.iter()
-            .map(|id| Session {
-                version: 1,
-                ..session(id)
-            })
-            .collect(),
-    )
-    .unwrap();
+    let records: Vec<Session> = ids
+        .iter()
+        .map(|id| Session {
+            version: 1,
+            ..session(id)
+        })
+        .collect();
+    disk.apply_batch_if_newer(records.clone()).unwrap();
+    // Reads as in steady state: everything checkpointed, the tail index empty.
+    disk.checkpoint().unwrap();
+    let direct = OneCommitPerWrite(redb::Database::create(dir.path().join("direct.redb")).unwrap());
+    direct.load(&records);
     let mut g = c.benchmark_group("sessions");
     let mut i = 0;
     g.bench_function("disk/get", |b| {
         b.iter(|| {
             i = (i + 1) % N;
             black_box(disk.get(&ids[order[i]]).unwrap())
+        })
+    });
+    g.bench_function("disk/get_redb_direct", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(direct.get(&ids[order[i]]).unwrap())
         })
     });
     g.bench_function("disk/touch", |b| {
@@ -212,6 +232,26 @@ fn bench_disk(c: &mut Criterion) {
         })
     });
     g.finish();
+    // The same gets while every record is in the log's tail index (not checkpointed).
+    let tail = DiskStore::create_with(
+        dir.path().join("tail.redb"),
+        StoreOptions::default(),
+        DiskOptions {
+            checkpoint_bytes: 0,
+            checkpoint_interval: None,
+            checkpoint_on_close: false,
+        },
+    )
+    .unwrap();
+    tail.apply_batch_if_newer(records).unwrap();
+    let mut g = c.benchmark_group("sessions");
+    g.bench_function("disk/get_log_tail", |b| {
+        b.iter(|| {
+            i = (i + 1) % N;
+            black_box(tail.get(&ids[order[i]]).unwrap())
+        })
+    });
+    g.finish();
 }
 
 /// The write path of `DiskStore::put` before group commit, on raw redb: one write
@@ -221,6 +261,34 @@ struct OneCommitPerWrite(redb::Database);
 const SESSIONS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("sessions");
 
 impl OneCommitPerWrite {
+    /// Stores `records` as given, in one commit.
+    fn load(&self, records: &[Session]) {
+        let txn = self.0.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(SESSIONS).unwrap();
+            for s in records {
+                table
+                    .insert(s.id.as_bytes(), codec::encode(s).unwrap().as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    /// `DiskStore::get` before the write-ahead log: one read transaction, get, decode,
+    /// liveness at the system clock's now.
+    fn get(&self, id: &SessionId) -> Option<Session> {
+        use redb::ReadableDatabase;
+        let now = SystemClock.now_unix_ms();
+        let txn = self.0.begin_read().unwrap();
+        let table = txn.open_table(SESSIONS).unwrap();
+        let s = table
+            .get(id.as_bytes())
+            .unwrap()
+            .map(|v| codec::decode_keyed(id, v.value()).unwrap());
+        s.filter(|s| s.is_live(now))
+    }
+
     fn put(&self, mut s: Session) {
         use redb::ReadableTable;
         let mut txn = self.0.begin_write().unwrap();
@@ -266,8 +334,37 @@ fn timed_writes(iters: u64, threads: usize, prepared: &[Session], put: &(impl Fn
     })
 }
 
-/// Durable acknowledged writes per second, 1 / 16 / 64 writer threads: group commit vs
-/// one commit per write, in the same run.
+/// `iters` bare durable appends: 512 bytes appended to `file`, then `fdatasync`.
+fn bare_fdatasyncs(file: &mut std::fs::File, iters: u64) -> Duration {
+    use std::io::Write;
+    let block = [b'x'; 512];
+    let start = Instant::now();
+    for _ in 0..iters {
+        file.write_all(&block).unwrap();
+        file.sync_data().unwrap();
+    }
+    start.elapsed()
+}
+
+/// Operations and time summed over every criterion call of one benchmark.
+#[derive(Default)]
+struct Tally(std::cell::Cell<(u64, Duration)>);
+
+impl Tally {
+    fn add(&self, iters: u64, t: Duration) -> Duration {
+        let (n, total) = self.0.get();
+        self.0.set((n + iters, total + t));
+        t
+    }
+    fn per_sec(&self) -> f64 {
+        let (n, total) = self.0.get();
+        n as f64 / total.as_secs_f64()
+    }
+}
+
+/// Durable acknowledged writes per second, 1 / 16 / 64 writer threads: group commit
+/// against the bare fdatasync rate measured right before it (and against one commit per
+/// write), in the same run; prints the table at the end.
 fn bench_disk_writes(c: &mut Criterion) {
     let ids = ids(N);
     let prepared: Vec<Session> = ids.iter().map(session).collect();
@@ -277,20 +374,35 @@ fn bench_disk_writes(c: &mut Criterion) {
     g.sample_size(10);
     g.warm_up_time(Duration::from_secs(2));
     g.measurement_time(Duration::from_secs(10));
+    let mut rows = Vec::new();
     for threads in [1usize, 16, 64] {
+        let bare = Tally::default();
+        let mut probe = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join(format!("bare-{threads}.probe")))
+            .unwrap();
+        g.bench_with_input(BenchmarkId::new("bare_fdatasync", threads), &threads, |b, _| {
+            b.iter_custom(|iters| bare.add(iters, bare_fdatasyncs(&mut probe, iters)))
+        });
         let store = DiskStore::create(
             dir.path().join(format!("group-{threads}.redb")),
             StoreOptions::default(),
         )
         .unwrap();
+        let group = Tally::default();
         g.bench_with_input(BenchmarkId::new("group_commit", threads), &threads, |b, &threads| {
             b.iter_custom(|iters| {
-                timed_writes(iters, threads, &prepared, &|s| {
-                    store.put(s).unwrap();
-                })
+                group.add(
+                    iters,
+                    timed_writes(iters, threads, &prepared, &|s| {
+                        store.put(s).unwrap();
+                    }),
+                )
             })
         });
         drop(store);
+        rows.push((threads, group, bare));
         let db = redb::Database::create(dir.path().join(format!("baseline-{threads}.redb"))).unwrap();
         let baseline = OneCommitPerWrite(db);
         g.bench_with_input(
@@ -304,6 +416,82 @@ fn bench_disk_writes(c: &mut Criterion) {
     let store = DiskStore::create(dir.path().join("paired-group.redb"), StoreOptions::default()).unwrap();
     let baseline = OneCommitPerWrite(redb::Database::create(dir.path().join("paired-baseline.redb")).unwrap());
     paired(&mut g, "disk_writes/paired_1_thread", &prepared, &store, &baseline);
+    g.finish();
+    if rows
+        .iter()
+        .all(|(_, group, bare)| group.0.get().0 > 0 && bare.0.get().0 > 0)
+    {
+        println!("\ndisk_writes: durable writes (DiskStore::put) per bare fdatasync, same run");
+        println!("| writers | durable writes/s | bare fdatasyncs/s (512-byte append) | writes per bare fdatasync |");
+        println!("|---:|---:|---:|---:|");
+        for (threads, group, bare) in &rows {
+            let (w, f) = (group.per_sec(), bare.per_sec());
+            let cost = if *threads == 1 {
+                format!(" (one write = {:.2} bare fdatasyncs)", f / w)
+            } else {
+                String::new()
+            };
+            println!("| {threads} | {w:.0} | {f:.0} | {:.2}{cost} |", w / f);
+        }
+    }
+}
+
+/// Reopening a store whose log holds 1 000 000 un-checkpointed records (the replay a
+/// crash leaves): 1 000 000 distinct keys (40-byte ids, 64-byte metadata) written in
+/// 100 frames of 10 000, the store closed without a checkpoint, then opened (timed).
+fn bench_disk_reopen(c: &mut Criterion) {
+    const RECORDS: usize = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("replay.redb");
+    let keep = DiskOptions {
+        checkpoint_bytes: 0,
+        checkpoint_interval: None,
+        checkpoint_on_close: false,
+    };
+    // Written on the first call only (criterion skips the closure when filtered out).
+    let mut written = false;
+    let write_log = || {
+        let store = DiskStore::create_with(&path, StoreOptions::default(), keep.clone()).unwrap();
+        let all = ids(RECORDS);
+        for chunk in all.chunks(10_000) {
+            let batch = chunk
+                .iter()
+                .map(|id| Session {
+                    version: 1,
+                    ..session(id)
+                })
+                .collect();
+            store.apply_batch_if_newer(batch).unwrap();
+        }
+        drop(store);
+        let log_bytes: u64 = DiskStore::log_paths(&path)
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        println!(
+            "disk_reopen: {RECORDS} records in {:.1} MB of log",
+            log_bytes as f64 / 1e6
+        );
+    };
+    let mut g = c.benchmark_group("disk_reopen");
+    g.sample_size(10);
+    g.bench_function("1m_records", |b| {
+        b.iter_custom(|iters| {
+            if !written {
+                write_log();
+                written = true;
+            }
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let store = DiskStore::create_with(&path, StoreOptions::default(), keep.clone()).unwrap();
+                total += start.elapsed();
+                assert!(store.get(&ids(1)[0]).is_ok());
+                drop(store);
+            }
+            total
+        })
+    });
     g.finish();
 }
 
@@ -366,7 +554,14 @@ fn bench_disk_writes_cpu(c: &mut Criterion) {
     let prepared: Vec<Session> = ids.iter().map(session).collect();
     let mut g = c.benchmark_group("disk_writes_in_memory");
     g.throughput(Throughput::Elements(1));
-    let store = DiskStore::with_backend(redb::backends::InMemoryBackend::new(), StoreOptions::default()).unwrap();
+    let memory = redb::backends::InMemoryBackend::new;
+    let store = DiskStore::with_backends(
+        memory(),
+        [memory(), memory()],
+        StoreOptions::default(),
+        Default::default(),
+    )
+    .unwrap();
     let db = redb::Database::builder()
         .create_with_backend(redb::backends::InMemoryBackend::new())
         .unwrap();
@@ -385,6 +580,7 @@ criterion_group!(
     bench_contended,
     bench_disk,
     bench_disk_writes,
-    bench_disk_writes_cpu
+    bench_disk_writes_cpu,
+    bench_disk_reopen
 );
 criterion_main!(benches);

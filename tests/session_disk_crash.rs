@@ -1,9 +1,11 @@
 //! kill -9 loop on the disk store (DESIGN §7): a child process writes with several
-//! threads and prints each acknowledged write (key and version) only after `Ok`; the test
-//! kills it with SIGKILL at a random moment, then kills a second child while it reopens
-//! (and repairs) the crashed file, then reopens the file itself (timed) and checks that
-//! every write ever acknowledged is present, at least at that version, with intact
-//! contents, and that redb's integrity check passes.
+//! threads (checkpointing its log into redb every few KiB or ms, so kills land in every
+//! step of a checkpoint too) and prints each acknowledged write (key and version) only
+//! after `Ok`; the test kills it with SIGKILL at a random moment, then kills a second
+//! child while it reopens the crashed store (redb's repair, then the log replay, then a
+//! checkpoint), then reopens the store itself (timed) and checks that every write ever
+//! acknowledged is present, at least at that version, with intact contents, and that
+//! redb's integrity check passes.
 //!
 //! The children are this test binary itself, running the ignored test `crash_child`
 //! (selected by `ERLMCP_CRASH_CHILD=writer|reopen`). Iterations: `ERLMCP_CRASH_ITERATIONS`
@@ -25,10 +27,11 @@ use seeded::{env_u64, xorshift};
 mod versioned;
 use versioned::{check_acked, write_next};
 
-use erlmcp_rollout::session::{DiskStore, StoreOptions};
+use erlmcp_rollout::session::{DiskOptions, DiskStore, StoreOptions};
 
 const CHILD_ENV: &str = "ERLMCP_CRASH_CHILD";
 const PATH_ENV: &str = "ERLMCP_CRASH_PATH";
+const CHECKPOINT_ENV: &str = "ERLMCP_CRASH_CHECKPOINT";
 const THREADS: usize = 8;
 const KEYS_PER_THREAD: usize = 100;
 
@@ -48,9 +51,16 @@ fn println_flushed(line: &str) {
 }
 
 /// Child: write forever with `THREADS` threads, each on its own keys, printing
-/// `ack KEY VERSION` after each `Ok`.
+/// `ack KEY VERSION` after each `Ok`; checkpoints run every 4-512 KiB of log or 1-20 ms
+/// (chosen by the `ERLMCP_CRASH_CHECKPOINT` seed the parent passes).
 fn writer(path: &Path) {
-    let store = std::sync::Arc::new(DiskStore::create(path, StoreOptions::default()).unwrap());
+    let mut seed = env_u64(CHECKPOINT_ENV).unwrap_or(1) | 1;
+    let settings = DiskOptions {
+        checkpoint_bytes: 4096 << (xorshift(&mut seed) % 8),
+        checkpoint_interval: Some(Duration::from_millis(1 + xorshift(&mut seed) % 20)),
+        checkpoint_on_close: true,
+    };
+    let store = std::sync::Arc::new(DiskStore::create_with(path, StoreOptions::default(), settings).unwrap());
     println_flushed("opened");
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
@@ -73,7 +83,9 @@ fn writer(path: &Path) {
 }
 
 /// Child: reopen the crashed file through redb's repair (printing `repair P` from the
-/// repair callback), then through `DiskStore::create`.
+/// repair callback), then the store through `DiskStore::create` (printing `replay`
+/// before: the log replay runs there), then checkpoint it (printing `checkpoint` before),
+/// then close it without a checkpoint (as a crash would leave it).
 fn reopen(path: &Path) {
     let start = Instant::now();
     let db = redb::Database::builder()
@@ -82,8 +94,16 @@ fn reopen(path: &Path) {
         .unwrap();
     let repaired = start.elapsed();
     drop(db);
-    DiskStore::create(path, StoreOptions::default()).unwrap();
+    println_flushed("replay");
+    let keep = DiskOptions {
+        checkpoint_on_close: false,
+        ..DiskOptions::default()
+    };
+    let store = DiskStore::create_with(path, StoreOptions::default(), keep).unwrap();
     println_flushed(&format!("opened {}", repaired.as_micros()));
+    println_flushed("checkpoint");
+    store.checkpoint().unwrap();
+    println_flushed("checkpointed");
 }
 
 #[test]
@@ -102,7 +122,7 @@ fn crash_child() {
 }
 
 /// Starts a child; its complete stdout lines arrive on the returned channel.
-fn spawn(role: &str, path: &Path) -> (Child, mpsc::Receiver<String>) {
+fn spawn(role: &str, path: &Path, seed: u64) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -114,6 +134,7 @@ fn spawn(role: &str, path: &Path) -> (Child, mpsc::Receiver<String>) {
         ])
         .env(CHILD_ENV, role)
         .env(PATH_ENV, path)
+        .env(CHECKPOINT_ENV, seed.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -165,11 +186,12 @@ fn kill_9_loop_loses_no_acknowledged_write() {
     let mut acked: BTreeMap<String, u64> = BTreeMap::new();
     let (mut writes, mut reopen_times) = (0u64, Vec::new());
     let (mut repairs_seen, mut killed_in_repair, mut killed_before_open) = (0, 0, 0);
+    let (mut killed_in_replay, mut killed_in_checkpoint) = (0, 0);
     // Open times (ms) of the reopen children that finished: repair after a kill -9.
     let mut child_repairs: Vec<f64> = Vec::new();
     for i in 0..iterations {
         // 1. Writer, killed at a random moment (sometimes while it still opens the file).
-        let (child, lines) = spawn("writer", &path);
+        let (child, lines) = spawn("writer", &path, xorshift(&mut seed));
         std::thread::sleep(Duration::from_millis(20 + xorshift(&mut seed) % 400));
         kill(child);
         for line in lines.iter() {
@@ -181,32 +203,56 @@ fn kill_9_loop_loses_no_acknowledged_write() {
                 writes += 1;
             }
         }
-        // 2. A reopen of the crashed file, killed during repair (as soon as it reports
-        //    repairing) or after a random short delay.
-        let (child, lines) = spawn("reopen", &path);
+        // 2. A reopen of the crashed store, killed during redb's repair (as soon as it
+        //    reports repairing), during the log replay (as soon as it reports starting
+        //    it), during its checkpoint, or after a random short delay.
+        let (child, lines) = spawn("reopen", &path, 0);
         let mut outcome = "finished before the kill";
         if i % 2 == 0 {
             outcome = "said nothing";
+            let target = ["repair", "replay", "checkpoint"][((i / 2) % 3) as usize];
             // Skip the test harness's own lines.
             while let Ok(l) = lines.recv_timeout(Duration::from_secs(10)) {
-                if l.starts_with("repair") {
-                    outcome = "killed when it reported repairing";
+                if l.starts_with(target) {
+                    outcome = match target {
+                        "repair" => "killed when it reported repairing",
+                        "replay" => "killed when it reported replaying the log",
+                        _ => "killed when it reported checkpointing",
+                    };
                     break;
                 }
-                if l.starts_with("opened") {
-                    outcome = "opened without repairing";
+                if l.starts_with("checkpointed") {
+                    outcome = "finished without reporting that step";
                     break;
                 }
             }
             kill(child);
             let said: Vec<String> = lines.iter().collect();
-            if outcome.starts_with("killed") {
-                repairs_seen += 1;
-                if !said.iter().any(|l| l.starts_with("opened")) {
-                    killed_in_repair += 1;
-                } else {
-                    outcome = "finished repairing before the kill landed";
+            let finished = |step: &str| said.iter().any(|l| l.starts_with(step));
+            match target {
+                "repair" if outcome.starts_with("killed") => {
+                    repairs_seen += 1;
+                    if finished("replay") {
+                        outcome = "finished repairing before the kill landed";
+                    } else {
+                        killed_in_repair += 1;
+                    }
                 }
+                "replay" if outcome.starts_with("killed") => {
+                    if finished("opened") {
+                        outcome = "finished replaying before the kill landed";
+                    } else {
+                        killed_in_replay += 1;
+                    }
+                }
+                "checkpoint" if outcome.starts_with("killed") => {
+                    if finished("checkpointed") {
+                        outcome = "finished checkpointing before the kill landed";
+                    } else {
+                        killed_in_checkpoint += 1;
+                    }
+                }
+                _ => {}
             }
         } else {
             std::thread::sleep(Duration::from_micros(xorshift(&mut seed) % 30_000));
@@ -244,7 +290,8 @@ fn kill_9_loop_loses_no_acknowledged_write() {
          open of the file right after the writer's kill -9 (redb repair, in {} reopen children): \
          mean {child_mean:.1} ms, max {child_max:.1} ms; reopen here after the reopen child: mean {mean:.1} ms, \
          max {max:.1} ms; reopen children: {repairs_seen} reported repairing, {killed_in_repair} killed during \
-         repair, {killed_before_open} killed before they had opened",
+         repair, {killed_in_replay} killed during the log replay, {killed_in_checkpoint} killed during a \
+         checkpoint, {killed_before_open} killed before they had opened",
         child_repairs.len()
     );
     assert!(writes > 0, "no write was acknowledged in {iterations} iterations");

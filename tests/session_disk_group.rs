@@ -1,6 +1,6 @@
-//! Group commit in `DiskStore`: concurrent writers share durable commits, compare-and-set
-//! stays exact, every operation gets its own result, and a failed commit acknowledges
-//! nothing.
+//! Group commit in `DiskStore`: concurrent writers share durable log appends (one
+//! fdatasync per group), compare-and-set stays exact, every operation gets its own
+//! result, and a failed commit acknowledges nothing.
 
 #![cfg(feature = "disk")]
 
@@ -11,8 +11,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
-use erlmcp_rollout::session::{DiskStore, ManualClock, Session, SessionId, Store, StoreError, StoreOptions, Timeout};
-use sim_disk::SimDisk;
+use erlmcp_rollout::session::{
+    DiskOptions, DiskStore, ManualClock, Session, SessionId, Store, StoreError, StoreOptions, Timeout,
+};
+use sim_disk::SimMachine;
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -158,16 +160,18 @@ fn concurrent_creates_have_one_winner_per_key() {
     }
 }
 
-/// With a slow disk (2 ms per fsync) and 16 writers, commits are shared: fewer syncs
-/// than writes, and every acknowledged write is there with its own version.
+/// With a slow log disk (2 ms per fsync) and 16 writers, log appends are shared: fewer
+/// log syncs than writes, and every acknowledged write is there with its own version.
 #[test]
 fn concurrent_writers_share_commits() {
     const THREADS: usize = 16;
     const WRITES: usize = 25;
-    let disk = SimDisk::default();
-    let store = Arc::new(DiskStore::with_backend(disk.clone(), opts()).unwrap());
-    disk.sync_delay(Duration::from_millis(2));
-    let before = disk.syncs();
+    let machine = SimMachine::default();
+    let store = Arc::new(machine.open(opts(), DiskOptions::default()).unwrap());
+    for log in &machine.logs {
+        log.sync_delay(Duration::from_millis(2));
+    }
+    let before = machine.log_syncs();
     let barrier = Arc::new(Barrier::new(THREADS));
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
@@ -184,9 +188,9 @@ fn concurrent_writers_share_commits() {
     for h in handles {
         h.join().unwrap();
     }
-    let syncs = disk.syncs() - before;
+    let syncs = machine.log_syncs() - before;
     let writes = (THREADS * WRITES) as u64;
-    println!("{writes} writes in {syncs} fsyncs");
+    println!("{writes} writes in {syncs} log fsyncs");
     assert!(
         syncs < writes,
         "{writes} writes took {syncs} fsyncs: no commit was shared"
@@ -260,14 +264,16 @@ fn a_failing_operation_leaves_no_partial_effect() {
     }
 }
 
-/// When the commit fails (fsync error), every write in it is `Unavailable` and none is
-/// acknowledged; writes acknowledged before are still there after reopening.
+/// When the commit fails (log fsync error), every write in it is `Unavailable` and none
+/// is acknowledged; writes acknowledged before are still there after reopening.
 #[test]
 fn a_failed_commit_acknowledges_nothing() {
     const THREADS: usize = 8;
-    let disk = SimDisk::default();
-    let store = Arc::new(DiskStore::with_backend(disk.clone(), opts()).unwrap());
-    disk.sync_delay(Duration::from_millis(1));
+    let machine = SimMachine::default();
+    let store = Arc::new(machine.open(opts(), DiskOptions::default()).unwrap());
+    for log in &machine.logs {
+        log.sync_delay(Duration::from_millis(1));
+    }
     let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let barrier = Arc::new(Barrier::new(THREADS + 1));
@@ -306,14 +312,20 @@ fn a_failed_commit_acknowledges_nothing() {
         .collect();
     barrier.wait();
     std::thread::sleep(Duration::from_millis(30));
-    disk.fail_sync(true);
+    for log in &machine.logs {
+        log.fail_sync(true);
+    }
     failing.store(true, std::sync::atomic::Ordering::SeqCst);
     let refused: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
     assert!(refused > 0, "no write ran after the failure");
     drop(store);
-    disk.fail_sync(false);
-    let image = disk.power_cut(None);
-    let reopened = DiskStore::with_backend(SimDisk::from_image(image), opts()).unwrap();
+    for log in &machine.logs {
+        log.fail_sync(false);
+    }
+    let images = machine.power_cut(None);
+    let reopened = SimMachine::from_images(images)
+        .open(opts(), DiskOptions::default())
+        .unwrap();
     for (key, version) in acked.lock().unwrap().iter() {
         let s = reopened.get(&id(key)).unwrap();
         assert!(

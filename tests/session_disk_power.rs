@@ -1,8 +1,11 @@
-//! Power loss, simulated: `DiskStore` on a backend that keeps only what `sync_data` made
-//! durable (`SimDisk`), writers on many threads, the power cut at a random moment, the
-//! store reopened on the surviving bytes: every acknowledged write is there, at least at
-//! its acknowledged version, with intact contents. Half the rounds also let a random
-//! subset of the writes issued since the last sync survive (a disk may persist some).
+//! Power loss, simulated: `DiskStore` with redb and both log files on backends that keep
+//! only what `sync_data` made durable (`SimMachine`: three `SimDisk`s cut at one instant),
+//! writers on many threads, checkpoints running (small thresholds, so cuts land before,
+//! during and after them), the power cut at a random moment, the store reopened on the
+//! surviving bytes: every acknowledged write is there, at least at its acknowledged
+//! version, with intact contents. Half the rounds also let a random subset of the writes
+//! issued since the last sync survive (a disk may persist some), on the log disks also
+//! as torn prefixes of writes.
 //!
 //! Rounds: `ERLMCP_POWER_ROUNDS` (default 20); seed: `ERLMCP_POWER_SEED` (default: time).
 
@@ -22,8 +25,8 @@ use seeded::{env_u64, xorshift};
 mod versioned;
 use versioned::{check_acked, write_next};
 
-use erlmcp_rollout::session::{DiskStore, StoreOptions};
-use sim_disk::SimDisk;
+use erlmcp_rollout::session::{DiskOptions, DiskStore, StoreOptions};
+use sim_disk::SimMachine;
 
 const THREADS: usize = 8;
 const KEYS_PER_THREAD: usize = 20;
@@ -77,27 +80,37 @@ fn acknowledged_writes_survive_simulated_power_loss() {
     });
     println!("power-loss rounds {rounds}, ERLMCP_POWER_SEED={seed}");
     let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
-    let mut image = Vec::new();
+    let mut images: [Vec<u8>; 3] = Default::default();
     let mut total = 0;
     for round in 0..rounds {
-        let disk = SimDisk::from_image(image);
-        let store = Arc::new(DiskStore::with_backend(disk.clone(), StoreOptions::default()).unwrap());
+        let machine = SimMachine::from_images(images);
+        // Checkpoints every few KiB of log or every few ms: cuts land in all their steps.
+        let settings = DiskOptions {
+            checkpoint_bytes: 1 << (10 + xorshift(&mut seed) % 8),
+            checkpoint_interval: Some(Duration::from_millis(1 + xorshift(&mut seed) % 20)),
+            checkpoint_on_close: true,
+        };
+        let store = Arc::new(machine.open(StoreOptions::default(), settings).unwrap());
         check_acked(&*store, &acked.lock().unwrap(), meta, "power loss");
         let writers = write_until_failure(&store, &acked);
         std::thread::sleep(Duration::from_micros(500 + xorshift(&mut seed) % 30_000));
         let torn = (round % 2 == 1).then(|| xorshift(&mut seed));
-        image = disk.power_cut(torn);
+        images = machine.power_cut(torn);
         let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
         total += writes;
         drop(store);
         println!(
-            "round {round}: cut{} after {writes} acknowledged writes; {} keys acknowledged, {} bytes survive",
+            "round {round}: cut{} after {writes} acknowledged writes; {} keys acknowledged, {}/{}/{} bytes survive (redb/log 0/log 1)",
             if torn.is_some() { " (torn)" } else { "" },
             acked.lock().unwrap().len(),
-            image.len()
+            images[0].len(),
+            images[1].len(),
+            images[2].len()
         );
     }
-    let store = DiskStore::with_backend(SimDisk::from_image(image), StoreOptions::default()).unwrap();
+    let store = SimMachine::from_images(images)
+        .open(StoreOptions::default(), DiskOptions::default())
+        .unwrap();
     let acked = acked.lock().unwrap();
     assert!(!acked.is_empty(), "no write was acknowledged in {rounds} rounds");
     println!("{total} acknowledged writes in {rounds} rounds, all present");

@@ -14,8 +14,12 @@
 %% Each cell runs for a fixed time with 1 and with 64 processes; store =
 %% overwrite of one of 1000 keys per process, fetch = one of 100 stored
 %% keys per process. ns/op = wall time / total ops. Prints the table, then the ratios
-%% the targets are about: native memory vs ETS per operation (<= 1.5x) and
-%% native disk durable writes/s vs DETS with sync at 64 writers (>= 50x).
+%% the targets are about: native memory vs ETS per operation (<= 1.5x),
+%% native disk durable writes/s vs DETS with sync at 64 writers (>= 50x), and
+%% native disk durable writes per bare fdatasync (a 512-byte append +
+%% `file:datasync/1' on a raw file in the same directory, measured before and
+%% after the table in the same run): >= 15 at 64 writers, and a lone writer's
+%% write costing <= 1.3 bare fdatasyncs.
 -module(erlmcp_session_bench).
 
 -export([main/1]).
@@ -34,6 +38,7 @@ run(Dir, Secs) ->
     ok = logger:set_primary_config(level, error),
     {ok, _} = application:ensure_all_started(erlmcp_rollout),
     Backends = backends(Dir),
+    BareBefore = bare_fdatasync(Dir, Secs),
     io:format("session stores, one VM (~s, ~b schedulers), ~.1f s per cell~n",
               [erlang:system_info(otp_release), erlang:system_info(schedulers_online), Secs]),
     io:format("~-22s ~14s ~14s ~14s ~14s~n", ["backend", "store 1p ns", "store 64p ns", "fetch 1p ns",
@@ -63,9 +68,42 @@ run(Dir, Secs) ->
     io:format("  disk/DETS+sync durable writes/s at 64: ~.1fx ~s~n", [DiskX, verdict(DiskX >= 50)]),
     DiskX1 = per_sec(maps:get(store1, Disk)) / per_sec(maps:get(store1, Sync)),
     io:format("  disk/DETS+sync durable writes/s at 1:  ~.1fx~n", [DiskX1]),
+    BareAfter = bare_fdatasync(Dir, Secs),
+    Bare = (BareBefore + BareAfter) / 2,
+    io:format("~nbare fdatasyncs/s (512-byte append + file:datasync/1, 1 process): ~b before the table, ~b after; "
+              "mean ~b~n", [round(BareBefore), round(BareAfter), round(Bare)]),
+    Per64 = per_sec(maps:get(store64, Disk)) / Bare,
+    io:format("  native disk durable writes per bare fdatasync at 64: ~.1f ~s (target >= 15)~n",
+              [Per64, verdict(Per64 >= 15)]),
+    Cost1 = Bare / per_sec(maps:get(store1, Disk)),
+    io:format("  native disk lone writer: one write costs ~.2f bare fdatasyncs ~s (target =< 1.3)~n",
+              [Cost1, verdict(Cost1 =< 1.3)]),
     store_split(maps:get("native memory", maps:from_list([{N, I} || {N, I, _, _} <- Backends]))),
     legacy_import(Dir, case Secs < 1 of true -> 20000; false -> 100000 end),
     ok.
+
+%% The disk's floor for a durable write: 512-byte appends to a raw file, each
+%% followed by file:datasync/1 (fdatasync), for Secs; returns syncs/s.
+bare_fdatasync(Dir, Secs) ->
+    File = filename:join(Dir, "bare_fdatasync.probe"),
+    {ok, Fd} = file:open(File, [raw, binary, append]),
+    Block = binary:copy(<<"x">>, 512),
+    Deadline = erlang:monotonic_time(microsecond) + round(Secs * 1.0e6),
+    Start = erlang:monotonic_time(microsecond),
+    N = bare_loop(Fd, Block, Deadline, 0),
+    Elapsed = erlang:monotonic_time(microsecond) - Start,
+    ok = file:close(Fd),
+    ok = file:delete(File),
+    N * 1.0e6 / Elapsed.
+
+bare_loop(Fd, Block, Deadline, N) ->
+    case erlang:monotonic_time(microsecond) >= Deadline of
+        true -> N;
+        false ->
+            ok = file:write(Fd, Block),
+            ok = file:datasync(Fd),
+            bare_loop(Fd, Block, Deadline, N + 1)
+    end.
 
 %% Where a memory store/3 goes, against erlmcp's ETS store: 1 process,
 %% compiled loops over 1024 prebuilt sessions, best of 3 x 1 000 000 calls.

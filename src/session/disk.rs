@@ -1,20 +1,32 @@
-//! [`DiskStore`]: sessions in one redb file (feature `disk`), with group commit.
+//! [`DiskStore`]: sessions in one redb file behind a write-ahead log (feature `disk`),
+//! with group commit.
 //!
-//! Every write is an operation (a closure) queued for the next durable commit. The first
+//! Every write is an operation (a closure) queued for the next group commit. The first
 //! writer that finds no commit running becomes the *leader*: it takes every queued
-//! operation, runs them in order in one redb write transaction, commits it with
-//! `Durability::Immediate` and hands each waiting writer its own result. Writers that
-//! arrive while a commit runs queue up and wait; when it ends, one of them leads the next
-//! commit with everything queued meanwhile. A lone writer leads its own commit at once:
-//! there is no linger and no background thread.
+//! operation, runs them in order against the current state (the group's own earlier
+//! writes, the log's un-checkpointed tail, redb), appends the group's records to the log
+//! as one checksummed frame, `fdatasync`s it once, publishes the records to the in-memory
+//! tail index and hands each waiting writer its own result. Writers that arrive while a
+//! group commits queue up; when it ends, one of them leads the next group with everything
+//! queued meanwhile. A lone writer leads its own group at once: there is no linger.
+//!
+//! A background thread checkpoints: it seals the active log file (the next group goes to
+//! the other one), copies the sealed file's records into redb in one durable write
+//! transaction that also records the last frame it holds, drops those records from the
+//! tail index and truncates the sealed file. The log format and the invariants are in
+//! [`super::wal`] and `docs/disk-log.md`.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, Table, TableDefinition};
+use redb::{Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
 
+use super::wal::{self, FileLog, HEADER_LEN};
 use super::{
     codec, next_version, validate_batch, BatchOutcome, InvalidInput, ScanPage, Session, SessionId, Store, StoreError,
     StoreOptions, SweepOutcome, Visibility,
@@ -23,36 +35,91 @@ use super::{
 /// Records by id bytes; values are [`codec`] records.
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
 
-/// Sessions in one redb file, written with **group commit**.
+/// The log's mark in redb, written in the same transaction as each checkpoint's records:
+/// [`CHECKPOINT_SEQ`] is the last log frame whose records redb holds (0: none).
+const WAL_META: TableDefinition<&str, u64> = TableDefinition::new("erlmcp_wal");
+const CHECKPOINT_SEQ: &str = "checkpoint_seq";
+
+/// Tail-index entries removed per lock hold after a checkpoint, so that readers and the
+/// group leader wait for at most one chunk.
+const PRUNE_CHUNK: usize = 1024;
+
+/// How [`DiskStore`] checkpoints its log into redb.
 ///
-/// **Acknowledged** means durable. A write method returns only after the redb write
-/// transaction that ran it has been committed with `Durability::Immediate` (flushed with
-/// fsync), or has failed. So `Ok` means the write survives a process crash (`kill -9`)
-/// and a power loss. Refusals decided inside the transaction ([`StoreError::AlreadyExists`],
-/// [`StoreError::Conflict`], [`StoreError::NotFound`]) are also returned only once it is
-/// durable, since they may rest on writes earlier in the same commit.
-/// [`StoreError::Invalid`] input is rejected before anything is queued.
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// use erlmcp_rollout::session::DiskOptions;
+/// let opts = DiskOptions { checkpoint_interval: Some(Duration::from_millis(500)), ..DiskOptions::default() };
+/// assert_eq!(opts.checkpoint_bytes, 16 << 20);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// Checkpoint once the active log file holds this many bytes of frames (0: never
+    /// because of size).
+    pub checkpoint_bytes: u64,
+    /// Checkpoint this long after the previous one when the log holds anything (`None`:
+    /// never because of time).
+    pub checkpoint_interval: Option<Duration>,
+    /// Checkpoint everything when the store is dropped, leaving an empty log. With
+    /// `false` the log is kept and replayed by the next open, as after a crash.
+    pub checkpoint_on_close: bool,
+}
+
+impl Default for DiskOptions {
+    /// 16 MiB, every 2 s, and on close.
+    fn default() -> Self {
+        DiskOptions {
+            checkpoint_bytes: 16 << 20,
+            checkpoint_interval: Some(Duration::from_secs(2)),
+            checkpoint_on_close: true,
+        }
+    }
+}
+
+/// Sessions in one redb file behind a write-ahead log, written with **group commit**.
 ///
-/// **Group commit.** Concurrent writers share commits: each write is an operation queued
-/// for the next commit; one writer (the leader) runs every queued operation in order in
-/// one write transaction, commits once, and only then hands each writer its result.
-/// Within a commit every operation sees the effects of the ones before it, and one that
-/// fails writes nothing and does not affect the others. If the commit itself fails, every
-/// operation in it gets [`StoreError::Unavailable`] (retryable; as for any `Unavailable`,
-/// the write may or may not be on disk) and none is acknowledged. After an I/O error in a
-/// commit, redb refuses every later write ("Previous I/O error occurred. Please close and
-/// re-open the database"), so writes keep failing with `Unavailable` until the store is
-/// dropped and opened again (which runs crash recovery). A lone writer commits at
-/// once (no waiting for company), so it pays one fsync per write; with many writers the
-/// fsyncs are shared. There is no background thread: dropping the store closes the file,
-/// and nothing is pending then (every call has returned, each acknowledged write is
-/// already durable).
+/// **Acknowledged** means durable. A write method returns only after the log frame that
+/// holds its records has been written and `fdatasync`ed, or has failed. So `Ok` means the
+/// write survives a process crash (`kill -9`) and a power loss. Refusals decided inside
+/// a group ([`StoreError::AlreadyExists`], [`StoreError::Conflict`],
+/// [`StoreError::NotFound`]) are also returned only once the group is durable, since they
+/// may rest on writes earlier in the same group. [`StoreError::Invalid`] input is
+/// rejected before anything is queued.
 ///
-/// Reads run concurrently with writes on the last committed snapshot. Records use the
-/// [`codec`] encoding; one that does not decode (or holds another id than its key) is
-/// [`StoreError::Corrupt`] and is never returned. Writes to a corrupt key, scans over it
-/// and sweeps fail with `Corrupt` too (its version is unknown, so overwriting could move
-/// versions back) until the record is repaired or removed.
+/// **Group commit.** Concurrent writers share one log append and one `fdatasync`: each
+/// write is an operation queued for the next group; one writer (the leader) runs every
+/// queued operation in order, appends the group's records as one frame, syncs once, and
+/// only then hands each writer its result. Within a group every operation sees the
+/// effects of the ones before it, and one that fails writes nothing and does not affect
+/// the others. A group whose operations wrote nothing appends nothing. If the append or
+/// the sync fails, every operation in the group gets [`StoreError::Unavailable`]
+/// (retryable; as for any `Unavailable`, the write may or may not be on disk), none is
+/// acknowledged, and every later write fails the same way until the store is dropped and
+/// opened again (after a failed `fdatasync` the file's state is unknown; reopening
+/// replays what is valid). A lone writer commits at once (no waiting for company).
+///
+/// **Checkpoints.** redb is brought up to date in the background: when the active log
+/// file holds [`DiskOptions::checkpoint_bytes`], every
+/// [`DiskOptions::checkpoint_interval`], on [`DiskStore::checkpoint`] and on drop. A
+/// checkpoint seals the active log file (writers go on in the other one, waiting at most
+/// for the group in flight), writes the sealed records into redb in one durable
+/// transaction, then truncates the sealed file. Opening replays the log's un-checkpointed
+/// tail into memory; a torn last frame is dropped (it was never acknowledged), and damage
+/// anywhere else refuses to open ([`StoreError::Corrupt`]) rather than drop acknowledged
+/// writes.
+///
+/// **Reads** see every acknowledged write: the log's un-checkpointed tail is held in an
+/// in-memory index consulted before redb's last committed snapshot. A scan page holds the
+/// index's read lock while it runs (a group waits for at most one page to publish).
+/// Records use the [`codec`] encoding; one that does not decode (or holds another id than
+/// its key) is [`StoreError::Corrupt`] and is never returned. Writes to a corrupt key,
+/// scans over it and sweeps fail with `Corrupt` too (its version is unknown, so
+/// overwriting could move versions back) until the record is repaired or removed.
+///
+/// **Files.** `PATH` (redb) and the two log files [`DiskStore::log_paths`]`(PATH)`; they
+/// belong together (copy all three, with the store closed). A store dropped with
+/// [`DiskOptions::checkpoint_on_close`] leaves its logs empty and redb complete.
 ///
 /// # Examples
 /// ```
@@ -61,19 +128,70 @@ const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions")
 /// let store = DiskStore::create(dir.path().join("sessions.redb"), StoreOptions::default())?;
 /// let now = store.options().clock.now_unix_ms();
 /// let s = store.create(Session::new(SessionId::new("s1")?, now, Timeout::Infinity, vec![]))?;
-/// assert_eq!(store.get(&s.id)?, s); // `create` returned after its commit was fsynced
+/// assert_eq!(store.get(&s.id)?, s); // `create` returned after its log frame was fsynced
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct DiskStore {
+    inner: Arc<Inner>,
+    checkpointer: Option<JoinHandle<()>>,
+}
+
+struct Inner {
     db: Database,
     options: StoreOptions,
+    settings: DiskOptions,
     group: Group,
+    /// The un-checkpointed tail: for each key written since the last checkpoint that
+    /// covered it, its latest record (`None`: removed) and the frame that wrote it.
+    /// Invariant: an entry is removed only after redb durably holds that frame (or a
+    /// later one), and only under `planning`.
+    index: RwLock<BTreeMap<SessionId, Pending>>,
+    /// Held by the group leader while it runs the group's operations, and by the
+    /// checkpointer for each chunk of index removals: a leader's redb snapshot, opened
+    /// under it, therefore holds every record missing from the index.
+    planning: Mutex<()>,
+    /// The two log files.
+    files: [Box<dyn StorageBackend>; 2],
+    /// Where the log is; held by the leader for its append + sync + publish.
+    log: Mutex<Log>,
+    /// One checkpoint at a time (background thread, [`DiskStore::checkpoint`], drop).
+    checkpointing: Mutex<()>,
+    signal: Mutex<Signal>,
+    wake: Condvar,
+}
+
+struct Pending {
+    seq: u64,
+    value: Option<Session>,
+}
+
+/// Log bookkeeping. Invariant: when `sealed` is `None`, the file that is not `active`
+/// holds no frames.
+struct Log {
+    active: usize,
+    /// Where each file's valid frames end (the next append goes to `ends[active]`).
+    ends: [u64; 2],
+    /// Whether each file holds frames.
+    has_frames: [bool; 2],
+    /// The seq of the next frame.
+    next_seq: u64,
+    /// The file sealed for the checkpoint in progress (or found at open).
+    sealed: Option<usize>,
+    /// Set by a failed append or sync: every later write is refused with it.
+    failed: Option<String>,
+}
+
+#[derive(Default)]
+struct Signal {
+    requested: bool,
+    shutdown: bool,
 }
 
 impl std::fmt::Debug for DiskStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DiskStore")
-            .field("options", &self.options)
+            .field("options", &self.inner.options)
+            .field("settings", &self.inner.settings)
             .finish_non_exhaustive()
     }
 }
@@ -87,7 +205,20 @@ fn unavailable(e: impl Into<redb::Error>) -> StoreError {
     }
 }
 
-/// A failed commit: whatever redb said, the operations in it are retryable.
+fn log_io(what: &str, e: std::io::Error) -> StoreError {
+    StoreError::Unavailable {
+        reason: format!("session log: {what}: {e}"),
+    }
+}
+
+fn log_corrupt(file: usize, reason: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key: None,
+        reason: format!("session log {file}: {reason}"),
+    }
+}
+
+/// A failed group: whatever failed, the operations in it are retryable.
 fn commit_failed(e: StoreError) -> StoreError {
     let reason = match e {
         StoreError::Unavailable { reason } => reason,
@@ -98,81 +229,189 @@ fn commit_failed(e: StoreError) -> StoreError {
     }
 }
 
-type SessionTable<'txn> = Table<'txn, &'static [u8], &'static [u8]>;
+type SessionsTable = ReadOnlyTable<&'static [u8], &'static [u8]>;
 
-fn load(
-    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    id: &SessionId,
-) -> Result<Option<Session>, StoreError> {
+fn load(table: &SessionsTable, id: &SessionId) -> Result<Option<Session>, StoreError> {
     match table.get(id.as_bytes()).map_err(unavailable)? {
         Some(bytes) => codec::decode_keyed(id, bytes.value()).map(Some),
         None => Ok(None),
     }
 }
 
-/// Writes an operation has decided on: key -> new value (`None`: remove).
-type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+/// A stored record read from redb, checked against its key.
+fn decode_stored(key: &[u8], value: &[u8]) -> Result<Session, StoreError> {
+    let id = SessionId::new(key).map_err(|e| StoreError::Corrupt {
+        key: None,
+        reason: format!("stored key: {e}"),
+    })?;
+    codec::decode_keyed(&id, value)
+}
 
-/// What one operation sees inside the shared write transaction: the table (with the
-/// effects of the operations before it) plus its own staged writes, which reach the table
-/// only if the operation succeeds.
-struct Stage<'a, 'txn> {
-    table: &'a SessionTable<'txn>,
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; should something, the state they guard
+    // is still consistent (every update is a single assignment, push or map insert), so go on.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Writes decided on: key -> new record (`None`: remove).
+type Writes = BTreeMap<SessionId, Option<Session>>;
+
+/// Two key-ordered streams of overlay entries merged, `left` winning on equal keys.
+struct UnionLeft<L: Iterator, R: Iterator> {
+    l: std::iter::Peekable<L>,
+    r: std::iter::Peekable<R>,
+}
+
+impl<'a, L, R> Iterator for UnionLeft<L, R>
+where
+    L: Iterator<Item = (&'a SessionId, &'a Option<Session>)>,
+    R: Iterator<Item = (&'a SessionId, &'a Option<Session>)>,
+{
+    type Item = (&'a SessionId, &'a Option<Session>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match (self.l.peek(), self.r.peek()) {
+            (Some((lk, _)), Some((rk, _))) => match lk.cmp(rk) {
+                std::cmp::Ordering::Less => self.l.next(),
+                std::cmp::Ordering::Equal => {
+                    self.r.next();
+                    self.l.next()
+                }
+                std::cmp::Ordering::Greater => self.r.next(),
+            },
+            (Some(_), None) => self.l.next(),
+            (None, _) => self.r.next(),
+        }
+    }
+}
+
+/// Overlay entries (the tail index, a group's writes) over redb records, in key order:
+/// an overlay entry hides redb's record of its key, and a `None` one hides the key.
+struct OverTable<L: Iterator, R: Iterator> {
+    l: std::iter::Peekable<L>,
+    r: std::iter::Peekable<R>,
+}
+
+impl<'a, L, R> Iterator for OverTable<L, R>
+where
+    L: Iterator<Item = (&'a SessionId, &'a Option<Session>)>,
+    R: Iterator<Item = Result<Session, StoreError>>,
+{
+    type Item = Result<Session, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let take_left = match (self.l.peek(), self.r.peek()) {
+                (None, None) => return None,
+                (None, Some(_)) | (Some(_), Some(Err(_))) => false,
+                (Some(_), None) => true,
+                (Some((lk, _)), Some(Ok(rs))) => match (*lk).cmp(&rs.id) {
+                    std::cmp::Ordering::Less => true,
+                    std::cmp::Ordering::Equal => {
+                        self.r.next();
+                        true
+                    }
+                    std::cmp::Ordering::Greater => false,
+                },
+            };
+            if !take_left {
+                return self.r.next();
+            }
+            if let Some((_, Some(s))) = self.l.next() {
+                return Some(Ok(s.clone()));
+            }
+        }
+    }
+}
+
+/// What the leader's operations see: the group's earlier writes, over the tail index,
+/// over a redb snapshot opened under `planning`.
+struct View<'a> {
+    index: &'a RwLock<BTreeMap<SessionId, Pending>>,
+    table: &'a SessionsTable,
+    group: &'a Writes,
+}
+
+impl View<'_> {
+    fn load(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
+        if let Some(v) = self.group.get(id) {
+            return Ok(v.clone());
+        }
+        if let Some(p) = read(self.index).get(id) {
+            return Ok(p.value.clone());
+        }
+        load(self.table, id)
+    }
+
+    /// Calls `f` with every stored record in key order (tombstones and expired ones
+    /// included).
+    fn for_each(&self, mut f: impl FnMut(Session) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let index = read(self.index);
+        let overlay = UnionLeft {
+            l: self.group.iter().peekable(),
+            r: index.iter().map(|(k, p)| (k, &p.value)).peekable(),
+        };
+        let table = self.table.iter().map_err(unavailable)?.map(|entry| {
+            let (k, v) = entry.map_err(unavailable)?;
+            decode_stored(k.value(), v.value())
+        });
+        let merged = OverTable {
+            l: overlay.peekable(),
+            r: table.peekable(),
+        };
+        for s in merged {
+            f(s?)?;
+        }
+        Ok(())
+    }
+}
+
+/// What one operation sees: the [`View`] plus its own staged writes, which join the
+/// group only if the operation succeeds.
+struct Stage<'a, 'v> {
+    view: &'a View<'v>,
     writes: Writes,
 }
 
 impl Stage<'_, '_> {
     /// The record of `id`, the operation's own staged writes included.
     fn load(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
-        match self.writes.get(id.as_bytes()) {
-            Some(Some(bytes)) => codec::decode_keyed(id, bytes).map(Some),
-            Some(None) => Ok(None),
-            None => load(self.table, id),
+        match self.writes.get(id) {
+            Some(v) => Ok(v.clone()),
+            None => self.view.load(id),
         }
     }
 
     fn save(&mut self, s: &Session) -> Result<(), StoreError> {
-        let bytes = codec::encode(s)?;
-        self.writes.insert(s.id.as_bytes().to_vec(), Some(bytes));
+        s.validate()?;
+        self.writes.insert(s.id.clone(), Some(s.clone()));
         Ok(())
     }
 
     fn remove(&mut self, id: &SessionId) {
-        self.writes.insert(id.as_bytes().to_vec(), None);
+        self.writes.insert(id.clone(), None);
     }
-}
-
-fn apply(table: &mut SessionTable<'_>, writes: Writes) -> Result<(), StoreError> {
-    for (key, value) in writes {
-        match value {
-            Some(bytes) => {
-                table.insert(key.as_slice(), bytes.as_slice()).map_err(unavailable)?;
-            }
-            None => {
-                table.remove(key.as_slice()).map_err(unavailable)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing panics while holding these locks; should something, the state they guard
-    // is still consistent (every update is a single assignment or push), so go on.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One queued write, type-erased so one queue holds every kind.
 trait Job: Send {
-    /// Runs the operation against the shared transaction's table at `now`; keeps its
-    /// result and returns its writes if it succeeded.
-    fn plan(&mut self, table: &SessionTable<'_>, now: i64) -> Option<Writes>;
+    /// Runs the operation against `view` at `now`; keeps its result and returns its
+    /// writes if it succeeded.
+    fn plan(&mut self, view: &View<'_>, now: i64) -> Option<Writes>;
 
     /// Hands the caller its result and wakes it: the operation's own result when the
-    /// commit succeeded, `Unavailable` when it failed.
+    /// group committed, `Unavailable` when it failed.
     fn finish(self: Box<Self>, commit: &Result<(), StoreError>);
 
-    /// Wakes the waiting caller to lead the next commit.
+    /// Wakes the waiting caller to lead the next group.
     fn kick(&self);
 }
 
@@ -235,10 +474,10 @@ where
     T: Send,
     F: FnOnce(&mut Stage<'_, '_>, i64) -> Result<T, StoreError> + Send,
 {
-    fn plan(&mut self, table: &SessionTable<'_>, now: i64) -> Option<Writes> {
+    fn plan(&mut self, view: &View<'_>, now: i64) -> Option<Writes> {
         let f = self.f.take()?;
         let mut stage = Stage {
-            table,
+            view,
             writes: Writes::new(),
         };
         match f(&mut stage, now) {
@@ -283,7 +522,7 @@ impl<T, F> Drop for Op<T, F> {
 }
 
 /// The group-commit queue. Each waiting writer waits on its own slot; a leader wakes
-/// the first queued writer to lead the next commit, then exactly the writers whose
+/// the first queued writer to lead the next group, then exactly the writers whose
 /// results it delivered.
 #[derive(Default)]
 struct Group {
@@ -297,65 +536,309 @@ struct GroupState {
 }
 
 impl DiskStore {
-    /// Opens the store at `path`, creating the file if needed (crash recovery runs here).
+    /// Opens the store at `path` with [`DiskOptions::default`], creating the files if
+    /// needed (redb's crash recovery and the log replay run here).
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] when the file cannot be opened or created,
-    /// [`StoreError::Corrupt`] when redb finds it corrupted.
+    /// [`StoreError::Unavailable`] when a file cannot be opened or created,
+    /// [`StoreError::Corrupt`] when redb finds its file corrupted or the log is damaged
+    /// anywhere but in its last frame.
     pub fn create(path: impl AsRef<Path>, options: StoreOptions) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(unavailable)?;
-        Self::from_db(db, options)
+        Self::create_with(path, options, DiskOptions::default())
     }
 
-    /// Opens the store on any redb [`StorageBackend`] instead of a file (crash recovery
-    /// runs here): fault injection, power-loss simulation, or redb's
-    /// [`InMemoryBackend`](redb::backends::InMemoryBackend). "Durable" then means what
-    /// the backend's `sync_data` guarantees.
+    /// [`DiskStore::create`] with checkpoint settings.
     ///
     /// # Examples
     /// ```
-    /// use erlmcp_rollout::session::{DiskStore, Session, SessionId, Store, StoreOptions, Timeout};
-    /// let store = DiskStore::with_backend(redb::backends::InMemoryBackend::new(), StoreOptions::default())?;
+    /// use erlmcp_rollout::session::{DiskOptions, DiskStore, Session, SessionId, Store, StoreOptions, Timeout};
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("s.redb");
+    /// let keep_log = DiskOptions { checkpoint_on_close: false, checkpoint_interval: None, ..DiskOptions::default() };
+    /// let store = DiskStore::create_with(&path, StoreOptions::default(), keep_log)?;
+    /// store.put(Session::new(SessionId::new("s1")?, 0, Timeout::Infinity, vec![]))?;
+    /// drop(store); // the write is only in the log now
+    /// let store = DiskStore::create(&path, StoreOptions::default())?; // replays it
+    /// assert_eq!(store.get(&SessionId::new("s1")?)?.version, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`DiskStore::create`].
+    pub fn create_with(
+        path: impl AsRef<Path>,
+        options: StoreOptions,
+        settings: DiskOptions,
+    ) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        let db = Database::create(path).map_err(unavailable)?;
+        let [p0, p1] = Self::log_paths(path);
+        let fresh = !p0.exists() || !p1.exists();
+        let open = |p: &Path| FileLog::open(p).map_err(|e| log_io(&format!("open {}", p.display()), e));
+        let files: [Box<dyn StorageBackend>; 2] = [Box::new(open(&p0)?), Box::new(open(&p1)?)];
+        if fresh {
+            // A new file's directory entry must be durable before anything in it is
+            // acknowledged.
+            let dir = p0
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| log_io(&format!("sync directory {}", dir.display()), e))?;
+        }
+        Self::from_parts(db, files, options, settings)
+    }
+
+    /// The two log files of the store at `path`: `PATH.wal-0` and `PATH.wal-1`.
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::session::DiskStore;
+    /// let [a, b] = DiskStore::log_paths("data/sessions.redb");
+    /// assert_eq!(a, std::path::Path::new("data/sessions.redb.wal-0"));
+    /// assert_eq!(b, std::path::Path::new("data/sessions.redb.wal-1"));
+    /// ```
+    pub fn log_paths(path: impl AsRef<Path>) -> [PathBuf; 2] {
+        [".wal-0", ".wal-1"].map(|suffix| {
+            let mut p = path.as_ref().as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
+        })
+    }
+
+    /// Opens the store on any redb [`StorageBackend`] for redb and two more for the log
+    /// files (redb's crash recovery and the log replay run here): fault injection,
+    /// power-loss simulation, or redb's [`InMemoryBackend`](redb::backends::InMemoryBackend).
+    /// "Durable" then means what the backends' `sync_data` guarantees.
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::session::{DiskOptions, DiskStore, Session, SessionId, Store, StoreOptions, Timeout};
+    /// use redb::backends::InMemoryBackend;
+    /// let store = DiskStore::with_backends(
+    ///     InMemoryBackend::new(),
+    ///     [InMemoryBackend::new(), InMemoryBackend::new()],
+    ///     StoreOptions::default(),
+    ///     DiskOptions::default(),
+    /// )?;
     /// let s = store.put(Session::new(SessionId::new("s1")?, 0, Timeout::Infinity, vec![]))?;
     /// assert_eq!(s.version, 1);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] when the backend fails, [`StoreError::Corrupt`] when
-    /// redb finds its bytes corrupted.
-    pub fn with_backend(backend: impl StorageBackend, options: StoreOptions) -> Result<Self, StoreError> {
+    /// [`StoreError::Unavailable`] when a backend fails, [`StoreError::Corrupt`] when
+    /// redb finds its bytes corrupted or the log is damaged anywhere but in its last frame.
+    pub fn with_backends<B: StorageBackend, L: StorageBackend>(
+        backend: B,
+        logs: [L; 2],
+        options: StoreOptions,
+        settings: DiskOptions,
+    ) -> Result<Self, StoreError> {
         let db = Database::builder().create_with_backend(backend).map_err(unavailable)?;
-        Self::from_db(db, options)
+        let [a, b] = logs;
+        Self::from_parts(db, [Box::new(a), Box::new(b)], options, settings)
     }
 
-    fn from_db(db: Database, options: StoreOptions) -> Result<Self, StoreError> {
-        let store = DiskStore {
+    /// Recovery: the checkpoint mark from redb, each log file checked (a torn last frame
+    /// cut off), the frames after the mark replayed into the tail index in order.
+    fn from_parts(
+        db: Database,
+        files: [Box<dyn StorageBackend>; 2],
+        options: StoreOptions,
+        settings: DiskOptions,
+    ) -> Result<Self, StoreError> {
+        // Create the tables now (so reads of a fresh file find them) and read the mark.
+        let done = {
+            let mut txn = db.begin_write().map_err(unavailable)?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| unavailable(redb::Error::from(e)))?;
+            let done = {
+                txn.open_table(SESSIONS).map_err(unavailable)?;
+                let meta = txn.open_table(WAL_META).map_err(unavailable)?;
+                let done = meta.get(CHECKPOINT_SEQ).map_err(unavailable)?.map(|v| v.value());
+                done.unwrap_or(0)
+            };
+            txn.commit().map_err(unavailable)?;
+            done
+        };
+        let mut contents = [Vec::new(), Vec::new()];
+        let mut parsed: [wal::Parsed; 2] = Default::default();
+        for (i, file) in files.iter().enumerate() {
+            let mut bytes = wal::read_all(&**file).map_err(|e| log_io(&format!("read log {i}"), e))?;
+            // A file shorter than its header, or all zeros, is one whose creation was cut
+            // short: nothing in it was ever acknowledged (frames follow a synced header).
+            if bytes.len() < HEADER_LEN as usize || bytes.iter().all(|&b| b == 0) {
+                let header = wal::header();
+                file.set_len(0)
+                    .and_then(|()| file.write(0, &header))
+                    .and_then(|()| file.sync_data())
+                    .map_err(|e| log_io(&format!("initialise log {i}"), e))?;
+                bytes = header.to_vec();
+            }
+            let p = wal::parse(&bytes).map_err(|reason| log_corrupt(i, reason))?;
+            if p.dropped > 0 {
+                // The torn last frame: cut it off before anything is appended after it.
+                file.set_len(p.valid_end)
+                    .and_then(|()| file.sync_data())
+                    .map_err(|e| log_io(&format!("cut the torn tail of log {i}"), e))?;
+            }
+            contents[i] = bytes;
+            parsed[i] = p;
+        }
+        // Frames after the mark, in seq order, must continue it without a gap.
+        let newer = |i: usize| parsed[i].frames.iter().filter(move |f| f.seq > done);
+        let firsts = [0, 1].map(|i| newer(i).next().map(|f| f.seq));
+        let order: Vec<usize> = match firsts {
+            [Some(a), Some(b)] if a < b => vec![0, 1],
+            [Some(_), Some(_)] => vec![1, 0],
+            [Some(_), None] => vec![0],
+            [None, Some(_)] => vec![1],
+            [None, None] => vec![],
+        };
+        let mut expect = done.saturating_add(1);
+        let mut index = BTreeMap::new();
+        for &i in &order {
+            for frame in newer(i) {
+                if frame.seq != expect {
+                    return Err(log_corrupt(
+                        i,
+                        format!(
+                            "frame {} follows checkpoint {done} and frame {}: frames are missing",
+                            frame.seq,
+                            expect - 1
+                        ),
+                    ));
+                }
+                expect += 1;
+                for e in frame.entries(&contents[i]) {
+                    let value = match e.value {
+                        Some(bytes) => {
+                            let s = codec::decode(bytes)
+                                .map_err(|e| log_corrupt(i, format!("frame {}: {e}", frame.seq)))?;
+                            if s.id.as_bytes() != e.key {
+                                return Err(log_corrupt(
+                                    i,
+                                    format!("frame {}: a record filed under another key", frame.seq),
+                                ));
+                            }
+                            Some(s)
+                        }
+                        None => None,
+                    };
+                    let id = match &value {
+                        Some(s) => s.id.clone(),
+                        None => SessionId::new(e.key).map_err(|e| log_corrupt(i, e))?,
+                    };
+                    index.insert(id, Pending { seq: frame.seq, value });
+                }
+            }
+        }
+        // Files whose frames redb already holds (a checkpoint ended before its truncate).
+        for i in 0..2 {
+            if !parsed[i].frames.is_empty() && !order.contains(&i) {
+                files[i]
+                    .set_len(HEADER_LEN)
+                    .and_then(|()| files[i].sync_data())
+                    .map_err(|e| log_io(&format!("truncate checkpointed log {i}"), e))?;
+                parsed[i].valid_end = HEADER_LEN;
+                parsed[i].frames.clear();
+            }
+        }
+        let last_seq = [0, 1]
+            .iter()
+            .filter_map(|&i| parsed[i].frames.last().map(|f| f.seq))
+            .max()
+            .unwrap_or(0);
+        let (active, sealed) = match order.as_slice() {
+            [older, newer] => (*newer, Some(*older)),
+            [only] => (*only, None),
+            _ => (0, None),
+        };
+        let log = Log {
+            active,
+            ends: [parsed[0].valid_end, parsed[1].valid_end],
+            has_frames: [!parsed[0].frames.is_empty(), !parsed[1].frames.is_empty()],
+            next_seq: last_seq.max(done) + 1,
+            sealed,
+            failed: None,
+        };
+        drop(contents);
+        let inner = Arc::new(Inner {
             db,
             options,
+            settings,
             group: Group::default(),
+            index: RwLock::new(index),
+            planning: Mutex::new(()),
+            files,
+            log: Mutex::new(log),
+            checkpointing: Mutex::new(()),
+            signal: Mutex::new(Signal {
+                requested: sealed.is_some(),
+                shutdown: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let checkpointer = {
+            let inner = Arc::clone(&inner);
+            std::thread::Builder::new()
+                .name("erlmcp-session-checkpoint".into())
+                .spawn(move || inner.run_checkpointer())
+                .map_err(|e| StoreError::Unavailable {
+                    reason: format!("cannot start the checkpoint thread: {e}"),
+                })?
         };
-        // Create the table now, so reads of a fresh file find it.
-        store.commit_batch(&mut [])?;
-        Ok(store)
+        Ok(DiskStore {
+            inner,
+            checkpointer: Some(checkpointer),
+        })
     }
 
     /// The options the store was built with.
     pub fn options(&self) -> &StoreOptions {
-        &self.options
+        &self.inner.options
     }
 
-    /// Queues `f` for the next group commit and returns its result once that commit is
-    /// durable (or has failed). `f` sees the table as left by the operations before it in
-    /// the same commit and the store clock's now; its writes are applied only if it
+    /// Brings redb up to date with every write acknowledged before the call and
+    /// truncates the log (what the background checkpoints do; writers go on meanwhile,
+    /// waiting at most for the group in flight when the active log file is sealed).
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::session::{DiskStore, Session, SessionId, Store, StoreOptions, Timeout};
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("s.redb");
+    /// let store = DiskStore::create(&path, StoreOptions::default())?;
+    /// store.put(Session::new(SessionId::new("s1")?, 0, Timeout::Infinity, vec![]))?;
+    /// store.checkpoint()?;
+    /// for log in DiskStore::log_paths(&path) {
+    ///     assert_eq!(std::fs::metadata(log)?.len(), 16); // the header only
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when redb or a log file fails (nothing acknowledged is
+    /// lost: the log is truncated only after redb's commit), [`StoreError::Corrupt`] when
+    /// a sealed log file no longer reads back as it was written.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.inner.checkpoint()
+    }
+
+    /// Queues `f` for the next group commit and returns its result once that group is
+    /// durable (or has failed). `f` sees the state as left by the operations before it in
+    /// the same group and the store clock's now; its writes are applied only if it
     /// returns `Ok`.
     fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Stage<'_, '_>, i64) -> Result<T, StoreError> + Send + 'static,
     {
+        let inner = &*self.inner;
         let slot = Arc::new(Slot::new());
-        let mut state = lock(&self.group.state);
+        let mut state = lock(&inner.group.state);
         state.queue.push(Box::new(Op {
             f: Some(f),
             result: None,
@@ -371,7 +854,7 @@ impl DiskStore {
                 state.committing = true;
                 let mut batch = std::mem::take(&mut state.queue);
                 drop(state);
-                let commit = catch_unwind(AssertUnwindSafe(|| self.commit_batch(&mut batch)))
+                let commit = catch_unwind(AssertUnwindSafe(|| inner.commit_group(&mut batch)))
                     .unwrap_or_else(|_| {
                         Err(StoreError::Unavailable {
                             reason: "a panic interrupted it".into(),
@@ -380,7 +863,7 @@ impl DiskStore {
                     .map_err(commit_failed);
                 {
                     // The next leader first: the disk should not wait for the wake-ups.
-                    let mut state = lock(&self.group.state);
+                    let mut state = lock(&inner.group.state);
                     state.committing = false;
                     if let Some(next) = state.queue.first() {
                         next.kick();
@@ -394,43 +877,253 @@ impl DiskStore {
                 // Until our result is in, or we are told to lead.
                 slot.wait();
             }
-            state = lock(&self.group.state);
+            state = lock(&inner.group.state);
         }
     }
 
-    /// Runs `batch` in one write transaction and commits it durably.
-    fn commit_batch(&self, batch: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
-        let now = self.options.clock.now_unix_ms();
-        let mut txn = self.db.begin_write().map_err(unavailable)?;
-        let planned = txn
-            .set_durability(Durability::Immediate)
-            .map_err(|e| unavailable(redb::Error::from(e)))
-            .and_then(|()| {
-                let mut table = txn.open_table(SESSIONS).map_err(unavailable)?;
-                for job in batch.iter_mut() {
-                    if let Some(writes) = job.plan(&table, now) {
-                        apply(&mut table, writes)?;
-                    }
-                }
-                Ok(())
-            });
-        match planned {
-            Ok(()) => txn.commit().map_err(unavailable),
-            Err(e) => {
-                // Best effort: an abort that fails leaves nothing committed either.
-                let _ = txn.abort();
-                Err(e)
-            }
+    /// The record of `id` whatever its state: the tail index, else redb. (An index miss
+    /// followed by a fresh redb snapshot is safe: entries leave the index only after redb
+    /// durably holds them.)
+    fn lookup(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
+        if let Some(p) = read(&self.inner.index).get(id) {
+            return Ok(p.value.clone());
         }
+        let txn = self.inner.db.begin_read().map_err(unavailable)?;
+        let table = txn.open_table(SESSIONS).map_err(unavailable)?;
+        load(&table, id)
     }
 
     fn read_live(&self, id: &SessionId) -> Result<Session, StoreError> {
-        let now = self.options.clock.now_unix_ms();
-        let txn = self.db.begin_read().map_err(unavailable)?;
-        let table = txn.open_table(SESSIONS).map_err(unavailable)?;
-        match load(&table, id)? {
+        let now = self.inner.options.clock.now_unix_ms();
+        match self.lookup(id)? {
             Some(s) if s.is_live(now) => Ok(s),
             _ => Err(StoreError::NotFound { key: id.clone() }),
+        }
+    }
+}
+
+impl Inner {
+    /// Runs `batch` as one group: plans every operation, appends the group's records as
+    /// one frame, syncs it, publishes the records to the tail index.
+    fn commit_group(&self, batch: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
+        if let Some(reason) = &lock(&self.log).failed {
+            return Err(StoreError::Unavailable { reason: reason.clone() });
+        }
+        let now = self.options.clock.now_unix_ms();
+        let mut group = Writes::new();
+        {
+            let _planning = lock(&self.planning);
+            let txn = self.db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(SESSIONS).map_err(unavailable)?;
+            for job in batch.iter_mut() {
+                let writes = {
+                    let view = View {
+                        index: &self.index,
+                        table: &table,
+                        group: &group,
+                    };
+                    job.plan(&view, now)
+                };
+                if let Some(writes) = writes {
+                    group.extend(writes);
+                }
+            }
+        }
+        if group.is_empty() {
+            return Ok(());
+        }
+        let encoded = group
+            .iter()
+            .map(|(k, v)| Ok((k, v.as_ref().map(codec::encode).transpose()?)))
+            .collect::<Result<Vec<_>, InvalidInput>>()?;
+        let mut log = lock(&self.log);
+        if let Some(reason) = &log.failed {
+            return Err(StoreError::Unavailable { reason: reason.clone() });
+        }
+        let seq = log.next_seq;
+        let frame = wal::encode_frame(
+            seq,
+            encoded.iter().map(|(k, v)| wal::Entry {
+                key: k.as_bytes(),
+                value: v.as_deref(),
+            }),
+        );
+        let file = log.active;
+        let at = log.ends[file];
+        if let Err(e) = self.files[file]
+            .write(at, &frame)
+            .and_then(|()| self.files[file].sync_data())
+        {
+            let reason = format!(
+                "session log {file}: append at offset {at} failed ({e}); writes are refused until the store is reopened"
+            );
+            log.failed = Some(reason.clone());
+            return Err(StoreError::Unavailable { reason });
+        }
+        log.ends[file] = at + frame.len() as u64;
+        log.has_frames[file] = true;
+        log.next_seq = seq + 1;
+        let full = self.settings.checkpoint_bytes > 0 && log.ends[file] - HEADER_LEN >= self.settings.checkpoint_bytes;
+        {
+            // Published before the log lock is released, so a checkpoint that seals this
+            // file finds these entries in the index when it prunes.
+            let mut index = write(&self.index);
+            for (k, value) in group {
+                index.insert(k, Pending { seq, value });
+            }
+        }
+        drop(log);
+        if full {
+            let mut signal = lock(&self.signal);
+            if !signal.requested {
+                signal.requested = true;
+                self.wake.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    /// The background checkpointer: waits for a request, the interval or shutdown.
+    fn run_checkpointer(&self) {
+        loop {
+            {
+                let deadline = self.settings.checkpoint_interval.map(|d| Instant::now() + d);
+                let mut signal = lock(&self.signal);
+                while !signal.shutdown && !signal.requested {
+                    match deadline {
+                        Some(d) => {
+                            let now = Instant::now();
+                            if now >= d {
+                                break;
+                            }
+                            signal = self
+                                .wake
+                                .wait_timeout(signal, d - now)
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .0;
+                        }
+                        None => signal = self.wake.wait(signal).unwrap_or_else(PoisonError::into_inner),
+                    }
+                }
+                if signal.shutdown {
+                    return;
+                }
+                signal.requested = false;
+            }
+            // A failure leaves the log as it was (nothing is lost); the next round retries.
+            let _ = self.checkpoint();
+        }
+    }
+
+    /// A file sealed earlier (found at open, or left by a failed checkpoint) first, then
+    /// the active file.
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let _one = lock(&self.checkpointing);
+        let sealed = lock(&self.log).sealed;
+        if let Some(sealed) = sealed {
+            self.checkpoint_file(sealed)?;
+        }
+        let sealed = {
+            let mut log = lock(&self.log);
+            let active = log.active;
+            if !log.has_frames[active] {
+                return Ok(());
+            }
+            // Invariant: with nothing sealed, the other file holds no frames.
+            log.sealed = Some(active);
+            log.active = 1 - active;
+            active
+        };
+        self.checkpoint_file(sealed)
+    }
+
+    /// Copies the sealed file's records into redb (one durable transaction that also
+    /// moves the mark), prunes them from the index, truncates the file.
+    fn checkpoint_file(&self, f: usize) -> Result<(), StoreError> {
+        let end = lock(&self.log).ends[f];
+        let mut bytes = vec![0u8; usize::try_from(end).unwrap_or(usize::MAX)];
+        self.files[f]
+            .read(0, &mut bytes)
+            .map_err(|e| log_io(&format!("read sealed log {f}"), e))?;
+        let parsed = wal::parse(&bytes).map_err(|reason| log_corrupt(f, reason))?;
+        if parsed.valid_end != end {
+            return Err(log_corrupt(
+                f,
+                format!("sealed log reads back valid up to {} of {end} bytes", parsed.valid_end),
+            ));
+        }
+        let Some(last) = parsed.frames.last().map(|fr| fr.seq) else {
+            return self.truncate(f);
+        };
+        let mut txn = self.db.begin_write().map_err(unavailable)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| unavailable(redb::Error::from(e)))?;
+        let mut latest: BTreeMap<&[u8], Option<&[u8]>> = BTreeMap::new();
+        {
+            let mut meta = txn.open_table(WAL_META).map_err(unavailable)?;
+            let done = meta.get(CHECKPOINT_SEQ).map_err(unavailable)?.map_or(0, |v| v.value());
+            for frame in parsed.frames.iter().filter(|fr| fr.seq > done) {
+                for e in frame.entries(&bytes) {
+                    latest.insert(e.key, e.value);
+                }
+            }
+            let mut table = txn.open_table(SESSIONS).map_err(unavailable)?;
+            for (key, value) in &latest {
+                match value {
+                    Some(v) => {
+                        table.insert(*key, *v).map_err(unavailable)?;
+                    }
+                    None => {
+                        table.remove(*key).map_err(unavailable)?;
+                    }
+                }
+            }
+            meta.insert(CHECKPOINT_SEQ, last.max(done)).map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+        // redb now holds every frame up to `last`: their index entries may go, unless a
+        // later frame rewrote the key.
+        let keys: Vec<&[u8]> = latest.keys().copied().collect();
+        for chunk in keys.chunks(PRUNE_CHUNK) {
+            let _planning = lock(&self.planning);
+            let mut index = write(&self.index);
+            for key in chunk {
+                let Ok(id) = SessionId::new(key) else { continue };
+                if index.get(&id).is_some_and(|p| p.seq <= last) {
+                    index.remove(&id);
+                }
+            }
+        }
+        self.truncate(f)
+    }
+
+    /// Empties a checkpointed (sealed) file, durably, and makes it the next to fill.
+    fn truncate(&self, f: usize) -> Result<(), StoreError> {
+        self.files[f]
+            .set_len(HEADER_LEN)
+            .and_then(|()| self.files[f].sync_data())
+            .map_err(|e| log_io(&format!("truncate log {f}"), e))?;
+        let mut log = lock(&self.log);
+        log.ends[f] = HEADER_LEN;
+        log.has_frames[f] = false;
+        if log.sealed == Some(f) {
+            log.sealed = None;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DiskStore {
+    /// Stops the checkpointer, then (with [`DiskOptions::checkpoint_on_close`])
+    /// checkpoints everything; a failure there loses nothing (the next open replays).
+    fn drop(&mut self) {
+        lock(&self.inner.signal).shutdown = true;
+        self.inner.wake.notify_all();
+        if let Some(h) = self.checkpointer.take() {
+            let _ = h.join();
+        }
+        if self.inner.settings.checkpoint_on_close {
+            let _ = self.inner.checkpoint();
         }
     }
 }
@@ -457,9 +1150,7 @@ impl Store for DiskStore {
     }
 
     fn get_raw(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
-        let table = txn.open_table(SESSIONS).map_err(unavailable)?;
-        load(&table, id)
+        self.lookup(id)
     }
 
     fn put(&self, mut session: Session) -> Result<Session, StoreError> {
@@ -512,8 +1203,8 @@ impl Store for DiskStore {
     }
 
     fn touch(&self, id: &SessionId) -> Result<Session, StoreError> {
-        let now = self.options.clock.now_unix_ms();
-        let policy = self.options.touch;
+        let now = self.inner.options.clock.now_unix_ms();
+        let policy = self.inner.options.touch;
         let s = self.read_live(id)?;
         if !policy.should_persist(s.last_accessed, now, s.timeout) {
             return Ok(Session {
@@ -521,7 +1212,7 @@ impl Store for DiskStore {
                 ..s
             });
         }
-        // Decide again inside the write transaction: another writer may have run meanwhile.
+        // Decide again inside the group: another writer may have run meanwhile.
         let id = id.clone();
         self.write(move |stage, now| {
             let mut s = stage
@@ -543,21 +1234,31 @@ impl Store for DiskStore {
         if limit == 0 {
             return Err(InvalidInput::ZeroLimit.into());
         }
-        let now = self.options.clock.now_unix_ms();
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let now = self.inner.options.clock.now_unix_ms();
+        // The snapshot is opened under the index's read lock: no entry leaves the index
+        // while the page is read, and every entry that left it before is in the snapshot.
+        let index = read(&self.inner.index);
+        let txn = self.inner.db.begin_read().map_err(unavailable)?;
         let table = txn.open_table(SESSIONS).map_err(unavailable)?;
-        let lower = after.map_or(std::ops::Bound::Unbounded, |a| std::ops::Bound::Excluded(a.as_bytes()));
+        let overlay = match after {
+            Some(a) => index.range::<SessionId, _>((Bound::Excluded(a), Bound::Unbounded)),
+            None => index.range::<SessionId, _>(..),
+        };
+        let lower = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.as_bytes()));
         let range = table
-            .range::<&[u8]>((lower, std::ops::Bound::Unbounded))
-            .map_err(unavailable)?;
+            .range::<&[u8]>((lower, Bound::Unbounded))
+            .map_err(unavailable)?
+            .map(|entry| {
+                let (k, v) = entry.map_err(unavailable)?;
+                decode_stored(k.value(), v.value())
+            });
+        let merged = OverTable {
+            l: overlay.map(|(k, p)| (k, &p.value)).peekable(),
+            r: range.peekable(),
+        };
         let mut records = Vec::new();
-        for entry in range {
-            let (key, value) = entry.map_err(unavailable)?;
-            let id = SessionId::new(key.value()).map_err(|e| StoreError::Corrupt {
-                key: None,
-                reason: format!("stored key: {e}"),
-            })?;
-            let s = codec::decode_keyed(&id, value.value())?;
+        for s in merged {
+            let s = s?;
             if visibility == Visibility::Raw || s.is_live(now) {
                 records.push(s);
                 if records.len() > limit {
@@ -565,6 +1266,7 @@ impl Store for DiskStore {
                 }
             }
         }
+        drop(index);
         Ok(ScanPage::from_overfetch(records, limit))
     }
 
@@ -587,20 +1289,12 @@ impl Store for DiskStore {
     }
 
     fn sweep_expired(&self, now_ms: i64) -> Result<SweepOutcome, StoreError> {
-        let retention = i128::from(self.options.tombstone_retention_ms);
+        let retention = i128::from(self.inner.options.tombstone_retention_ms);
         self.write(move |stage, _| {
             let mut outcome = SweepOutcome::default();
             let mut expire = Vec::new();
             let mut purge = Vec::new();
-            for entry in stage.table.iter().map_err(unavailable)? {
-                let (key, value) = entry.map_err(unavailable)?;
-                let s = codec::decode(value.value()).map_err(|e| match e {
-                    StoreError::Corrupt { reason, .. } => StoreError::Corrupt {
-                        key: SessionId::new(key.value()).ok(),
-                        reason,
-                    },
-                    other => other,
-                })?;
+            stage.view.for_each(|s| {
                 if s.tombstone {
                     if i128::from(now_ms) - i128::from(s.last_accessed) > retention {
                         purge.push(s.id);
@@ -608,7 +1302,8 @@ impl Store for DiskStore {
                 } else if s.is_expired(now_ms) {
                     expire.push(s);
                 }
-            }
+                Ok(())
+            })?;
             for id in &purge {
                 stage.remove(id);
             }

@@ -5,8 +5,9 @@
 //! - [`TouchPolicy`]: which touches are written, so reads do not all become writes.
 //! - [`Store`]: the contract every backend implements; [`StoreError`]: its one error enum.
 //! - [`MemoryStore`]: a sharded concurrent map, no global lock.
-//! - `DiskStore` (feature `disk`): one redb file; acknowledged writes are durable, and
-//!   concurrent writers share commits (group commit).
+//! - `DiskStore` (feature `disk`): a checksummed write-ahead log in front of one redb
+//!   file; acknowledged writes are durable (fdatasync), concurrent writers share one log
+//!   append and sync (group commit), redb is brought up to date in the background.
 //! - `EtcdStore` (feature `etcd`): a replicated etcd cluster; acknowledged writes are
 //!   committed by the etcd quorum.
 //! - [`codec`]: the versioned binary record encoding persistent backends store.
@@ -34,6 +35,8 @@ pub mod codec;
 mod disk;
 #[cfg(feature = "etcd")]
 mod etcd;
+#[cfg(feature = "disk")]
+mod wal;
 #[cfg(feature = "etcd")]
 pub(crate) use etcd::{endpoint_urls, run_on, REJECTED_GRPC_CODES};
 mod memory;
@@ -45,7 +48,7 @@ use std::sync::Arc;
 
 pub use crate::clock::{Clock, ManualClock, PinnableClock, SystemClock};
 #[cfg(feature = "disk")]
-pub use disk::DiskStore;
+pub use disk::{DiskOptions, DiskStore};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdOptions, EtcdStore, DEFAULT_ETCD_MAX_REQUEST_BYTES};
 pub use memory::{MemoryStore, DEFAULT_SHARDS};

@@ -1,5 +1,7 @@
 //! `SimDisk`: a redb `StorageBackend` in memory that knows which bytes a power loss
-//! would keep, plus fault injection (failing or slow `sync_data`).
+//! would keep, plus fault injection (failing or slow `sync_data`); `SimMachine`: the
+//! three files of a `DiskStore` (redb and its two log files) on such disks, cut at one
+//! instant.
 //!
 //! Every write goes to the *live* image at once (what the process reads back, like the
 //! page cache). `sync_data` makes the live image *durable*. [`SimDisk::power_cut`]
@@ -73,30 +75,92 @@ impl SimDisk {
     /// call fails). With `torn = Some(seed)`, each write issued since the last sync also
     /// survives with probability 1/2 (chosen by `seed`), in issue order.
     pub fn power_cut(&self, torn: Option<u64>) -> Vec<u8> {
-        let mut s = self.lock();
-        s.off = true;
-        let mut image = s.durable.clone();
-        if let Some(mut seed) = torn {
-            for (offset, data) in &s.unsynced {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                if seed & 1 == 0 {
-                    continue;
-                }
-                let offset = usize::try_from(*offset).unwrap_or(usize::MAX);
-                match data {
-                    Some(bytes) => {
-                        if image.len() < offset + bytes.len() {
-                            image.resize(offset + bytes.len(), 0);
-                        }
-                        image[offset..offset + bytes.len()].copy_from_slice(bytes);
+        cut(&mut self.lock(), torn, false)
+    }
+}
+
+/// What survives on one disk (see [`SimDisk::power_cut`]); the disk is off afterwards.
+/// With `tear`, a surviving unsynced write may also survive only in part: a random
+/// prefix of it (one in four), as a write cut by the power loss mid-way.
+fn cut(s: &mut State, torn: Option<u64>, tear: bool) -> Vec<u8> {
+    s.off = true;
+    let mut image = s.durable.clone();
+    if let Some(mut seed) = torn {
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (offset, data) in &s.unsynced {
+            if next() & 1 == 0 {
+                continue;
+            }
+            let offset = usize::try_from(*offset).unwrap_or(usize::MAX);
+            match data {
+                Some(bytes) => {
+                    let kept = if tear && next() % 4 == 0 {
+                        &bytes[..(next() % (bytes.len() as u64 + 1)) as usize]
+                    } else {
+                        &bytes[..]
+                    };
+                    if image.len() < offset + kept.len() {
+                        image.resize(offset + kept.len(), 0);
                     }
-                    None => image.resize(offset, 0),
+                    image[offset..offset + kept.len()].copy_from_slice(kept);
                 }
+                None => image.resize(offset, 0),
             }
         }
-        image
+    }
+    image
+}
+
+/// The files of one `DiskStore` on simulated disks of one machine: redb and the two log
+/// files. Clones share the disks.
+#[derive(Clone, Debug, Default)]
+pub struct SimMachine {
+    pub db: SimDisk,
+    pub logs: [SimDisk; 2],
+}
+
+impl SimMachine {
+    /// A machine whose disks hold `images` (durable): redb, log 0, log 1.
+    pub fn from_images([db, l0, l1]: [Vec<u8>; 3]) -> Self {
+        SimMachine {
+            db: SimDisk::from_image(db),
+            logs: [SimDisk::from_image(l0), SimDisk::from_image(l1)],
+        }
+    }
+
+    /// A store on these disks.
+    pub fn open(
+        &self,
+        options: erlmcp_rollout::session::StoreOptions,
+        settings: erlmcp_rollout::session::DiskOptions,
+    ) -> Result<erlmcp_rollout::session::DiskStore, erlmcp_rollout::session::StoreError> {
+        erlmcp_rollout::session::DiskStore::with_backends(self.db.clone(), self.logs.clone(), options, settings)
+    }
+
+    /// Power loss on all three disks at one instant (every disk is locked while the
+    /// images are taken): redb, log 0, log 1. `torn` as for [`SimDisk::power_cut`], with
+    /// a different stream per disk; on the log disks a surviving write may also survive
+    /// only in part (a prefix), since the log does not rely on whole writes.
+    pub fn power_cut(&self, torn: Option<u64>) -> [Vec<u8>; 3] {
+        let mut db = self.db.lock();
+        let mut l0 = self.logs[0].lock();
+        let mut l1 = self.logs[1].lock();
+        let seed = |k: u64| torn.map(|t| t.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(k) | 1);
+        [
+            cut(&mut db, seed(1), false),
+            cut(&mut l0, seed(2), true),
+            cut(&mut l1, seed(3), true),
+        ]
+    }
+
+    /// Successful `sync_data` calls on the log disks.
+    pub fn log_syncs(&self) -> u64 {
+        self.logs[0].syncs() + self.logs[1].syncs()
     }
 }
 
