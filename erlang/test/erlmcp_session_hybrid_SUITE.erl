@@ -153,6 +153,12 @@ bad_options(Config) ->
                                                       state_dir => Dir, migration_phase => phase9})),
     ?assertMatch({error, {bad_store, _}},
                  erlmcp_session_backend_hybrid:init(#{primary => {tape, x}, secondary => memory, state_dir => Dir})),
+    %% both sides one store: refused at open (it would copy every write onto itself)
+    ?assertMatch({error, {bad_store, _}},
+                 erlmcp_session_backend_hybrid:init(#{primary => memory, secondary => memory, state_dir => Dir})),
+    ?assertMatch({error, {bad_store, _}},
+                 erlmcp_session_backend_hybrid:init(#{primary => {memory, same_side}, secondary => {memory, same_side},
+                                                      state_dir => Dir})),
     {ok, Plain} = erlmcp_session_native:init(#{}),
     ?assertMatch({error, {invalid, _}}, erlmcp_session_native:migration(advance, 1000, Plain)).
 
