@@ -96,13 +96,46 @@
 
 -spec init(map()) -> {ok, state()} | {error, term()}.
 init(Opts) when is_map(Opts) ->
-    Spec = maps:get(store, Opts, memory),
-    case erlmcp_rollout_nif:session_open(Spec, maps:without([store], Opts)) of
-        {ok, Handle, Kind} -> {ok, #native{handle = Handle, kind = Kind}};
-        {error, _} = E -> E
+    case maps:keys(Opts) -- accepted_options() of
+        [] ->
+            Spec = maps:get(store, Opts, memory),
+            case erlmcp_rollout_nif:session_open(Spec, maps:without([store], Opts)) of
+                {ok, Handle, Kind} -> {ok, #native{handle = Handle, kind = Kind}};
+                {error, _} = E -> E
+            end;
+        Unknown ->
+            {error, {bad_option, unknown_options(lists:sort(Unknown))}}
     end;
 init(Opts) ->
     {error, {bad_option, options, Opts}}.
+
+%% Every option init/1 takes (the NIF reads them); anything else is an error
+%% naming it, so a misspelt or foreign option never silently yields a
+%% default store. Add new options here.
+accepted_options() ->
+    [store, name, touch_permille, tombstone_retention_ms, prefix,
+     %% a hybrid store's (erlmcp_session_backend_hybrid passes them through)
+     state_dir, migration_phase, shadow_sample, phase_etcd].
+
+unknown_options(Unknown) ->
+    Hints = [Hint || K <- Unknown, Hint <- [foreign_option(K)], Hint =/= none],
+    iolist_to_binary([io_lib:format("unknown option(s) ~0p; accepted: ~0p", [Unknown, accepted_options()])
+                      | [[<<"; ">>, H] || H <- Hints]]).
+
+%% erlmcp's own backends' option names: say which store spec replaces them.
+foreign_option(file_path) ->
+    <<"file_path is erlmcp_session_dets's option: use store => {disk, Path} (one redb file)">>;
+foreign_option(auto_save) ->
+    <<"auto_save is erlmcp_session_dets's option: a {disk, Path} store makes every store/3 durable">>;
+foreign_option(table_name) ->
+    <<"table_name is an option of erlmcp's ETS/Mnesia backends: use store => memory with name => Atom, "
+      "or store => {etcd, Endpoints} for a replicated store">>;
+foreign_option(nodes) ->
+    <<"nodes is erlmcp_session_mnesia's option: use store => {etcd, Endpoints} for a replicated store">>;
+foreign_option(disc_copies) ->
+    <<"disc_copies is erlmcp_session_mnesia's option: use store => {etcd, Endpoints} or {disk, Path}">>;
+foreign_option(_) ->
+    none.
 
 -spec store(session_id(), session(), state()) -> {ok, state()} | {error, term()}.
 store(Id, Session, #native{} = S) when is_binary(Id), is_map(Session) ->

@@ -222,7 +222,13 @@ bad_input_is_refused(Config) ->
     ?assertMatch({error, {bad_store, _}}, erlmcp_session_native:init(#{store => {disk, <<>>}})),
     ?assertMatch({error, {bad_option, _}}, erlmcp_session_native:init(#{name => "not an atom"})),
     ?assertMatch({error, {bad_option, _}}, erlmcp_session_native:init(#{touch_permille => 1001})),
-    ?assertMatch({error, {bad_option, _, _}}, erlmcp_session_native:init(not_a_map)).
+    ?assertMatch({error, {bad_option, _, _}}, erlmcp_session_native:init(not_a_map)),
+    %% unknown options are an error naming them; erlmcp's DETS option names the spec to use
+    {error, {bad_option, Unknown}} = erlmcp_session_native:init(#{frobnicate => 1, touch_permille => 10}),
+    ?assertNotEqual(nomatch, binary:match(Unknown, <<"frobnicate">>)),
+    {error, {bad_option, Dets}} = erlmcp_session_native:init(#{file_path => "/tmp/sessions.dets"}),
+    ?assertNotEqual(nomatch, binary:match(Dets, <<"file_path">>)),
+    ?assertNotEqual(nomatch, binary:match(Dets, <<"{disk, Path}">>)).
 
 concurrent_writers_and_readers(Config) ->
     %% doc: 64 processes store and read back their own sessions at once.
@@ -314,9 +320,11 @@ reopen_with_other_settings_is_an_error(Config) ->
     %% doc: opening an already-open store with other settings is an error naming
     %% them, not a silent share of the first one's settings.
     Spec = spec(Config),
-    {ok, _S} = erlmcp_session_native:init(Spec),
+    {ok, S} = erlmcp_session_native:init(Spec),
     ?assertMatch({ok, _}, erlmcp_session_native:init(Spec)),
-    ?assertMatch({error, {bad_store, _}}, erlmcp_session_native:init(Spec#{touch_permille => 0})).
+    ?assertMatch({error, {bad_store, _}}, erlmcp_session_native:init(Spec#{touch_permille => 0})),
+    %% S is used after the checks: its store stays open (not garbage collected) until here.
+    ?assertMatch({ok, [], S}, erlmcp_session_native:list(S)).
 
 %%% kill -9
 
