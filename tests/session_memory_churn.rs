@@ -60,3 +60,32 @@ fn migration_tombstones_hold_no_metadata() {
     assert!(tomb.metadata.is_empty());
     assert_eq!(tomb.meta_format, MetaFormat::Opaque);
 }
+
+#[test]
+fn a_scan_page_visits_a_bounded_number_of_dead_records() {
+    let clock = ManualClock::new(T0);
+    let store = MemoryStore::new(StoreOptions::with_clock(clock.clone()));
+    fill(&store, "dead-", 50_000, T0);
+    for i in 0..5 {
+        let id = SessionId::new(format!("live-{i}")).unwrap();
+        store
+            .put(Session::new(id, T0 + 5_000, Timeout::Infinity, vec![]))
+            .unwrap();
+    }
+    clock.set_unix_ms(T0 + 5_000); // every "dead-" record has expired, none swept
+    let first = store.scan(None, 10, Visibility::Live).unwrap();
+    assert!(first.records.is_empty(), "the page stops after its visit budget");
+    assert!(first.next.is_some());
+    let (mut live, mut pages, mut after) = (Vec::new(), 0, None);
+    loop {
+        let page = store.scan(after.as_ref(), 10, Visibility::Live).unwrap();
+        pages += 1;
+        live.extend(page.records.into_iter().map(|s| s.id));
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(live.len(), 5);
+    assert!(pages >= 50_000 / 1024, "{pages} pages");
+}

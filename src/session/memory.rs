@@ -189,6 +189,11 @@ impl MemoryStore {
     }
 }
 
+/// Most records one scan page visits: twice the page, at least 1024.
+fn visit_budget(limit: usize) -> usize {
+    limit.saturating_mul(2).max(1024)
+}
+
 fn read(shard: &Shard) -> RwLockReadGuard<'_, ShardMap> {
     // No code panics while holding a shard lock, so a poisoned lock holds consistent data.
     shard.0.read().unwrap_or_else(PoisonError::into_inner)
@@ -321,12 +326,25 @@ impl Store for MemoryStore {
             }
         }
         let mut records = Vec::with_capacity(limit.saturating_add(1).min(4096));
+        // A page visits at most this many records, live or not, so that a store full of
+        // expired records (before a sweep frees them) costs a bounded time per page under
+        // the shard locks; a short page then continues after the last key visited.
+        let budget = visit_budget(limit);
+        let mut visited = 0usize;
         while let Some(std::cmp::Reverse((id, i))) = heap.pop() {
             if let Some(s) = guards[i].records.get(id).filter(|s| keep(s)) {
                 records.push(s.clone());
                 if records.len() > limit {
                     break;
                 }
+            }
+            visited += 1;
+            if visited >= budget && records.len() <= limit {
+                let more = iters[i].next().is_some() || !heap.is_empty();
+                return Ok(ScanPage {
+                    records,
+                    next: more.then(|| id.clone()),
+                });
             }
             if let Some(next) = iters[i].next() {
                 heap.push(std::cmp::Reverse((next, i)));
