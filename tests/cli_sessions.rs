@@ -76,8 +76,8 @@ fn stats_counts_each_state_and_bytes() {
     assert_eq!(v["live"], 3);
     assert_eq!(v["expired"], 1);
     assert_eq!(v["tombstones"], 1);
-    // 42-byte headers + ids (5+4+2+3+4) + metadata (3+4+0+1+1).
-    assert_eq!(v["bytes"], 5 * 42 + 18 + 9);
+    // 42-byte headers + ids (5+4+2+3+4) + metadata (3+4+0+1; the tombstone keeps none).
+    assert_eq!(v["bytes"], 5 * 42 + 18 + 8);
     let o = run(&["sessions", "stats", &uri]);
     assert!(
         stdout(&o).contains("records: 5 (live 3, expired 1, tombstones 1)"),

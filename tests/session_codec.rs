@@ -23,6 +23,7 @@ fn session_strategy() -> impl Strategy<Value = Session> {
                 last_accessed,
                 timeout: timeout.map_or(Timeout::Infinity, |t| Timeout::ms(t).unwrap()),
                 metadata: metadata.into(),
+                meta_format: erlmcp_rollout::session::MetaFormat::Opaque,
                 version,
                 tombstone,
             },
@@ -77,6 +78,7 @@ fn layout_is_as_documented() {
         last_accessed: -2,
         timeout: Timeout::ms(0x0102).unwrap(),
         metadata: vec![9].into(),
+        meta_format: erlmcp_rollout::session::MetaFormat::Opaque,
         version: 7,
         tombstone: true,
     };
@@ -146,4 +148,20 @@ fn keyed_decoding_names_the_key() {
         e.to_string(),
         "corrupt session record \"k2\": the record holds id \"k1\""
     );
+}
+
+#[test]
+fn metadata_format_is_stored_and_old_records_read_as_opaque() {
+    use erlmcp_rollout::session::MetaFormat;
+    let mut s = Session::new(SessionId::new("m").unwrap(), 0, Timeout::Infinity, vec![131, 106]);
+    s.meta_format = MetaFormat::Etf;
+    let bytes = codec::encode(&s).unwrap();
+    assert_eq!(bytes[1] & 0b100, 0b100);
+    assert_eq!(codec::decode(&bytes).unwrap().meta_format, MetaFormat::Etf);
+    // A record written before the flag existed: the same bytes without bit 2.
+    let mut old = bytes.clone();
+    old[1] &= !0b100;
+    let read = codec::decode(&old).unwrap();
+    assert_eq!(read.meta_format, MetaFormat::Opaque);
+    assert_eq!(read.metadata.as_ref(), &[131, 106]);
 }

@@ -30,6 +30,8 @@
 %% with `register_condition/2' in the caller's process; an unregistered name,
 %% a fun that crashes or returns a non-boolean makes the condition false.
 -module(erlmcp_feature_flags).
+
+-include_lib("kernel/include/file.hrl").
 -behaviour(gen_server).
 
 %% API
@@ -506,7 +508,7 @@ jitter(Ms) ->
 
 stamp(Path) ->
     case file:read_file_info(Path, [{time, posix}]) of
-        {ok, Info} -> {element(2, Info), element(6, Info), element(13, Info)};  % size, mtime, inode
+        {ok, #file_info{size = Size, mtime = MTime, inode = Inode}} -> {Size, MTime, Inode};
         {error, Reason} -> {error, Reason}
     end.
 

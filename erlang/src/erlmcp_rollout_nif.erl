@@ -35,11 +35,14 @@
 %% What a session NIF returns, now or (`async') later as `{Tag, Result}'.
 -type store_error() :: not_found | already_exists | {conflict, non_neg_integer(), non_neg_integer()}
                      | {unavailable | corrupt | invalid | internal, binary()} | nif_panicked.
+%% Metadata: opaque bytes, or `{etf, Bytes}' for external term format
+%% written by the Erlang side (the record keeps which it is).
+-type metadata() :: binary() | {etf, binary()}.
 -type native_fields() :: {CreatedAt :: integer(), LastAccessed :: integer(),
-                          TimeoutMs :: pos_integer() | infinity, Metadata :: binary()}.
+                          TimeoutMs :: pos_integer() | infinity, Metadata :: metadata()}.
 -type stored() :: {CreatedAt :: integer(), LastAccessed :: integer(),
-                   TimeoutMs :: pos_integer() | infinity, Metadata :: binary(), Version :: pos_integer()}.
--export_type([store_handle/0, store_kind/0, store_error/0, native_fields/0, stored/0]).
+                   TimeoutMs :: pos_integer() | infinity, Metadata :: metadata(), Version :: pos_integer()}.
+-export_type([store_handle/0, store_kind/0, store_error/0, metadata/0, native_fields/0, stored/0]).
 
 -spec init() -> ok | {error, term()}.
 init() ->

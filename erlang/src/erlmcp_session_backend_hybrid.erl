@@ -39,7 +39,11 @@
 %% `secondary' without downtime. Every write goes first to a local native
 %% disk store in `state_dir' (the mirror, written durably with its outbox
 %% intent), then to the legacy backend, and is acknowledged after both; the
-%% relay copies the mirror into the secondary with retries. In `off' and
+%% relay copies the mirror into the secondary with retries. When the legacy
+%% write or delete fails, the mirror's prior copy is written back (or the key
+%% deleted again), so the caller's error means nothing changed on any side
+%% (in phase 2 a secondary read may see the undone write until the undo is
+%% relayed). In `off' and
 %% `phase1' reads come from the legacy backend (a fetch whose access time
 %% moved by more than 10 % of the timeout is mirrored too, so sliding expiry
 %% carries over); in `phase2' from the secondary, falling back to the mirror
@@ -117,12 +121,17 @@ init_legacy({Module, ModOpts}, Secondary, Opts) ->
 store(Id, Session, #legacy{module = M, lstate = L, native = N} = St) ->
     case legacy_writes(N) of
         true ->
-            %% The mirror (and its outbox intent) first, durably; then the legacy backend.
+            %% The mirror (and its outbox intent) first, durably; then the legacy
+            %% backend. If the legacy write fails, the mirror gets its prior
+            %% record back (see compensate/3): the caller's error means the
+            %% session is as it was everywhere.
+            Prior = mirror_prior(Id, N),
             case erlmcp_session_native:store(Id, Session, N) of
                 {ok, N} ->
-                    case M:store(Id, Session, L) of
+                    case legacy_call(fun() -> M:store(Id, Session, L) end) of
                         {ok, L2} -> {ok, St#legacy{lstate = L2}};
-                        {error, _} = E -> E
+                        {error, Reason} -> compensate(Id, Prior, N), {error, Reason};
+                        Other -> compensate(Id, Prior, N), {error, {legacy, Other}}
                     end;
                 {error, _} = E ->
                     E
@@ -184,21 +193,55 @@ mirror_touch(_Id, _Session, _N) ->
 
 -spec delete(binary(), state()) -> {ok, state()} | {error, term(), state()}.
 delete(Id, #legacy{module = M, lstate = L, native = N} = St) ->
+    Writes = legacy_writes(N),
+    Prior = case Writes of
+                true -> mirror_prior(Id, N);
+                false -> none
+            end,
     case erlmcp_session_native:delete(Id, N) of
-        {ok, N} ->
-            case legacy_writes(N) of
-                true ->
-                    case M:delete(Id, L) of
-                        {ok, L2} -> {ok, St#legacy{lstate = L2}};
-                        {error, Reason, L2} -> {error, Reason, St#legacy{lstate = L2}}
-                    end;
-                false ->
-                    {ok, St}
+        {ok, N} when Writes ->
+            case legacy_call(fun() -> M:delete(Id, L) end) of
+                {ok, L2} -> {ok, St#legacy{lstate = L2}};
+                {error, Reason} -> compensate(Id, Prior, N), {error, Reason, St};
+                {error, Reason, L2} -> compensate(Id, Prior, N), {error, Reason, St#legacy{lstate = L2}}
             end;
+        {ok, N} ->
+            {ok, St};
         {error, Reason, N} ->
             {error, Reason, St}
     end;
 delete(Id, S) -> erlmcp_session_native:delete(Id, S).
+
+%% The mirror's live copy of Id before a dual write (`none' if it holds none).
+mirror_prior(Id, N) ->
+    case erlmcp_session_native:get(Id, N) of
+        {ok, Session, N} -> {session, Session};
+        {error, _, N} -> none
+    end.
+
+%% Undo a mirror write whose legacy write failed: put the prior copy back, or
+%% delete the key when there was none. The relay carries the undo to the
+%% secondary after the write it undoes (same outbox, same order), so the
+%% secondary ends as it was; in phase 2 a read of the secondary may see the
+%% undone write in between. An undo that fails itself is logged (the two
+%% sides then differ until the next write of the key or a verify/repair).
+compensate(Id, Prior, N) ->
+    Undo = case Prior of
+               {session, S} -> erlmcp_session_native:store(Id, S, N);
+               none -> erlmcp_session_native:delete(Id, N)
+           end,
+    case Undo of
+        {ok, N} -> ok;
+        Failed -> logger:error("erlmcp_session_backend_hybrid: undo of ~p after a failed legacy write failed: ~p",
+                               [Id, Failed])
+    end.
+
+%% A legacy backend call; an exception is a failed call like an error return.
+legacy_call(F) ->
+    try F()
+    catch
+        Class:Reason -> {error, {Class, Reason}}
+    end.
 
 -spec list(state()) -> {ok, [binary()], state()}.
 list(#legacy{module = M, lstate = L, native = N} = St) ->

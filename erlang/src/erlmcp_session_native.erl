@@ -18,7 +18,19 @@
 %% timeout; default 100), `tombstone_retention_ms', `prefix' (etcd).
 %%
 %% `init/1' on a store already open in this VM (same disk file, same memory
-%% name) shares it. The State is an opaque handle that never changes.
+%% name) shares it; asking for it with other settings (`touch_permille',
+%% `tombstone_retention_ms') is `{error, {bad_store, Why}}'. The State is an
+%% opaque handle that never changes.
+%%
+%% Memory: a memory store opened here takes no part in a migration, so it
+%% keeps no tombstones: `delete/2' frees the session at once and
+%% `cleanup_expired/1' frees every expired one (memory and `list/1' work
+%% follow the live sessions, not the dead). A memory store that is a side of
+%% a hybrid (`{memory, Name}' in `erlmcp_session_backend_hybrid') keeps
+%% tombstones, without metadata, for `tombstone_retention_ms'; a plain
+%% `init/1' of it shares it as it is. Disk and etcd stores keep tombstones
+%% (without metadata) for `tombstone_retention_ms' (default 7 days), since
+%% either may later be a migration's source.
 %%
 %% Semantics that differ from erlmcp's ETS/DETS backends, on purpose
 %% (DESIGN §4.1): an expired session is never returned (`fetch' says
@@ -31,7 +43,9 @@
 %% Sessions round-trip exactly. A session in erlmcp's shape (exactly `id',
 %% `created_at', `last_accessed', `timeout_ms', `metadata', with `id' equal
 %% to the key and `metadata' a map) is stored field by field with the
-%% metadata in external term format (readable from Rust and the CLI): the
+%% metadata in external term format (readable from Rust and the CLI; the
+%% record is marked as such and read back with `binary_to_term(_, [safe])':
+%% stored bytes never create an atom; see `from_native/2'): the
 %% bytes `term_to_binary/1' writes, encoded by the NIF itself for the usual
 %% terms and by `term_to_binary/1' here for the rest (pids, funs, large or
 %% deep terms; see `erlmcp_rollout_nif:session_put/4'). Any
@@ -56,7 +70,7 @@
 -opaque state() :: #native{}.
 -type session_id() :: binary().
 -type session() :: map().
--type store_spec() :: memory | {disk, file:filename_all()} | {etcd, [binary() | string()]}
+-type store_spec() :: memory | {memory, atom()} | {disk, file:filename_all()} | {etcd, [binary() | string()]}
                     | {hybrid, store_spec(), store_spec()}.
 -export_type([state/0, store_spec/0]).
 
@@ -64,19 +78,64 @@
 -define(WHOLE, '$erlmcp_session_native_whole').
 
 %% Runs a session NIF and waits for its reply when it went to a worker.
+%% Invariant: `Tag' is a `make_ref()' made in the same function as this
+%% receive (the compiler then skips the messages that were queued before
+%% the call instead of scanning them: erlmcp calls from one busy gen_server;
+%% `scripts/recv-opt-check' and an EUnit test hold every receive here to it).
 -define(AWAIT(Tag, Call), case Call of async -> receive {Tag, Reply__} -> Reply__ end; Now__ -> Now__ end).
+
+%% A call that a memory store answers at once (no reference to make, ~30 ns,
+%% a tenth of a memory store/3) and any other store maybe later.
+-define(CALL(Kind, Tag, Call),
+        case Kind of
+            memory -> Tag = sync, Call;
+            _ -> Tag = make_ref(), ?AWAIT(Tag, Call)
+        end).
 
 -define(PAGE, 1000).
 
 -spec init(map()) -> {ok, state()} | {error, term()}.
 init(Opts) when is_map(Opts) ->
-    Spec = maps:get(store, Opts, memory),
-    case erlmcp_rollout_nif:session_open(Spec, maps:without([store], Opts)) of
-        {ok, Handle, Kind} -> {ok, #native{handle = Handle, kind = Kind}};
-        {error, _} = E -> E
+    case maps:keys(Opts) -- accepted_options() of
+        [] ->
+            Spec = maps:get(store, Opts, memory),
+            case erlmcp_rollout_nif:session_open(Spec, maps:without([store], Opts)) of
+                {ok, Handle, Kind} -> {ok, #native{handle = Handle, kind = Kind}};
+                {error, _} = E -> E
+            end;
+        Unknown ->
+            {error, {bad_option, unknown_options(lists:sort(Unknown))}}
     end;
 init(Opts) ->
     {error, {bad_option, options, Opts}}.
+
+%% Every option init/1 takes (the NIF reads them); anything else is an error
+%% naming it, so a misspelt or foreign option never silently yields a
+%% default store. Add new options here.
+accepted_options() ->
+    [store, name, touch_permille, tombstone_retention_ms, prefix,
+     %% a hybrid store's (erlmcp_session_backend_hybrid passes them through)
+     state_dir, migration_phase, shadow_sample, phase_etcd].
+
+unknown_options(Unknown) ->
+    Hints = [Hint || K <- Unknown, Hint <- [foreign_option(K)], Hint =/= none],
+    iolist_to_binary([io_lib:format("unknown option(s) ~0p; accepted: ~0p", [Unknown, accepted_options()])
+                      | [[<<"; ">>, H] || H <- Hints]]).
+
+%% erlmcp's own backends' option names: say which store spec replaces them.
+foreign_option(file_path) ->
+    <<"file_path is erlmcp_session_dets's option: use store => {disk, Path} (one redb file)">>;
+foreign_option(auto_save) ->
+    <<"auto_save is erlmcp_session_dets's option: a {disk, Path} store makes every store/3 durable">>;
+foreign_option(table_name) ->
+    <<"table_name is an option of erlmcp's ETS/Mnesia backends: use store => memory with name => Atom, "
+      "or store => {etcd, Endpoints} for a replicated store">>;
+foreign_option(nodes) ->
+    <<"nodes is erlmcp_session_mnesia's option: use store => {etcd, Endpoints} for a replicated store">>;
+foreign_option(disc_copies) ->
+    <<"disc_copies is erlmcp_session_mnesia's option: use store => {etcd, Endpoints} or {disk, Path}">>;
+foreign_option(_) ->
+    none.
 
 -spec store(session_id(), session(), state()) -> {ok, state()} | {error, term()}.
 store(Id, Session, #native{} = S) when is_binary(Id), is_map(Session) ->
@@ -88,19 +147,17 @@ store(Id, Session, #native{}) ->
     {error, {invalid, bad_arguments(Id, Session)}}.
 
 put(Id, Fields, #native{handle = H, kind = Kind} = S) ->
-    Tag = tag(Kind),
-    case ?AWAIT(Tag, erlmcp_rollout_nif:session_put(H, Tag, Id, Fields)) of
+    case ?CALL(Kind, Tag, erlmcp_rollout_nif:session_put(H, Tag, Id, Fields)) of
         ok -> {ok, S};
         %% Metadata the NIF does not encode itself (a pid, a fun, a deep or
         %% large term, ...): term_to_binary/1 here, which yields.
-        term_to_binary -> {C, L, T, M} = Fields, put(Id, {C, L, T, term_to_binary(M)}, S);
+        term_to_binary -> {C, L, T, M} = Fields, put(Id, {C, L, T, {etf, term_to_binary(M)}}, S);
         {error, E} -> {error, E}
     end.
 
 -spec fetch(session_id(), state()) -> {ok, session(), state()} | {error, not_found | term(), state()}.
 fetch(Id, #native{handle = H, kind = Kind} = S) when is_binary(Id) ->
-    Tag = tag(Kind),
-    case ?AWAIT(Tag, erlmcp_rollout_nif:session_touch(H, Tag, Id)) of
+    case ?CALL(Kind, Tag, erlmcp_rollout_nif:session_touch(H, Tag, Id)) of
         {ok, Stored} -> decoded(Id, Stored, S);
         {error, E} -> {error, E, S}
     end;
@@ -110,8 +167,7 @@ fetch(_Id, #native{} = S) ->
 %% @doc Like `fetch/2' without sliding the expiry (no write ever).
 -spec get(session_id(), state()) -> {ok, session(), state()} | {error, not_found | term(), state()}.
 get(Id, #native{handle = H, kind = Kind} = S) when is_binary(Id) ->
-    Tag = tag(Kind),
-    case ?AWAIT(Tag, erlmcp_rollout_nif:session_get(H, Tag, Id)) of
+    case ?CALL(Kind, Tag, erlmcp_rollout_nif:session_get(H, Tag, Id)) of
         {ok, Stored} -> decoded(Id, Stored, S);
         {error, E} -> {error, E, S}
     end;
@@ -120,8 +176,7 @@ get(_Id, #native{} = S) ->
 
 -spec delete(session_id(), state()) -> {ok, state()} | {error, term(), state()}.
 delete(Id, #native{handle = H, kind = Kind} = S) when is_binary(Id) ->
-    Tag = tag(Kind),
-    case ?AWAIT(Tag, erlmcp_rollout_nif:session_delete(H, Tag, Id)) of
+    case ?CALL(Kind, Tag, erlmcp_rollout_nif:session_delete(H, Tag, Id)) of
         {ok, _WasLive} -> {ok, S};
         {error, E} -> {error, E, S}
     end;
@@ -140,8 +195,7 @@ list(#native{} = S) ->
     end.
 
 list_from(After, #native{handle = H, kind = Kind} = S, Acc) ->
-    Tag = tag(Kind),
-    case ?AWAIT(Tag, erlmcp_rollout_nif:session_list_page(H, Tag, After, ?PAGE)) of
+    case ?CALL(Kind, Tag, erlmcp_rollout_nif:session_list_page(H, Tag, After, ?PAGE)) of
         {ok, Ids, done} -> {ok, lists:append(lists:reverse([Ids | Acc]))};
         {ok, Ids, Next} -> list_from(Next, S, [Ids | Acc]);
         {error, _} = E -> E
@@ -173,8 +227,7 @@ apply_batch(Records, #native{handle = H}) ->
 %% @doc The stored fields and version of a live session, without touching it.
 -spec stored(session_id(), state()) -> {ok, erlmcp_rollout_nif:stored()} | {error, term()}.
 stored(Id, #native{handle = H, kind = Kind}) ->
-    Tag = tag(Kind),
-    ?AWAIT(Tag, erlmcp_rollout_nif:session_get(H, Tag, Id)).
+    ?CALL(Kind, Tag, erlmcp_rollout_nif:session_get(H, Tag, Id)).
 
 %% @doc A migration step of a hybrid store (see `erlmcp_session_backend_hybrid').
 -spec migration(advance | rollback | drain | {step_to, atom()} | {set, atom()}, non_neg_integer(), state()) ->
@@ -202,18 +255,12 @@ stored_many(Ids, #native{handle = H}) ->
     Tag = make_ref(),
     ?AWAIT(Tag, erlmcp_rollout_nif:session_get_many(H, Tag, Ids)).
 
-%% The tag of a NIF call's reply. A memory store answers at once (but for
-%% sweeps and batches, which take a fresh reference): no reference to make
-%% (~30 ns, a tenth of a memory store/3).
-tag(memory) -> sync;
-tag(_) -> make_ref().
-
 %% @doc The stored fields of an erlmcp session map (see the module doc).
 -spec to_native(session_id(), session()) ->
     {ok, erlmcp_rollout_nif:native_fields()} | {error, {invalid, binary()}}.
 to_native(Id, Session) ->
     case fields(Id, Session) of
-        {ok, {C, L, T, M}} when is_map(M) -> {ok, {C, L, T, term_to_binary(M)}};
+        {ok, {C, L, T, M}} when is_map(M) -> {ok, {C, L, T, {etf, term_to_binary(M)}}};
         Other -> Other
     end.
 
@@ -229,7 +276,7 @@ fields(_Id, S) when is_map(S) ->
 fields(_Id, _) ->
     {error, {invalid, <<"a session must be a map">>}}.
 
-maybe_fields({ok, C}, {ok, L}, {ok, T}, S) -> {ok, {C, L, T, term_to_binary({?WHOLE, S})}};
+maybe_fields({ok, C}, {ok, L}, {ok, T}, S) -> {ok, {C, L, T, {etf, term_to_binary({?WHOLE, S})}}};
 maybe_fields({error, _} = E, _, _, _) -> E;
 maybe_fields(_, {error, _} = E, _, _) -> E;
 maybe_fields(_, _, {error, _} = E, _) -> E.
@@ -252,24 +299,30 @@ timeout(S) ->
     end.
 
 %% @doc The session map of stored fields (inverse of `to_native/2'; the
-%% returned `last_accessed' is the stored one). Metadata bytes that are not
-%% external term format (a session written from Rust) come back as the
-%% binary itself.
--spec from_native(session_id(), erlmcp_rollout_nif:stored()) -> session().
-from_native(Id, {C, L, T, Meta, _Version}) ->
-    case decode_meta(Meta) of
-        {ok, {?WHOLE, S}} when is_map(S) -> S#{last_accessed => L};
-        {ok, M} -> #{id => Id, created_at => C, last_accessed => L, timeout_ms => T, metadata => M};
-        error -> #{id => Id, created_at => C, last_accessed => L, timeout_ms => T, metadata => Meta}
-    end.
-
-decode_meta(Bin) ->
-    try {ok, binary_to_term(Bin)}
-    catch error:badarg -> error
-    end.
+%% returned `last_accessed' is the stored one). The record says how its
+%% metadata is encoded: `{etf, Bin}' (written by this module) is decoded with
+%% `binary_to_term(Bin, [safe])', so it never creates an atom or an external
+%% fun; bytes that fail that are `{error, {undecodable_metadata, Id}}'. Any
+%% other metadata (written from Rust, the CLI, or a record stored before
+%% records carried their encoding) comes back as the binary itself, never
+%% decoded.
+-spec from_native(session_id(), erlmcp_rollout_nif:stored()) ->
+    {ok, session()} | {error, {undecodable_metadata, session_id()}}.
+from_native(Id, {C, L, T, {etf, Bin}, _Version}) when is_binary(Bin) ->
+    try binary_to_term(Bin, [safe]) of
+        {?WHOLE, S} when is_map(S) -> {ok, S#{last_accessed => L}};
+        M -> {ok, #{id => Id, created_at => C, last_accessed => L, timeout_ms => T, metadata => M}}
+    catch
+        error:badarg -> {error, {undecodable_metadata, Id}}
+    end;
+from_native(Id, {C, L, T, Meta, _Version}) when is_binary(Meta) ->
+    {ok, #{id => Id, created_at => C, last_accessed => L, timeout_ms => T, metadata => Meta}}.
 
 decoded(Id, Stored, S) ->
-    {ok, from_native(Id, Stored), S}.
+    case from_native(Id, Stored) of
+        {ok, Session} -> {ok, Session, S};
+        {error, Reason} -> {error, Reason, S}
+    end.
 
 bad_arguments(Id, _Session) when not is_binary(Id) -> <<"session id must be a binary">>;
 bad_arguments(_Id, _Session) -> <<"a session must be a map">>.

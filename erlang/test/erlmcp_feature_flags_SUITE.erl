@@ -3,6 +3,7 @@
 %% upgrade procedure.
 -module(erlmcp_feature_flags_SUITE).
 -include_lib("common_test/include/ct.hrl").
+-include_lib("kernel/include/file.hrl").
 -include_lib("stdlib/include/assert.hrl").
 -compile([export_all, nowarn_export_all]).
 
@@ -16,7 +17,7 @@ groups() ->
                         fixture_overrides, fixture_reference, every_fixture_file_runs]},
      {lifecycle, [sequence], [start_link_0_reads_erlmcp_core_env, bad_start_reports_every_problem,
                               bad_options_are_refused, reload_now_failure_keeps_last_good,
-                              file_change_is_picked_up, overrides_survive_reloads,
+                              file_change_is_picked_up, file_replaced_with_same_size_and_mtime_is_picked_up, overrides_survive_reloads,
                               env_var_overrides, restart_keeps_flags_serving,
                               custom_conditions_run_in_the_caller]},
      {concurrency, [sequence], [readers_during_reloads_see_whole_snapshots,
@@ -258,6 +259,19 @@ file_change_is_picked_up(Config) ->
     timer:sleep(1100),  % a different mtime second, whatever the filesystem
     ok = file:write_file(Path, <<"{\"f\": {\"enabled\": true}, \"g\": {}}">>),
     ok = wait_until(fun() -> erlmcp_feature_flags:is_enabled(<<"f">>, #{}) end, 5000).
+
+file_replaced_with_same_size_and_mtime_is_picked_up(Config) ->
+    %% doc: a config replaced by rename (a new inode) with the same size and mtime
+    %% is still a change: the file stamp includes the inode.
+    Path = write(Config, "r.json", <<"{\"f\": {\"enabled\": false}}">>),
+    {ok, _} = erlmcp_feature_flags:start_link(#{config => Path, check_interval_ms => 50}),
+    ?assertNot(erlmcp_feature_flags:is_enabled(<<"f">>, #{})),
+    {ok, #file_info{mtime = MTime}} = file:read_file_info(Path, [{time, posix}]),
+    Tmp = Path ++ ".tmp",
+    ok = file:write_file(Tmp, <<"{\"f\": {\"enabled\": true }}">>),
+    ok = file:write_file_info(Tmp, #file_info{mtime = MTime, atime = MTime}, [{time, posix}]),
+    ok = file:rename(Tmp, Path),
+    ok = wait_until(fun() -> erlmcp_feature_flags:is_enabled(<<"f">>, #{}) end, 3000).
 
 overrides_survive_reloads(Config) ->
     %% doc: enable/disable survive reloads until clear.

@@ -8,7 +8,8 @@
 
 all() ->
     [phase_in_etcd_reaches_every_node, phases_end_to_end, gate_refuses_unverified_advance, deletes_are_not_resurrected,
-     phase_is_saved_and_authoritative, memory_to_disk, bad_options, live_cutover_from_a_legacy_backend].
+     phase_is_saved_and_authoritative, memory_to_disk, bad_options, live_cutover_from_a_legacy_backend,
+     failed_legacy_writes_change_nothing].
 
 init_per_suite(Config) ->
     {ok, _} = application:ensure_all_started(erlmcp_rollout),
@@ -157,6 +158,12 @@ bad_options(Config) ->
                                                       state_dir => Dir, migration_phase => phase9})),
     ?assertMatch({error, {bad_store, _}},
                  erlmcp_session_backend_hybrid:init(#{primary => {tape, x}, secondary => memory, state_dir => Dir})),
+    %% both sides one store: refused at open (it would copy every write onto itself)
+    ?assertMatch({error, {bad_store, _}},
+                 erlmcp_session_backend_hybrid:init(#{primary => memory, secondary => memory, state_dir => Dir})),
+    ?assertMatch({error, {bad_store, _}},
+                 erlmcp_session_backend_hybrid:init(#{primary => {memory, same_side}, secondary => {memory, same_side},
+                                                      state_dir => Dir})),
     {ok, Plain} = erlmcp_session_native:init(#{}),
     ?assertMatch({error, {invalid, _}}, erlmcp_session_native:migration(advance, 1000, Plain)).
 
@@ -206,6 +213,46 @@ live_cutover_from_a_legacy_backend(Config) ->
     {ok, NS} = erlmcp_session_native:init(#{store => New}),
     {ok, NewIds, NS} = erlmcp_session_native:list(NS),
     ?assertEqual(lists:sort([<<"after">> | Live ++ (Old -- [<<"old-2">>])]), NewIds).
+
+failed_legacy_writes_change_nothing(Config) ->
+    %% doc: the legacy backend fails every 3rd store and delete: each call that
+    %% returned an error left every side (legacy, mirror, and after the relay drained,
+    %% the secondary) as it was before the call; each call that returned ok is on all.
+    Dir = ?config(dir, Config),
+    Table = flaky_legacy,
+    Legacy = {flaky_legacy_ets, #{table_name => Table, fail_every => 3}},
+    New = {disk, filename:join(Dir, "new.redb")},
+    {ok, H0} = erlmcp_session_backend_hybrid:init(#{primary => Legacy, secondary => New, migration_phase => phase1,
+                                                    state_dir => filename:join(Dir, "state")}),
+    Ids = [<<"f-", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 30)],
+    %% Expected: Id => what every side must hold (absent | N).
+    Step = fun({Op, Id, N}, {H, Want, Errors}) ->
+                   Before = maps:get(Id, Want, absent),
+                   R = case Op of
+                           store -> erlmcp_session_backend_hybrid:store(Id, session(Id, N), H);
+                           delete -> erlmcp_session_backend_hybrid:delete(Id, H)
+                       end,
+                   case R of
+                       {ok, H2} when Op =:= store -> {H2, Want#{Id => N}, Errors};
+                       {ok, H2} -> {H2, Want#{Id => absent}, Errors};
+                       {error, _} -> {H, Want#{Id => Before}, Errors + 1};
+                       {error, _, H2} -> {H2, Want#{Id => Before}, Errors + 1}
+                   end
+           end,
+    Ops = [{store, Id, 1} || Id <- Ids] ++ [{store, Id, 2} || Id <- lists:sublist(Ids, 15)]
+          ++ [{delete, Id, 0} || Id <- lists:sublist(Ids, 10, 12)],
+    {H1, Want, Errors} = lists:foldl(Step, {H0, #{}, 0}, Ops),
+    ?assert(Errors >= 15),
+    {ok, _} = erlmcp_session_backend_hybrid:drain(10000, H1),
+    {ok, Sec} = erlmcp_session_native:init(#{store => New}),
+    maps:foreach(
+      fun(Id, absent) ->
+              ?assertEqual({Id, []}, {Id, ets:lookup(Table, Id)}),
+              ?assertMatch({Id, {error, not_found, _}}, {Id, erlmcp_session_native:get(Id, Sec)});
+         (Id, N) ->
+              ?assertMatch({Id, [{_, #{metadata := #{n := N}}}]}, {Id, ets:lookup(Table, Id)}),
+              ?assertMatch({Id, {ok, #{metadata := #{n := N}}, _}}, {Id, erlmcp_session_native:get(Id, Sec)})
+      end, Want).
 
 phase_in_etcd_reaches_every_node(Config) ->
     %% doc: with phase_etcd the phase is cluster-wide: node a advances, node b (its own

@@ -15,10 +15,10 @@ all() ->
 cases() ->
     [round_trip_is_exact, state_never_changes, missing_and_deleted, expired_never_returned,
      fetch_slides_expiry, list_in_key_order_across_pages, init_shares_the_store, bad_input_is_refused,
-     concurrent_writers_and_readers, callbacks_match_erlmcp_shapes].
+     concurrent_writers_and_readers, callbacks_match_erlmcp_shapes, stored_bytes_create_no_atoms].
 
 groups() ->
-    [{memory, [], cases()},
+    [{memory, [], cases() ++ [memory_frees_the_dead, reopen_with_other_settings_is_an_error]},
      {disk, [], cases()},
      {etcd, [], cases()},
      {crash, [sequence], [disk_kill9_loses_no_acknowledged_session]}].
@@ -222,7 +222,13 @@ bad_input_is_refused(Config) ->
     ?assertMatch({error, {bad_store, _}}, erlmcp_session_native:init(#{store => {disk, <<>>}})),
     ?assertMatch({error, {bad_option, _}}, erlmcp_session_native:init(#{name => "not an atom"})),
     ?assertMatch({error, {bad_option, _}}, erlmcp_session_native:init(#{touch_permille => 1001})),
-    ?assertMatch({error, {bad_option, _, _}}, erlmcp_session_native:init(not_a_map)).
+    ?assertMatch({error, {bad_option, _, _}}, erlmcp_session_native:init(not_a_map)),
+    %% unknown options are an error naming them; erlmcp's DETS option names the spec to use
+    {error, {bad_option, Unknown}} = erlmcp_session_native:init(#{frobnicate => 1, touch_permille => 10}),
+    ?assertNotEqual(nomatch, binary:match(Unknown, <<"frobnicate">>)),
+    {error, {bad_option, Dets}} = erlmcp_session_native:init(#{file_path => "/tmp/sessions.dets"}),
+    ?assertNotEqual(nomatch, binary:match(Dets, <<"file_path">>)),
+    ?assertNotEqual(nomatch, binary:match(Dets, <<"{disk, Path}">>)).
 
 concurrent_writers_and_readers(Config) ->
     %% doc: 64 processes store and read back their own sessions at once.
@@ -251,6 +257,74 @@ callbacks_match_erlmcp_shapes(Config) ->
     %% erlmcp owns the behaviour module: this application must not ship one.
     {ok, Mods} = application:get_key(erlmcp_rollout, modules),
     ?assertNot(lists:member(erlmcp_session_backend, Mods)).
+
+stored_bytes_create_no_atoms(Config) ->
+    %% doc: metadata bytes another program wrote never create an atom (or a fun) in
+    %% this VM: opaque bytes come back as the binary itself; bytes marked as external
+    %% term format are decoded with [safe], and bytes that fail that are a clear error.
+    S = open(Config),
+    Name = <<"erlmcp_never_seen_", (integer_to_binary(erlang:unique_integer([positive])))/binary>>,
+    %% #{Name => 1} as external term format, built by hand: no atom made here.
+    Etf = <<131, 116, 1:32, 119, (byte_size(Name)), Name/binary, 97, 1>>,
+    Fields = {?T0, ?T0, 60000, Etf},
+    ?assertEqual({ok, 1, 0}, erlmcp_session_native:apply_batch([{<<"rust">>, Fields, 1}], S)),
+    ?assertMatch({ok, #{metadata := Etf}, S}, erlmcp_session_native:fetch(<<"rust">>, S)),
+    ?assertMatch({ok, #{metadata := Etf}, S}, erlmcp_session_native:get(<<"rust">>, S)),
+    ?assertNot(atom_exists(Name)),
+    ?assertEqual({ok, 1, 0},
+                 erlmcp_session_native:apply_batch([{<<"marked">>, {?T0, ?T0, 60000, {etf, Etf}}, 1}], S)),
+    ?assertEqual({error, {undecodable_metadata, <<"marked">>}, S}, erlmcp_session_native:fetch(<<"marked">>, S)),
+    ?assertNot(atom_exists(Name)),
+    %% what this module writes is marked and reads back as the term
+    {ok, S} = erlmcp_session_native:store(<<"erl">>, session(<<"erl">>, #{k => v}), S),
+    ?assertMatch({ok, {_, _, _, {etf, _}, _}}, erlmcp_session_native:stored(<<"erl">>, S)),
+    ?assertMatch({ok, #{metadata := #{k := v}}, S}, erlmcp_session_native:fetch(<<"erl">>, S)).
+
+atom_exists(Name) ->
+    try binary_to_existing_atom(Name, utf8) of
+        _ -> true
+    catch
+        error:badarg -> false
+    end.
+
+memory_frees_the_dead(Config) ->
+    %% doc: a memory store outside a migration frees expired and deleted sessions at
+    %% cleanup_expired/1 instead of keeping tombstones: a later sweep (past every
+    %% tombstone retention) finds no record of them left, and list/1 shows the live ones.
+    S = open(Config),
+    Fill = fun(Prefix, N) ->
+                   Now = erlmcp_rollout_nif:session_now(),
+                   [{ok, S} = erlmcp_session_native:store(Id, session(Id, Now, 60000, #{n => I}), S)
+                    || I <- lists:seq(1, N), Id <- [<<Prefix/binary, (integer_to_binary(I))/binary>>]]
+           end,
+    Fill(<<"a-">>, 3000),
+    [{ok, S} = erlmcp_session_native:delete(<<"a-", (integer_to_binary(I))/binary>>, S) || I <- lists:seq(1, 1000)],
+    set_clock(?T0 + 60001),
+    ?assertEqual({ok, 2000, S}, erlmcp_session_native:cleanup_expired(S)),
+    Fill(<<"b-">>, 1000),
+    {ok, Live, S} = erlmcp_session_native:list(S),
+    ?assertEqual(1000, length(Live)),
+    %% The store's own record count: a raw sweep far past any tombstone retention
+    %% reports the records it still held besides the live ones (the 1000 deleted and
+    %% 2000 expired ones on a store that buries them; none here).
+    set_clock(?T0 + 60001 + 8 * 24 * 3600 * 1000),
+    ?assertEqual({ok, 1000, 0}, sweep(S)).
+
+sweep(S) ->
+    H = element(2, S),
+    Tag = make_ref(),
+    async = erlmcp_rollout_nif:session_sweep(H, Tag),
+    receive {Tag, R} -> R end.
+
+reopen_with_other_settings_is_an_error(Config) ->
+    %% doc: opening an already-open store with other settings is an error naming
+    %% them, not a silent share of the first one's settings.
+    Spec = spec(Config),
+    {ok, S} = erlmcp_session_native:init(Spec),
+    ?assertMatch({ok, _}, erlmcp_session_native:init(Spec)),
+    ?assertMatch({error, {bad_store, _}}, erlmcp_session_native:init(Spec#{touch_permille => 0})),
+    %% S is used after the checks: its store stays open (not garbage collected) until here.
+    ?assertMatch({ok, [], S}, erlmcp_session_native:list(S)).
 
 %%% kill -9
 

@@ -74,7 +74,7 @@ metadata_bytes_are_term_to_binary(_Config) ->
                        counters:add(Counts, case Answer of ok -> 1; _ -> 2 end, 1),
                        NifBytes = case Answer of
                                       ok ->
-                                          {ok, {_, _, _, B, _}} = erlmcp_rollout_nif:session_get(H, make_ref(), <<"n">>),
+                                          {ok, {_, _, _, {etf, B}, _}} = erlmcp_rollout_nif:session_get(H, make_ref(), <<"n">>),
                                           B;
                                       _ -> Bin
                                   end,
@@ -82,7 +82,7 @@ metadata_bytes_are_term_to_binary(_Config) ->
                        Sess = #{id => <<"m">>, created_at => Now, last_accessed => Now, timeout_ms => 60000,
                                 metadata => Meta},
                        {ok, S} = erlmcp_session_native:store(<<"m">>, Sess, S),
-                       {ok, {Now, Now, 60000, Bytes, _}} = erlmcp_session_native:stored(<<"m">>, S),
+                       {ok, {Now, Now, 60000, {etf, Bytes}, _}} = erlmcp_session_native:stored(<<"m">>, S),
                        {ok, Back, S} = erlmcp_session_native:get(<<"m">>, S),
                        ?WHENFAIL(ct:pal("meta ~P~nNIF answered ~p (want one of ~p)~nNIF bytes ~P~nstored ~P~n"
                                         "term_to_binary ~P",

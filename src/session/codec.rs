@@ -5,7 +5,7 @@
 //! | offset | size | field |
 //! |---:|---:|---|
 //! | 0 | 1 | format, `1` |
-//! | 1 | 1 | flags: bit 0 tombstone, bit 1 timeout is `infinity`; other bits must be 0 |
+//! | 1 | 1 | flags: bit 0 tombstone, bit 1 timeout is `infinity`, bit 2 metadata is Erlang external term format ([`MetaFormat::Etf`]); other bits must be 0 |
 //! | 2 | 8 | `version` (u64) |
 //! | 10 | 8 | `created_at` (i64, ms) |
 //! | 18 | 8 | `last_accessed` (i64, ms) |
@@ -19,10 +19,15 @@
 //! alone (scans, verify). Decoding rejects every deviation (unknown format or flag bits,
 //! a zero finite timeout, lengths out of range, trailing or missing bytes) with
 //! [`StoreError::Corrupt`]; it never panics.
+//!
+//! Bit 2 was added without a new format number: every record written before it has the bit
+//! clear and reads back as [`MetaFormat::Opaque`] (its metadata returned as bytes, never
+//! decoded), which is safe for bytes of unknown origin; old readers reject records with the
+//! bit set as corrupt rather than misread them.
 
 use std::num::NonZeroU64;
 
-use super::{InvalidInput, Session, SessionId, StoreError, Timeout, MAX_ID_LEN, MAX_METADATA_LEN};
+use super::{InvalidInput, MetaFormat, Session, SessionId, StoreError, Timeout, MAX_ID_LEN, MAX_METADATA_LEN};
 
 /// The format byte written by [`encode`].
 pub const FORMAT: u8 = 1;
@@ -32,6 +37,7 @@ pub const HEADER_LEN: usize = 42;
 
 const FLAG_TOMBSTONE: u8 = 1;
 const FLAG_INFINITY: u8 = 2;
+const FLAG_META_ETF: u8 = 4;
 
 /// Encodes a record (format [`FORMAT`]).
 ///
@@ -55,6 +61,9 @@ pub fn encode(s: &Session) -> Result<Vec<u8>, InvalidInput> {
     let mut flags = 0;
     if s.tombstone {
         flags |= FLAG_TOMBSTONE;
+    }
+    if s.meta_format == MetaFormat::Etf {
+        flags |= FLAG_META_ETF;
     }
     let timeout_ms = match s.timeout {
         Timeout::Ms(t) => t.get(),
@@ -91,7 +100,7 @@ pub fn decode(bytes: &[u8]) -> Result<Session, StoreError> {
         return Err(corrupt(format!("unknown record format {}", header[0])));
     }
     let flags = header[1];
-    if flags & !(FLAG_TOMBSTONE | FLAG_INFINITY) != 0 {
+    if flags & !(FLAG_TOMBSTONE | FLAG_INFINITY | FLAG_META_ETF) != 0 {
         return Err(corrupt(format!("unknown flag bits {flags:#04x}")));
     }
     let u64_at = |at: usize| {
@@ -138,6 +147,11 @@ pub fn decode(bytes: &[u8]) -> Result<Session, StoreError> {
         last_accessed,
         timeout,
         metadata: bytes[HEADER_LEN + id_len..].into(),
+        meta_format: if flags & FLAG_META_ETF != 0 {
+            MetaFormat::Etf
+        } else {
+            MetaFormat::Opaque
+        },
         version,
         tombstone: flags & FLAG_TOMBSTONE != 0,
     })

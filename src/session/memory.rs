@@ -64,6 +64,15 @@ impl ShardMap {
         (stored, self.insert(s))
     }
 
+    /// Removes the record of `id`; returns it for the caller to drop after unlocking.
+    fn remove(&mut self, id: &SessionId) -> Option<Session> {
+        let removed = self.records.remove(id);
+        if removed.is_some() {
+            self.order.remove(id);
+        }
+        removed
+    }
+
     fn len(&self) -> usize {
         self.records.len()
     }
@@ -90,6 +99,8 @@ impl ShardMap {
 pub struct MemoryStore {
     shards: Box<[Shard]>,
     options: StoreOptions,
+    /// Whether deletes and sweeps leave tombstones (see [`MemoryStore::without_tombstones`]).
+    tombstones: bool,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -97,6 +108,7 @@ impl std::fmt::Debug for MemoryStore {
         f.debug_struct("MemoryStore")
             .field("shards", &self.shards.len())
             .field("options", &self.options)
+            .field("tombstones", &self.tombstones)
             .finish_non_exhaustive()
     }
 }
@@ -120,7 +132,37 @@ impl MemoryStore {
                 .map(|_| Shard(RwLock::new(ShardMap::default())))
                 .collect(),
             options,
+            tombstones: true,
         }
+    }
+
+    /// A store for use outside any migration (erlmcp's ETS replacement): a delete removes
+    /// the record at once and a sweep removes every expired record, so the memory of the
+    /// dead is freed and scans visit only what is still stored. No tombstones are kept, so
+    /// versions of a deleted key start again at 1 and a late [`Store::apply_batch_if_newer`]
+    /// copy could bring a deleted key back: never use such a store as a side of a migration
+    /// (the NIF refuses to).
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::session::{MemoryStore, Session, SessionId, Store, StoreOptions, Timeout};
+    /// let store = MemoryStore::without_tombstones(StoreOptions::default());
+    /// let now = store.options().clock.now_unix_ms();
+    /// store.put(Session::new(SessionId::new("s1")?, now, Timeout::Infinity, vec![1; 100]))?;
+    /// assert!(store.delete(&SessionId::new("s1")?)?);
+    /// assert_eq!(store.raw_len(), 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn without_tombstones(options: StoreOptions) -> Self {
+        MemoryStore {
+            tombstones: false,
+            ..MemoryStore::new(options)
+        }
+    }
+
+    /// Whether deletes and sweeps keep tombstones (`false` for [`MemoryStore::without_tombstones`]).
+    pub fn keeps_tombstones(&self) -> bool {
+        self.tombstones
     }
 
     /// The options the store was built with.
@@ -145,6 +187,11 @@ impl MemoryStore {
     fn now(&self) -> i64 {
         self.options.clock.now_unix_ms()
     }
+}
+
+/// Most records one scan page visits: twice the page, at least 1024.
+fn visit_budget(limit: usize) -> usize {
+    limit.saturating_mul(2).max(1024)
 }
 
 fn read(shard: &Shard) -> RwLockReadGuard<'_, ShardMap> {
@@ -216,6 +263,11 @@ impl Store for MemoryStore {
     fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
         let now = self.now();
         let mut map = write(self.shard(id));
+        if !self.tombstones {
+            let removed = map.remove(id);
+            drop(map);
+            return Ok(removed.is_some_and(|s| s.is_live(now)));
+        }
         match map.get_mut(id) {
             Some(s) if !s.tombstone => {
                 let was_live = s.is_live(now);
@@ -274,12 +326,25 @@ impl Store for MemoryStore {
             }
         }
         let mut records = Vec::with_capacity(limit.saturating_add(1).min(4096));
+        // A page visits at most this many records, live or not, so that a store full of
+        // expired records (before a sweep frees them) costs a bounded time per page under
+        // the shard locks; a short page then continues after the last key visited.
+        let budget = visit_budget(limit);
+        let mut visited = 0usize;
         while let Some(std::cmp::Reverse((id, i))) = heap.pop() {
             if let Some(s) = guards[i].records.get(id).filter(|s| keep(s)) {
                 records.push(s.clone());
                 if records.len() > limit {
                     break;
                 }
+            }
+            visited += 1;
+            if visited >= budget && records.len() <= limit {
+                let more = iters[i].next().is_some() || !heap.is_empty();
+                return Ok(ScanPage {
+                    records,
+                    next: more.then(|| id.clone()),
+                });
             }
             if let Some(next) = iters[i].next() {
                 heap.push(std::cmp::Reverse((next, i)));
@@ -295,6 +360,11 @@ impl Store for MemoryStore {
             let mut map = write(self.shard(&r.id));
             if map.get(&r.id).is_some_and(|s| s.version >= r.version) {
                 outcome.skipped += 1;
+            } else if r.tombstone && !self.tombstones {
+                let removed = map.remove(&r.id);
+                drop(map);
+                drop(removed);
+                outcome.applied += 1;
             } else {
                 map.insert(r);
                 outcome.applied += 1;
@@ -305,12 +375,25 @@ impl Store for MemoryStore {
 
     fn sweep_expired(&self, now_ms: i64) -> Result<SweepOutcome, StoreError> {
         let retention = i128::from(self.options.tombstone_retention_ms);
+        let keep_tombstones = self.tombstones;
         let mut outcome = SweepOutcome::default();
         for shard in self.shards.iter() {
             let mut guard = write(shard);
             let map = &mut *guard;
             let before = map.records.len();
             map.records.retain(|_, s| {
+                if !keep_tombstones {
+                    // Outside a migration the dead are freed, not buried.
+                    if s.tombstone {
+                        outcome.tombstones += 1;
+                        return false;
+                    }
+                    if s.is_expired(now_ms) {
+                        outcome.expired += 1;
+                        return false;
+                    }
+                    return true;
+                }
                 if s.tombstone {
                     let keep = i128::from(now_ms) - i128::from(s.last_accessed) <= retention;
                     if !keep {
@@ -328,6 +411,10 @@ impl Store for MemoryStore {
             if map.records.len() != before {
                 let records = &map.records;
                 map.order.retain(|id| records.contains_key(id));
+                // Give back what the dead held (a shard's table never shrinks by itself).
+                if map.records.len() < map.records.capacity() / 4 {
+                    map.records.shrink_to_fit();
+                }
             }
         }
         Ok(outcome)

@@ -52,7 +52,7 @@ pub use disk::{DiskOptions, DiskStore};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdOptions, EtcdStore, DEFAULT_ETCD_MAX_REQUEST_BYTES};
 pub use memory::{MemoryStore, DEFAULT_SHARDS};
-pub use model::{Session, SessionId, Timeout, TouchPolicy, MAX_ID_LEN, MAX_METADATA_LEN};
+pub use model::{MetaFormat, Session, SessionId, Timeout, TouchPolicy, MAX_ID_LEN, MAX_METADATA_LEN};
 pub use stats::{stats, StoreStats};
 
 /// Input a store rejects before touching any record.

@@ -115,6 +115,30 @@ impl Timeout {
     }
 }
 
+/// How a record's metadata bytes are encoded: said by the writer, stored with the record,
+/// never guessed from the bytes (bytes another program wrote may look like anything).
+///
+/// Records written before this distinction existed (codec format 1 without the
+/// `metadata is ETF` flag bit) read back as [`MetaFormat::Opaque`]: the Erlang side returns
+/// their metadata as the raw binary, never decoding it.
+///
+/// # Examples
+/// ```
+/// use erlmcp_rollout::session::{MetaFormat, Session, SessionId, Timeout};
+/// let s = Session::new(SessionId::new("s1")?, 0, Timeout::Infinity, b"raw".to_vec());
+/// assert_eq!(s.meta_format, MetaFormat::Opaque);
+/// # Ok::<(), erlmcp_rollout::session::InvalidInput>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MetaFormat {
+    /// Any bytes (Rust programs, the CLI, records of unknown origin): returned as bytes.
+    #[default]
+    Opaque,
+    /// Erlang external term format written by the Erlang side (`term_to_binary/1`); the
+    /// Erlang side decodes it with `binary_to_term(_, [safe])`.
+    Etf,
+}
+
 /// One session record: erlmcp's fields plus the store's `version` and `tombstone`.
 ///
 /// Times are milliseconds since the Unix epoch (`erlang:system_time(millisecond)`).
@@ -141,8 +165,10 @@ pub struct Session {
     /// Sliding timeout.
     pub timeout: Timeout,
     /// Opaque bytes (Erlang external term format when written from Erlang); at most
-    /// [`MAX_METADATA_LEN`].
+    /// [`MAX_METADATA_LEN`]. Empty in a tombstone.
     pub metadata: Arc<[u8]>,
+    /// How `metadata` is encoded (set by the writer).
+    pub meta_format: MetaFormat,
     /// Per-record version, assigned by the store: 1 on first write, +1 on every write
     /// (including deletes and persisted touches). Never reused for a key while its
     /// tombstone is retained.
@@ -160,6 +186,7 @@ impl Session {
             last_accessed: now_ms,
             timeout,
             metadata: metadata.into(),
+            meta_format: MetaFormat::Opaque,
             version: 0,
             tombstone: false,
         }
@@ -179,9 +206,12 @@ impl Session {
     }
 
     /// Turns the record into a tombstone at `now_ms`: the next version, `last_accessed` set
-    /// to the deletion time (tombstone retention counts from it).
+    /// to the deletion time (tombstone retention counts from it). A tombstone keeps no
+    /// metadata: only its key and version matter (a late copy must not resurrect it).
     pub(crate) fn bury(&mut self, now_ms: i64) {
         self.tombstone = true;
+        self.metadata = Arc::from(&[][..]);
+        self.meta_format = MetaFormat::Opaque;
         self.version = self.version.saturating_add(1);
         self.last_accessed = now_ms;
     }

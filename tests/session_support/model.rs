@@ -143,6 +143,7 @@ impl Model {
             s.tombstone = true;
             s.version += 1;
             s.last_accessed = now;
+            s.metadata = Vec::new().into(); // a tombstone keeps no metadata
         }
         Ok(was_live)
     }
@@ -216,6 +217,7 @@ impl Model {
                     s.tombstone = true;
                     s.version += 1;
                     s.last_accessed = now;
+                    s.metadata = Vec::new().into();
                     out.expired += 1;
                 }
                 true

@@ -514,12 +514,16 @@ fn flags_watch_etcd<'a>(env: Env<'a>, endpoints: Term<'a>, key: Term<'a>) -> Ter
         })),
         ..EtcdFlagsOptions::default()
     };
-    let mut watcher = WATCHER.lock().unwrap_or_else(|p| p.into_inner());
-    // Stop the old watch first: one source at a time.
-    drop(watcher.take());
+    // Stop the old watch first: one source at a time. Invariant: WATCHER is
+    // never held across a watcher's drop (it joins a thread that may sit in
+    // an etcd retry), so `flags_etcd_status/0` on a normal scheduler only
+    // ever waits for a pointer swap.
+    let old = WATCHER.lock().unwrap_or_else(|p| p.into_inner()).take();
+    drop(old);
     match ENGINE.watch_etcd(&eps, options) {
         Ok(w) => {
-            *watcher = Some(w);
+            let raced = WATCHER.lock().unwrap_or_else(|p| p.into_inner()).replace(w);
+            drop(raced);
             atoms::ok().encode(env)
         }
         Err(e) => fail(e.to_string()),
@@ -529,7 +533,9 @@ fn flags_watch_etcd<'a>(env: Env<'a>, endpoints: Term<'a>, key: Term<'a>) -> Ter
 /// `flags_unwatch_etcd() -> ok`: stop following etcd (the flags stay).
 #[rustler::nif(schedule = "DirtyIo")]
 fn flags_unwatch_etcd() -> Atom {
-    drop(WATCHER.lock().unwrap_or_else(|p| p.into_inner()).take());
+    // Dropped after the lock is released (see flags_watch_etcd).
+    let old = WATCHER.lock().unwrap_or_else(|p| p.into_inner()).take();
+    drop(old);
     atoms::ok()
 }
 

@@ -24,8 +24,8 @@ use erlmcp_rollout::migrate::phase::PhaseStore;
 use erlmcp_rollout::migrate::phase::{FilePhaseStore, Phase};
 use erlmcp_rollout::migrate::MigrateError;
 use erlmcp_rollout::session::{
-    Clock, DiskStore, EtcdOptions, EtcdStore, MemoryStore, PinnableClock, Session, SessionId, Store, StoreError,
-    StoreOptions, Timeout, TouchPolicy, Visibility,
+    Clock, DiskStore, EtcdOptions, EtcdStore, MemoryStore, MetaFormat, PinnableClock, Session, SessionId, Store,
+    StoreError, StoreOptions, Timeout, TouchPolicy, Visibility, MAX_METADATA_LEN,
 };
 use rustler::env::SavedTerm;
 use rustler::sys::{
@@ -79,6 +79,7 @@ mod atoms {
         phase2,
         phase3,
         cleanup,
+        etf,
     }
 }
 
@@ -165,12 +166,43 @@ static HANDLE_TYPE: AtomicPtr<ErlNifResourceType> = AtomicPtr::new(std::ptr::nul
 // enif_alloc_resource returns word-aligned memory.
 const _: () = assert!(std::mem::align_of::<StoreHandle>() <= std::mem::align_of::<usize>());
 
-/// The VM's destructor of a handle: the last reference is gone.
+/// The VM's destructor of a handle: the last reference is gone. It runs on
+/// whatever scheduler ran the garbage collection, and dropping the last
+/// handle of a store may close it (a redb commit and fsync) or stop a hybrid's
+/// relay and phase watcher (thread joins, an etcd retry): so the handle is
+/// moved out and handed to the reaper thread, which drops it. Only if the
+/// reaper cannot be reached is it dropped here.
 unsafe extern "C" fn drop_handle(_env: *mut ErlNifEnv, obj: *mut c_void) {
-    // SAFETY: `obj` holds the StoreHandle `handle_term` wrote, dropped once.
-    let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
-        std::ptr::drop_in_place(obj as *mut StoreHandle)
-    }));
+    // SAFETY: `obj` holds the StoreHandle `handle_term` wrote; it is read out
+    // exactly once (the VM calls the destructor once) and never used again.
+    let handle = unsafe { std::ptr::read(obj as *mut StoreHandle) };
+    let _ = catch_unwind(AssertUnwindSafe(move || reap(handle)));
+}
+
+/// Hands `handle` to the reaper thread (started on first use).
+fn reap(handle: StoreHandle) {
+    static REAPER: LazyLock<Option<Mutex<std::sync::mpsc::Sender<StoreHandle>>>> = LazyLock::new(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<StoreHandle>();
+        std::thread::Builder::new()
+            .name("erlmcp_session_reaper".into())
+            .spawn(move || {
+                for h in rx {
+                    let _ = catch_unwind(AssertUnwindSafe(move || drop(h)));
+                }
+            })
+            .ok()
+            .map(|_| Mutex::new(tx))
+    });
+    match REAPER.as_ref() {
+        Some(tx) => {
+            let sent = tx.lock().unwrap_or_else(|p| p.into_inner()).send(handle);
+            // The reaper is gone (cannot happen while the library is loaded): drop here.
+            if let Err(std::sync::mpsc::SendError(h)) = sent {
+                drop(h);
+            }
+        }
+        None => drop(handle),
+    }
 }
 
 /// Opens the store handle resource type: from the library's load callback.
@@ -226,7 +258,37 @@ impl<'a> Decoder<'a> for &'a StoreHandle {
     }
 }
 
-static REGISTRY: LazyLock<Mutex<HashMap<StoreKey, Weak<dyn Store>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+/// An open store and what it was opened with: a second open must ask for the
+/// same, or it is an error (it would silently get the first one's settings).
+struct Registered {
+    store: Weak<dyn Store>,
+    settings: Settings,
+}
+
+/// The options that shape an open store, compared on re-open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Settings {
+    touch: TouchPolicy,
+    tombstone_retention_ms: Option<u64>,
+    /// A side of a migration (keeps tombstones); a plain memory store frees the dead.
+    migration: bool,
+}
+
+static REGISTRY: LazyLock<Mutex<HashMap<StoreKey, Registered>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Why a store could not be opened.
+enum OpenFail {
+    Store(StoreError),
+    /// The store is open with other settings.
+    Conflict(String),
+}
+
+fn open_fail_term<'a>(env: Env<'a>, e: &OpenFail) -> Term<'a> {
+    match e {
+        OpenFail::Store(e) => (atoms::error(), error_term(env, e)).encode(env),
+        OpenFail::Conflict(m) => (atoms::error(), (atoms::bad_store(), m.as_str())).encode(env),
+    }
+}
 
 fn err_text(e: impl std::fmt::Display) -> String {
     e.to_string()
@@ -264,25 +326,51 @@ fn store_options(o: &OpenOptions) -> StoreOptions {
     }
 }
 
-fn open_shared(key: StoreKey, o: &OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
+fn open_shared(key: StoreKey, o: &OpenOptions, migration: bool) -> Result<Arc<dyn Store>, OpenFail> {
+    let settings = Settings {
+        touch: o.touch,
+        tombstone_retention_ms: o.tombstone_retention_ms,
+        migration,
+    };
     // Held while opening: two inits of one file open it once.
     let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(store) = registry.get(&key).and_then(Weak::upgrade) {
-        return Ok(store);
+    if let Some(r) = registry.get(&key) {
+        if let Some(store) = r.store.upgrade() {
+            let same = Settings {
+                migration: r.settings.migration,
+                ..settings
+            } == r.settings;
+            if !same {
+                return Err(OpenFail::Conflict(format!(
+                    "{key:?} is already open in this VM with other settings ({:?}); open it with the same options",
+                    r.settings
+                )));
+            }
+            // A plain open shares a migration side as it is (it keeps the tombstones the
+            // migration needs); a memory store opened plainly frees the dead at once, so it
+            // cannot become a migration side.
+            if migration && !r.settings.migration && matches!(key, StoreKey::Memory(_)) {
+                return Err(OpenFail::Conflict(format!(
+                    "{key:?} is open in this VM as a plain memory store, which frees deleted sessions \
+                     at once (no tombstones): a migration side needs a memory store of its own, \
+                     {{memory, OtherName}}"
+                )));
+            }
+            return Ok(store);
+        }
     }
     // A handle of this store may be being dropped right now (its last
     // reference was garbage collected): its file stays locked until the drop
     // ends, so wait for that briefly rather than fail.
     let closing = registry.contains_key(&key);
-    registry.retain(|_, w| w.strong_count() > 0);
+    registry.retain(|_, r| r.store.strong_count() > 0);
     let store: Arc<dyn Store> = match &key {
-        StoreKey::Memory(_) => Arc::new(MemoryStore::new(store_options(o))),
-        StoreKey::Etcd(endpoints, prefix) => Arc::new(EtcdStore::connect(
-            endpoints,
-            prefix.clone(),
-            EtcdOptions::default(),
-            store_options(o),
-        )?),
+        StoreKey::Memory(_) if migration => Arc::new(MemoryStore::new(store_options(o))),
+        StoreKey::Memory(_) => Arc::new(MemoryStore::without_tombstones(store_options(o))),
+        StoreKey::Etcd(endpoints, prefix) => Arc::new(
+            EtcdStore::connect(endpoints, prefix.clone(), EtcdOptions::default(), store_options(o))
+                .map_err(OpenFail::Store)?,
+        ),
         StoreKey::Disk(path) => {
             let deadline = std::time::Instant::now() + Duration::from_secs(2);
             loop {
@@ -291,12 +379,18 @@ fn open_shared(key: StoreKey, o: &OpenOptions) -> Result<Arc<dyn Store>, StoreEr
                     Err(StoreError::Unavailable { .. }) if closing && std::time::Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(5));
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(OpenFail::Store(e)),
                 }
             }
         }
     };
-    registry.insert(key, Arc::downgrade(&store));
+    registry.insert(
+        key,
+        Registered {
+            store: Arc::downgrade(&store),
+            settings,
+        },
+    );
     Ok(store)
 }
 
@@ -468,16 +562,47 @@ fn timeout_term<'a>(env: Env<'a>, t: Timeout) -> Term<'a> {
     }
 }
 
-/// `{CreatedAt, LastAccessed, TimeoutMs | infinity, MetadataBin, Version}`.
+/// `{CreatedAt, LastAccessed, TimeoutMs | infinity, Metadata, Version}` with
+/// Metadata `{etf, Bin}` when the writer said the bytes are external term
+/// format (the Erlang side decodes them with `[safe]`), else the bytes.
 fn session_tuple<'a>(env: Env<'a>, s: &Session) -> Term<'a> {
+    let bytes = bytes_term(env, &s.metadata);
+    let meta = match s.meta_format {
+        MetaFormat::Etf => (atoms::etf(), bytes).encode(env),
+        MetaFormat::Opaque => bytes,
+    };
     (
         s.created_at,
         s.last_accessed,
         timeout_term(env, s.timeout),
-        bytes_term(env, &s.metadata),
+        meta,
         s.version,
     )
         .encode(env)
+}
+
+/// Metadata bytes as given: `Bin` (opaque) or `{etf, Bin}` (external term
+/// format), its size checked before anything is copied.
+fn meta_bytes<'a>(meta: Term<'a>) -> Result<Option<(&'a [u8], MetaFormat)>, String> {
+    let found = match binary_bytes(meta) {
+        Some(b) => Some((b, MetaFormat::Opaque)),
+        None => match pair(meta) {
+            Some([tag, bin]) if tag.decode::<Atom>().ok() == Some(atoms::etf()) => Some((
+                binary_bytes(bin).ok_or("{etf, Bin}: Bin must be a binary")?,
+                MetaFormat::Etf,
+            )),
+            _ => None,
+        },
+    };
+    if let Some((b, _)) = found {
+        if b.len() > MAX_METADATA_LEN {
+            return Err(format!(
+                "metadata of {} bytes exceeds the limit of {MAX_METADATA_LEN}",
+                b.len()
+            ));
+        }
+    }
+    Ok(found)
 }
 
 /// `not_found | already_exists | {conflict, Expected, Actual} |
@@ -542,7 +667,7 @@ fn session_open<'a>(env: Env<'a>, spec: Term<'a>, opts: Term<'a>) -> Term<'a> {
         Ok(k) => k,
         Err(e) => return (atoms::error(), (atoms::bad_store(), e)).encode(env),
     };
-    match open_shared(key, &o) {
+    match open_shared(key, &o, false) {
         Ok(store) => {
             let blocking = kind != atoms::memory();
             let handle = StoreHandle {
@@ -552,7 +677,7 @@ fn session_open<'a>(env: Env<'a>, spec: Term<'a>, opts: Term<'a>) -> Term<'a> {
             };
             (atoms::ok(), handle_term(env, handle), kind).encode(env)
         }
-        Err(e) => (atoms::error(), error_term(env, &e)).encode(env),
+        Err(e) => open_fail_term(env, &e),
     }
 }
 
@@ -629,16 +754,35 @@ fn open_hybrid<'a>(env: Env<'a>, primary: Term<'a>, secondary: Term<'a>, opts: T
         Ok(d) => d,
         Err(e) => return bad(format!("state_dir {}: {e}", dir.display())),
     };
-    let open_side = |spec: Term<'a>| -> Result<(Arc<dyn Store>, bool), Term<'a>> {
-        let (key, kind) = decode_spec(spec, o).map_err(|e| (atoms::error(), (atoms::bad_store(), e)).encode(env))?;
-        let store = open_shared(key, o).map_err(|e| (atoms::error(), error_term(env, &e)).encode(env))?;
-        Ok((store, kind != atoms::memory()))
-    };
-    let (p, p_blocking) = match open_side(primary) {
+    let side = |spec: Term<'a>| decode_spec(spec, o).map_err(|e| (atoms::error(), (atoms::bad_store(), e)).encode(env));
+    let (p_key, p_kind) = match side(primary) {
         Ok(x) => x,
         Err(t) => return t,
     };
-    let (s, s_blocking) = match open_side(secondary) {
+    let (s_key, s_kind) = match side(secondary) {
+        Ok(x) => x,
+        Err(t) => return t,
+    };
+    // One store on both sides would copy every write onto itself and verify it against itself.
+    if p_key == s_key {
+        return (
+            atoms::error(),
+            (
+                atoms::bad_store(),
+                format!("primary and secondary are the same store ({p_key:?}); two memory sides need distinct names: {{memory, Name1}} and {{memory, Name2}}"),
+            ),
+        )
+            .encode(env);
+    }
+    let open_side = |key: StoreKey, kind: Atom| -> Result<(Arc<dyn Store>, bool), Term<'a>> {
+        let store = open_shared(key, o, true).map_err(|e| open_fail_term(env, &e))?;
+        Ok((store, kind != atoms::memory()))
+    };
+    let (p, p_blocking) = match open_side(p_key, p_kind) {
+        Ok(x) => x,
+        Err(t) => return t,
+    };
+    let (s, s_blocking) = match open_side(s_key, s_kind) {
         Ok(x) => x,
         Err(t) => return t,
     };
@@ -828,6 +972,14 @@ fn decode_spec(spec: Term<'_>, o: &OpenOptions) -> Result<(StoreKey, Atom), Stri
         }
     }
     if let Some([tag, arg]) = pair(spec) {
+        if tag.decode::<Atom>().ok() == Some(atoms::memory()) {
+            let name = arg
+                .is_atom()
+                .then(|| arg.atom_to_string().ok())
+                .flatten()
+                .ok_or("{memory, Name}: Name must be an atom")?;
+            return Ok((StoreKey::Memory(name), atoms::memory()));
+        }
         if tag.decode::<Atom>().ok() == Some(atoms::disk()) {
             let path = path_text(arg).ok_or("{disk, Path}: Path must be a string or a binary (UTF-8)")?;
             if path.is_empty() {
@@ -849,7 +1001,7 @@ fn decode_spec(spec: Term<'_>, o: &OpenOptions) -> Result<(StoreKey, Atom), Stri
             return Ok((StoreKey::Etcd(endpoints, o.prefix.clone()), atoms::etcd()));
         }
     }
-    Err("store must be memory, {disk, Path} or {etcd, Endpoints}".into())
+    Err("store must be memory, {memory, Name}, {disk, Path} or {etcd, Endpoints}".into())
 }
 
 fn pair(term: Term<'_>) -> Option<[Term<'_>; 2]> {
@@ -924,18 +1076,19 @@ impl Fields<'_> {
         })
     }
 
-    fn into_session(self, meta: Arc<[u8]>) -> Session {
+    fn into_session(self, meta: Arc<[u8]>, format: MetaFormat) -> Session {
         let mut s = Session::new(self.id, self.created_at, self.timeout, meta);
         s.last_accessed = self.last_accessed;
+        s.meta_format = format;
         s
     }
 }
 
-/// A session from `Id` and `{CreatedAt, LastAccessed, Timeout, MetaBytes}`.
+/// A session from `Id` and `{CreatedAt, LastAccessed, Timeout, Bin | {etf, Bin}}`.
 fn decode_session<'a>(id: Term<'a>, fields: Term<'a>) -> Result<Session, String> {
     let f = Fields::decode(id, fields)?;
-    let meta = binary_bytes(f.meta).ok_or("metadata must be a binary")?;
-    Ok(f.into_session(Arc::from(meta)))
+    let (meta, format) = meta_bytes(f.meta)?.ok_or("metadata must be a binary or {etf, Binary}")?;
+    Ok(f.into_session(Arc::from(meta), format))
 }
 
 thread_local! {
@@ -950,8 +1103,9 @@ fn encode_meta(meta: Term<'_>) -> Result<Arc<[u8]>, etf::NotHere> {
 
 /// `session_put(Handle, Tag, Id, {CreatedAt, LastAccessed, Timeout, Meta})
 /// -> ok | {error, E} | async | term_to_binary`: create or replace. `Meta`
-/// is external term format bytes, or a map that this NIF encodes itself
-/// (the bytes `term_to_binary/1` would write); `term_to_binary` asks the
+/// is opaque bytes, `{etf, Bytes}` (external term format), or a map that this
+/// NIF encodes itself (the bytes `term_to_binary/1` would write, stored as
+/// external term format); its size is checked before it is copied; `term_to_binary` asks the
 /// caller to encode that map and call again (see `etf`). Registered by
 /// hand: `erlmcp_session_native:store/3` runs it on every write.
 fn session_put<'a>(
@@ -966,20 +1120,30 @@ fn session_put<'a>(
         Ok(f) => f,
         Err(e) => return Ok(invalid(env, &e)),
     };
-    let meta = match binary_bytes(f.meta) {
-        Some(bytes) => Arc::from(bytes),
-        None if f.meta.is_map() => match encode_meta(f.meta) {
-            Ok(meta) => meta,
+    let (meta, format) = match meta_bytes(f.meta) {
+        Ok(Some((bytes, format))) => (Arc::from(bytes), format),
+        Err(e) => return Ok(invalid(env, &e)),
+        Ok(None) if f.meta.is_map() => match encode_meta(f.meta) {
+            Ok(meta) if meta.len() > MAX_METADATA_LEN => {
+                return Ok(invalid(
+                    env,
+                    &format!(
+                        "metadata of {} bytes exceeds the limit of {MAX_METADATA_LEN}",
+                        meta.len()
+                    ),
+                ))
+            }
+            Ok(meta) => (meta, MetaFormat::Etf),
             Err(etf::NotHere) => return Ok(atoms::term_to_binary().encode(env)),
         },
-        None => {
+        Ok(None) => {
             return Ok(invalid(
                 env,
-                "metadata must be a binary (external term format) or a map",
+                "metadata must be a binary (opaque), {etf, Binary} (external term format) or a map",
             ))
         }
     };
-    let session = f.into_session(meta);
+    let session = f.into_session(meta, format);
     Ok(run(env, handle, tag, false, move |store| match store.put(session) {
         Ok(_) => Reply::Ok,
         Err(e) => Reply::Failed(e),
@@ -1071,8 +1235,10 @@ const MAX_BATCH: usize = 10_000;
 /// `session_apply_batch(Handle, Tag, [{Id, Fields, Version}]) -> {ok,
 /// Applied, Skipped} | {error, E} | async`: write each record whose version
 /// is newer than the stored one (or when none is stored), as given; with
-/// version 1 that is "only where absent" (legacy import). Always on a worker.
-#[rustler::nif]
+/// version 1 that is "only where absent" (legacy import). Always on a worker;
+/// the decoding and copying of up to 10 000 records before that runs on a
+/// dirty CPU scheduler (the size is checked first).
+#[rustler::nif(schedule = "DirtyCpu")]
 fn session_apply_batch<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, records: Term<'a>) -> Term<'a> {
     let Ok(n) = records.list_length() else {
         return invalid(env, "records must be a proper list of {Id, Fields, Version}");
@@ -1113,8 +1279,10 @@ fn session_apply_batch<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, re
 
 /// `session_get_many(Handle, Tag, [Id]) -> {ok, [{ok, Stored} | {error,
 /// E}]} | {error, E} | async`: `session_get/3` for each id, in order, in one
-/// call (verification reads batches back). At most 10 000 ids.
-#[rustler::nif]
+/// call (verification reads batches back). At most 10 000 ids: a dirty CPU
+/// scheduler (decoding the ids and, for a memory store, the gets are
+/// proportional to the list).
+#[rustler::nif(schedule = "DirtyCpu")]
 fn session_get_many<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, ids: Term<'a>) -> Term<'a> {
     let Ok(n) = ids.list_length() else {
         return invalid(env, "ids must be a proper list of binaries");
