@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, WatchOptions as EtcdWatchOptions};
+use etcd_client::{EventType, WatchOptions as EtcdWatchOptions};
 use serde::Serialize;
 
 use super::config::{ConfigError, FlagsConfig};
 use super::engine::{Engine, WatchCallback, WatchEvent};
-use crate::session::InvalidInput;
+use crate::etcd::{Connector, Dial, EtcdAccessError, EtcdSecurity};
 
 /// The key [`push_flags`] and [`Engine::watch_etcd`] use unless told otherwise.
 pub const DEFAULT_FLAGS_KEY: &str = "erlmcp/feature_flags";
@@ -38,6 +38,11 @@ pub enum PushError {
         /// What is wrong.
         reason: String,
     },
+    /// The TLS settings, the credentials or the user's permission on the key refused the
+    /// push (an unreadable file, unknown CA, wrong password, permission denied, ...); it
+    /// was not retried and nothing was published.
+    #[error(transparent)]
+    Access(#[from] EtcdAccessError),
     /// No member accepted the write in time (it may or may not have been applied).
     #[error("etcd at [{endpoints}] unavailable: {reason}")]
     Unavailable {
@@ -59,14 +64,14 @@ pub struct PushOutcome {
     pub revision: i64,
 }
 
-fn urls(endpoints: &[String]) -> Result<Vec<String>, PushError> {
-    crate::session::endpoint_urls(endpoints).map_err(|e| match e {
-        InvalidInput::Endpoint { endpoint, reason } => PushError::Endpoint { endpoint, reason },
-        other => PushError::Endpoint {
-            endpoint: endpoints.join(","),
-            reason: other.to_string(),
-        },
-    })
+/// The connector of `security` and the endpoints as URLs.
+fn connector(endpoints: &[String], security: &EtcdSecurity) -> Result<(Connector, Vec<String>), PushError> {
+    let connector = Connector::new(security)?;
+    let urls = connector.urls(endpoints).map_err(|e| PushError::Endpoint {
+        endpoint: e.endpoint,
+        reason: e.reason,
+    })?;
+    Ok((connector, urls))
 }
 
 /// Validates `json` exactly as `flags check` does and, only if it is valid, writes it to
@@ -87,8 +92,41 @@ fn urls(endpoints: &[String]) -> Result<Vec<String>, PushError> {
 /// # Ok::<(), erlmcp_rollout::flags::PushError>(())
 /// ```
 pub fn push_flags(endpoints: &[String], key: &str, json: &[u8], timeout: Duration) -> Result<PushOutcome, PushError> {
+    push_flags_with(endpoints, key, json, timeout, &EtcdSecurity::default())
+}
+
+/// [`push_flags`] to a cluster with TLS and/or authentication ([`crate::etcd`]): with
+/// TLS, `host:port` endpoints are `https://`. The user needs read and write permission
+/// on `key`.
+///
+/// # Errors
+/// As [`push_flags`], and [`PushError::Access`] (at once, not retried) for an unreadable
+/// file, a TLS handshake the settings cannot pass, a wrong password, or no permission on
+/// `key`.
+///
+/// # Examples
+/// ```no_run
+/// use std::time::Duration;
+/// use erlmcp_rollout::etcd::{EtcdAuth, EtcdSecurity, EtcdTls};
+/// use erlmcp_rollout::flags::{push_flags_with, DEFAULT_FLAGS_KEY};
+/// let security = EtcdSecurity {
+///     tls: Some(EtcdTls { ca_cert_file: "ca.pem".into(), cert_file: None, key_file: None }),
+///     auth: Some(EtcdAuth { user: "flags-admin".into(), password_file: "password".into() }),
+/// };
+/// let endpoints = vec!["10.0.0.1:2379".to_string()];
+/// let json = br#"{"mcp_tasks": {"enabled": true}}"#;
+/// push_flags_with(&endpoints, DEFAULT_FLAGS_KEY, json, Duration::from_secs(5), &security)?;
+/// # Ok::<(), erlmcp_rollout::flags::PushError>(())
+/// ```
+pub fn push_flags_with(
+    endpoints: &[String],
+    key: &str,
+    json: &[u8],
+    timeout: Duration,
+    security: &EtcdSecurity,
+) -> Result<PushOutcome, PushError> {
     let config = FlagsConfig::from_json(json).map_err(PushError::Invalid)?;
-    let urls = urls(endpoints)?;
+    let (connector, urls) = connector(endpoints, security)?;
     let unavailable = |reason: String| PushError::Unavailable {
         endpoints: urls.join(", "),
         reason,
@@ -105,10 +143,7 @@ pub fn push_flags(endpoints: &[String], key: &str, json: &[u8], timeout: Duratio
             let url = &urls[i % urls.len()];
             i += 1;
             let attempt = tokio::time::timeout_at(deadline, async {
-                let opts = ConnectOptions::new()
-                    .with_connect_timeout(timeout)
-                    .with_require_leader(true);
-                let mut client = Client::connect([url.as_str()], Some(opts)).await?;
+                let mut client = connector.connect(url, &Dial::new(timeout)).await?;
                 let current = client.get(key, None).await?;
                 if let Some(kv) = current.kvs().first() {
                     if kv.value() == json {
@@ -127,7 +162,10 @@ pub fn push_flags(endpoints: &[String], key: &str, json: &[u8], timeout: Duratio
                         revision,
                     })
                 }
-                Ok(Err(e)) => last = format!("{url}: {e}"),
+                Ok(Err(e)) => match connector.access_failure(&e, url) {
+                    Some(denied) => return Err(PushError::Access(denied.doing(&format!("pushing key {key}")))),
+                    None => last = format!("{url}: {e}"),
+                },
                 Err(_) => last = format!("{url}: no answer within {timeout:?}"),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -146,6 +184,8 @@ pub struct EtcdFlagsOptions {
     pub retry_interval: Duration,
     /// Called after every reload attempt that changed something or failed.
     pub on_event: Option<WatchCallback>,
+    /// TLS and the etcd user ([`crate::etcd`]); the user needs read permission on `key`.
+    pub security: EtcdSecurity,
 }
 
 impl Default for EtcdFlagsOptions {
@@ -155,6 +195,7 @@ impl Default for EtcdFlagsOptions {
             connect_timeout: Duration::from_secs(5),
             retry_interval: Duration::from_millis(500),
             on_event: None,
+            security: EtcdSecurity::default(),
         }
     }
 }
@@ -219,9 +260,14 @@ impl Engine {
     ///
     /// The watcher runs on its own thread; dropping the returned handle stops it.
     ///
+    /// With [`EtcdFlagsOptions::security`] it connects with TLS and as an etcd user; a
+    /// refused handshake, password or permission shows in [`EtcdWatchStatus::last_error`]
+    /// (the watcher keeps trying, after [`EtcdFlagsOptions::retry_interval`]).
+    ///
     /// # Errors
-    /// [`PushError::Endpoint`] for a missing or malformed endpoint; the thread could
-    /// not be spawned ([`PushError::Unavailable`]).
+    /// [`PushError::Endpoint`] for a missing or malformed endpoint;
+    /// [`PushError::Access`] for an unreadable CA, certificate, key or password file; the
+    /// thread could not be spawned ([`PushError::Unavailable`]).
     ///
     /// # Examples
     /// ```no_run
@@ -238,7 +284,7 @@ impl Engine {
         endpoints: &[String],
         options: EtcdFlagsOptions,
     ) -> Result<EtcdWatcher, PushError> {
-        let urls = urls(endpoints)?;
+        let (connector, urls) = connector(endpoints, &options.security)?;
         let status = Arc::new(Mutex::new(EtcdWatchStatus::default()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let engine = Arc::clone(self);
@@ -251,7 +297,14 @@ impl Engine {
                     s.last_error = Some("cannot start the watcher's runtime".into());
                     return;
                 };
-                rt.block_on(watch_loop(&engine, &urls, &options, stop_rx, &thread_status));
+                rt.block_on(watch_loop(
+                    &engine,
+                    &connector,
+                    &urls,
+                    &options,
+                    stop_rx,
+                    &thread_status,
+                ));
             })
             .map_err(|e| PushError::Unavailable {
                 endpoints: endpoints.join(", "),
@@ -274,6 +327,7 @@ enum End {
 
 async fn watch_loop(
     engine: &Engine,
+    connector: &Connector,
     urls: &[String],
     options: &EtcdFlagsOptions,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -284,7 +338,7 @@ async fn watch_loop(
         let url = &urls[i % urls.len()];
         let ended = tokio::select! {
             _ = stop.changed() => End::Stopped,
-            end = session(engine, url, options, status) => end,
+            end = session(engine, connector, url, options, status) => end,
         };
         match ended {
             End::Stopped => return,
@@ -309,21 +363,32 @@ async fn watch_loop(
 }
 
 /// Connects to one member, reads the key in full, then follows it until the watch breaks.
-async fn session(engine: &Engine, url: &str, options: &EtcdFlagsOptions, status: &Mutex<EtcdWatchStatus>) -> End {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(options.connect_timeout)
-        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true)
-        .with_require_leader(true);
+async fn session(
+    engine: &Engine,
+    connector: &Connector,
+    url: &str,
+    options: &EtcdFlagsOptions,
+    status: &Mutex<EtcdWatchStatus>,
+) -> End {
+    let dial = Dial {
+        keep_alive: Some((Duration::from_secs(1), Duration::from_secs(2))),
+        keep_alive_while_idle: true,
+        ..Dial::new(options.connect_timeout)
+    };
     let first = tokio::time::timeout(options.connect_timeout, async {
-        let mut client = Client::connect([url], Some(opts)).await?;
+        let mut client = connector.connect(url, &dial).await?;
         let resp = client.get(options.key.as_str(), None).await?;
         Ok::<_, etcd_client::Error>((client, resp))
     })
     .await;
     let (mut client, resp) = match first {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return End::Broken(e.to_string()),
+        Ok(Err(e)) => {
+            return End::Broken(match connector.access_failure(&e, url) {
+                Some(denied) => denied.doing(&format!("reading key {}", options.key)).kind.to_string(),
+                None => e.to_string(),
+            })
+        }
         Err(_) => return End::Broken(format!("no answer within {:?}", options.connect_timeout)),
     };
     let revision = resp.header().map_or(0, |h| h.revision());

@@ -37,7 +37,10 @@ pub use engine::{
     WatchStatus, DEFAULT_ENVIRONMENT,
 };
 #[cfg(feature = "etcd")]
-pub use etcd::{push_flags, EtcdFlagsOptions, EtcdWatchStatus, EtcdWatcher, PushError, PushOutcome, DEFAULT_FLAGS_KEY};
+pub use etcd::{
+    push_flags, push_flags_with, EtcdFlagsOptions, EtcdWatchStatus, EtcdWatcher, PushError, PushOutcome,
+    DEFAULT_FLAGS_KEY,
+};
 pub use json::{Pos, SyntaxError};
 pub use listing::{environments_named, state_table, FlagStateRow};
 pub use metrics::{Counts, Metrics};

@@ -34,8 +34,6 @@ pub mod codec;
 mod disk;
 #[cfg(feature = "etcd")]
 mod etcd;
-#[cfg(feature = "etcd")]
-pub(crate) use etcd::{endpoint_urls, run_on, REJECTED_GRPC_CODES};
 mod memory;
 mod model;
 mod stats;
@@ -43,11 +41,13 @@ pub mod uri;
 
 use std::sync::Arc;
 
+#[cfg(feature = "etcd")]
+pub use crate::etcd::{EtcdOptions, DEFAULT_ETCD_MAX_REQUEST_BYTES};
 pub use crate::flags::{Clock, ManualClock, PinnableClock, SystemClock};
 #[cfg(feature = "disk")]
 pub use disk::DiskStore;
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdOptions, EtcdStore, DEFAULT_ETCD_MAX_REQUEST_BYTES};
+pub use etcd::EtcdStore;
 pub use memory::{MemoryStore, DEFAULT_SHARDS};
 pub use model::{Session, SessionId, Timeout, TouchPolicy, MAX_ID_LEN, MAX_METADATA_LEN};
 pub use stats::{stats, StoreStats};
@@ -161,6 +161,11 @@ pub enum StoreError {
         /// What failed.
         reason: String,
     },
+    /// The backend refused the connection or the request for a reason retrying cannot
+    /// fix: its TLS settings, the user's credentials, or the user's permission on the
+    /// key (etcd). Nothing was written.
+    #[error(transparent)]
+    Access(#[from] crate::etcd::EtcdAccessError),
     /// A stored record cannot be decoded; it is not returned.
     #[error("corrupt session record{}: {reason}", key.as_ref().map(|k| format!(" {k}")).unwrap_or_default())]
     Corrupt {

@@ -37,7 +37,7 @@ pub enum Command {
 pub struct PushArgs {
     /// The flag config (JSON).
     file: PathBuf,
-    /// etcd endpoints, comma separated (host:port or http:// URLs).
+    /// etcd endpoints, comma separated (host:port, http:// or https:// URLs).
     #[arg(long, value_name = "ENDPOINTS", value_delimiter = ',', required = true)]
     etcd: Vec<String>,
     /// The key watchers read.
@@ -49,6 +49,8 @@ pub struct PushArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    access: crate::access::EtcdAccessArgs,
 }
 
 #[derive(Args)]
@@ -167,11 +169,11 @@ pub fn run(cmd: Command) -> Result<u8> {
 }
 
 fn push(a: PushArgs) -> Result<u8> {
-    use erlmcp_rollout::flags::{push_flags, PushError};
+    use erlmcp_rollout::flags::{push_flags_with, PushError};
     let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let timeout = std::time::Duration::from_secs(a.timeout_s.max(1));
     let mut o = out();
-    match push_flags(&a.etcd, &a.key, &bytes, timeout) {
+    match push_flags_with(&a.etcd, &a.key, &bytes, timeout, &a.access.security()) {
         Ok(p) if a.json => writeln!(
             o,
             "{}",
