@@ -133,6 +133,11 @@ pub(crate) enum TlsProblem {
 /// `source()` links and through `std::io::Error` wrappers (tokio-rustls wraps rustls
 /// errors in `io::Error`, whose `source()` skips the wrapped error).
 pub(crate) fn tls_problem(err: &(dyn Error + 'static)) -> Option<TlsProblem> {
+    typed_problem(err).or_else(|| text_problem(err))
+}
+
+/// The rustls error in the chain, by type.
+fn typed_problem(err: &(dyn Error + 'static)) -> Option<TlsProblem> {
     let mut cur: Option<&(dyn Error + 'static)> = Some(err);
     let mut depth = 0;
     while let Some(e) = cur {
@@ -140,7 +145,7 @@ pub(crate) fn tls_problem(err: &(dyn Error + 'static)) -> Option<TlsProblem> {
             return Some(classify_rustls(r));
         }
         if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
-            if let Some(found) = tls_problem(inner) {
+            if let Some(found) = typed_problem(inner) {
                 return Some(found);
             }
         }
@@ -149,6 +154,62 @@ pub(crate) fn tls_problem(err: &(dyn Error + 'static)) -> Option<TlsProblem> {
             break;
         }
         cur = e.source();
+    }
+    None
+}
+
+/// The rustls error in the chain, by its words: some layers (hyper, ureq) keep only the
+/// message of the rustls error they wrap. Matches rustls 0.23's `Display`.
+fn text_problem(err: &(dyn Error + 'static)) -> Option<TlsProblem> {
+    let mut text = String::new();
+    let mut cur: Option<&(dyn Error + 'static)> = Some(err);
+    let mut depth = 0;
+    while let Some(e) = cur {
+        text.push_str(&e.to_string());
+        text.push('\n');
+        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            text.push_str(&inner.to_string());
+            text.push('\n');
+        }
+        depth += 1;
+        if depth > 32 {
+            break;
+        }
+        cur = e.source();
+    }
+    let line = |needle: &str| text.lines().find(|l| l.contains(needle)).map(|l| l.trim().to_owned());
+    if let Some(l) = line("invalid peer certificate") {
+        let problem = if l.contains("UnknownIssuer") || l.contains("BadSignature") {
+            TlsProblem::UnknownCa(l)
+        } else if l.contains("xpired") || l.contains("NotValidYet") || l.contains("not valid before") {
+            TlsProblem::Expired(l)
+        } else if l.contains("NotValidForName") || l.contains("not valid for name") {
+            TlsProblem::Mismatch(l)
+        } else {
+            TlsProblem::Other(l)
+        };
+        return Some(problem);
+    }
+    if let Some(l) = line("received fatal alert") {
+        let problem = if l.contains("CertificateRequired") {
+            TlsProblem::ClientCertificateRequired(l)
+        } else if [
+            "BadCertificate",
+            "CertificateExpired",
+            "CertificateRevoked",
+            "CertificateUnknown",
+            "UnknownCA",
+            "UnsupportedCertificate",
+            "AccessDenied",
+        ]
+        .iter()
+        .any(|a| l.contains(a))
+        {
+            TlsProblem::ClientCertificateRejected(l)
+        } else {
+            TlsProblem::Other(l)
+        };
+        return Some(problem);
     }
     None
 }
@@ -224,5 +285,13 @@ mod tests {
         ));
         let plain = std::io::Error::other("connection refused");
         assert_eq!(tls_problem(&plain), None);
+        // Only the words left (hyper, ureq): still told apart.
+        let words = std::io::Error::other("io: invalid peer certificate: UnknownIssuer");
+        assert!(matches!(tls_problem(&words), Some(TlsProblem::UnknownCa(_))));
+        let words = std::io::Error::other("received fatal alert: BadCertificate");
+        assert!(matches!(
+            tls_problem(&words),
+            Some(TlsProblem::ClientCertificateRejected(_))
+        ));
     }
 }

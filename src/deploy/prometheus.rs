@@ -976,6 +976,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn basic_auth_is_rfc4648_base64() {
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b""), "");
+        // The secret stays out of the client's Debug output.
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret-value\n").unwrap();
+        let c = Client::with_options(
+            "https://127.0.0.1:1",
+            ClientOptions {
+                auth: Some(HttpAuth::Basic {
+                    user: "u".into(),
+                    password_file: pw,
+                }),
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains(&base64(b"u:s3cret-value")),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn parses_every_result_type() {
         let q = |body: &str| parse_response("u", "q", 200, body);
         let v = q(r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"a":"b"},"value":[1.5,"NaN"]}]}}"#)
