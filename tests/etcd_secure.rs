@@ -278,6 +278,44 @@ fn phase_store_works_over_tls_as_a_user() {
 }
 
 #[test]
+fn the_phase_watcher_applies_and_acknowledges_over_tls() {
+    use erlmcp_rollout::migrate::dual::{Migrator, MigratorConfig};
+    use erlmcp_rollout::migrate::etcd_phase::PhaseWatchOptions;
+    use erlmcp_rollout::migrate::outbox::Outbox;
+    use erlmcp_rollout::session::MemoryStore;
+    let s = secured();
+    let prefix = unique("erlmcp/migration/");
+    let phases =
+        EtcdPhaseStore::connect(&s.cluster.members(), prefix.clone(), "node-w", s.options(s.security())).unwrap();
+    let secondary = EtcdStore::connect(
+        &s.cluster.members(),
+        unique("erlmcp/sessions/"),
+        s.options(s.security()),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    let m = Arc::new(
+        Migrator::open(
+            Arc::new(MemoryStore::new(StoreOptions::default())),
+            Arc::new(secondary),
+            Outbox::in_memory(),
+            Box::new(phases.clone()),
+            MigratorConfig::default(),
+        )
+        .unwrap(),
+    );
+    let watcher = phases.watch(Arc::clone(&m), PhaseWatchOptions::default()).unwrap();
+    wait_for("the first acknowledgement", || {
+        phases.acks().unwrap().get("node-w") == Some(&Phase::Off)
+    });
+    m.advance(Duration::from_secs(5)).unwrap();
+    wait_for("the acknowledgement of phase1", || {
+        phases.acks().unwrap().get("node-w") == Some(&Phase::Phase1)
+    });
+    assert!(watcher.status().connected, "{:?}", watcher.status());
+}
+
+#[test]
 fn a_wrong_ca_is_an_unknown_ca_error_and_nothing_is_written() {
     let s = secured();
     let mut security = s.security();
