@@ -305,9 +305,7 @@ fn the_phase_watcher_applies_and_acknowledges_over_tls() {
         .unwrap(),
     );
     let watcher = phases.watch(Arc::clone(&m), PhaseWatchOptions::default()).unwrap();
-    wait_for("the first acknowledgement", || {
-        phases.acks().unwrap().get("node-w") == Some(&Phase::Off)
-    });
+    // As erlmcp does: advance at once, while the watcher is still connecting.
     m.advance(Duration::from_secs(5)).unwrap();
     wait_for("the acknowledgement of phase1", || {
         phases.acks().unwrap().get("node-w") == Some(&Phase::Phase1)
