@@ -19,6 +19,9 @@
 //!   dual-write migrator with its durable outbox.
 //! - [`deploy`] (feature `deploy`): canary verdicts from Prometheus or a
 //!   metrics file, the ramp and rollback matrix, CI test scope.
+//! - [`etcd`]: how every etcd client of the crate connects: endpoints, TLS
+//!   (server CA, client certificate), etcd users, and the typed failures that
+//!   retrying cannot fix.
 //!
 //! ## Features
 //! - `cli` (default): the `erlmcp-rollout` binary and its dependencies. Depend
@@ -26,7 +29,10 @@
 //! - `disk` (included in `cli`): `session::DiskStore`, the session store in one
 //!   redb file.
 //! - `deploy` (included in `cli`): the [`deploy`] module and its HTTP client
-//!   (`ureq`, plain `http://`, no TLS).
+//!   (`ureq` with rustls: `http://`, or `https://` with a CA file and a bearer
+//!   token or basic auth).
+//! - `etcd` (included in `cli`): the etcd session store, flags and migration
+//!   phase in etcd, over `http://` or TLS with etcd users.
 //!
 //! ## Example
 //! ```
@@ -49,8 +55,11 @@
 pub mod clock;
 #[cfg(feature = "deploy")]
 pub mod deploy;
+pub mod etcd;
 pub mod flags;
 pub(crate) mod json;
 pub mod migrate;
 pub mod session;
 pub(crate) mod time_text;
+#[cfg(any(feature = "etcd", feature = "deploy"))]
+mod tls;

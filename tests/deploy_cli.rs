@@ -159,7 +159,19 @@ fn bad_prometheus_options_are_invalid_input_before_any_query() {
     // Nothing listens on port 1, so exit 1 (not 12) proves nothing was sent.
     for args in [
         &["--prometheus", "http://127.0.0.1:1", "--window", "5"][..],
-        &["--prometheus", "https://prometheus.example"],
+        // Credentials are never sent over plain http://.
+        &[
+            "--prometheus",
+            "http://127.0.0.1:1",
+            "--prometheus-token-file",
+            "Cargo.toml",
+        ],
+        &[
+            "--prometheus",
+            "https://127.0.0.1:1",
+            "--prometheus-cacert",
+            "/nonexistent/ca.pem",
+        ],
         &["--prometheus", "127.0.0.1:9090"],
         &["--prometheus", "http://127.0.0.1:1", "--at", "yesterday"],
         &["--prometheus", "http://127.0.0.1:1", "--query", "bogus=up"],

@@ -285,9 +285,13 @@ fn ready(port: u16) -> bool {
 }
 
 fn start_server() -> Server {
+    start_server_with(false)
+}
+
+fn start_server_with(secure: bool) -> Server {
     require_tools();
     for _attempt in 0..3 {
-        match try_start_server() {
+        match try_start_server(secure) {
             Ok(server) => return server,
             // The port was taken between free_port() and bind: try another one.
             Err(PortTaken) => continue,
@@ -301,8 +305,12 @@ struct PortTaken;
 /// Write the dataset into a fresh directory, load it and start Prometheus on
 /// it. The wrapper removes the directory when it stops Prometheus (a static
 /// server is never dropped).
-fn try_start_server() -> Result<Server, PortTaken> {
+/// With `secure`, Prometheus serves https:// with a certificate for 127.0.0.1 signed by
+/// `DIR/ca.pem` and requires basic auth (user `canary`, password in `DIR/password`), from
+/// a web config file; `DIR/other-ca.pem` is a CA that signed nothing it serves.
+fn try_start_server(secure: bool) -> Result<Server, PortTaken> {
     let dir = tempfile::tempdir().expect("temp dir").keep();
+    let web_config = secure.then(|| secure_web_config(&dir));
     let data = dir.join("data.om");
     std::fs::write(&data, openmetrics()).expect("write data.om");
     let tsdb = dir.join("tsdb");
@@ -333,6 +341,7 @@ fn try_start_server() -> Result<Server, PortTaken> {
         .arg(format!("--storage.tsdb.path={}", tsdb.display()))
         .arg("--storage.tsdb.retention.time=100y")
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .args(web_config.iter().map(|w| format!("--web.config.file={}", w.display())))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -345,9 +354,15 @@ fn try_start_server() -> Result<Server, PortTaken> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut text = String::new();
     while Instant::now() < deadline {
-        if ready(port) {
+        // Over TLS the log says when it serves (a plain-text probe cannot ask).
+        let up = if secure {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Server is ready to receive web requests"))
+        } else {
+            ready(port)
+        };
+        if up {
             return Ok(Server {
-                url: format!("http://127.0.0.1:{port}"),
+                url: format!("{}://127.0.0.1:{port}", if secure { "https" } else { "http" }),
                 port,
                 _dir: dir,
                 child: Mutex::new(child),
@@ -373,6 +388,52 @@ fn try_start_server() -> Result<Server, PortTaken> {
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
     SERVER.get_or_init(start_server)
+}
+
+const PROM_PASSWORD: &str = "prom-Pw-5Tz!never-shown";
+
+/// Certificates (made here with rcgen), the password file, its bcrypt hash and the web
+/// config file in `dir`; returns the web config's path.
+fn secure_web_config(dir: &std::path::Path) -> PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        (p.self_signed(&key).unwrap(), key)
+    };
+    let (ca_cert, ca_key) = ca("prometheus test CA");
+    let (other, _) = ca("some other CA");
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    p.distinguished_name.push(DnType::CommonName, "prometheus");
+    let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("other-ca.pem"), other.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("password"), format!("{PROM_PASSWORD}\n")).unwrap();
+    std::fs::write(dir.join("wrong-password"), "not-the-password\n").unwrap();
+    std::fs::write(dir.join("token"), "some-bearer-token-never-shown\n").unwrap();
+    let hash = bcrypt::hash(PROM_PASSWORD, 4).unwrap();
+    let web = dir.join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  canary: '{hash}'\n",
+            dir.join("server.pem").display(),
+            dir.join("server-key.pem").display()
+        ),
+    )
+    .unwrap();
+    web
+}
+
+/// A second Prometheus, over https:// with basic auth.
+fn secure_server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| start_server_with(true))
 }
 
 fn decide(args: &[&str]) -> (i32, String, String) {
@@ -575,4 +636,105 @@ fn the_server_stays_up_for_the_whole_file() {
     // A cheap sanity check that every test above shares one process.
     let s = server();
     assert!(ready(s.port));
+}
+
+/// `canary decide` against the https:// Prometheus with `access` options.
+fn decide_secure(access: &[&str]) -> (i32, serde_json::Value, String) {
+    let s = secure_server();
+    let at = at("healthy").to_string();
+    let mut args = vec!["--prometheus", &s.url, "--at", &at, "--json"];
+    args.extend_from_slice(access);
+    let (code, stdout, stderr) = decide(&args);
+    for secret in [PROM_PASSWORD, "some-bearer-token-never-shown"] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "a secret shows: {stdout}{stderr}"
+        );
+    }
+    let json = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
+    (code, json, stderr)
+}
+
+fn file(name: &str) -> String {
+    secure_server()._dir.join(name).display().to_string()
+}
+
+#[test]
+fn https_with_a_ca_and_basic_auth_gives_a_verdict() {
+    let (ca, pw) = (file("ca.pem"), file("password"));
+    let (code, v, err) = decide_secure(&[
+        "--prometheus-cacert",
+        &ca,
+        "--prometheus-user",
+        "canary",
+        "--prometheus-password-file",
+        &pw,
+    ]);
+    assert_eq!(code, 0, "{v:#}\n{err}");
+    assert_eq!(v["decision"], "promote");
+}
+
+#[test]
+fn wrong_or_missing_credentials_are_a_clear_error_never_a_verdict() {
+    let (ca, wrong, token) = (file("ca.pem"), file("wrong-password"), file("token"));
+    for access in [
+        vec![
+            "--prometheus-cacert",
+            &ca,
+            "--prometheus-user",
+            "canary",
+            "--prometheus-password-file",
+            &wrong,
+        ],
+        vec!["--prometheus-cacert", &ca],
+        vec!["--prometheus-cacert", &ca, "--prometheus-token-file", &token],
+    ] {
+        let (code, v, err) = decide_secure(&access);
+        assert_eq!(code, 12, "{access:?}: {v:#}\n{err}");
+        assert_eq!(v, serde_json::Value::Null, "no verdict: {v:#}");
+        assert!(
+            err.contains("HTTP 401") && err.contains("no verdict"),
+            "{access:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_ca_is_a_clear_tls_error() {
+    let (other, pw) = (file("other-ca.pem"), file("password"));
+    let (code, v, err) = decide_secure(&[
+        "--prometheus-cacert",
+        &other,
+        "--prometheus-user",
+        "canary",
+        "--prometheus-password-file",
+        &pw,
+    ]);
+    assert_eq!(code, 12, "{v:#}\n{err}");
+    assert!(err.contains("unknown CA"), "{err}");
+    // The library says the same with a typed error.
+    let client = Client::with_options(
+        &secure_server().url,
+        erlmcp_rollout::deploy::prometheus::ClientOptions {
+            ca_cert_file: Some(other.into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(matches!(client.query("up", None), Err(PrometheusError::Tls { .. })));
+}
+
+#[test]
+fn credentials_are_never_sent_over_plain_http() {
+    let pw = file("password");
+    let (code, _, stderr) = decide(&[
+        "--prometheus",
+        "http://127.0.0.1:9",
+        "--prometheus-user",
+        "canary",
+        "--prometheus-password-file",
+        &pw,
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("https:// only"), "{stderr}");
 }

@@ -367,7 +367,7 @@ fn wait_exit(child: &mut Child, within: Duration) -> (i32, String) {
 }
 
 fn etcd_percent(endpoints: &[String], flag: &str) -> u64 {
-    let (bytes, _) = erlmcp_rollout::flags::read_flags(endpoints, KEY, Duration::from_secs(5))
+    let (bytes, _) = erlmcp_rollout::flags::read_flags(endpoints, KEY, Duration::from_secs(5), &Default::default())
         .expect("read flags")
         .expect("key");
     let v: Value = serde_json::from_slice(&bytes).expect("json");
@@ -633,9 +633,10 @@ fn rollout_end_to_end() {
     // one to this flag pauses the run; approve publishes on top of it.
     let t = Instant::now();
     let human_edit = |f: &dyn Fn(&mut Value)| {
-        let (bytes, _) = erlmcp_rollout::flags::read_flags(&endpoints, KEY, Duration::from_secs(5))
-            .expect("read")
-            .expect("key");
+        let (bytes, _) =
+            erlmcp_rollout::flags::read_flags(&endpoints, KEY, Duration::from_secs(5), &Default::default())
+                .expect("read")
+                .expect("key");
         let mut v: Value = serde_json::from_slice(&bytes).expect("json");
         f(&mut v);
         push_flags(&endpoints, KEY, v.to_string().as_bytes(), Duration::from_secs(5)).expect("human push");
@@ -673,7 +674,7 @@ fn rollout_end_to_end() {
         1,
         "only the edit of this flag pauses"
     );
-    let (bytes, _) = erlmcp_rollout::flags::read_flags(&endpoints, KEY, Duration::from_secs(5))
+    let (bytes, _) = erlmcp_rollout::flags::read_flags(&endpoints, KEY, Duration::from_secs(5), &Default::default())
         .expect("read")
         .expect("key");
     let v: Value = serde_json::from_slice(&bytes).expect("json");

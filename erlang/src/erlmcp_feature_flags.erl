@@ -16,7 +16,11 @@
 %% --etcd ENDPOINTS', which validates first): every change reaches this node's
 %% callers milliseconds after the commit; invalid values, a deleted key and
 %% etcd outages keep the last good flags. `start_link/1' waits up to 5 s for
-%% the first read. `reload_now/0' then reports the watch's health.
+%% the first read. `reload_now/0' then reports the watch's health. A secured
+%% cluster: add `tls => #{cacertfile => F, certfile => F, keyfile => F}'
+%% (certfile and keyfile for `--client-cert-auth') and `auth => #{user => U,
+%% password_file => F}' (the user needs read permission on `Key'); the
+%% password is read from the file, never passed as a term.
 %%
 %% `details/2' and `variant/2' add OpenFeature-style evaluation details
 %% (value, variant, reason, error code, metadata) for flags with variants,
@@ -53,7 +57,10 @@
                      environment => atom() | binary(),
                      reload_interval_ms => pos_integer(),
                      check_interval_ms => pos_integer(),
-                     etcd => #{endpoints := [binary() | string()], key => binary() | string()},
+                     etcd => #{endpoints := [binary() | string()], key => binary() | string(),
+                               tls => #{cacertfile := file:filename_all(), certfile => file:filename_all(),
+                                        keyfile => file:filename_all()},
+                               auth => #{user := binary() | string(), password_file := file:filename_all()}},
                      audit_log => file:filename_all()}.
 -type details() :: #{binary() => term()}.
 -type problem() :: erlmcp_rollout_nif:problem().
@@ -70,7 +77,8 @@
 
 -record(state, {
     config :: binary(),
-    etcd = undefined :: undefined | {[binary() | string()], binary() | string()},
+    %% Endpoints, key, and the connection options (tls, auth) for the NIF.
+    etcd = undefined :: undefined | {[binary() | string()], binary() | string(), map()},
     environment :: atom() | binary(),
     reload_ms :: pos_integer(),
     check_ms :: pos_integer(),
@@ -280,8 +288,8 @@ init(Options) ->
             {stop, Reason}
     end.
 
-first_load(#state{etcd = {Endpoints, Key}} = State) ->
-    case erlmcp_rollout_nif:flags_watch_etcd(Endpoints, Key) of
+first_load(#state{etcd = {Endpoints, Key, Conn}} = State) ->
+    case erlmcp_rollout_nif:flags_watch_etcd(Endpoints, Key, Conn) of
         ok ->
             case await_etcd(erlang:monotonic_time(millisecond) + ?ETCD_FIRST_READ_MS) of
                 ok ->
@@ -319,7 +327,7 @@ first_load(#state{config = Path} = State) ->
 
 %% @private
 -spec handle_call(term(), gen_server:from(), #state{}) -> {reply, term(), #state{}}.
-handle_call(reload_now, _From, #state{etcd = {_, _}} = State) ->
+handle_call(reload_now, _From, #state{etcd = {_, _, _}} = State) ->
     %% The etcd watcher reloads every change as it arrives: report how that goes.
     {reply, etcd_health(), State};
 handle_call(reload_now, _From, State) ->
@@ -333,7 +341,7 @@ handle_call(_Request, _From, State) ->
 
 %% @private
 -spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
-handle_cast(reload, #state{etcd = {_, _}} = State) ->
+handle_cast(reload, #state{etcd = {_, _, _}} = State) ->
     {noreply, State};
 handle_cast(reload, State) ->
     {_Reply, NewState} = load(State),
@@ -358,7 +366,7 @@ handle_info(_Info, State) ->
 
 %% @private
 -spec terminate(term(), #state{}) -> ok.
-terminate(Reason, #state{etcd = {_, _}}) when Reason =:= normal; Reason =:= shutdown ->
+terminate(Reason, #state{etcd = {_, _, _}}) when Reason =:= normal; Reason =:= shutdown ->
     %% Stopped on purpose: stop following etcd (the flags stay loaded).
     ok = erlmcp_rollout_nif:flags_unwatch_etcd();
 terminate(_Reason, _State) ->
@@ -466,11 +474,12 @@ options_rest(Options) ->
 
 etcd_options(#{endpoints := [_ | _] = Endpoints} = Etcd, Env, Reload, Check) when is_atom(Env); is_binary(Env) ->
     Key = maps:get(key, Etcd, ?ETCD_KEY),
-    {ok, #state{config = <<>>, etcd = {Endpoints, Key}, environment = Env, reload_ms = Reload, check_ms = Check}};
+    Conn = maps:with([tls, auth], Etcd),
+    {ok, #state{config = <<>>, etcd = {Endpoints, Key, Conn}, environment = Env, reload_ms = Reload, check_ms = Check}};
 etcd_options(#{endpoints := [_ | _]}, _Env, _Reload, _Check) ->
     {error, {bad_option, environment}};
 etcd_options(_Etcd, _Env, _Reload, _Check) ->
-    {error, {bad_option, etcd, <<"etcd => #{endpoints => [<<\"host:port\">>, ...], key => Key}">>}}.
+    {error, {bad_option, etcd, <<"etcd => #{endpoints => [<<\"host:port\">>, ...], key => Key, tls => #{...}, auth => #{...}}">>}}.
 
 configure(#state{environment = Env}) ->
     Overrides = case os:getenv("ERLMCP_FEATURE_FLAGS") of

@@ -15,7 +15,7 @@
 -export([flags_eval/2, flags_eval_custom/3, flags_status/0, flags_configure/2,
          flags_load_file/1, flags_load_json/1, flags_set_override/2, flags_get_all/0,
          flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
-         flags_phash2/2, flags_set_clock/1, flags_nop/2, flags_watch_etcd/2, flags_unwatch_etcd/0, flags_etcd_status/0,
+         flags_phash2/2, flags_set_clock/1, flags_nop/2, flags_watch_etcd/3, flags_unwatch_etcd/0, flags_etcd_status/0,
          flags_custom_names/1, flags_eval_details/3, flags_set_override_by/3, flags_audit/1]).
 -export([session_open/2, session_put/4, session_touch/3, session_get/3, session_delete/3,
          session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_migration_phase/1, session_set_clock/1, session_now/0,
@@ -120,8 +120,10 @@ flags_set_clock(_UnixMs) -> ?NOT_LOADED.
 -spec flags_nop(term(), term()) -> term().
 flags_nop(_A, _B) -> ?NOT_LOADED.
 
--spec flags_watch_etcd(Endpoints :: [binary() | string()], Key :: binary() | string()) -> ok | {error, binary()}.
-flags_watch_etcd(_Endpoints, _Key) -> ?NOT_LOADED.
+%% `Opts': `tls => #{cacertfile, certfile, keyfile}', `auth => #{user, password_file}'.
+-spec flags_watch_etcd(Endpoints :: [binary() | string()], Key :: binary() | string(), Opts :: map()) ->
+    ok | {error, binary()}.
+flags_watch_etcd(_Endpoints, _Key, _Opts) -> ?NOT_LOADED.
 
 -spec flags_unwatch_etcd() -> ok.
 flags_unwatch_etcd() -> ?NOT_LOADED.
@@ -136,7 +138,8 @@ flags_etcd_status() -> ?NOT_LOADED.
 %% store always answer at once and take any term.
 -type reply_tag() :: reference() | atom().
 
--spec session_open(Spec :: memory | {disk, file:filename_all()} | {etcd, [binary() | string()]}, Opts :: map()) ->
+-spec session_open(Spec :: memory | {disk, file:filename_all()} | {etcd, [binary() | string()]}
+                         | {etcd, [binary() | string()], map()}, Opts :: map()) ->
     {ok, store_handle(), store_kind()} | {error, {bad_option | bad_store, binary()} | store_error()}.
 session_open(_Spec, _Opts) -> ?NOT_LOADED.
 

@@ -24,12 +24,16 @@
 %% naming it in this VM shares one migrator and relay.
 %%
 %% Options: `primary', `secondary' (store specs as in
+%% `erlmcp_session_native', `{etcd, Endpoints, #{tls => .., auth => ..}}'
+%% included), `tls' and `auth' (for every etcd store and `phase_etcd'; see
 %% `erlmcp_session_native'), `migration_phase', `state_dir' (default
 %% `"erlmcp_session_migration"', created if missing), `phase_etcd' (keep
 %% the phase cluster-wide in etcd instead of a file: `#{endpoints => [...],
 %% node => Name, prefix => P, expect_nodes => [Name, ...]}'; each node's
 %% watcher applies a change within milliseconds and acknowledges it, and an
-%% advance waits until every expected node acknowledged), `shadow_sample' (one
+%% advance waits until every expected node acknowledged; `tls' and `auth' in
+%% it, as in `erlmcp_session_native', give the phase store its own TLS and
+%% user, else the top-level `tls' and `auth' apply), `shadow_sample' (one
 %% read in N is shadow-read in phase 1; default 100), and the options of
 %% `erlmcp_session_native' (`touch_permille', ...).
 %%

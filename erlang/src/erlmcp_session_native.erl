@@ -17,6 +17,26 @@
 %% `last_accessed' only when it moved by more than this fraction of the
 %% timeout; default 100), `tombstone_retention_ms', `prefix' (etcd).
 %%
+%% A secured etcd cluster (TLS, `--client-cert-auth', authentication):
+%% `tls => #{cacertfile => File, certfile => File, keyfile => File}' (the
+%% `ssl' application's names; `certfile' and `keyfile' for mutual TLS; with
+%% `tls', `"host:port"' endpoints are `https://') and `auth => #{user => Name,
+%% password_file => File}' (the password is read from the file). They apply
+%% to `{etcd, Endpoints}'; `{etcd, Endpoints, #{tls => .., auth => ..}}' gives
+%% one store its own. A refused handshake, password or permission is
+%% `{error, {etcd_access, Kind, Message}}' at once (Kind: `unknown_ca',
+%% `certificate_expired', `certificate_mismatch',
+%% `client_certificate_required', `client_certificate_rejected', `tls',
+%% `wrong_password', `auth_required', `auth_not_enabled',
+%% `permission_denied', `file', `settings'), never a retry loop:
+%%
+%% ```
+%% {ok, S} = erlmcp_session_native:init(#{store => {etcd, [<<"10.0.0.1:2379">>]},
+%%     tls => #{cacertfile => "/etc/erlmcp/etcd-ca.pem",
+%%              certfile => "/etc/erlmcp/etcd-client.pem", keyfile => "/etc/erlmcp/etcd-client-key.pem"},
+%%     auth => #{user => <<"erlmcp">>, password_file => "/etc/erlmcp/etcd-password"}}).
+%% '''
+%%
 %% `init/1' on a store already open in this VM (same disk file, same memory
 %% name) shares it; asking for it with other settings (`touch_permille',
 %% `tombstone_retention_ms') is `{error, {bad_store, Why}}'. The State is an
@@ -71,6 +91,7 @@
 -type session_id() :: binary().
 -type session() :: map().
 -type store_spec() :: memory | {memory, atom()} | {disk, file:filename_all()} | {etcd, [binary() | string()]}
+                    | {etcd, [binary() | string()], #{tls => map(), auth => map()}}
                     | {hybrid, store_spec(), store_spec()}.
 -export_type([state/0, store_spec/0]).
 

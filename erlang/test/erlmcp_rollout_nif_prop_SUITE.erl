@@ -172,7 +172,7 @@ valid_args(flags_set_override) -> [<<"no_such_flag_garbage">>, clear];
 valid_args(flags_explain) -> [<<"f_cond">>, #{user_id => 'u-1'}];
 valid_args(flags_phash2) -> [<<"session-1">>, 100];
 valid_args(flags_set_clock) -> [system];
-valid_args(flags_watch_etcd) -> [[<<"127.0.0.1:1">>], <<"prop/flags">>];
+valid_args(flags_watch_etcd) -> [[<<"127.0.0.1:1">>], <<"prop/flags">>, #{}];
 valid_args(session_open) -> [memory, #{name => prop_garbage}];
 valid_args(session_put) -> [store_handle(), make_ref(), <<"g-1">>, {0, 0, 1000, <<>>}];
 valid_args(session_touch) -> [store_handle(), make_ref(), <<"g-1">>];

@@ -41,4 +41,4 @@ pub use canary::{
 };
 pub use ci_scope::{classify, ScopeConfig, ScopeError, ScopeReport};
 pub use plan::{PlanError, Ramp, RampStage, Trigger, TriggerId, ROLLBACK_MATRIX};
-pub use prometheus::{collect, Client, Collected, PrometheusError, Source, Templates};
+pub use prometheus::{collect, Client, ClientOptions, Collected, HttpAuth, PrometheusError, Source, Templates};

@@ -10,8 +10,10 @@
 //!   sides at one evaluation time and returns [`CanaryMetrics`] for
 //!   [`decide`](super::canary::decide), plus what it ran.
 //!
-//! Only `http://` URLs are supported (the crate is built without TLS); reach an
-//! `https://` Prometheus through a local proxy or port-forward.
+//! `http://` and `https://` URLs; over `https://` with a CA file
+//! ([`ClientOptions::ca_cert_file`], else the Mozilla roots), a bearer token or basic
+//! auth ([`HttpAuth`]), for Prometheus behind Thanos, Mimir or a reverse proxy.
+//! Secrets are read from files and never shown; credentials go only over `https://`.
 //!
 //! # Pitfalls this module avoids
 //! - No `or vector(0)`: an empty result is [`NoData::Empty`], not zero.
@@ -22,11 +24,13 @@
 //!   ([`Freshness`]).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use super::canary::{CanaryMetrics, Freshness, Metric, NoData, Reading, Side};
+use crate::tls::{read_certs, read_secret, tls_problem, FileProblem, Secret, TlsProblem};
 
 /// Why a Prometheus request failed. Every variant means "no verdict": callers
 /// must not promote.
@@ -48,6 +52,35 @@ pub enum PrometheusError {
         url: String,
         /// The transport error.
         message: String,
+    },
+    /// A CA, token or password file cannot be read or holds nothing usable.
+    #[error("{what} {}: {reason}", path.display())]
+    File {
+        /// Which file (`CA certificate file`, `token file`, `password file`).
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why (never the file's content).
+        reason: String,
+    },
+    /// The TLS handshake failed: unknown CA, expired or mismatched certificate, ...
+    #[error("TLS to {url} failed: {problem}")]
+    Tls {
+        /// The request URL.
+        url: String,
+        /// What failed (`unknown CA: ...`, `certificate expired: ...`).
+        problem: String,
+    },
+    /// HTTP 401 or 403: the credentials are missing or wrong, or not allowed.
+    #[error("HTTP {status} from {url}: {credentials} refused (wrong or missing credentials); no verdict")]
+    Unauthorized {
+        /// HTTP status (401 or 403).
+        status: u16,
+        /// The request URL.
+        url: String,
+        /// Which credentials were sent (`no credentials`, `the bearer token from FILE`,
+        /// `basic auth as user U`), never the secret.
+        credentials: String,
     },
     /// Prometheus rejected or failed the query: 400 `bad_data` (syntax),
     /// 422 `execution`, 503 `timeout`, ...
@@ -215,16 +248,74 @@ struct RawSeries {
     values: Option<Vec<(f64, String)>>,
 }
 
+/// Credentials sent with every request, read from files (the secret never appears in
+/// an argument, a `Debug` output or an error).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpAuth {
+    /// `Authorization: Bearer TOKEN`, the token being the file's content (one line).
+    Bearer {
+        /// The file holding the token.
+        token_file: PathBuf,
+    },
+    /// HTTP basic auth.
+    Basic {
+        /// The user name.
+        user: String,
+        /// The file holding the password (one line).
+        password_file: PathBuf,
+    },
+}
+
+/// How a [`Client`] connects: timeout, TLS trust and credentials. Kept on the client
+/// ([`Client::options`]) so every component that queries the same Prometheus (canary
+/// decisions, the rollout controller) connects the same way.
+///
+/// # Examples
+/// ```
+/// use erlmcp_rollout::deploy::prometheus::{ClientOptions, HttpAuth};
+/// let opts = ClientOptions {
+///     ca_cert_file: Some("/etc/erlmcp/prometheus-ca.pem".into()),
+///     auth: Some(HttpAuth::Basic { user: "canary".into(), password_file: "/etc/erlmcp/prom-password".into() }),
+///     ..ClientOptions::default()
+/// };
+/// assert_eq!(opts.timeout, erlmcp_rollout::deploy::prometheus::DEFAULT_HTTP_TIMEOUT);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Timeout of each whole request (default [`DEFAULT_HTTP_TIMEOUT`]).
+    pub timeout: Duration,
+    /// PEM file of the CA(s) that signed the server's certificate (`https://` only);
+    /// `None`: the Mozilla roots.
+    pub ca_cert_file: Option<PathBuf>,
+    /// Credentials (`https://` only); `None`: none sent.
+    pub auth: Option<HttpAuth>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            timeout: DEFAULT_HTTP_TIMEOUT,
+            ca_cert_file: None,
+            auth: None,
+        }
+    }
+}
+
 /// A blocking client for one Prometheus server.
 ///
 /// # Examples
 /// ```
-/// use erlmcp_rollout::deploy::prometheus::{Client, PrometheusError};
+/// use erlmcp_rollout::deploy::prometheus::{Client, ClientOptions, HttpAuth, PrometheusError};
 /// // Nothing listens on port 1: the error says so, it is never a verdict.
 /// let client = Client::new("http://127.0.0.1:1")?;
 /// let err = client.query("up", None).unwrap_err();
 /// assert!(matches!(err, PrometheusError::Unreachable { .. }));
-/// assert!(Client::new("https://prometheus.example").is_err());
+/// // Credentials go over https:// only.
+/// let opts = ClientOptions {
+///     auth: Some(HttpAuth::Bearer { token_file: "token".into() }),
+///     ..ClientOptions::default()
+/// };
+/// assert!(matches!(Client::with_options("http://127.0.0.1:9090", opts), Err(PrometheusError::BadUrl { .. })));
 /// # Ok::<(), PrometheusError>(())
 /// ```
 #[derive(Clone, Debug)]
@@ -232,18 +323,48 @@ pub struct Client {
     base: String,
     agent: ureq::Agent,
     query_timeout: Option<String>,
+    options: ClientOptions,
+    /// The `Authorization` header value (redacted in `Debug`).
+    authorization: Option<Secret>,
+}
+
+fn file_error(p: FileProblem) -> PrometheusError {
+    PrometheusError::File {
+        what: p.what,
+        path: p.path,
+        reason: p.reason,
+    }
+}
+
+/// Base64 (RFC 4648, with padding) for the basic-auth header.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// The default HTTP timeout of a whole request.
 pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Client {
-    /// A client for the Prometheus at `url` (`http://host:port`, optionally
-    /// with a path prefix), with [`DEFAULT_HTTP_TIMEOUT`].
+    /// A client for the Prometheus at `url` (`http://host:port` or `https://host:port`,
+    /// optionally with a path prefix), with [`DEFAULT_HTTP_TIMEOUT`], no credentials and
+    /// (for `https://`) the Mozilla roots.
     ///
     /// # Errors
-    /// [`PrometheusError::BadUrl`] unless the URL starts with `http://` and
-    /// names a host.
+    /// [`PrometheusError::BadUrl`] unless the URL starts with `http://` or `https://`
+    /// and names a host.
     pub fn new(url: &str) -> Result<Client, PrometheusError> {
         Client::with_timeout(url, DEFAULT_HTTP_TIMEOUT)
     }
@@ -253,18 +374,46 @@ impl Client {
     /// # Errors
     /// As [`Client::new`].
     pub fn with_timeout(url: &str, timeout: Duration) -> Result<Client, PrometheusError> {
+        Client::with_options(
+            url,
+            ClientOptions {
+                timeout,
+                ..ClientOptions::default()
+            },
+        )
+    }
+
+    /// A client with a CA file and credentials ([`ClientOptions`]); the files are read
+    /// now.
+    ///
+    /// # Errors
+    /// [`PrometheusError::BadUrl`] for a URL that is not `http(s)://HOST...`, or a CA
+    /// file or credentials with an `http://` URL (they would travel in clear);
+    /// [`PrometheusError::File`] for a CA, token or password file that cannot be read or
+    /// holds nothing usable.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// use erlmcp_rollout::deploy::prometheus::{Client, ClientOptions, HttpAuth};
+    /// let client = Client::with_options("https://prometheus.internal:9090", ClientOptions {
+    ///     ca_cert_file: Some("ca.pem".into()),
+    ///     auth: Some(HttpAuth::Bearer { token_file: "token".into() }),
+    ///     ..ClientOptions::default()
+    /// })?;
+    /// let up = client.query("up", None)?;
+    /// # Ok::<(), erlmcp_rollout::deploy::PrometheusError>(())
+    /// ```
+    pub fn with_options(url: &str, options: ClientOptions) -> Result<Client, PrometheusError> {
         let bad = |reason: &str| PrometheusError::BadUrl {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
-        let rest = if let Some(rest) = url.strip_prefix("http://") {
-            rest
-        } else if url.starts_with("https://") {
-            return Err(bad(
-                "https is not supported (built without TLS); use http:// or a local proxy",
-            ));
+        let (rest, https) = if let Some(rest) = url.strip_prefix("http://") {
+            (rest, false)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (rest, true)
         } else {
-            return Err(bad("expected http://HOST:PORT"));
+            return Err(bad("expected http://HOST:PORT or https://HOST:PORT"));
         };
         if rest.is_empty() || rest.starts_with('/') {
             return Err(bad("no host"));
@@ -272,16 +421,65 @@ impl Client {
         if rest.contains(['?', '#']) {
             return Err(bad("give the base URL, without a query or fragment"));
         }
+        if rest.contains('@') {
+            return Err(bad("no credentials in the URL: give a token or password file"));
+        }
+        if !https && options.auth.is_some() {
+            return Err(bad(
+                "credentials are sent over https:// only (over http:// they would travel in clear)",
+            ));
+        }
+        if !https && options.ca_cert_file.is_some() {
+            return Err(bad("a CA certificate file applies to https:// URLs"));
+        }
+        let authorization = match &options.auth {
+            None => None,
+            Some(HttpAuth::Bearer { token_file }) => {
+                let token = read_secret("token file", token_file).map_err(file_error)?;
+                Some(Secret::from(format!("Bearer {}", token.expose())))
+            }
+            Some(HttpAuth::Basic { user, password_file }) => {
+                if user.is_empty() || user.contains(':') {
+                    return Err(PrometheusError::Config(
+                        "the basic-auth user must be non-empty and contain no ':'".into(),
+                    ));
+                }
+                let password = read_secret("password file", password_file).map_err(file_error)?;
+                Some(Secret::from(format!(
+                    "Basic {}",
+                    base64(format!("{user}:{}", password.expose()).as_bytes())
+                )))
+            }
+        };
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(ca) = &options.ca_cert_file {
+            let pem = read_certs("CA certificate file", ca).map_err(file_error)?;
+            let mut certs = Vec::new();
+            for item in ureq::tls::parse_pem(&pem) {
+                if let Ok(ureq::tls::PemItem::Certificate(c)) = item {
+                    certs.push(c);
+                }
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+        }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(timeout))
+            .timeout_global(Some(options.timeout))
+            .tls_config(tls.build())
             .build()
             .into();
         Ok(Client {
             base: url.trim_end_matches('/').to_owned(),
             agent,
             query_timeout: None,
+            options,
+            authorization,
         })
+    }
+
+    /// The options the client was built with (to build another client the same way).
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
     }
 
     /// Ask Prometheus to abort each query after `timeout` (its `timeout`
@@ -333,12 +531,45 @@ impl Client {
         for (k, v) in &params {
             req = req.query(*k, v);
         }
-        let unreachable = |e: ureq::Error| PrometheusError::Unreachable {
-            url: url.clone(),
-            message: e.to_string(),
+        if let Some(auth) = &self.authorization {
+            req = req.header("Authorization", auth.expose());
+        }
+        let unreachable = |e: ureq::Error| match tls_problem(&e) {
+            Some(p) => PrometheusError::Tls {
+                url: url.clone(),
+                problem: match p {
+                    TlsProblem::UnknownCa(d) => {
+                        format!("unknown CA: the server's certificate is not signed by the CA in the CA file ({d})")
+                    }
+                    TlsProblem::Expired(d) => format!("the server's certificate has expired or is not valid yet ({d})"),
+                    TlsProblem::Mismatch(d) => {
+                        format!("mismatched certificate: not valid for this host name or address ({d})")
+                    }
+                    TlsProblem::ClientCertificateRequired(d)
+                    | TlsProblem::ClientCertificateRejected(d)
+                    | TlsProblem::Other(d) => d,
+                },
+            },
+            None => PrometheusError::Unreachable {
+                url: url.clone(),
+                message: e.to_string(),
+            },
         };
         let mut resp = req.call().map_err(unreachable)?;
         let status = resp.status().as_u16();
+        if status == 401 || status == 403 {
+            return Err(PrometheusError::Unauthorized {
+                status,
+                url,
+                credentials: match &self.options.auth {
+                    None => "no credentials".into(),
+                    Some(HttpAuth::Bearer { token_file }) => {
+                        format!("the bearer token from {}", token_file.display())
+                    }
+                    Some(HttpAuth::Basic { user, .. }) => format!("basic auth as user {user:?}"),
+                },
+            });
+        }
         let body = resp.body_mut().read_to_string().map_err(unreachable)?;
         parse_response(&url, promql, status, &body)
     }
@@ -743,6 +974,34 @@ pub fn collect(client: &Client, source: &Source, at: Option<f64>) -> Result<Coll
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn basic_auth_is_rfc4648_base64() {
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b""), "");
+        // The secret stays out of the client's Debug output.
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret-value\n").unwrap();
+        let c = Client::with_options(
+            "https://127.0.0.1:1",
+            ClientOptions {
+                auth: Some(HttpAuth::Basic {
+                    user: "u".into(),
+                    password_file: pw,
+                }),
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains(&base64(b"u:s3cret-value")),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn parses_every_result_type() {

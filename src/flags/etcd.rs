@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, WatchOptions as EtcdWatchOptions};
+use etcd_client::{Client, EventType, WatchOptions as EtcdWatchOptions};
 use serde::Serialize;
 
 use super::config::{ConfigError, FlagsConfig};
 use super::engine::{Engine, WatchCallback, WatchEvent};
-use crate::session::InvalidInput;
+use crate::etcd::{Connector, Dial, EtcdAccessError, EtcdSecurity};
 
 /// The key [`push_flags`] and [`Engine::watch_etcd`] use unless told otherwise.
 pub const DEFAULT_FLAGS_KEY: &str = "erlmcp/feature_flags";
@@ -51,6 +51,11 @@ pub enum PushError {
         /// The key's revision now (0: the key is absent).
         actual: i64,
     },
+    /// The TLS settings, the credentials or the user's permission on the key refused the
+    /// push (an unreadable file, unknown CA, wrong password, permission denied, ...); it
+    /// was not retried and nothing was published.
+    #[error(transparent)]
+    Access(#[from] EtcdAccessError),
     /// No member accepted the write in time (it may or may not have been applied).
     #[error("etcd at [{endpoints}] unavailable: {reason}")]
     Unavailable {
@@ -77,14 +82,14 @@ pub struct PushOutcome {
     pub previous: Option<Vec<u8>>,
 }
 
-pub(crate) fn urls(endpoints: &[String]) -> Result<Vec<String>, PushError> {
-    crate::session::endpoint_urls(endpoints).map_err(|e| match e {
-        InvalidInput::Endpoint { endpoint, reason } => PushError::Endpoint { endpoint, reason },
-        other => PushError::Endpoint {
-            endpoint: endpoints.join(","),
-            reason: other.to_string(),
-        },
-    })
+/// The connector of `security` and the endpoints as URLs.
+pub(crate) fn connector(endpoints: &[String], security: &EtcdSecurity) -> Result<(Connector, Vec<String>), PushError> {
+    let connector = Connector::new(security)?;
+    let urls = connector.urls(endpoints).map_err(|e| PushError::Endpoint {
+        endpoint: e.endpoint,
+        reason: e.reason,
+    })?;
+    Ok((connector, urls))
 }
 
 /// Validates `json` exactly as `flags check` does and, only if it is valid, writes it to
@@ -105,9 +110,43 @@ pub(crate) fn urls(endpoints: &[String]) -> Result<Vec<String>, PushError> {
 /// # Ok::<(), erlmcp_rollout::flags::PushError>(())
 /// ```
 pub fn push_flags(endpoints: &[String], key: &str, json: &[u8], timeout: Duration) -> Result<PushOutcome, PushError> {
+    push_flags_with(endpoints, key, json, timeout, &EtcdSecurity::default())
+}
+
+/// [`push_flags`] to a cluster with TLS and/or authentication ([`crate::etcd`]): with
+/// TLS, `host:port` endpoints are `https://`. The user needs read and write permission
+/// on `key`.
+///
+/// # Errors
+/// As [`push_flags`], and [`PushError::Access`] (at once, not retried) for an unreadable
+/// file, a TLS handshake the settings cannot pass, a wrong password, or no permission on
+/// `key`.
+///
+/// # Examples
+/// ```no_run
+/// use std::time::Duration;
+/// use erlmcp_rollout::etcd::{EtcdAuth, EtcdSecurity, EtcdTls};
+/// use erlmcp_rollout::flags::{push_flags_with, DEFAULT_FLAGS_KEY};
+/// let security = EtcdSecurity {
+///     tls: Some(EtcdTls { ca_cert_file: "ca.pem".into(), cert_file: None, key_file: None }),
+///     auth: Some(EtcdAuth { user: "flags-admin".into(), password_file: "password".into() }),
+/// };
+/// let endpoints = vec!["10.0.0.1:2379".to_string()];
+/// let json = br#"{"mcp_tasks": {"enabled": true}}"#;
+/// push_flags_with(&endpoints, DEFAULT_FLAGS_KEY, json, Duration::from_secs(5), &security)?;
+/// # Ok::<(), erlmcp_rollout::flags::PushError>(())
+/// ```
+pub fn push_flags_with(
+    endpoints: &[String],
+    key: &str,
+    json: &[u8],
+    timeout: Duration,
+    security: &EtcdSecurity,
+) -> Result<PushOutcome, PushError> {
     let config = FlagsConfig::from_json(json).map_err(PushError::Invalid)?;
-    let urls = urls(endpoints)?;
-    with_member(&urls, timeout, |mut client| async move {
+    let (connector, urls) = connector(endpoints, security)?;
+    let doing = format!("pushing key {key}");
+    with_member(&connector, &urls, timeout, &doing, |mut client| async move {
         let current = client.get(key, None).await?;
         let previous = current.kvs().first().map(|kv| kv.value().to_vec());
         if let Some(kv) = current.kvs().first() {
@@ -130,11 +169,17 @@ pub fn push_flags(endpoints: &[String], key: &str, json: &[u8], timeout: Duratio
 /// linearizable read through the leader).
 ///
 /// # Errors
-/// [`PushError::Endpoint`], [`PushError::Unavailable`] when no member answered within
-/// `timeout`.
-pub fn read_flags(endpoints: &[String], key: &str, timeout: Duration) -> Result<Option<(Vec<u8>, i64)>, PushError> {
-    let urls = urls(endpoints)?;
-    with_member(&urls, timeout, |mut client| async move {
+/// [`PushError::Endpoint`], [`PushError::Access`], [`PushError::Unavailable`] when no
+/// member answered within `timeout`.
+pub fn read_flags(
+    endpoints: &[String],
+    key: &str,
+    timeout: Duration,
+    security: &EtcdSecurity,
+) -> Result<Option<(Vec<u8>, i64)>, PushError> {
+    let (connector, urls) = connector(endpoints, security)?;
+    let doing = format!("reading key {key}");
+    with_member(&connector, &urls, timeout, &doing, |mut client| async move {
         let current = client.get(key, None).await?;
         Ok(Ok(current
             .kvs()
@@ -150,18 +195,21 @@ pub fn read_flags(endpoints: &[String], key: &str, timeout: Duration) -> Result<
 ///
 /// # Errors
 /// [`PushError::Invalid`], [`PushError::Conflict`], [`PushError::Endpoint`],
-/// [`PushError::Unavailable`] (the write may or may not have happened).
+/// [`PushError::Access`], [`PushError::Unavailable`] (the write may or may not have
+/// happened).
 pub fn push_flags_guarded(
     endpoints: &[String],
     key: &str,
     json: &[u8],
     expected_revision: i64,
     timeout: Duration,
+    security: &EtcdSecurity,
 ) -> Result<PushOutcome, PushError> {
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
     let config = FlagsConfig::from_json(json).map_err(PushError::Invalid)?;
-    let urls = urls(endpoints)?;
-    with_member(&urls, timeout, |mut client| async move {
+    let (connector, urls) = connector(endpoints, security)?;
+    let doing = format!("pushing key {key}");
+    with_member(&connector, &urls, timeout, &doing, |mut client| async move {
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, expected_revision)])
             .and_then([TxnOp::put(
@@ -200,18 +248,24 @@ pub fn push_flags_guarded(
     })
 }
 
-/// Connects to one member with the crate's flag-client options (connect timeout,
-/// leader required). Every one-shot flag client (push, read, guarded push) connects here.
-pub(crate) async fn connect(url: &str, timeout: Duration) -> Result<Client, etcd_client::Error> {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(timeout)
-        .with_require_leader(true);
-    Client::connect([url], Some(opts)).await
+/// Connects to one member through `connector` (its TLS and user, connect timeout,
+/// leader required). Every one-shot flag client (push, read, guarded push, the rollout
+/// controller's state and lock) connects here or through [`with_member`].
+pub(crate) async fn connect(connector: &Connector, url: &str, timeout: Duration) -> Result<Client, etcd_client::Error> {
+    connector.connect(url, &Dial::new(timeout)).await
 }
 
 /// Runs `op` against the members in turn until one answers, within `timeout` overall.
-/// A transport error moves on to the next member; `op`'s own `Err(PushError)` is final.
-pub(crate) fn with_member<T, F, Fut>(urls: &[String], timeout: Duration, mut op: F) -> Result<T, PushError>
+/// A transport error moves on to the next member; a refusal of the TLS settings, the
+/// credentials or the user's permission is final ([`PushError::Access`], saying it
+/// happened while `doing`), as is `op`'s own `Err(PushError)`.
+pub(crate) fn with_member<T, F, Fut>(
+    connector: &Connector,
+    urls: &[String],
+    timeout: Duration,
+    doing: &str,
+    mut op: F,
+) -> Result<T, PushError>
 where
     F: FnMut(Client) -> Fut,
     Fut: std::future::Future<Output = Result<Result<T, PushError>, etcd_client::Error>>,
@@ -232,13 +286,16 @@ where
             let url = &urls[i % urls.len()];
             i += 1;
             let attempt = tokio::time::timeout_at(deadline, async {
-                let client = connect(url, timeout).await?;
+                let client = connect(connector, url, timeout).await?;
                 op(client).await
             })
             .await;
             match attempt {
                 Ok(Ok(result)) => return result,
-                Ok(Err(e)) => last = format!("{url}: {e}"),
+                Ok(Err(e)) => match connector.access_failure(&e, url) {
+                    Some(denied) => return Err(PushError::Access(denied.doing(doing))),
+                    None => last = format!("{url}: {e}"),
+                },
                 Err(_) => last = format!("{url}: no answer within {timeout:?}"),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -257,6 +314,8 @@ pub struct EtcdFlagsOptions {
     pub retry_interval: Duration,
     /// Called after every reload attempt that changed something or failed.
     pub on_event: Option<WatchCallback>,
+    /// TLS and the etcd user ([`crate::etcd`]); the user needs read permission on `key`.
+    pub security: EtcdSecurity,
 }
 
 impl Default for EtcdFlagsOptions {
@@ -266,6 +325,7 @@ impl Default for EtcdFlagsOptions {
             connect_timeout: Duration::from_secs(5),
             retry_interval: Duration::from_millis(500),
             on_event: None,
+            security: EtcdSecurity::default(),
         }
     }
 }
@@ -330,9 +390,14 @@ impl Engine {
     ///
     /// The watcher runs on its own thread; dropping the returned handle stops it.
     ///
+    /// With [`EtcdFlagsOptions::security`] it connects with TLS and as an etcd user; a
+    /// refused handshake, password or permission shows in [`EtcdWatchStatus::last_error`]
+    /// (the watcher keeps trying, after [`EtcdFlagsOptions::retry_interval`]).
+    ///
     /// # Errors
-    /// [`PushError::Endpoint`] for a missing or malformed endpoint; the thread could
-    /// not be spawned ([`PushError::Unavailable`]).
+    /// [`PushError::Endpoint`] for a missing or malformed endpoint;
+    /// [`PushError::Access`] for an unreadable CA, certificate, key or password file; the
+    /// thread could not be spawned ([`PushError::Unavailable`]).
     ///
     /// # Examples
     /// ```no_run
@@ -349,7 +414,7 @@ impl Engine {
         endpoints: &[String],
         options: EtcdFlagsOptions,
     ) -> Result<EtcdWatcher, PushError> {
-        let urls = urls(endpoints)?;
+        let (connector, urls) = connector(endpoints, &options.security)?;
         let status = Arc::new(Mutex::new(EtcdWatchStatus::default()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let engine = Arc::clone(self);
@@ -362,7 +427,14 @@ impl Engine {
                     s.last_error = Some("cannot start the watcher's runtime".into());
                     return;
                 };
-                rt.block_on(watch_loop(&engine, &urls, &options, stop_rx, &thread_status));
+                rt.block_on(watch_loop(
+                    &engine,
+                    &connector,
+                    &urls,
+                    &options,
+                    stop_rx,
+                    &thread_status,
+                ));
             })
             .map_err(|e| PushError::Unavailable {
                 endpoints: endpoints.join(", "),
@@ -385,6 +457,7 @@ enum End {
 
 async fn watch_loop(
     engine: &Engine,
+    connector: &Connector,
     urls: &[String],
     options: &EtcdFlagsOptions,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -395,7 +468,7 @@ async fn watch_loop(
         let url = &urls[i % urls.len()];
         let ended = tokio::select! {
             _ = stop.changed() => End::Stopped,
-            end = session(engine, url, options, status) => end,
+            end = session(engine, connector, url, options, status) => end,
         };
         match ended {
             End::Stopped => return,
@@ -420,21 +493,32 @@ async fn watch_loop(
 }
 
 /// Connects to one member, reads the key in full, then follows it until the watch breaks.
-async fn session(engine: &Engine, url: &str, options: &EtcdFlagsOptions, status: &Mutex<EtcdWatchStatus>) -> End {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(options.connect_timeout)
-        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true)
-        .with_require_leader(true);
+async fn session(
+    engine: &Engine,
+    connector: &Connector,
+    url: &str,
+    options: &EtcdFlagsOptions,
+    status: &Mutex<EtcdWatchStatus>,
+) -> End {
+    let dial = Dial {
+        keep_alive: Some((Duration::from_secs(1), Duration::from_secs(2))),
+        keep_alive_while_idle: true,
+        ..Dial::new(options.connect_timeout)
+    };
     let first = tokio::time::timeout(options.connect_timeout, async {
-        let mut client = Client::connect([url], Some(opts)).await?;
+        let mut client = connector.connect(url, &dial).await?;
         let resp = client.get(options.key.as_str(), None).await?;
         Ok::<_, etcd_client::Error>((client, resp))
     })
     .await;
     let (mut client, resp) = match first {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return End::Broken(e.to_string()),
+        Ok(Err(e)) => {
+            return End::Broken(match connector.access_failure(&e, url) {
+                Some(denied) => denied.doing(&format!("reading key {}", options.key)).kind.to_string(),
+                None => e.to_string(),
+            })
+        }
         Err(_) => return End::Broken(format!("no answer within {:?}", options.connect_timeout)),
     };
     let revision = resp.header().map_or(0, |h| h.revision());

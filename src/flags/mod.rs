@@ -48,8 +48,8 @@ pub use engine::{
 };
 #[cfg(feature = "etcd")]
 pub use etcd::{
-    push_flags, push_flags_guarded, read_flags, EtcdFlagsOptions, EtcdWatchStatus, EtcdWatcher, PushError, PushOutcome,
-    DEFAULT_FLAGS_KEY,
+    push_flags, push_flags_guarded, push_flags_with, read_flags, EtcdFlagsOptions, EtcdWatchStatus, EtcdWatcher,
+    PushError, PushOutcome, DEFAULT_FLAGS_KEY,
 };
 pub use listing::{environments_named, state_table, FlagStateRow};
 pub use metrics::{Counts, Metrics};

@@ -31,16 +31,15 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::phase::{GateRefusal, Phase, PhaseState, PhaseStore};
 use super::MigrateError;
-use crate::session::EtcdOptions;
+use crate::etcd::{Connector, Dial, EtcdOptions, Members, REJECTED_GRPC_CODES};
 
 /// What a node stores under `{prefix}acks/{node_id}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,9 +74,7 @@ pub struct EtcdPhaseStore {
 }
 
 struct Inner {
-    members: Vec<KvClient>,
-    endpoints: Vec<String>,
-    current: AtomicUsize,
+    members: Members<KvClient>,
     prefix: String,
     node_id: String,
     options: EtcdOptions,
@@ -99,7 +96,7 @@ impl Drop for RuntimeGuard {
 impl std::fmt::Debug for EtcdPhaseStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdPhaseStore")
-            .field("endpoints", &self.inner.endpoints)
+            .field("endpoints", &self.inner.members.urls())
             .field("prefix", &self.inner.prefix)
             .field("node_id", &self.inner.node_id)
             .finish_non_exhaustive()
@@ -109,15 +106,9 @@ impl std::fmt::Debug for EtcdPhaseStore {
 /// Whether etcd refused the request for good (retrying elsewhere will not help).
 fn rejected(e: &etcd_client::Error) -> bool {
     match e {
-        etcd_client::Error::GRpcStatus(status) => {
-            crate::session::REJECTED_GRPC_CODES.contains(&i32::from(status.code()))
-        }
+        etcd_client::Error::GRpcStatus(status) => REJECTED_GRPC_CODES.contains(&i32::from(status.code())),
         _ => false,
     }
-}
-
-fn urls(endpoints: &[String]) -> Result<Vec<String>, MigrateError> {
-    crate::session::endpoint_urls(endpoints).map_err(|e| MigrateError::Invalid(format!("phase store: {e}")))
 }
 
 fn now_ms() -> i64 {
@@ -137,7 +128,7 @@ impl Inner {
 
     fn unavailable(&self, what: &str, reason: impl std::fmt::Display) -> MigrateError {
         MigrateError::Unavailable {
-            what: format!("etcd phase store at [{}]: {what}", self.endpoints.join(", ")),
+            what: format!("etcd phase store at [{}]: {what}", self.members.urls().join(", ")),
             reason: reason.to_string(),
         }
     }
@@ -165,22 +156,29 @@ impl Inner {
         let deadline = Instant::now() + timeout;
         let mut attempt = 0u32;
         loop {
-            let i = self.current.load(Ordering::Relaxed) % self.members.len();
+            let i = self.members.current();
             let limit = self
                 .options
                 .request_timeout
                 .min(deadline.saturating_duration_since(Instant::now()))
                 .max(Duration::from_millis(1));
-            let url = &self.endpoints[i];
-            let last = match tokio::time::timeout(limit, f(self.members[i].clone())).await {
+            let url = &self.members.urls()[i];
+            // Connecting (on first use of the member) counts against the same limit.
+            let request = async { f(self.members.client(i).await?).await };
+            let last = match tokio::time::timeout(limit, request).await {
                 Ok(Ok(r)) => return Ok(r),
-                Ok(Err(e)) if rejected(&e) => return Err(self.unavailable(what, format!("{url} rejected it: {e}"))),
-                Ok(Err(e)) => format!("{url}: {e}"),
+                Ok(Err(e)) => {
+                    if let Some(denied) = self.members.connector().access_failure(&e, url) {
+                        return Err(MigrateError::Access(denied.doing(what)));
+                    }
+                    if rejected(&e) {
+                        return Err(self.unavailable(what, format!("{url} rejected it: {e}")));
+                    }
+                    format!("{url}: {e}")
+                }
                 Err(_) => format!("{url}: no answer within {limit:?}"),
             };
-            let _ =
-                self.current
-                    .compare_exchange(i, (i + 1) % self.members.len(), Ordering::Relaxed, Ordering::Relaxed);
+            self.members.rotate(i);
             attempt += 1;
             let now = Instant::now();
             if now >= deadline {
@@ -317,8 +315,13 @@ impl EtcdPhaseStore {
     /// [`EtcdOptions::operation_timeout`], each request bounded by
     /// [`EtcdOptions::request_timeout`].
     ///
+    /// TLS and the etcd user come from [`EtcdOptions::security`] ([`crate::etcd`]); the
+    /// user needs read and write permission on the keys under `prefix`.
+    ///
     /// # Errors
     /// [`MigrateError::Invalid`] for no endpoint, a malformed one or an empty `node_id`;
+    /// [`MigrateError::Access`] (at once, not retried) for an unreadable file, a TLS
+    /// handshake the settings cannot pass, a wrong password or no permission on the prefix;
     /// [`MigrateError::Unavailable`] when no member answers in time.
     ///
     /// # Examples
@@ -336,7 +339,10 @@ impl EtcdPhaseStore {
         node_id: impl Into<String>,
         options: EtcdOptions,
     ) -> Result<Self, MigrateError> {
-        let endpoints = urls(endpoints)?;
+        let connector = Connector::new(&options.security)?;
+        let endpoints = connector
+            .urls(endpoints)
+            .map_err(|e| MigrateError::Invalid(format!("phase store: endpoint {:?}: {}", e.endpoint, e.reason)))?;
         let node_id = node_id.into();
         if node_id.is_empty() || node_id.contains('/') {
             return Err(MigrateError::Invalid(format!(
@@ -352,26 +358,22 @@ impl EtcdPhaseStore {
                 what: "etcd phase store".into(),
                 reason: format!("cannot start the etcd client runtime: {e}"),
             })?;
-        let connect_opts = ConnectOptions::new()
-            .with_connect_timeout(options.connect_timeout)
-            .with_timeout(options.request_timeout)
-            .with_keep_alive(Duration::from_secs(2), options.request_timeout)
-            .with_require_leader(true);
-        let mut members = Vec::with_capacity(endpoints.len());
-        for e in &endpoints {
-            let opts = connect_opts.clone();
-            let client = runtime
-                .block_on(async move { Client::connect([e.as_str()], Some(opts)).await })
+        let dial = Dial {
+            request_timeout: Some(options.request_timeout),
+            keep_alive: Some((Duration::from_secs(2), options.request_timeout)),
+            ..Dial::new(options.connect_timeout)
+        };
+        for url in &endpoints {
+            let (c, d, u) = (connector.clone(), dial.clone(), url.clone());
+            runtime
+                .block_on(async move { c.check(&u, &d).await })
                 .map_err(|err| MigrateError::Unavailable {
-                    what: format!("etcd phase store: connecting to {e}"),
+                    what: format!("etcd phase store: connecting to {url}"),
                     reason: err.to_string(),
                 })?;
-            members.push(client.kv_client());
         }
         let inner = Arc::new(Inner {
-            members,
-            endpoints,
-            current: AtomicUsize::new(0),
+            members: Members::new(endpoints, connector, dial, |client| client.kv_client()),
             prefix: prefix.into(),
             node_id,
             options,
@@ -407,7 +409,7 @@ impl EtcdPhaseStore {
 
     /// The endpoints (as URLs).
     pub fn endpoints(&self) -> &[String] {
-        &self.inner.endpoints
+        self.inner.members.urls()
     }
 
     /// Runs `fut` on the store's runtime and waits for it. Inside another runtime
@@ -419,7 +421,7 @@ impl EtcdPhaseStore {
         let Some(rt) = self.runtime.0.as_ref() else {
             return Err(self.inner.unavailable("call", "the store is shutting down"));
         };
-        crate::session::run_on(rt, fut, || {
+        crate::etcd::run_on(rt, fut, || {
             self.inner
                 .unavailable("call", "the client runtime stopped before answering")
         })
@@ -544,13 +546,14 @@ mod watcher {
     use std::thread::JoinHandle;
     use std::time::Duration;
 
-    use etcd_client::{Client, ConnectOptions, WatchOptions};
+    use etcd_client::WatchOptions;
     use serde::Serialize;
 
     use super::super::dual::Migrator;
     use super::super::phase::Phase;
     use super::super::MigrateError;
     use super::EtcdPhaseStore;
+    use crate::etcd::Dial;
 
     /// Settings of [`EtcdPhaseStore::watch`].
     #[derive(Clone, Debug, PartialEq, Eq)]
@@ -748,21 +751,26 @@ mod watcher {
     /// phase key until the watch breaks; returns why it broke.
     async fn session(ctx: &Ctx, url: &str) -> String {
         let connect = ctx.store.inner.options.connect_timeout;
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(connect)
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
+        let dial = Dial {
+            keep_alive: Some((Duration::from_secs(1), Duration::from_secs(2))),
+            keep_alive_while_idle: true,
+            ..Dial::new(connect)
+        };
         let key = ctx.store.phase_key();
         let first = tokio::time::timeout(connect, async {
-            let mut client = Client::connect([url], Some(opts)).await?;
+            let mut client = ctx.store.inner.members.connector().connect(url, &dial).await?;
             let resp = client.get(key.as_str(), None).await?;
             Ok::<_, etcd_client::Error>((client, resp))
         })
         .await;
         let (mut client, resp) = match first {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => return e.to_string(),
+            Ok(Err(e)) => {
+                return match ctx.store.inner.members.connector().access_failure(&e, url) {
+                    Some(denied) => denied.doing(&format!("reading key {key}")).kind.to_string(),
+                    None => e.to_string(),
+                }
+            }
             Err(_) => return format!("no answer within {connect:?}"),
         };
         let revision = resp.header().map_or(0, |h| h.revision());

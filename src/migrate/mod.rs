@@ -92,6 +92,10 @@ pub enum MigrateError {
         /// The last failure.
         reason: String,
     },
+    /// The phase store's TLS settings, credentials or the user's permission on its keys
+    /// refused the request (etcd); it was not retried and nothing was written.
+    #[error(transparent)]
+    Access(#[from] crate::etcd::EtcdAccessError),
     /// A guarded save lost a race: `key` was changed by someone else since this process
     /// last loaded it. Nothing was written; load, decide again, save.
     #[error("{key} was changed by someone else since it was last loaded (now at revision {revision}); nothing was written: load it again and retry")]

@@ -2,22 +2,17 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, LeaseClient, PutOptions, Txn, TxnOp,
-    TxnOpResponse,
-};
+use etcd_client::{Compare, CompareOp, GetOptions, KvClient, LeaseClient, PutOptions, Txn, TxnOp, TxnOpResponse};
+
+use crate::etcd::{run_on, Connector, Dial, EtcdAccessError, EtcdOptions, Members, REJECTED_GRPC_CODES};
 
 use super::{
     codec, next_version, validate_batch, BatchOutcome, InvalidInput, ScanPage, Session, SessionId, Store, StoreError,
     StoreOptions, SweepOutcome, Timeout, Visibility,
 };
-
-/// etcd's default `--max-request-bytes` (1.5 MiB).
-pub const DEFAULT_ETCD_MAX_REQUEST_BYTES: usize = 1_572_864;
 
 /// Room left in a request for the txn's framing, its guard and its other operations.
 const REQUEST_OVERHEAD: usize = 512;
@@ -44,41 +39,6 @@ const NO_LEASE_BEYOND_MS: i64 = 10 * 365 * 24 * 3_600_000;
 /// Remembered records per cache shard before the shard is cleared.
 const KNOWN_PER_SHARD: usize = 4_096;
 const KNOWN_SHARDS: usize = 16;
-
-/// How an [`EtcdStore`] talks to the cluster.
-///
-/// # Examples
-/// ```
-/// use std::time::Duration;
-/// use erlmcp_rollout::session::EtcdOptions;
-/// let opts = EtcdOptions { request_timeout: Duration::from_millis(500), ..EtcdOptions::default() };
-/// assert_eq!(opts.connect_timeout, Duration::from_secs(5));
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EtcdOptions {
-    /// Time to open a connection to one member (default 5 s).
-    pub connect_timeout: Duration,
-    /// Time one request may take before it counts as failed (default 2 s).
-    pub request_timeout: Duration,
-    /// Time one store call may spend retrying failed requests (on other members, after a
-    /// leader election) before it returns [`StoreError::Unavailable`] (default 6 s, enough
-    /// to ride out an election). [`EtcdStore::connect`] uses the connect timeout instead.
-    pub operation_timeout: Duration,
-    /// The cluster's `--max-request-bytes` (default [`DEFAULT_ETCD_MAX_REQUEST_BYTES`]):
-    /// larger records are rejected with [`InvalidInput::RecordTooLarge`] before sending.
-    pub max_request_bytes: usize,
-}
-
-impl Default for EtcdOptions {
-    fn default() -> Self {
-        EtcdOptions {
-            connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(2),
-            operation_timeout: Duration::from_secs(6),
-            max_request_bytes: DEFAULT_ETCD_MAX_REQUEST_BYTES,
-        }
-    }
-}
 
 /// Sessions in a replicated etcd cluster (etcd 3.4+, v3 API).
 ///
@@ -162,7 +122,7 @@ pub struct EtcdStore {
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdStore")
-            .field("endpoints", &self.inner.endpoints)
+            .field("endpoints", &self.inner.members.urls())
             .field("prefix", &String::from_utf8_lossy(&self.inner.prefix))
             .field("etcd", &self.inner.etcd)
             .field("options", &self.inner.options)
@@ -179,6 +139,7 @@ impl Drop for EtcdStore {
     }
 }
 
+#[derive(Clone)]
 struct Member {
     kv: KvClient,
     lease: LeaseClient,
@@ -213,9 +174,7 @@ impl Stored {
 }
 
 struct Inner {
-    members: Vec<Member>,
-    endpoints: Vec<String>,
-    current: AtomicUsize,
+    members: Members<Member>,
     prefix: Vec<u8>,
     range_end: Vec<u8>,
     options: StoreOptions,
@@ -232,16 +191,16 @@ enum Failure {
     LeaseNotFound,
     /// etcd says the request exceeds its limit.
     TooLarge(String),
-    /// etcd refused the request (permission, bad argument): retrying will not help.
+    /// etcd refused the request (bad argument, ...): retrying will not help.
     Rejected(String),
+    /// TLS settings, credentials or the user's permission: retrying will not help.
+    Access(EtcdAccessError),
 }
 
-/// gRPC status codes with which etcd refuses a request for good (retrying on another
-/// member will not help): invalid argument, permission denied, failed precondition, out
-/// of range, unimplemented, unauthenticated. Shared by every etcd client of the crate.
-pub(crate) const REJECTED_GRPC_CODES: [i32; 6] = [3, 7, 9, 11, 12, 16];
-
-fn classify(e: etcd_client::Error) -> Failure {
+fn classify(e: etcd_client::Error, connector: &Connector, url: &str) -> Failure {
+    if let Some(access) = connector.access_failure(&e, url) {
+        return Failure::Access(access);
+    }
     match e {
         etcd_client::Error::GRpcStatus(status) => {
             // gRPC status codes (fixed by the gRPC spec).
@@ -292,8 +251,25 @@ enum Step<T> {
 impl Inner {
     fn unavailable(&self, what: &str, reason: impl std::fmt::Display) -> StoreError {
         StoreError::Unavailable {
-            reason: format!("etcd at [{}]: {what}: {reason}", self.endpoints.join(", ")),
+            reason: format!("etcd at [{}]: {what}: {reason}", self.members.urls().join(", ")),
         }
+    }
+
+    fn denied(&self, what: &str, e: EtcdAccessError) -> StoreError {
+        StoreError::Access(e.doing(what))
+    }
+
+    fn prefix_text(&self) -> String {
+        String::from_utf8_lossy(&self.prefix).into_owned()
+    }
+
+    /// The etcd key of `id` as text (for messages).
+    fn key_text(&self, id: &SessionId) -> String {
+        String::from_utf8_lossy(&self.key(id)).into_owned()
+    }
+
+    fn batch_what(&self, records: usize) -> String {
+        format!("writing {records} keys under {}", self.prefix_text())
     }
 
     fn key(&self, id: &SessionId) -> Vec<u8> {
@@ -307,18 +283,6 @@ impl Inner {
         self.options.clock.now_unix_ms()
     }
 
-    fn member(&self) -> (usize, &Member) {
-        let i = self.current.load(Ordering::Relaxed) % self.members.len();
-        (i, &self.members[i])
-    }
-
-    /// After a failure on member `i`, the next request goes to the next member.
-    fn rotate(&self, i: usize) {
-        let _ = self
-            .current
-            .compare_exchange(i, (i + 1) % self.members.len(), Ordering::Relaxed, Ordering::Relaxed);
-    }
-
     /// One request on the current member, bounded by the request timeout and `deadline`.
     async fn request<R, Fut>(
         &self,
@@ -328,21 +292,26 @@ impl Inner {
     where
         Fut: Future<Output = Result<R, etcd_client::Error>>,
     {
-        let (i, m) = self.member();
+        let i = self.members.current();
         let limit = self
             .etcd
             .request_timeout
             .min(deadline.saturating_duration_since(Instant::now()))
             .max(Duration::from_millis(1));
-        let url = &self.endpoints[i];
-        let outcome = match tokio::time::timeout(limit, f(m.kv.clone(), m.lease.clone())).await {
+        let url = &self.members.urls()[i];
+        // Connecting (on first use of the member) counts against the same limit.
+        let attempt = async {
+            let m = self.members.client(i).await?;
+            f(m.kv, m.lease).await
+        };
+        let outcome = match tokio::time::timeout(limit, attempt).await {
             Ok(Ok(r)) => return Ok(r),
-            Ok(Err(e)) => classify(e),
+            Ok(Err(e)) => classify(e, self.members.connector(), url),
             Err(_) => Failure::Transient(format!("no answer within {limit:?}")),
         };
         match outcome {
             Failure::Transient(reason) => {
-                self.rotate(i);
+                self.members.rotate(i);
                 Err(Failure::Transient(format!("{url}: {reason}")))
             }
             other => Err(other),
@@ -385,6 +354,7 @@ impl Inner {
                     return Err(self.unavailable(what, format!("rejected: {reason}")))
                 }
                 Err(Failure::LeaseNotFound) => return Err(self.unavailable(what, "lease not found")),
+                Err(Failure::Access(e)) => return Err(self.denied(what, e)),
             }
         }
     }
@@ -403,7 +373,7 @@ impl Inner {
     async fn read(&self, id: &SessionId, deadline: Instant) -> Result<Stored, StoreError> {
         let key = self.key(id);
         let resp = self
-            .retrying(&format!("reading session {id}"), deadline, |mut kv, _| {
+            .retrying(&format!("reading key {}", self.key_text(id)), deadline, |mut kv, _| {
                 let key = key.clone();
                 async move { kv.get(key, None).await }
             })
@@ -615,6 +585,7 @@ impl Inner {
                 Err(Failure::Rejected(reason)) => {
                     return Err(self.unavailable("writing a batch", format!("rejected: {reason}")))
                 }
+                Err(Failure::Access(e)) => return Err(self.denied(&self.batch_what(chunk.len()), e)),
             }
         }
         let mut outcome = BatchOutcome::default();
@@ -655,7 +626,7 @@ impl Inner {
     ) -> Result<T, StoreError> {
         let key = self.key(id);
         let deadline = Instant::now() + self.etcd.operation_timeout;
-        let what = || format!("writing session {id}");
+        let what = || format!("writing key {}", self.key_text(id));
         let mut cur = first.unwrap_or_else(|| self.guess(id));
         // Attempts whose outcome is unknown: the bytes they wrote (None: a removal), their
         // answer, and the revision they were guarded on.
@@ -720,6 +691,7 @@ impl Inner {
                         Err(Failure::Rejected(reason) | Failure::TooLarge(reason)) => {
                             return Err(self.unavailable(&what(), format!("granting a lease: {reason}")))
                         }
+                        Err(Failure::Access(e)) => return Err(self.denied(&format!("{} (lease grant)", what()), e)),
                     };
                     let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
                     (TxnOp::put(key.clone(), bytes.to_vec(), opts), Some(bytes), answer)
@@ -787,6 +759,7 @@ impl Inner {
                     .into())
                 }
                 Err(Failure::Rejected(reason)) => return Err(self.unavailable(&what(), format!("rejected: {reason}"))),
+                Err(Failure::Access(e)) => return Err(self.denied(&what(), e)),
                 Err(Failure::Transient(reason)) => {
                     uncertain.push(Attempt {
                         bytes,
@@ -845,13 +818,17 @@ impl Inner {
         loop {
             let chunk = (limit.saturating_add(1) - records.len()).clamp(1, SCAN_CHUNK);
             let resp = self
-                .retrying("scanning sessions", deadline, |mut kv, _| {
-                    let opts = GetOptions::new()
-                        .with_range(self.range_end.clone())
-                        .with_limit(i64::try_from(chunk).unwrap_or(i64::MAX));
-                    let start = start.clone();
-                    async move { kv.get(start, Some(opts)).await }
-                })
+                .retrying(
+                    &format!("reading keys under {}", self.prefix_text()),
+                    deadline,
+                    |mut kv, _| {
+                        let opts = GetOptions::new()
+                            .with_range(self.range_end.clone())
+                            .with_limit(i64::try_from(chunk).unwrap_or(i64::MAX));
+                        let start = start.clone();
+                        async move { kv.get(start, Some(opts)).await }
+                    },
+                )
                 .await?;
             for kv in resp.kvs() {
                 let raw_id = kv.key().get(self.prefix.len()..).unwrap_or_default();
@@ -1018,6 +995,7 @@ impl Inner {
                 Err(Failure::Rejected(reason)) => {
                     return Err(self.unavailable("sweeping", format!("rejected: {reason}")))
                 }
+                Err(Failure::Access(e)) => return Err(self.denied(&self.batch_what(chunk.len()), e)),
             }
         }
         let mut outcome = SweepOutcome::default();
@@ -1073,9 +1051,16 @@ impl EtcdStore {
     /// Checks that some member answers a linearizable read within
     /// [`EtcdOptions::connect_timeout`].
     ///
+    /// TLS and the etcd user come from [`EtcdOptions::security`] (see [`crate::etcd`]);
+    /// with TLS, `host:port` endpoints are `https://`.
+    ///
     /// # Errors
     /// [`InvalidInput::Endpoint`] when no endpoint is given or one is neither `host:port`
-    /// nor an `http://` URL (TLS is not supported);
+    /// nor a URL whose scheme agrees with the TLS settings;
+    /// [`StoreError::Access`] for an unreadable CA, certificate, key or password file, a
+    /// TLS handshake the settings cannot pass (unknown CA, expired or mismatched
+    /// certificate, missing client certificate), a wrong password, or a user that may not
+    /// read the prefix: at once, without retrying;
     /// [`StoreError::Unavailable`] when no member answers in time.
     ///
     /// # Examples
@@ -1092,8 +1077,11 @@ impl EtcdStore {
         etcd: EtcdOptions,
         options: StoreOptions,
     ) -> Result<Self, StoreError> {
-        let urls = endpoint_urls(endpoints)?;
-        let endpoints = urls.as_slice();
+        let connector = Connector::new(&etcd.security)?;
+        let urls = connector.urls(endpoints).map_err(|e| InvalidInput::Endpoint {
+            endpoint: e.endpoint,
+            reason: e.reason,
+        })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("erlmcp-etcd")
@@ -1102,30 +1090,27 @@ impl EtcdStore {
             .map_err(|e| StoreError::Unavailable {
                 reason: format!("cannot start the etcd client runtime: {e}"),
             })?;
-        let connect_opts = ConnectOptions::new()
-            .with_connect_timeout(etcd.connect_timeout)
-            .with_timeout(etcd.request_timeout)
-            .with_keep_alive(Duration::from_secs(2), etcd.request_timeout)
-            .with_require_leader(true);
-        let mut members = Vec::with_capacity(endpoints.len());
-        for e in endpoints {
-            let opts = connect_opts.clone();
-            let client = runtime
-                .block_on(async move { Client::connect([e.as_str()], Some(opts)).await })
+        let dial = Dial {
+            request_timeout: Some(etcd.request_timeout),
+            keep_alive: Some((Duration::from_secs(2), etcd.request_timeout)),
+            ..Dial::new(etcd.connect_timeout)
+        };
+        for url in &urls {
+            let (c, d, u) = (connector.clone(), dial.clone(), url.clone());
+            runtime
+                .block_on(async move { c.check(&u, &d).await })
                 .map_err(|err| InvalidInput::Endpoint {
-                    endpoint: e.clone(),
+                    endpoint: url.clone(),
                     reason: err.to_string(),
                 })?;
-            members.push(Member {
-                kv: client.kv_client().max_decoding_message_size(i32::MAX as usize),
-                lease: client.lease_client(),
-            });
         }
+        let members = Members::new(urls, connector, dial, |client| Member {
+            kv: client.kv_client().max_decoding_message_size(i32::MAX as usize),
+            lease: client.lease_client(),
+        });
         let prefix = prefix.into();
         let inner = Arc::new(Inner {
             members,
-            endpoints: endpoints.to_vec(),
-            current: AtomicUsize::new(0),
             range_end: prefix_end(&prefix),
             prefix,
             options,
@@ -1142,10 +1127,14 @@ impl EtcdStore {
             let deadline = Instant::now() + probe.etcd.connect_timeout;
             let key = probe.prefix.clone();
             probe
-                .retrying("connecting", deadline, |mut kv, _| {
-                    let key = key.clone();
-                    async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
-                })
+                .retrying(
+                    &format!("connecting (reading keys under {})", probe.prefix_text()),
+                    deadline,
+                    |mut kv, _| {
+                        let key = key.clone();
+                        async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
+                    },
+                )
                 .await
                 .map(|_| ())
         })?;
@@ -1455,51 +1444,4 @@ impl Store for EtcdStore {
             }
         })
     }
-}
-
-/// `host:port` or `http://host:port` endpoints as the URLs etcd-client takes (no TLS is
-/// compiled in). Shared by every etcd client of the crate (session store, flags, phase).
-pub(crate) fn endpoint_urls(endpoints: &[String]) -> Result<Vec<String>, InvalidInput> {
-    if endpoints.is_empty() {
-        return Err(InvalidInput::Endpoint {
-            endpoint: String::new(),
-            reason: "no etcd endpoint given".into(),
-        });
-    }
-    endpoints
-        .iter()
-        .map(|e| {
-            let url = if e.contains("://") {
-                e.clone()
-            } else {
-                format!("http://{e}")
-            };
-            if url.starts_with("http://") && url.len() > "http://".len() {
-                Ok(url)
-            } else {
-                Err(InvalidInput::Endpoint {
-                    endpoint: e.clone(),
-                    reason: "expected host:port or an http:// URL such as http://127.0.0.1:2379 (no TLS)".into(),
-                })
-            }
-        })
-        .collect()
-}
-
-/// Runs `fut` on `rt` and waits for it, from any thread: inside another tokio runtime
-/// (where `block_on` would panic) it is spawned on `rt` and this thread waits on a
-/// channel; `stopped` is the error when `rt` shuts down before answering.
-pub(crate) fn run_on<T: Send + 'static, E: Send + 'static>(
-    rt: &tokio::runtime::Runtime,
-    fut: impl Future<Output = Result<T, E>> + Send + 'static,
-    stopped: impl FnOnce() -> E,
-) -> Result<T, E> {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return rt.block_on(fut);
-    }
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    rt.spawn(async move {
-        let _ = tx.send(fut.await);
-    });
-    rx.recv().unwrap_or_else(|_| Err(stopped()))
 }

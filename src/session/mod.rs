@@ -35,22 +35,22 @@ pub mod codec;
 mod disk;
 #[cfg(feature = "etcd")]
 mod etcd;
-#[cfg(feature = "disk")]
-mod wal;
-#[cfg(feature = "etcd")]
-pub(crate) use etcd::{endpoint_urls, run_on, REJECTED_GRPC_CODES};
 mod memory;
 mod model;
 mod stats;
 pub mod uri;
+#[cfg(feature = "disk")]
+mod wal;
 
 use std::sync::Arc;
 
 pub use crate::clock::{Clock, ManualClock, PinnableClock, SystemClock};
+#[cfg(feature = "etcd")]
+pub use crate::etcd::{EtcdOptions, DEFAULT_ETCD_MAX_REQUEST_BYTES};
 #[cfg(feature = "disk")]
 pub use disk::{DiskOptions, DiskStore};
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdOptions, EtcdStore, DEFAULT_ETCD_MAX_REQUEST_BYTES};
+pub use etcd::EtcdStore;
 pub use memory::{MemoryStore, DEFAULT_SHARDS};
 pub use model::{MetaFormat, Session, SessionId, Timeout, TouchPolicy, MAX_ID_LEN, MAX_METADATA_LEN};
 pub use stats::{stats, StoreStats};
@@ -164,6 +164,11 @@ pub enum StoreError {
         /// What failed.
         reason: String,
     },
+    /// The backend refused the connection or the request for a reason retrying cannot
+    /// fix: its TLS settings, the user's credentials, or the user's permission on the
+    /// key (etcd). Nothing was written.
+    #[error(transparent)]
+    Access(#[from] crate::etcd::EtcdAccessError),
     /// A stored record cannot be decoded; it is not returned.
     #[error("corrupt session record{}: {reason}", key.as_ref().map(|k| format!(" {k}")).unwrap_or_default())]
     Corrupt {

@@ -35,6 +35,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use super::{MemoryStore, Store, StoreError, StoreOptions};
+use crate::etcd::EtcdSecurity;
 
 /// Where a session store lives; see the [module documentation](self) for the syntax.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +63,8 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// The client URL, `http://HOST:PORT`.
+    /// The plain-text client URL, `http://HOST:PORT` (with TLS settings, stores opened
+    /// by [`StoreUri::open_with`] use `https://HOST:PORT`).
     ///
     /// # Examples
     /// ```
@@ -168,6 +170,31 @@ impl StoreUri {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn open(&self, options: StoreOptions) -> Result<Box<dyn Store>, StoreError> {
+        self.open_with(options, &EtcdSecurity::default())
+    }
+
+    /// [`StoreUri::open`] with TLS and/or an etcd user for an `etcd:` store (ignored by
+    /// the other backends): with TLS the endpoints are `https://`. See [`crate::etcd`].
+    ///
+    /// # Errors
+    /// As [`StoreUri::open`], and [`StoreError::Access`] for an unreadable CA, certificate,
+    /// key or password file, a refused TLS handshake or password, or no permission on the
+    /// prefix.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// use erlmcp_rollout::etcd::{EtcdAuth, EtcdSecurity, EtcdTls};
+    /// use erlmcp_rollout::session::{uri::StoreUri, StoreOptions};
+    /// let security = EtcdSecurity {
+    ///     tls: Some(EtcdTls { ca_cert_file: "ca.pem".into(), cert_file: None, key_file: None }),
+    ///     auth: Some(EtcdAuth { user: "erlmcp".into(), password_file: "password".into() }),
+    /// };
+    /// let store = StoreUri::parse("etcd:10.0.0.1:2379/erlmcp/sessions")?.open_with(StoreOptions::default(), &security)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open_with(&self, options: StoreOptions, etcd: &EtcdSecurity) -> Result<Box<dyn Store>, StoreError> {
+        #[cfg(not(feature = "etcd"))]
+        let _ = etcd;
         match self {
             StoreUri::Memory => Ok(Box::new(MemoryStore::new(options))),
             #[cfg(feature = "disk")]
@@ -180,12 +207,16 @@ impl StoreUri {
             .into()),
             #[cfg(feature = "etcd")]
             StoreUri::Etcd { endpoints, prefix } => {
-                let urls: Vec<String> = endpoints.iter().map(Endpoint::url).collect();
+                // host:port: the scheme follows the TLS settings.
+                let members: Vec<String> = endpoints.iter().map(Endpoint::to_string).collect();
                 let prefix = etcd_prefix(prefix.as_deref());
                 Ok(Box::new(super::EtcdStore::connect(
-                    &urls,
+                    &members,
                     prefix,
-                    super::EtcdOptions::default(),
+                    super::EtcdOptions {
+                        security: etcd.clone(),
+                        ..super::EtcdOptions::default()
+                    },
                     options,
                 )?))
             }

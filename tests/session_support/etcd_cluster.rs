@@ -13,8 +13,24 @@ use std::time::{Duration, Instant};
 
 use erlmcp_rollout::session::{EtcdOptions, EtcdStore, StoreOptions};
 
+/// TLS files of a secured cluster (see [`Cluster::start_secure`]).
+#[derive(Clone, Debug)]
+pub struct ClusterTls {
+    /// The CA that signed every certificate below.
+    pub ca: PathBuf,
+    /// The members' certificate (server and peer, for 127.0.0.1) and key.
+    pub member_cert: PathBuf,
+    pub member_key: PathBuf,
+    /// A client certificate etcdctl uses (CN `etcdctl`).
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
 pub struct Cluster {
     dir: tempfile::TempDir,
+    tls: Option<ClusterTls>,
+    /// `root:password` once authentication is on (etcdctl then runs as root).
+    root: Option<String>,
     token: String,
     client_ports: Vec<u16>,
     peer_ports: Vec<u16>,
@@ -31,9 +47,25 @@ fn free_ports(n: usize) -> Vec<u16> {
 impl Cluster {
     /// Starts n1..n3 and waits until every member is healthy.
     pub fn start() -> Cluster {
+        Cluster::start_with(None)
+    }
+
+    /// Starts n1..n3 with TLS on client and peer ports and `--client-cert-auth` (and
+    /// `--peer-client-cert-auth`), the certificates made by `tls` in the cluster's
+    /// directory (`tls` gets that directory). Authentication is off until
+    /// [`Cluster::enable_auth`].
+    pub fn start_secure(tls: impl FnOnce(&Path) -> ClusterTls) -> Cluster {
+        Cluster::start_with(Some(Box::new(tls)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn start_with(tls: Option<Box<dyn FnOnce(&Path) -> ClusterTls + '_>>) -> Cluster {
         let ports = free_ports(6);
         let dir = tempfile::Builder::new().prefix("erlmcp-etcd-").tempdir().unwrap();
+        let tls = tls.map(|make| make(dir.path()));
         let mut cluster = Cluster {
+            tls,
+            root: None,
             token: format!("erlmcp-test-{}", std::process::id()),
             client_ports: ports[..3].to_vec(),
             peer_ports: ports[3..].to_vec(),
@@ -72,8 +104,22 @@ impl Cluster {
         self.dir.path().join(format!("n{}.log", i + 1))
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The TLS files, for a cluster from [`Cluster::start_secure`].
+    pub fn tls(&self) -> Option<&ClusterTls> {
+        self.tls.as_ref()
+    }
+
     fn spawn(&mut self, i: usize, state: &str) {
-        let url = |p: u16| format!("http://127.0.0.1:{p}");
+        let scheme = self.scheme();
+        let url = |p: u16| format!("{scheme}://127.0.0.1:{p}");
         let initial: Vec<String> = (0..3)
             .map(|j| format!("n{}={}", j + 1, url(self.peer_ports[j])))
             .collect();
@@ -82,7 +128,16 @@ impl Cluster {
             .append(true)
             .open(self.log(i))
             .unwrap();
-        let child = Command::new("etcd")
+        let mut etcd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            for side in ["", "peer-"] {
+                etcd.arg(format!("--{side}trusted-ca-file")).arg(&t.ca);
+                etcd.arg(format!("--{side}cert-file")).arg(&t.member_cert);
+                etcd.arg(format!("--{side}key-file")).arg(&t.member_key);
+                etcd.arg(format!("--{side}client-cert-auth"));
+            }
+        }
+        let child = etcd
             .arg("--name")
             .arg(format!("n{}", i + 1))
             .arg("--data-dir")
@@ -115,22 +170,67 @@ impl Cluster {
 
     /// Client URLs of all three members (also of stopped ones).
     pub fn endpoints(&self) -> Vec<String> {
+        let scheme = self.scheme();
         self.client_ports
             .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
+            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
             .collect()
+    }
+
+    /// The members as `host:port` (the scheme then follows the client's TLS settings).
+    pub fn members(&self) -> Vec<String> {
+        self.client_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
     }
 
     fn running_endpoints(&self) -> Vec<String> {
+        let scheme = self.scheme();
         (0..3)
             .filter(|&i| self.members[i].is_some())
-            .map(|i| format!("http://127.0.0.1:{}", self.client_ports[i]))
+            .map(|i| format!("{scheme}://127.0.0.1:{}", self.client_ports[i]))
             .collect()
     }
 
+    /// etcdctl with this cluster's client certificate and, once auth is on, as root.
+    fn ctl_command(&self) -> Command {
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3");
+        if let Some(t) = &self.tls {
+            c.arg("--cacert").arg(&t.ca);
+            c.arg("--cert").arg(&t.client_cert);
+            c.arg("--key").arg(&t.client_key);
+        }
+        if let Some(root) = &self.root {
+            c.arg("--user").arg(root);
+        }
+        c
+    }
+
+    /// `etcdctl ARGS...` against the running members (as root on a secured cluster):
+    /// its standard output. Panics with the output when it fails.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = self
+            .ctl_command()
+            .arg("--endpoints")
+            .arg(self.running_endpoints().join(","))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Turns authentication on with a `root` user (password `root_password`); etcdctl
+    /// runs as root from then on.
+    pub fn enable_auth(&mut self, root_password: &str) {
+        self.ctl(&["user", "add", &format!("root:{root_password}")]);
+        self.ctl(&["user", "grant-role", "root", "root"]);
+        self.ctl(&["auth", "enable"]);
+        self.root = Some(format!("root:{root_password}"));
+    }
+
     fn etcdctl(&self, endpoints: &[String], args: &[&str]) -> Option<String> {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
+        let out = self
+            .ctl_command()
             .arg("--endpoints")
             .arg(endpoints.join(","))
             .arg("--command-timeout=2s")
@@ -204,7 +304,7 @@ impl Cluster {
     /// The number of keys under `prefix` as member `i` alone sees them (a serializable,
     /// member-local read), or `None` when it does not answer.
     pub fn member_count(&self, i: usize, prefix: &str) -> Option<u64> {
-        let ep = vec![format!("http://127.0.0.1:{}", self.client_ports[i])];
+        let ep = vec![format!("{}://127.0.0.1:{}", self.scheme(), self.client_ports[i])];
         let out = self.etcdctl(
             &ep,
             &[

@@ -484,13 +484,15 @@ fn flags_set_clock(at: Term<'_>) -> NifResult<Atom> {
     set_clock(&CLOCK, at)
 }
 
-/// `flags_watch_etcd(Endpoints, Key) -> ok | {error, Message}`: the flags
-/// follow the config JSON under `Key` in etcd (written by `erlmcp-rollout
-/// flags push`): every change is reloaded and published to the hot path as it
-/// arrives; invalid values, a deleted key and outages keep the last good
-/// flags. Replaces any earlier watch. `flags_etcd_status/0` tells how it goes.
+/// `flags_watch_etcd(Endpoints, Key, Opts) -> ok | {error, Message}`: the
+/// flags follow the config JSON under `Key` in etcd (written by
+/// `erlmcp-rollout flags push`): every change is reloaded and published to
+/// the hot path as it arrives; invalid values, a deleted key and outages keep
+/// the last good flags. Replaces any earlier watch. `flags_etcd_status/0`
+/// tells how it goes. Opts: `tls => #{cacertfile, certfile, keyfile}`,
+/// `auth => #{user, password_file}`.
 #[rustler::nif(schedule = "DirtyIo")]
-fn flags_watch_etcd<'a>(env: Env<'a>, endpoints: Term<'a>, key: Term<'a>) -> Term<'a> {
+fn flags_watch_etcd<'a>(env: Env<'a>, endpoints: Term<'a>, key: Term<'a>, opts: Term<'a>) -> Term<'a> {
     let fail = |msg: String| (atoms::error(), msg).encode(env);
     let Some(list) = crate::term::proper_list(endpoints) else {
         return fail("endpoints must be a list of \"host:port\" binaries or strings".into());
@@ -505,8 +507,16 @@ fn flags_watch_etcd<'a>(env: Env<'a>, endpoints: Term<'a>, key: Term<'a>) -> Ter
     let Some(key) = crate::term::text(key) else {
         return fail("key must be a binary or a string".into());
     };
+    if !opts.is_map() {
+        return fail("options must be a map (tls, auth)".into());
+    }
+    let security = match crate::etcd::decode_security(opts, &Default::default()) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
     let options = EtcdFlagsOptions {
         key,
+        security,
         on_event: Some(Box::new(|_event| {
             // A reload happened on the watcher's thread: publish it for the hot path.
             let _w = writer();

@@ -66,6 +66,7 @@ macro_rules! nif_by_hand {
     (@one $arg:ident) => { 1 };
 }
 
+mod etcd;
 mod etf;
 mod flags;
 mod session;

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
+use erlmcp_rollout::etcd::EtcdSecurity;
 use erlmcp_rollout::migrate::dual::{Migrator, MigratorConfig, RelayHandle};
 use erlmcp_rollout::migrate::etcd_phase::{EtcdPhaseStore, PhaseWatchOptions, PhaseWatcher};
 use erlmcp_rollout::migrate::outbox::Outbox;
@@ -93,8 +94,8 @@ static CLOCK: LazyLock<Arc<PinnableClock>> = LazyLock::new(|| Arc::new(PinnableC
 enum StoreKey {
     Memory(String),
     Disk(PathBuf),
-    /// Endpoints (sorted) and key prefix.
-    Etcd(Vec<String>, Vec<u8>),
+    /// Endpoints (sorted), key prefix, TLS and user.
+    Etcd(Vec<String>, Vec<u8>, EtcdSecurity),
 }
 
 /// An open store, as the Erlang side holds it.
@@ -114,22 +115,26 @@ struct Hybrid {
     _phase_watcher: Option<PhaseWatcher>,
 }
 
-/// `phase_etcd => #{endpoints := [..], node := Name, prefix => P, expect_nodes => [Name]}`.
+/// `phase_etcd => #{endpoints := [..], node := Name, prefix => P, expect_nodes => [Name],
+/// tls => #{..}, auth => #{..}}`.
 struct PhaseEtcd {
     endpoints: Vec<String>,
     prefix: String,
     node: String,
     expect: Vec<String>,
+    security: EtcdSecurity,
 }
 
-fn decode_phase_etcd(v: Term<'_>) -> Result<PhaseEtcd, String> {
-    let usage = "phase_etcd must be #{endpoints => [\"host:port\"], node => Name, prefix => P, expect_nodes => [Name]}";
+/// `base`: the `tls` and `auth` of the init options, unless the map has its own.
+fn decode_phase_etcd(v: Term<'_>, base: &EtcdSecurity) -> Result<PhaseEtcd, String> {
+    let usage = "phase_etcd must be #{endpoints => [\"host:port\"], node => Name, prefix => P, expect_nodes => [Name], tls => #{..}, auth => #{..}}";
     let iter = rustler::types::map::MapIterator::new(v).ok_or(usage)?;
     let mut p = PhaseEtcd {
         endpoints: Vec::new(),
         prefix: "erlmcp/migration/".into(),
         node: String::new(),
         expect: Vec::new(),
+        security: crate::etcd::decode_security(v, base)?,
     };
     let names = |t: Term<'_>| -> Option<Vec<String>> {
         proper_list(t)?
@@ -315,6 +320,8 @@ struct OpenOptions {
     prefix: Vec<u8>,
     touch: TouchPolicy,
     tombstone_retention_ms: Option<u64>,
+    /// `tls` and `auth`: for every etcd store and the etcd phase (unless they have their own).
+    etcd: EtcdSecurity,
 }
 
 fn store_options(o: &OpenOptions) -> StoreOptions {
@@ -367,9 +374,17 @@ fn open_shared(key: StoreKey, o: &OpenOptions, migration: bool) -> Result<Arc<dy
     let store: Arc<dyn Store> = match &key {
         StoreKey::Memory(_) if migration => Arc::new(MemoryStore::new(store_options(o))),
         StoreKey::Memory(_) => Arc::new(MemoryStore::without_tombstones(store_options(o))),
-        StoreKey::Etcd(endpoints, prefix) => Arc::new(
-            EtcdStore::connect(endpoints, prefix.clone(), EtcdOptions::default(), store_options(o))
-                .map_err(OpenFail::Store)?,
+        StoreKey::Etcd(endpoints, prefix, security) => Arc::new(
+            EtcdStore::connect(
+                endpoints,
+                prefix.clone(),
+                EtcdOptions {
+                    security: security.clone(),
+                    ..EtcdOptions::default()
+                },
+                store_options(o),
+            )
+            .map_err(OpenFail::Store)?,
         ),
         StoreKey::Disk(path) => {
             let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -606,7 +621,7 @@ fn meta_bytes<'a>(meta: Term<'a>) -> Result<Option<(&'a [u8], MetaFormat)>, Stri
 }
 
 /// `not_found | already_exists | {conflict, Expected, Actual} |
-/// {unavailable | corrupt | invalid, Message}`.
+/// {unavailable | corrupt | invalid, Message} | {etcd_access, Kind, Message}`.
 fn error_term<'a>(env: Env<'a>, e: &StoreError) -> Term<'a> {
     match e {
         StoreError::NotFound { .. } => atoms::not_found().encode(env),
@@ -615,6 +630,7 @@ fn error_term<'a>(env: Env<'a>, e: &StoreError) -> Term<'a> {
         StoreError::Unavailable { .. } => (atoms::unavailable(), err_text(e)).encode(env),
         StoreError::Corrupt { .. } => (atoms::corrupt(), err_text(e)).encode(env),
         StoreError::Invalid(_) => (atoms::invalid(), err_text(e)).encode(env),
+        StoreError::Access(a) => crate::etcd::access_error_term(env, a),
         other => (atoms::internal(), err_text(other)).encode(env),
     }
 }
@@ -702,6 +718,11 @@ fn decode_phase(term: Term<'_>) -> Option<Phase> {
 
 fn migrate_error_term<'a>(env: Env<'a>, e: &MigrateError) -> Term<'a> {
     match e {
+        MigrateError::Access(a)
+        | MigrateError::Store {
+            source: StoreError::Access(a),
+            ..
+        } => crate::etcd::access_error_term(env, a),
         MigrateError::Gate(g) => (atoms::gate(), g.to_string()).encode(env),
         MigrateError::Store {
             source: StoreError::Unavailable { .. },
@@ -735,7 +756,7 @@ fn open_hybrid<'a>(env: Env<'a>, primary: Term<'a>, secondary: Term<'a>, opts: T
                     None => return bad("migration_phase must be off, phase1, phase2, phase3 or cleanup".into()),
                 }
             } else if key == atoms::phase_etcd() {
-                match decode_phase_etcd(v) {
+                match decode_phase_etcd(v, &o.etcd) {
                     Ok(p) => phase_etcd = Some(p),
                     Err(e) => return bad(e),
                 }
@@ -805,7 +826,10 @@ fn open_hybrid<'a>(env: Env<'a>, primary: Term<'a>, secondary: Term<'a>, opts: T
                     &p.endpoints,
                     p.prefix.clone(),
                     p.node.clone(),
-                    EtcdOptions::default(),
+                    EtcdOptions {
+                        security: p.security.clone(),
+                        ..EtcdOptions::default()
+                    },
                 ) {
                     Ok(store) => {
                         if !p.expect.is_empty() {
@@ -988,20 +1012,36 @@ fn decode_spec(spec: Term<'_>, o: &OpenOptions) -> Result<(StoreKey, Atom), Stri
             return Ok((StoreKey::Disk(canonical_file(Path::new(&path))?), atoms::disk()));
         }
         if tag.decode::<Atom>().ok() == Some(atoms::etcd()) {
-            let list = proper_list(arg)
-                .ok_or("{etcd, Endpoints}: Endpoints must be a list of \"host:port\" strings or binaries")?;
-            let mut endpoints = Vec::with_capacity(list.len());
-            for e in list {
-                endpoints.push(path_text(e).ok_or("{etcd, Endpoints}: each endpoint must be a string or a binary")?);
-            }
-            if endpoints.is_empty() {
-                return Err("{etcd, Endpoints}: no endpoint given".into());
-            }
-            endpoints.sort();
-            return Ok((StoreKey::Etcd(endpoints, o.prefix.clone()), atoms::etcd()));
+            return etcd_spec(arg, o.etcd.clone(), o);
         }
     }
-    Err("store must be memory, {memory, Name}, {disk, Path} or {etcd, Endpoints}".into())
+    // `{etcd, Endpoints, #{tls => .., auth => ..}}`: this store's own TLS and user.
+    if let Some([tag, arg, opts]) = triple(spec) {
+        if tag.decode::<Atom>().ok() == Some(atoms::etcd()) {
+            if !opts.is_map() {
+                return Err("{etcd, Endpoints, Options}: Options must be a map (tls, auth)".into());
+            }
+            return etcd_spec(arg, crate::etcd::decode_security(opts, &o.etcd)?, o);
+        }
+    }
+    Err(
+        "store must be memory, {memory, Name}, {disk, Path}, {etcd, Endpoints} or {etcd, Endpoints, #{tls, auth}}"
+            .into(),
+    )
+}
+
+fn etcd_spec(arg: Term<'_>, security: EtcdSecurity, o: &OpenOptions) -> Result<(StoreKey, Atom), String> {
+    let list =
+        proper_list(arg).ok_or("{etcd, Endpoints}: Endpoints must be a list of \"host:port\" strings or binaries")?;
+    let mut endpoints = Vec::with_capacity(list.len());
+    for e in list {
+        endpoints.push(path_text(e).ok_or("{etcd, Endpoints}: each endpoint must be a string or a binary")?);
+    }
+    if endpoints.is_empty() {
+        return Err("{etcd, Endpoints}: no endpoint given".into());
+    }
+    endpoints.sort();
+    Ok((StoreKey::Etcd(endpoints, o.prefix.clone(), security), atoms::etcd()))
 }
 
 fn pair(term: Term<'_>) -> Option<[Term<'_>; 2]> {
@@ -1018,7 +1058,9 @@ fn decode_open_options(opts: Term<'_>) -> Result<OpenOptions, String> {
         prefix: b"erlmcp/sessions/".to_vec(),
         touch: TouchPolicy::default(),
         tombstone_retention_ms: None,
+        etcd: EtcdSecurity::default(),
     };
+    o.etcd = crate::etcd::decode_security(opts, &o.etcd)?;
     let iter = rustler::types::map::MapIterator::new(opts).ok_or("options must be a map")?;
     for (k, v) in iter {
         let Ok(key) = k.decode::<Atom>() else { continue };

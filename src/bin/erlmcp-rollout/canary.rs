@@ -12,6 +12,7 @@ use erlmcp_rollout::deploy::{decide, CanaryMetrics, Decision, Thresholds};
 use erlmcp_rollout::flags::parse_time;
 use serde_json::json;
 
+use crate::access::PrometheusAccessArgs;
 use crate::exit;
 
 const DECIDE_EXIT_CODES: &str = "\
@@ -42,7 +43,8 @@ pub struct DecideArgs {
         conflicts_with = "prometheus"
     )]
     metrics: Option<PathBuf>,
-    /// Prometheus base URL (http:// only), e.g. http://127.0.0.1:9090.
+    /// Prometheus base URL, e.g. http://127.0.0.1:9090 or https://prometheus.internal
+    /// (then see the Prometheus connection options).
     #[arg(long, value_name = "URL")]
     prometheus: Option<String>,
     /// Range for rates and increases ($window in the queries).
@@ -86,6 +88,8 @@ pub struct DecideArgs {
     /// Print key=value lines for $GITHUB_OUTPUT (decision, triggers, warnings).
     #[arg(long)]
     github_output: bool,
+    #[command(flatten)]
+    access: PrometheusAccessArgs,
 }
 
 #[derive(Args)]
@@ -168,6 +172,10 @@ fn decide_cmd(a: DecideArgs) -> Result<u8> {
             ("--query", !a.queries.is_empty()),
             ("--queries-file", a.queries_file.is_some()),
             ("--query-timeout", a.query_timeout.is_some()),
+            (
+                "--prometheus-cacert, --prometheus-token-file, --prometheus-user",
+                a.access.any(),
+            ),
         ];
         if let Some((flag, _)) = prometheus_only.iter().find(|(_, set)| *set) {
             anyhow::bail!("{flag} applies to --prometheus, not to --metrics");
@@ -185,8 +193,8 @@ fn decide_cmd(a: DecideArgs) -> Result<u8> {
             if !(a.http_timeout.is_finite() && a.http_timeout > 0.0) {
                 anyhow::bail!("--http-timeout must be a positive number of seconds");
             }
-            let client = Client::with_timeout(url, Duration::from_secs_f64(a.http_timeout))?
-                .query_timeout(a.query_timeout.clone());
+            let options = a.access.client_options(Some(Duration::from_secs_f64(a.http_timeout)));
+            let client = Client::with_options(url, options)?.query_timeout(a.query_timeout.clone());
             let c = prometheus::collect(&client, &src, at)?;
             (c.metrics, Some(c), url.clone())
         }

@@ -55,7 +55,7 @@ pub struct HistoryArgs {
 pub struct PushArgs {
     /// The flag config (JSON).
     file: PathBuf,
-    /// etcd endpoints, comma separated (host:port or http:// URLs).
+    /// etcd endpoints, comma separated (host:port, http:// or https:// URLs).
     #[arg(long, value_name = "ENDPOINTS", value_delimiter = ',', required = true)]
     etcd: Vec<String>,
     /// The key watchers read.
@@ -74,6 +74,8 @@ pub struct PushArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    access: crate::access::EtcdAccessArgs,
 }
 
 #[derive(Args)]
@@ -258,7 +260,7 @@ fn history(a: HistoryArgs) -> Result<u8> {
 }
 
 fn push(a: PushArgs) -> Result<u8> {
-    use erlmcp_rollout::flags::{push_flags, PushError};
+    use erlmcp_rollout::flags::{push_flags_with, PushError};
     let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let timeout = std::time::Duration::from_secs(a.timeout_s.max(1));
     let mut o = out();
@@ -266,7 +268,7 @@ fn push(a: PushArgs) -> Result<u8> {
         Some(path) => Some(AuditLog::open(path, a.actor.clone().unwrap_or_else(default_actor))?),
         None => None,
     };
-    let result = push_flags(&a.etcd, &a.key, &bytes, timeout);
+    let result = push_flags_with(&a.etcd, &a.key, &bytes, timeout, &a.access.security());
     if let (Some(log), Ok(p)) = (&audit, &result) {
         if p.changed {
             let previous = p

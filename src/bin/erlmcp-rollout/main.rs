@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod access;
 mod canary;
 mod ci;
 mod flags;
@@ -105,7 +106,9 @@ fn error_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if let Some(p) = cause.downcast_ref::<PrometheusError>() {
             return match p {
-                PrometheusError::BadUrl { .. } | PrometheusError::Config(_) => exit::INVALID,
+                PrometheusError::BadUrl { .. } | PrometheusError::Config(_) | PrometheusError::File { .. } => {
+                    exit::INVALID
+                }
                 _ => exit::SOURCE,
             };
         }

@@ -15,6 +15,7 @@ use erlmcp_rollout::deploy::rollout::{
 };
 use serde_json::json;
 
+use crate::access::{EtcdAccessArgs, PrometheusAccessArgs};
 use crate::exit;
 
 const RUN_EXIT_CODES: &str = "\
@@ -73,6 +74,10 @@ pub struct RunArgs {
     /// Time limit of one etcd operation, in seconds.
     #[arg(long, default_value_t = 5, value_name = "SECONDS")]
     etcd_timeout_s: u64,
+    #[command(flatten)]
+    etcd: EtcdAccessArgs,
+    #[command(flatten)]
+    prometheus_access: PrometheusAccessArgs,
 }
 
 #[derive(Args)]
@@ -89,6 +94,8 @@ pub struct StatusArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    etcd: EtcdAccessArgs,
 }
 
 #[derive(Args)]
@@ -105,6 +112,12 @@ pub struct CommandArgs {
     /// Why (recorded in the audit log).
     #[arg(long, default_value = "")]
     note: String,
+    #[command(flatten)]
+    etcd: EtcdAccessArgs,
+    /// With `abort` and no controller running, the rollback is judged by nobody but
+    /// published here; these reach the run's Prometheus if it needs them.
+    #[command(flatten)]
+    prometheus_access: PrometheusAccessArgs,
 }
 
 pub fn run_cmd(cmd: Command) -> Result<u8> {
@@ -119,8 +132,8 @@ pub fn run_cmd(cmd: Command) -> Result<u8> {
 const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The Prometheus client of the rollout commands (the one place it is built).
-fn prometheus_client(url: &str) -> Result<Client> {
-    Ok(Client::new(url)?)
+fn prometheus_client(url: &str, access: &PrometheusAccessArgs) -> Result<Client> {
+    Ok(Client::with_options(url, access.client_options(None))?)
 }
 
 fn actor(a: Option<String>) -> String {
@@ -209,12 +222,17 @@ fn run_rollout(a: RunArgs) -> Result<u8> {
         Some(p) => RolloutPlan::from_file(p)?,
         None => RolloutPlan::default(),
     };
-    let target = FlagTarget::parse(&a.flags, timeout).context("--flags")?;
+    let security = a.etcd.security();
+    let target = FlagTarget::parse(&a.flags, timeout)
+        .context("--flags")?
+        .with_etcd_security(security.clone());
     let state = a
         .state
         .clone()
         .unwrap_or_else(|| format!("rollout-{}.state.json", a.flag));
-    let store = StateStore::parse(&state, timeout).context("--state")?;
+    let store = StateStore::parse(&state, timeout)
+        .context("--state")?
+        .with_etcd_security(security);
     let audit = a
         .audit
         .clone()
@@ -223,7 +241,7 @@ fn run_rollout(a: RunArgs) -> Result<u8> {
         flag: a.flag.clone(),
         target,
         prometheus_url: a.prometheus.clone(),
-        client: prometheus_client(&a.prometheus)?,
+        client: prometheus_client(&a.prometheus, &a.prometheus_access)?,
         plan,
         store,
         audit,
@@ -237,8 +255,10 @@ fn run_rollout(a: RunArgs) -> Result<u8> {
     Ok(exit_code(result?))
 }
 
-fn load(state: &str, flag: Option<&str>) -> Result<(StateStore, RunState)> {
-    let store = StateStore::parse(state, ETCD_TIMEOUT).context("--state")?;
+fn load(state: &str, flag: Option<&str>, etcd: &EtcdAccessArgs) -> Result<(StateStore, RunState)> {
+    let store = StateStore::parse(state, ETCD_TIMEOUT)
+        .context("--state")?
+        .with_etcd_security(etcd.security());
     if matches!(store, StateStore::Etcd { .. }) && flag.is_none() {
         bail!("--flag is needed with an etcd state (runs are stored per flag)");
     }
@@ -249,7 +269,7 @@ fn load(state: &str, flag: Option<&str>) -> Result<(StateStore, RunState)> {
 }
 
 fn status(a: StatusArgs) -> Result<u8> {
-    let (store, st) = load(&a.state, a.flag.as_deref())?;
+    let (store, st) = load(&a.state, a.flag.as_deref(), &a.etcd)?;
     let audit = st.audit.as_ref().map(AuditLog::new);
     let entries = match &audit {
         Some(log) => log.tail(a.last)?,
@@ -317,6 +337,7 @@ fn status(a: StatusArgs) -> Result<u8> {
     }
     if !st.phase.finished() {
         let who = FlagTarget::parse(&st.target, ETCD_TIMEOUT)
+            .map(|t| t.with_etcd_security(a.etcd.security()))
             .map_err(anyhow::Error::from)
             .and_then(|t| Ok(ControllerLock::holder(&t, &st.flag)?));
         match who {
@@ -346,7 +367,7 @@ fn status(a: StatusArgs) -> Result<u8> {
 }
 
 fn command(a: CommandArgs, action: &str) -> Result<u8> {
-    let (store, st) = load(&a.state, a.flag.as_deref())?;
+    let (store, st) = load(&a.state, a.flag.as_deref(), &a.etcd)?;
     if st.phase.finished() {
         bail!(
             "the run of flag {:?} is over ({}); nothing to {action}",
@@ -374,9 +395,9 @@ fn command(a: CommandArgs, action: &str) -> Result<u8> {
     let prometheus = st.prometheus.clone();
     let opts = RunOptions {
         flag: st.flag.clone(),
-        target: FlagTarget::parse(&st.target, ETCD_TIMEOUT)?,
+        target: FlagTarget::parse(&st.target, ETCD_TIMEOUT)?.with_etcd_security(a.etcd.security()),
         prometheus_url: prometheus.clone(),
-        client: prometheus_client(&prometheus)?,
+        client: prometheus_client(&prometheus, &a.prometheus_access)?,
         plan,
         store,
         audit: PathBuf::from(

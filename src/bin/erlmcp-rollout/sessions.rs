@@ -20,6 +20,7 @@ use erlmcp_rollout::session::{
 };
 use serde_json::{json, Value};
 
+use crate::access::EtcdAccessArgs;
 use crate::exit;
 
 const STORE_HELP: &str = "\
@@ -101,6 +102,8 @@ pub struct MigrateArgs {
     /// No progress on stderr.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    etcd: EtcdAccessArgs,
 }
 
 #[derive(Args)]
@@ -123,6 +126,8 @@ pub struct VerifyArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    etcd: EtcdAccessArgs,
 }
 
 #[derive(Subcommand)]
@@ -150,6 +155,8 @@ pub struct PhaseShowArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    etcd: EtcdAccessArgs,
 }
 
 #[derive(Args)]
@@ -165,6 +172,8 @@ pub struct PhaseForceArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    etcd: EtcdAccessArgs,
 }
 
 #[derive(Args)]
@@ -192,6 +201,8 @@ pub struct PhaseMoveArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    etcd: EtcdAccessArgs,
 }
 
 #[derive(Args)]
@@ -202,6 +213,8 @@ pub struct StatsArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    etcd: EtcdAccessArgs,
 }
 
 #[derive(Args)]
@@ -218,6 +231,8 @@ pub struct GetArgs {
     /// Machine-readable output (metadata as hex).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    etcd: EtcdAccessArgs,
 }
 
 #[derive(Args)]
@@ -237,6 +252,8 @@ pub struct ListArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    etcd: EtcdAccessArgs,
 }
 
 /// A session id argument: text, or `hex:` followed by hex digits.
@@ -272,13 +289,13 @@ pub fn run(cmd: Command) -> Result<u8> {
 }
 
 /// Opens a store that must already exist (a read must not create an empty file).
-pub fn open_existing(uri: &StoreUri) -> Result<Box<dyn erlmcp_rollout::session::Store>> {
+pub fn open_existing(uri: &StoreUri, etcd: &EtcdAccessArgs) -> Result<Box<dyn erlmcp_rollout::session::Store>> {
     if let StoreUri::Disk(path) = uri {
         if !path.exists() {
             anyhow::bail!("store {uri}: no such file {}", path.display());
         }
     }
-    uri.open(StoreOptions::default())
+    uri.open_with(StoreOptions::default(), &etcd.security())
         .with_context(|| format!("opening store {uri}"))
 }
 
@@ -324,7 +341,7 @@ fn session_json(s: &Session, now: i64, with_metadata: bool) -> Value {
 }
 
 fn stats_cmd(a: StatsArgs) -> Result<u8> {
-    let store = open_existing(&a.store)?;
+    let store = open_existing(&a.store, &a.etcd)?;
     let now = SystemClock.now_unix_ms();
     let st = stats(store.as_ref(), now, 10_000).with_context(|| format!("scanning store {}", a.store))?;
     let mut o = BufWriter::new(std::io::stdout().lock());
@@ -346,7 +363,7 @@ fn stats_cmd(a: StatsArgs) -> Result<u8> {
 }
 
 fn get(a: GetArgs) -> Result<u8> {
-    let store = open_existing(&a.store)?;
+    let store = open_existing(&a.store, &a.etcd)?;
     let now = SystemClock.now_unix_ms();
     let record = store
         .get_raw(&a.id)
@@ -400,7 +417,7 @@ fn get(a: GetArgs) -> Result<u8> {
 }
 
 fn list(a: ListArgs) -> Result<u8> {
-    let store = open_existing(&a.store)?;
+    let store = open_existing(&a.store, &a.etcd)?;
     let now = SystemClock.now_unix_ms();
     let visibility = if a.raw { Visibility::Raw } else { Visibility::Live };
     let limit = usize::try_from(a.limit)?;
@@ -476,9 +493,9 @@ impl ProgressPrinter {
 }
 
 fn migrate(a: MigrateArgs) -> Result<u8> {
-    let source = open_existing(&a.from)?;
+    let source = open_existing(&a.from, &a.etcd)?;
     let target =
-        a.to.open(StoreOptions::default())
+        a.to.open_with(StoreOptions::default(), &a.etcd.security())
             .with_context(|| format!("opening store {}", a.to))?;
     let config = BackfillConfig {
         chunk: usize::try_from(a.chunk)?,
@@ -546,8 +563,8 @@ fn write_report(o: &mut impl Write, r: &VerifyReport) -> Result<()> {
 }
 
 fn verify_cmd(a: VerifyArgs) -> Result<u8> {
-    let source = open_existing(&a.from)?;
-    let target = open_existing(&a.to)?;
+    let source = open_existing(&a.from, &a.etcd)?;
+    let target = open_existing(&a.to, &a.etcd)?;
     let cfg = VerifyConfig {
         leaf: usize::try_from(a.leaf)?,
         ..Default::default()
@@ -626,7 +643,7 @@ fn print_state(state: &PhaseState, json_out: bool, extra: Value) -> Result<()> {
 pub enum PhaseLocation {
     /// A JSON file.
     File(PathBuf),
-    /// etcd: member URLs and the key prefix.
+    /// etcd: members (`host:port`) and the key prefix.
     Etcd(Vec<String>, String),
 }
 
@@ -642,7 +659,8 @@ impl std::str::FromStr for PhaseLocation {
         }
         match StoreUri::parse(s).map_err(|e| e.to_string())? {
             StoreUri::Etcd { endpoints, prefix } => Ok(PhaseLocation::Etcd(
-                endpoints.iter().map(Endpoint::url).collect(),
+                // host:port: the scheme follows the TLS settings.
+                endpoints.iter().map(Endpoint::to_string).collect(),
                 prefix.map_or_else(|| DEFAULT_PHASE_PREFIX.to_owned(), |p| etcd_prefix(Some(&p))),
             )),
             other => Err(format!("expected an etcd: location, got {other:?}")),
@@ -653,18 +671,22 @@ impl std::str::FromStr for PhaseLocation {
 /// The CLI reads and saves the phase but never acknowledges one (it applies none).
 const CLI_NODE_ID: &str = "erlmcp-rollout-cli";
 
-fn open_phases(at: &PhaseLocation) -> Result<(Box<dyn PhaseStore>, Option<EtcdPhaseStore>)> {
+fn open_phases(at: &PhaseLocation, etcd: &EtcdAccessArgs) -> Result<(Box<dyn PhaseStore>, Option<EtcdPhaseStore>)> {
     Ok(match at {
         PhaseLocation::File(path) => (Box::new(FilePhaseStore::new(path)), None),
         PhaseLocation::Etcd(urls, prefix) => {
-            let store = EtcdPhaseStore::connect(urls, prefix.as_str(), CLI_NODE_ID, EtcdOptions::default())?;
+            let options = EtcdOptions {
+                security: etcd.security(),
+                ..EtcdOptions::default()
+            };
+            let store = EtcdPhaseStore::connect(urls, prefix.as_str(), CLI_NODE_ID, options)?;
             (Box::new(store.clone()), Some(store))
         }
     })
 }
 
 fn phase_show(a: PhaseShowArgs) -> Result<u8> {
-    let (store, etcd) = open_phases(&a.state)?;
+    let (store, etcd) = open_phases(&a.state, &a.etcd)?;
     let state = store.load()?;
     let found = state.is_some();
     let acks = etcd.map(|e| e.acks()).transpose()?;
@@ -682,7 +704,7 @@ fn phase_show(a: PhaseShowArgs) -> Result<u8> {
 }
 
 fn phase_force(a: PhaseForceArgs) -> Result<u8> {
-    let (store, _) = open_phases(&a.state)?;
+    let (store, _) = open_phases(&a.state, &a.etcd)?;
     let mut state = store.load()?.unwrap_or_else(|| PhaseState::new(Phase::Off));
     if state.phase != a.phase {
         state.record(a.phase, SystemClock.now_unix_ms(), "force");
@@ -696,12 +718,12 @@ fn phase_force(a: PhaseForceArgs) -> Result<u8> {
 }
 
 fn phase_move(a: PhaseMoveArgs, forward: bool) -> Result<u8> {
-    let primary: Arc<dyn erlmcp_rollout::session::Store> = open_existing(&a.from)?.into();
+    let primary: Arc<dyn erlmcp_rollout::session::Store> = open_existing(&a.from, &a.etcd)?.into();
     let secondary: Arc<dyn erlmcp_rollout::session::Store> =
-        a.to.open(StoreOptions::default())
+        a.to.open_with(StoreOptions::default(), &a.etcd.security())
             .with_context(|| format!("opening store {}", a.to))?
             .into();
-    let (phases, etcd) = open_phases(&a.state)?;
+    let (phases, etcd) = open_phases(&a.state, &a.etcd)?;
     let advance_gate = match (etcd, a.expect_nodes.is_empty()) {
         (_, true) => None,
         (Some(etcd), false) => Some(etcd.ack_gate(a.expect_nodes.clone())),

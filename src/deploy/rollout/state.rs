@@ -191,6 +191,9 @@ pub enum StateStore {
         prefix: String,
         /// Time limit of one operation.
         timeout: Duration,
+        /// TLS and the etcd user ([`crate::etcd`]); the user needs read and write
+        /// permission on the prefix.
+        security: crate::etcd::EtcdSecurity,
     },
 }
 
@@ -210,6 +213,16 @@ impl std::fmt::Display for StateStore {
             ),
         }
     }
+}
+
+/// The connector and member URLs of an etcd location; a bad endpoint or an unreadable
+/// certificate or password file is a usage error (nothing was tried).
+#[cfg(feature = "etcd")]
+fn etcd_connector(
+    endpoints: &[String],
+    security: &crate::etcd::EtcdSecurity,
+) -> Result<(crate::etcd::Connector, Vec<String>), RolloutError> {
+    crate::flags::etcd::connector(endpoints, security).map_err(|e| RolloutError::Usage(e.to_string()))
 }
 
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> RolloutError {
@@ -233,9 +246,33 @@ impl StateStore {
                 endpoints,
                 prefix: crate::session::uri::etcd_prefix(Some(prefix.as_deref().unwrap_or(DEFAULT_STATE_PREFIX))),
                 timeout,
+                security: crate::etcd::EtcdSecurity::default(),
             }),
             #[cfg(not(feature = "etcd"))]
             Some(_) => Err(RolloutError::Usage(format!("{spec:?}: built without etcd support"))),
+        }
+    }
+
+    /// The same store reached with TLS and/or an etcd user (a file store is unchanged).
+    #[must_use]
+    pub fn with_etcd_security(self, security: crate::etcd::EtcdSecurity) -> StateStore {
+        match self {
+            #[cfg(feature = "etcd")]
+            StateStore::Etcd {
+                endpoints,
+                prefix,
+                timeout,
+                ..
+            } => StateStore::Etcd {
+                endpoints,
+                prefix,
+                timeout,
+                security,
+            },
+            other => {
+                let _ = security;
+                other
+            }
         }
     }
 
@@ -338,53 +375,77 @@ impl StateStore {
         }
     }
 
+    /// The connection of an etcd store: connector, member URLs, time limit.
     #[cfg(feature = "etcd")]
-    fn etcd(&self) -> (&[String], Duration) {
+    fn etcd(&self) -> Result<(crate::etcd::Connector, Vec<String>, Duration), RolloutError> {
         match self {
-            StateStore::Etcd { endpoints, timeout, .. } => (endpoints, *timeout),
-            StateStore::File(_) => (&[], Duration::ZERO),
+            StateStore::Etcd {
+                endpoints,
+                timeout,
+                security,
+                ..
+            } => {
+                let (connector, urls) = etcd_connector(endpoints, security)?;
+                Ok((connector, urls, *timeout))
+            }
+            StateStore::File(_) => Err(RolloutError::Usage("not an etcd state store".into())),
         }
     }
 
     #[cfg(feature = "etcd")]
     fn etcd_get(&self, key: &str) -> Result<Option<Vec<u8>>, RolloutError> {
-        let (eps, timeout) = self.etcd();
-        let urls = crate::flags::etcd::urls(eps).map_err(|e| RolloutError::Usage(e.to_string()))?;
-        crate::flags::etcd::with_member(&urls, timeout, |mut c| async move {
-            let r = c.get(key, None).await?;
-            Ok(Ok(r.kvs().first().map(|kv| kv.value().to_vec())))
-        })
+        let (connector, urls, timeout) = self.etcd()?;
+        crate::flags::etcd::with_member(
+            &connector,
+            &urls,
+            timeout,
+            "reading the rollout state",
+            |mut c| async move {
+                let r = c.get(key, None).await?;
+                Ok(Ok(r.kvs().first().map(|kv| kv.value().to_vec())))
+            },
+        )
         .map_err(|e| RolloutError::State(e.to_string()))
     }
 
     #[cfg(feature = "etcd")]
     fn etcd_put(&self, key: &str, value: Vec<u8>) -> Result<(), RolloutError> {
-        let (eps, timeout) = self.etcd();
-        let urls = crate::flags::etcd::urls(eps).map_err(|e| RolloutError::Usage(e.to_string()))?;
+        let (connector, urls, timeout) = self.etcd()?;
         let value = &value;
-        crate::flags::etcd::with_member(&urls, timeout, |mut c| async move {
-            c.put(key, value.clone(), None).await?;
-            Ok(Ok(()))
-        })
+        crate::flags::etcd::with_member(
+            &connector,
+            &urls,
+            timeout,
+            "writing the rollout state",
+            |mut c| async move {
+                c.put(key, value.clone(), None).await?;
+                Ok(Ok(()))
+            },
+        )
         .map_err(|e| RolloutError::State(e.to_string()))
     }
 
     #[cfg(feature = "etcd")]
     fn etcd_take(&self, key: &str) -> Result<Option<Vec<u8>>, RolloutError> {
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-        let (eps, timeout) = self.etcd();
-        let urls = crate::flags::etcd::urls(eps).map_err(|e| RolloutError::Usage(e.to_string()))?;
-        crate::flags::etcd::with_member(&urls, timeout, |mut c| async move {
-            let r = c.get(key, None).await?;
-            let Some(kv) = r.kvs().first() else { return Ok(Ok(None)) };
-            let (value, rev) = (kv.value().to_vec(), kv.mod_revision());
-            // Delete only what was read: a newer command stays for the next tick.
-            let txn = Txn::new()
-                .when([Compare::mod_revision(key, CompareOp::Equal, rev)])
-                .and_then([TxnOp::delete(key, None)]);
-            let done = c.txn(txn).await?;
-            Ok(Ok(done.succeeded().then_some(value)))
-        })
+        let (connector, urls, timeout) = self.etcd()?;
+        crate::flags::etcd::with_member(
+            &connector,
+            &urls,
+            timeout,
+            "taking a rollout command",
+            |mut c| async move {
+                let r = c.get(key, None).await?;
+                let Some(kv) = r.kvs().first() else { return Ok(Ok(None)) };
+                let (value, rev) = (kv.value().to_vec(), kv.mod_revision());
+                // Delete only what was read: a newer command stays for the next tick.
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(key, CompareOp::Equal, rev)])
+                    .and_then([TxnOp::delete(key, None)]);
+                let done = c.txn(txn).await?;
+                Ok(Ok(done.succeeded().then_some(value)))
+            },
+        )
         .map_err(|e| RolloutError::State(e.to_string()))
     }
 }
@@ -509,7 +570,15 @@ impl ControllerLock {
                 endpoints,
                 key,
                 timeout,
-            } => Self::etcd(endpoints, &format!("{key}/rollout-lock/{flag}"), *timeout, flag, me),
+                security,
+            } => Self::etcd(
+                endpoints,
+                security,
+                &format!("{key}/rollout-lock/{flag}"),
+                *timeout,
+                flag,
+                me,
+            ),
         }
     }
 
@@ -540,14 +609,21 @@ impl ControllerLock {
                 endpoints,
                 key,
                 timeout,
+                security,
             } => {
-                let urls = crate::flags::etcd::urls(endpoints).map_err(|e| RolloutError::Usage(e.to_string()))?;
+                let (connector, urls) = etcd_connector(endpoints, security)?;
                 let key = format!("{key}/rollout-lock/{flag}");
                 let key = key.as_str();
-                let value = crate::flags::etcd::with_member(&urls, *timeout, |mut c| async move {
-                    let r = c.get(key, None).await?;
-                    Ok(Ok(r.kvs().first().map(|kv| kv.value().to_vec())))
-                })
+                let value = crate::flags::etcd::with_member(
+                    &connector,
+                    &urls,
+                    *timeout,
+                    "reading the controller lock",
+                    |mut c| async move {
+                        let r = c.get(key, None).await?;
+                        Ok(Ok(r.kvs().first().map(|kv| kv.value().to_vec())))
+                    },
+                )
                 .map_err(|e| RolloutError::State(format!("controller lock: {e}")))?;
                 Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
             }
@@ -604,52 +680,60 @@ impl ControllerLock {
     #[cfg(feature = "etcd")]
     fn etcd(
         endpoints: &[String],
+        security: &crate::etcd::EtcdSecurity,
         key: &str,
         timeout: Duration,
         flag: &str,
         me: &Holder,
     ) -> Result<ControllerLock, RolloutError> {
         use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
-        let urls = crate::flags::etcd::urls(endpoints).map_err(|e| RolloutError::Usage(e.to_string()))?;
+        let (connector, urls) = etcd_connector(endpoints, security)?;
         let state_err = |e: crate::flags::PushError| RolloutError::State(format!("controller lock: {e}"));
         for attempt in 0..2 {
             let mut holder = me.clone();
-            let got = crate::flags::etcd::with_member(&urls, timeout, |mut c| {
-                let mut holder = holder.clone();
-                async move {
-                    let lease = c.lease_grant(LOCK_TTL_SECONDS, None).await?.id();
-                    holder.lease = lease;
-                    let value = serde_json::to_vec(&holder).unwrap_or_default();
-                    let txn = Txn::new()
-                        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))])
-                        .or_else([TxnOp::get(key, None)]);
-                    let r = c.txn(txn).await?;
-                    if r.succeeded() {
-                        return Ok(Ok(Ok(lease)));
+            let got =
+                crate::flags::etcd::with_member(&connector, &urls, timeout, "taking the controller lock", |mut c| {
+                    let mut holder = holder.clone();
+                    async move {
+                        let lease = c.lease_grant(LOCK_TTL_SECONDS, None).await?.id();
+                        holder.lease = lease;
+                        let value = serde_json::to_vec(&holder).unwrap_or_default();
+                        let txn = Txn::new()
+                            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                            .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))])
+                            .or_else([TxnOp::get(key, None)]);
+                        let r = c.txn(txn).await?;
+                        if r.succeeded() {
+                            return Ok(Ok(Ok(lease)));
+                        }
+                        let _ = c.lease_revoke(lease).await;
+                        let other = r.op_responses().into_iter().find_map(|op| match op {
+                            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+                            _ => None,
+                        });
+                        Ok(Ok(Err(other.and_then(|b| serde_json::from_slice::<Holder>(&b).ok()))))
                     }
-                    let _ = c.lease_revoke(lease).await;
-                    let other = r.op_responses().into_iter().find_map(|op| match op {
-                        etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
-                        _ => None,
-                    });
-                    Ok(Ok(Err(other.and_then(|b| serde_json::from_slice::<Holder>(&b).ok()))))
-                }
-            })
-            .map_err(state_err)?;
+                })
+                .map_err(state_err)?;
             match got {
                 Ok(lease) => {
                     holder.lease = lease;
-                    return Ok(Self::keep_alive(urls, lease));
+                    return Ok(Self::keep_alive(connector, urls, lease));
                 }
                 Err(Some(other)) if attempt == 0 && other.dead_here() => {
                     // A controller killed on this host: its lease would expire
                     // within the TTL anyway; revoke it and take over now.
                     let lease = other.lease;
-                    crate::flags::etcd::with_member(&urls, timeout, |mut c| async move {
-                        let _ = c.lease_revoke(lease).await;
-                        Ok(Ok(()))
-                    })
+                    crate::flags::etcd::with_member(
+                        &connector,
+                        &urls,
+                        timeout,
+                        "taking over a dead controller's lock",
+                        |mut c| async move {
+                            let _ = c.lease_revoke(lease).await;
+                            Ok(Ok(()))
+                        },
+                    )
                     .map_err(state_err)?;
                 }
                 Err(other) => {
@@ -666,7 +750,7 @@ impl ControllerLock {
     }
 
     #[cfg(feature = "etcd")]
-    fn keep_alive(urls: Vec<String>, lease: i64) -> ControllerLock {
+    fn keep_alive(connector: crate::etcd::Connector, urls: Vec<String>, lease: i64) -> ControllerLock {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
         let lost = Arc::new(AtomicBool::new(false));
@@ -686,7 +770,7 @@ impl ControllerLock {
                     loop {
                         let url = &urls[i % urls.len()];
                         let beat = async {
-                            let mut c = crate::flags::etcd::connect(url, Duration::from_secs(2)).await?;
+                            let mut c = crate::flags::etcd::connect(&connector, url, Duration::from_secs(2)).await?;
                             let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
                             loop {
                                 keeper.keep_alive().await?;
@@ -701,7 +785,7 @@ impl ControllerLock {
                         };
                         let expired = tokio::select! {
                             _ = &mut stop_rx => {
-                                if let Ok(mut c) = crate::flags::etcd::connect(url, Duration::from_secs(2)).await {
+                                if let Ok(mut c) = crate::flags::etcd::connect(&connector, url, Duration::from_secs(2)).await {
                                     let _ = c.lease_revoke(lease).await;
                                 }
                                 return;

@@ -61,6 +61,9 @@ pub enum FlagTarget {
         key: String,
         /// Time limit of one read or publish.
         timeout: Duration,
+        /// TLS and the etcd user ([`crate::etcd`]); the user needs read and write
+        /// permission on `key` and on `KEY/rollout-lock/`.
+        security: crate::etcd::EtcdSecurity,
     },
 }
 
@@ -106,7 +109,10 @@ pub fn split_etcd_spec(spec: &str) -> Result<Option<(Vec<String>, Option<String>
 /// Endpoint URLs as an `etcd:` spec lists them (`host:port`), so a target's or
 /// state store's `Display` parses back.
 pub(crate) fn spec_endpoints(endpoints: &[String]) -> String {
-    let hosts: Vec<&str> = endpoints.iter().map(|e| e.trim_start_matches("http://")).collect();
+    let hosts: Vec<&str> = endpoints
+        .iter()
+        .map(|e| e.trim_start_matches("http://").trim_start_matches("https://"))
+        .collect();
     hosts.join(",")
 }
 
@@ -139,10 +145,34 @@ impl FlagTarget {
                     endpoints,
                     key,
                     timeout,
+                    security: crate::etcd::EtcdSecurity::default(),
                 })
             }
             #[cfg(not(feature = "etcd"))]
             Some(_) => Err(PublishError::Invalid(format!("{spec:?}: built without etcd support"))),
+        }
+    }
+
+    /// The same target reached with TLS and/or an etcd user (a file target is unchanged).
+    #[must_use]
+    pub fn with_etcd_security(self, security: crate::etcd::EtcdSecurity) -> FlagTarget {
+        match self {
+            #[cfg(feature = "etcd")]
+            FlagTarget::Etcd {
+                endpoints,
+                key,
+                timeout,
+                ..
+            } => FlagTarget::Etcd {
+                endpoints,
+                key,
+                timeout,
+                security,
+            },
+            other => {
+                let _ = security;
+                other
+            }
         }
     }
 
@@ -165,7 +195,8 @@ impl FlagTarget {
                 endpoints,
                 key,
                 timeout,
-            } => match crate::flags::read_flags(endpoints, key, *timeout) {
+                security,
+            } => match crate::flags::read_flags(endpoints, key, *timeout, security) {
                 Ok(Some((bytes, revision))) => Ok(Current {
                     bytes,
                     guard: revision as u64,
@@ -205,7 +236,8 @@ impl FlagTarget {
                 endpoints,
                 key,
                 timeout,
-            } => match crate::flags::push_flags_guarded(endpoints, key, bytes, expected as i64, *timeout) {
+                security,
+            } => match crate::flags::push_flags_guarded(endpoints, key, bytes, expected as i64, *timeout, security) {
                 Ok(out) => Ok(out.revision as u64),
                 Err(e @ crate::flags::PushError::Conflict { .. }) => Err(PublishError::Conflict(e.to_string())),
                 Err(e @ crate::flags::PushError::Unavailable { .. }) => Err(PublishError::Unavailable(e.to_string())),
