@@ -239,6 +239,17 @@ fn load(table: &SessionsTable, id: &SessionId) -> Result<Option<Session>, StoreE
 }
 
 /// A stored record read from redb, checked against its key.
+/// Writes `data` at `at`, growing the file first when it ends before `at + data.len()`:
+/// a file grows on its own, but a [`StorageBackend`] need not (redb's
+/// `InMemoryBackend` refuses a write past its end), and the log only ever appends.
+fn write_at(file: &dyn StorageBackend, at: u64, data: &[u8]) -> Result<(), std::io::Error> {
+    let end = at + data.len() as u64;
+    if file.len()? < end {
+        file.set_len(end)?;
+    }
+    file.write(at, data)
+}
+
 fn decode_stored(key: &[u8], value: &[u8]) -> Result<Session, StoreError> {
     let id = SessionId::new(key).map_err(|e| StoreError::Corrupt {
         key: None,
@@ -672,7 +683,7 @@ impl DiskStore {
             if bytes.len() < HEADER_LEN as usize || bytes.iter().all(|&b| b == 0) {
                 let header = wal::header();
                 file.set_len(0)
-                    .and_then(|()| file.write(0, &header))
+                    .and_then(|()| write_at(&**file, 0, &header))
                     .and_then(|()| file.sync_data())
                     .map_err(|e| log_io(&format!("initialise log {i}"), e))?;
                 bytes = header.to_vec();
@@ -950,10 +961,7 @@ impl Inner {
         );
         let file = log.active;
         let at = log.ends[file];
-        if let Err(e) = self.files[file]
-            .write(at, &frame)
-            .and_then(|()| self.files[file].sync_data())
-        {
+        if let Err(e) = write_at(&*self.files[file], at, &frame).and_then(|()| self.files[file].sync_data()) {
             let reason = format!(
                 "session log {file}: append at offset {at} failed ({e}); writes are refused until the store is reopened"
             );
