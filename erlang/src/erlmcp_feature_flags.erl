@@ -16,7 +16,11 @@
 %% --etcd ENDPOINTS', which validates first): every change reaches this node's
 %% callers milliseconds after the commit; invalid values, a deleted key and
 %% etcd outages keep the last good flags. `start_link/1' waits up to 5 s for
-%% the first read. `reload_now/0' then reports the watch's health. A secured
+%% the first read (`{error, {etcd_unavailable, Why}}'), but not when the
+%% cluster refuses the TLS settings, the credentials or the key's permission:
+%% that is `{error, {etcd_access, Kind, Message}}' at once (the session
+%% store's shape). `reload_now/0' then reports
+%% the watch's health. A secured
 %% cluster: add `tls => #{cacertfile => F, certfile => F, keyfile => F}'
 %% (certfile and keyfile for `--client-cert-auth') and `auth => #{user => U,
 %% password_file => F}' (the user needs read permission on `Key'); the
@@ -298,12 +302,15 @@ first_load(#state{etcd = {Endpoints, Key, Conn}} = State) ->
                     case erlmcp_rollout_nif:flags_status() of
                         {_Gen, _Flags, Reloads} when Reloads > 0 ->
                             %% A restart: keep serving; the watcher keeps trying.
-                            logger:warning("feature flags: etcd not reachable yet (~ts), keeping the flags loaded "
+                            logger:warning("feature flags: etcd not reachable yet (~0p), keeping the flags loaded "
                                            "before", [Why]),
                             {ok, State};
                         _ ->
                             ok = erlmcp_rollout_nif:flags_unwatch_etcd(),
-                            {stop, {etcd_unavailable, Why}}
+                            case Why of
+                                {etcd_access, _, _} -> {stop, Why};
+                                _ -> {stop, {etcd_unavailable, Why}}
+                            end
                     end
             end;
         {error, Why} ->
@@ -394,6 +401,9 @@ await_etcd(Deadline) ->
     case erlmcp_rollout_nif:flags_etcd_status() of
         #{<<"connected">> := true} ->
             ok;
+        #{<<"refused">> := {etcd_access, _Kind, _Message} = Refused} ->
+            %% TLS, credentials or permission: waiting longer would not help.
+            {error, Refused};
         Status ->
             case erlang:monotonic_time(millisecond) >= Deadline of
                 true ->

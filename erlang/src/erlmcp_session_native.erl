@@ -135,6 +135,8 @@ init(Opts) ->
 %% default store. Add new options here.
 accepted_options() ->
     [store, name, touch_permille, tombstone_retention_ms, prefix,
+     %% a secured etcd cluster (TLS, etcd users)
+     tls, auth,
      %% a hybrid store's (erlmcp_session_backend_hybrid passes them through)
      state_dir, migration_phase, shadow_sample, phase_etcd].
 

@@ -12,11 +12,11 @@
 
 -export([all/0, init_per_suite/1, end_per_suite/1]).
 -export([session_store_over_mutual_tls_as_a_user/1, refusals_are_typed_and_show_no_secret/1,
-         flags_follow_a_key_over_tls/1, hybrid_phase_in_a_secured_etcd/1]).
+         flags_follow_a_key_over_tls/1, flags_refused_at_once/1, hybrid_phase_in_a_secured_etcd/1]).
 
 all() ->
     [session_store_over_mutual_tls_as_a_user, refusals_are_typed_and_show_no_secret,
-     flags_follow_a_key_over_tls, hybrid_phase_in_a_secured_etcd].
+     flags_refused_at_once, flags_follow_a_key_over_tls, hybrid_phase_in_a_secured_etcd].
 
 init_per_suite(Config) ->
     Dir = filename:join(?config(priv_dir, Config), "etcd"),
@@ -111,6 +111,36 @@ flags_follow_a_key_over_tls(Config) ->
     after
         unlink(Pid),
         gen_server:stop(Pid)
+    end.
+
+flags_refused_at_once(Config) ->
+    %% doc: erlmcp_feature_flags with a wrong password or a key outside the role stops with
+    %% the session store's {etcd_access, Kind, Message}, not a timeout; no password shows.
+    Dir = ?config(priv_dir, Config),
+    Wrong = filename:join(Dir, "flags-wrong-password"),
+    WrongPassword = <<"not-the-Password-7Kd">>,
+    ok = file:write_file(Wrong, [WrongPassword, "\n"]),
+    Start = fun(Key, Auth) ->
+                    R = erlmcp_feature_flags:start_link(#{etcd => #{endpoints => ?config(members, Config),
+                                                                    key => Key, tls => tls(Config), auth => Auth},
+                                                          environment => production}),
+                    %% The failed server's exit signal, before trap_exit is turned off.
+                    receive {'EXIT', _, _} -> R after 5000 -> ct:fail({no_exit_signal, R}) end
+            end,
+    %% A server restarted after flags were loaded keeps serving them (and warns); the
+    %% refusal is an error only for a first start, which this VM must still be at.
+    {_, _, 0} = erlmcp_rollout_nif:flags_status(),
+    process_flag(trap_exit, true),
+    try
+        {error, {etcd_access, wrong_password, M1}} =
+            Start(<<"erlmcp/feature_flags_ct">>, #{user => <<"erlmcp">>, password_file => Wrong}),
+        {error, {etcd_access, permission_denied, M2}} = Start(<<"outside/feature_flags">>, auth(Config)),
+        ct:log("~ts~n~ts", [M1, M2]),
+        [?assertEqual(nomatch, binary:match(M, [WrongPassword, ?config(password, Config)])) || M <- [M1, M2]],
+        %% The refusal stopped the watch: nothing keeps retrying in the background.
+        ?assertEqual(undefined, erlmcp_rollout_nif:flags_etcd_status())
+    after
+        process_flag(trap_exit, false)
     end.
 
 hybrid_phase_in_a_secured_etcd(Config) ->

@@ -347,6 +347,13 @@ pub struct EtcdWatchStatus {
     /// Why the last value could not be used, or why the connection is down; cleared by
     /// the next good reload.
     pub last_error: Option<String>,
+    /// Set when the last connection attempt was refused by the TLS settings, the
+    /// credentials or the user's permission on the key (what was refused, where, never a
+    /// secret); cleared when a watch is established. Retrying does not cure a refusal
+    /// (the watcher still retries, in case an operator fixes the cluster side), so a
+    /// caller waiting for the first read stops waiting when it is set.
+    #[serde(skip)]
+    pub refused: Option<EtcdAccessError>,
 }
 
 /// A running etcd watcher; dropping it stops its thread.
@@ -453,6 +460,8 @@ enum End {
     Stopped,
     /// Broken (with why): reconnect after the retry interval.
     Broken(String),
+    /// Refused by the TLS settings, the credentials or a permission.
+    Refused(EtcdAccessError),
 }
 
 async fn watch_loop(
@@ -470,23 +479,24 @@ async fn watch_loop(
             _ = stop.changed() => End::Stopped,
             end = session(engine, connector, url, options, status) => end,
         };
-        match ended {
+        let (reason, refused) = match ended {
             End::Stopped => return,
-            End::Broken(reason) => {
-                {
-                    let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
-                    s.connected = false;
-                    s.reconnects += 1;
-                    s.last_error = Some(format!("{url}: {reason}; serving the last good config"));
-                }
-                i += 1;
-                // Try the next member at once; pause after a full round of failures.
-                if i % urls.len() == 0 {
-                    tokio::select! {
-                        _ = stop.changed() => return,
-                        () = tokio::time::sleep(options.retry_interval) => {}
-                    }
-                }
+            End::Broken(reason) => (reason, None),
+            End::Refused(denied) => (denied.kind.to_string(), Some(denied)),
+        };
+        {
+            let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
+            s.connected = false;
+            s.reconnects += 1;
+            s.last_error = Some(format!("{url}: {reason}; serving the last good config"));
+            s.refused = refused;
+        }
+        i += 1;
+        // Try the next member at once; pause after a full round of failures.
+        if i % urls.len() == 0 {
+            tokio::select! {
+                _ = stop.changed() => return,
+                () = tokio::time::sleep(options.retry_interval) => {}
             }
         }
     }
@@ -514,10 +524,10 @@ async fn session(
     let (mut client, resp) = match first {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            return End::Broken(match connector.access_failure(&e, url) {
-                Some(denied) => denied.doing(&format!("reading key {}", options.key)).kind.to_string(),
-                None => e.to_string(),
-            })
+            return match connector.access_failure(&e, url) {
+                Some(denied) => End::Refused(denied.doing(&format!("reading key {}", options.key))),
+                None => End::Broken(e.to_string()),
+            }
         }
         Err(_) => return End::Broken(format!("no answer within {:?}", options.connect_timeout)),
     };
@@ -537,7 +547,11 @@ async fn session(
         Ok(s) => s,
         Err(e) => return End::Broken(format!("cannot watch: {e}")),
     };
-    status.lock().unwrap_or_else(PoisonError::into_inner).connected = true;
+    {
+        let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
+        s.connected = true;
+        s.refused = None;
+    }
     loop {
         match stream.message().await {
             Ok(Some(resp)) => {

@@ -550,12 +550,24 @@ fn flags_unwatch_etcd() -> Atom {
 }
 
 /// `flags_etcd_status() -> undefined | #{connected, reloads, failures,
-/// reconnects, revision, last_error}`.
+/// reconnects, revision, last_error[, refused]}` (binary keys; `refused =>
+/// {etcd_access, Kind, Message}` while the cluster refuses TLS, credentials or
+/// permission).
 #[rustler::nif]
 fn flags_etcd_status(env: Env<'_>) -> Term<'_> {
-    let watcher = WATCHER.lock().unwrap_or_else(|p| p.into_inner());
-    match watcher.as_ref() {
-        Some(w) => to_term(env, &w.status()),
-        None => atoms::undefined().encode(env),
+    let status = {
+        let watcher = WATCHER.lock().unwrap_or_else(|p| p.into_inner());
+        match watcher.as_ref() {
+            Some(w) => w.status(),
+            None => return atoms::undefined().encode(env),
+        }
+    };
+    let map = to_term(env, &status);
+    match &status.refused {
+        // `refused => {etcd_access, Kind, Message}`, the session store's error shape.
+        Some(denied) => map
+            .map_put("refused".encode(env), crate::etcd::access_error_term(env, denied))
+            .unwrap_or(map),
+        None => map,
     }
 }
