@@ -260,6 +260,89 @@ fn flags_push_and_watch_work_over_tls_as_a_user() {
 }
 
 #[test]
+fn the_rollout_controller_reads_publishes_locks_and_keeps_state_over_tls() {
+    use erlmcp_rollout::deploy::rollout::{Command as RunCommand, ControllerLock, FlagTarget, Holder, StateStore};
+    let s = secured();
+    let base = unique("erlmcp/");
+    let key = format!("{base}flags");
+    let security = s.security();
+    let members = s.cluster.members();
+    push_flags_with(
+        &members,
+        &key,
+        br#"{"f": {"enabled": true, "rollout_percentage": 0}}"#,
+        Duration::from_secs(5),
+        &security,
+    )
+    .unwrap();
+    let spec = format!("etcd:{}/{key}", members.join(","));
+    let target = FlagTarget::parse(&spec, Duration::from_secs(5)).unwrap();
+    // Without the settings the cluster refuses: an error, never a publish.
+    assert!(target.read().is_err());
+    let target = target.with_etcd_security(security.clone());
+    let now = target.read().unwrap();
+    let next = br#"{"f": {"enabled": true, "rollout_percentage": 5}}"#;
+    let guard = target.publish(now.guard, next).unwrap();
+    assert_eq!(target.read().unwrap().bytes, next.to_vec());
+    // A publish guarded on the old revision is a conflict: nothing written.
+    assert!(target.publish(now.guard, b"{}").is_err());
+    assert_eq!(target.read().unwrap().guard, guard);
+    // The controller lock (a lease-bound key under KEY/rollout-lock/) over TLS as app.
+    let me = Holder::me("ci");
+    let lock = ControllerLock::acquire(&target, "f", &me).unwrap();
+    assert!(ControllerLock::holder(&target, "f").unwrap().is_some());
+    assert!(ControllerLock::acquire(&target, "f", &Holder::me("other")).is_err());
+    drop(lock);
+    // Commands in an etcd state store over TLS.
+    let state = StateStore::parse(
+        &format!("etcd:{}/{base}rollouts", members.join(",")),
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .with_etcd_security(security);
+    let cmd = RunCommand {
+        action: "approve".into(),
+        actor: "ci".into(),
+        at: 1.0,
+        note: String::new(),
+    };
+    state.put_command("f", &cmd).unwrap();
+    assert_eq!(
+        state.take_command("f").unwrap().map(|c| c.action),
+        Some("approve".into())
+    );
+    assert!(state.load("f").unwrap().is_none());
+}
+
+#[test]
+fn a_refused_flag_watch_says_so_in_its_status() {
+    let s = secured();
+    let engine = Arc::new(Engine::builder().build(FlagsConfig::from_json(b"{}").unwrap()));
+    let mut security = s.security();
+    if let Some(auth) = security.auth.as_mut() {
+        auth.password_file = s.file("wrong-password");
+    }
+    let watcher = engine
+        .watch_etcd(
+            &s.cluster.members(),
+            EtcdFlagsOptions {
+                key: "erlmcp/feature_flags".into(),
+                security,
+                ..EtcdFlagsOptions::default()
+            },
+        )
+        .unwrap();
+    wait_for("the refusal in the watcher's status", || {
+        watcher.status().refused.is_some()
+    });
+    let status = watcher.status();
+    let refused = status.refused.unwrap();
+    assert!(matches!(refused.kind, AccessKind::WrongPassword { .. }), "{refused}");
+    assert!(!status.connected);
+    no_secret(&refused.to_string());
+}
+
+#[test]
 fn phase_store_works_over_tls_as_a_user() {
     let s = secured();
     let prefix = unique("erlmcp/migration/");

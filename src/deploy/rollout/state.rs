@@ -185,7 +185,7 @@ pub enum StateStore {
     /// `etcd:HOST:PORT[,..][/PREFIX]`: `PREFIX/FLAG/state` and `PREFIX/FLAG/command`.
     #[cfg(feature = "etcd")]
     Etcd {
-        /// Endpoint URLs.
+        /// Endpoints (`host:port` or URLs).
         endpoints: Vec<String>,
         /// Key prefix, ending in `/`.
         prefix: String,

@@ -55,7 +55,7 @@ pub enum FlagTarget {
     /// An etcd key (feature `etcd`).
     #[cfg(feature = "etcd")]
     Etcd {
-        /// Endpoints (`host:port` or `http://` URLs).
+        /// Endpoints (`host:port`, the scheme following `security`, or URLs).
         endpoints: Vec<String>,
         /// The key.
         key: String,
@@ -77,8 +77,9 @@ impl std::fmt::Display for FlagTarget {
     }
 }
 
-/// Split `etcd:HOST:PORT[,HOST:PORT...][/REST]` into endpoint URLs and the
-/// rest (parsed as a store URI: the same syntax and errors as `sessions`).
+/// Split `etcd:HOST:PORT[,HOST:PORT...][/REST]` into `HOST:PORT` endpoints (the
+/// scheme follows the connection's TLS settings: `http://` without, `https://` with)
+/// and the rest (parsed as a store URI: the same syntax and errors as `sessions`).
 /// `Ok(None)` when `spec` does not start with `etcd:`.
 ///
 /// # Errors
@@ -88,7 +89,7 @@ impl std::fmt::Display for FlagTarget {
 /// ```
 /// use erlmcp_rollout::deploy::rollout::target::split_etcd_spec;
 /// let (eps, rest) = split_etcd_spec("etcd:127.0.0.1:2379,127.0.0.1:22379/erlmcp/flags")?.unwrap();
-/// assert_eq!((eps.len(), rest.as_deref()), (2, Some("erlmcp/flags")));
+/// assert_eq!((eps[0].as_str(), rest.as_deref()), ("127.0.0.1:2379", Some("erlmcp/flags")));
 /// assert!(split_etcd_spec("flags.json")?.is_none());
 /// assert!(split_etcd_spec("etcd:host").is_err());
 /// # Ok::<(), erlmcp_rollout::session::uri::UriError>(())
@@ -100,14 +101,14 @@ pub fn split_etcd_spec(spec: &str) -> Result<Option<(Vec<String>, Option<String>
     }
     match crate::session::uri::StoreUri::parse(spec)? {
         crate::session::uri::StoreUri::Etcd { endpoints, prefix } => {
-            Ok(Some((endpoints.iter().map(|e| e.url()).collect(), prefix)))
+            Ok(Some((endpoints.iter().map(ToString::to_string).collect(), prefix)))
         }
         _ => Ok(None),
     }
 }
 
-/// Endpoint URLs as an `etcd:` spec lists them (`host:port`), so a target's or
-/// state store's `Display` parses back.
+/// Endpoints as an `etcd:` spec lists them (`host:port`, also from URLs), so a
+/// target's or state store's `Display` parses back.
 pub(crate) fn spec_endpoints(endpoints: &[String]) -> String {
     let hosts: Vec<&str> = endpoints
         .iter()
