@@ -672,6 +672,7 @@ impl DiskStore {
             if bytes.len() < HEADER_LEN as usize || bytes.iter().all(|&b| b == 0) {
                 let header = wal::header();
                 file.set_len(0)
+                    .and_then(|()| file.set_len(HEADER_LEN))
                     .and_then(|()| file.write(0, &header))
                     .and_then(|()| file.sync_data())
                     .map_err(|e| log_io(&format!("initialise log {i}"), e))?;
@@ -950,8 +951,11 @@ impl Inner {
         );
         let file = log.active;
         let at = log.ends[file];
+        // A backend's write stays inside its length (redb's `StorageBackend` contract;
+        // `InMemoryBackend` refuses anything else): grow the file first.
         if let Err(e) = self.files[file]
-            .write(at, &frame)
+            .set_len(at + frame.len() as u64)
+            .and_then(|()| self.files[file].write(at, &frame))
             .and_then(|()| self.files[file].sync_data())
         {
             let reason = format!(
