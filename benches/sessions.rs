@@ -8,7 +8,8 @@
 //!   log's tail index empty: reads go to redb); `disk/get_redb_direct` is the same-run
 //!   baseline for `disk/get`: the read path `DiskStore::get` had before the write-ahead
 //!   log (one redb read transaction, get, decode, liveness check) on a raw redb file with
-//!   the same records; `disk/get_log_tail` reads records still in the log's tail index;
+//!   the same records; `disk/get_paired` alternates the two every 64 gets in one run and
+//!   prints their time ratio; `disk/get_log_tail` reads records still in the log's tail index;
 //! - `disk_writes/*`: durable acknowledged writes per second with 1, 16 and 64 writer
 //!   threads: `group_commit` is `DiskStore::put` (writers share one log append and one
 //!   fdatasync), `bare_fdatasync` (run right before each writer count) is the disk's
@@ -217,6 +218,47 @@ fn bench_disk(c: &mut Criterion) {
             black_box(direct.get(&ids[order[i]]).unwrap())
         })
     });
+    // Criterion's separate runs of the two read paths see different machine load; also
+    // alternate them every 64 gets in one run (`disk/get_paired`), ratio printed.
+    let (mut new_time, mut old_time, mut gets) = (Duration::ZERO, Duration::ZERO, 0u64);
+    g.bench_function("disk/get_paired", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut k = 0u64;
+            while k < iters {
+                for new_path in [true, false] {
+                    let start = Instant::now();
+                    for _ in 0..64 {
+                        i = (i + 1) % N;
+                        if new_path {
+                            black_box(disk.get(&ids[order[i]]).unwrap());
+                        } else {
+                            black_box(direct.get(&ids[order[i]]).unwrap());
+                        }
+                    }
+                    let t = start.elapsed();
+                    total += t;
+                    if new_path {
+                        new_time += t;
+                    } else {
+                        old_time += t;
+                    }
+                }
+                k += 128;
+                gets += 64;
+            }
+            total
+        })
+    });
+    if gets > 0 {
+        println!(
+            "sessions/disk/get_paired: {gets} gets per path; disk/get {:.0} ns, disk/get_redb_direct {:.0} ns, \
+             disk/get time / get_redb_direct time {:.3}",
+            new_time.as_nanos() as f64 / gets as f64,
+            old_time.as_nanos() as f64 / gets as f64,
+            new_time.as_secs_f64() / old_time.as_secs_f64()
+        );
+    }
     g.bench_function("disk/touch", |b| {
         b.iter(|| {
             i = (i + 1) % N;
