@@ -205,7 +205,11 @@ impl FlagTarget {
                 Ok(None) => Err(PublishError::Invalid(format!(
                     "etcd key {key:?} is absent; publish the flag config first (flags push)"
                 ))),
-                Err(e @ crate::flags::PushError::Endpoint { .. }) => Err(PublishError::Invalid(e.to_string())),
+                // A bad endpoint or a refusal of the TLS settings, credentials or
+                // permission does not heal by waiting: an error, not an outage.
+                Err(e @ (crate::flags::PushError::Endpoint { .. } | crate::flags::PushError::Access(_))) => {
+                    Err(PublishError::Invalid(e.to_string()))
+                }
                 Err(e) => Err(PublishError::Unavailable(e.to_string())),
             },
         }
