@@ -124,8 +124,10 @@ flags_refused_at_once(Config) ->
                     R = erlmcp_feature_flags:start_link(#{etcd => #{endpoints => ?config(members, Config),
                                                                     key => Key, tls => tls(Config), auth => Auth},
                                                           environment => production}),
-                    %% The failed server's exit signal, before trap_exit is turned off.
-                    receive {'EXIT', _, _} -> R after 5000 -> ct:fail({no_exit_signal, R}) end
+                    %% OTP 25 delivers the failed server's exit signal as a message
+                    %% (trapped here, before trap_exit is turned off); OTP 26+
+                    %% start_link consumes it.
+                    receive {'EXIT', _, _} -> R after 500 -> R end
             end,
     %% A server restarted after flags were loaded keeps serving them (and warns); the
     %% refusal is an error only for a first start, which this VM must still be at.

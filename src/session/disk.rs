@@ -674,7 +674,6 @@ impl DiskStore {
             txn.commit().map_err(unavailable)?;
             done
         };
-        let t0 = Instant::now();
         let mut contents = [Vec::new(), Vec::new()];
         let mut parsed: [wal::Parsed; 2] = Default::default();
         for (i, file) in files.iter().enumerate() {
@@ -699,7 +698,6 @@ impl DiskStore {
             contents[i] = bytes;
             parsed[i] = p;
         }
-        eprintln!("TIMING read+parse {:?}", t0.elapsed());
         // Frames after the mark, in seq order, must continue it without a gap.
         let newer = |i: usize| parsed[i].frames.iter().filter(move |f| f.seq > done);
         let firsts = [0, 1].map(|i| newer(i).next().map(|f| f.seq));
@@ -748,7 +746,6 @@ impl DiskStore {
                 }
             }
         }
-        eprintln!("TIMING replay {:?}", t0.elapsed());
         // Files whose frames redb already holds (a checkpoint ended before its truncate).
         for i in 0..2 {
             if !parsed[i].frames.is_empty() && !order.contains(&i) {
@@ -779,7 +776,6 @@ impl DiskStore {
             failed: None,
         };
         drop(contents);
-        eprintln!("TIMING drop contents {:?}", t0.elapsed());
         let inner = Arc::new(Inner {
             db,
             options,
