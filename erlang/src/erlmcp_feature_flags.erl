@@ -19,8 +19,7 @@
 %% the first read (`{error, {etcd_unavailable, Why}}'), but not when the
 %% cluster refuses the TLS settings, the credentials or the key's permission:
 %% that is `{error, {etcd_access, Kind, Message}}' at once (the session
-%% store's shape). `reload_now/0' then reports
-%% the watch's health. A secured
+%% store's shape). `reload_now/0' then reports the watch's health. A secured
 %% cluster: add `tls => #{cacertfile => F, certfile => F, keyfile => F}'
 %% (certfile and keyfile for `--client-cert-auth') and `auth => #{user => U,
 %% password_file => F}' (the user needs read permission on `Key'); the
