@@ -693,12 +693,12 @@ mod watcher {
                 ..PhaseWatchStatus::default()
             }));
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let ctx = Ctx {
+            let ctx = Arc::new(Ctx {
                 store: self.clone(),
                 migrator,
                 options,
                 status: Arc::clone(&status),
-            };
+            });
             let handle = std::thread::Builder::new()
                 .name("erlmcp-phase-watch".into())
                 .spawn(move || {
@@ -708,6 +708,8 @@ mod watcher {
                         return;
                     };
                     rt.block_on(watch_loop(&ctx, stop_rx));
+                    // Dropping `rt` waits for a sync still running on its blocking pool
+                    // (bounded by the sync and operation timeouts).
                 })
                 .map_err(|e| {
                     self.inner
@@ -721,7 +723,21 @@ mod watcher {
         }
     }
 
-    async fn watch_loop(ctx: &Ctx, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// Runs [`Ctx::sync`] on the runtime's blocking pool and waits for it.
+    ///
+    /// Invariant: the watcher's runtime thread never blocks. It drives the watcher's own
+    /// etcd connection (TLS, HTTP/2 keep-alive pings, the watch stream); a sync holds the
+    /// phase lock, drains the outbox and makes etcd round trips on the store's runtime,
+    /// which takes seconds when a member is slow, and if it ran on this thread the
+    /// connection would stall meanwhile: keep-alive timeouts would close it, every
+    /// reconnect would sync (and stall it) again, and the phase would never be acknowledged.
+    async fn sync(ctx: &Arc<Ctx>) -> bool {
+        let c = Arc::clone(ctx);
+        // A panicking sync counts as failed (retried); the panic stays on the pool thread.
+        tokio::task::spawn_blocking(move || c.sync()).await.unwrap_or(false)
+    }
+
+    async fn watch_loop(ctx: &Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let urls = ctx.store.endpoints().to_vec();
         let mut i = 0usize;
         loop {
@@ -749,7 +765,7 @@ mod watcher {
 
     /// Connects to one member, syncs (full re-read), then syncs on every change of the
     /// phase key until the watch breaks; returns why it broke.
-    async fn session(ctx: &Ctx, url: &str) -> String {
+    async fn session(ctx: &Arc<Ctx>, url: &str) -> String {
         let connect = ctx.store.inner.options.connect_timeout;
         let dial = Dial {
             keep_alive: Some((Duration::from_secs(1), Duration::from_secs(2))),
@@ -774,18 +790,23 @@ mod watcher {
             Err(_) => return format!("no answer within {connect:?}"),
         };
         let revision = resp.header().map_or(0, |h| h.revision());
-        let mut stream = match client
-            .watch(
+        // Bounded like the connection: a member that accepts the request but never answers
+        // must not hold the watcher (the next member is tried instead).
+        let watch = tokio::time::timeout(
+            connect,
+            client.watch(
                 key.as_str(),
                 Some(WatchOptions::new().with_start_revision(revision + 1)),
-            )
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => return format!("cannot watch: {e}"),
+            ),
+        )
+        .await;
+        let mut stream = match watch {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return format!("cannot watch: {e}"),
+            Err(_) => return format!("cannot watch: no answer within {connect:?}"),
         };
         ctx.status.lock().unwrap_or_else(PoisonError::into_inner).connected = true;
-        let mut pending = !ctx.sync();
+        let mut pending = !sync(ctx).await;
         loop {
             let retry = async {
                 if pending {
@@ -804,13 +825,13 @@ mod watcher {
                             return format!("watch canceled: {}", resp.cancel_reason());
                         }
                         if !resp.events().is_empty() {
-                            pending = !ctx.sync();
+                            pending = !sync(ctx).await;
                         }
                     }
                     Ok(None) => return "watch stream closed".into(),
                     Err(e) => return format!("watch failed: {e}"),
                 },
-                () = retry => pending = !ctx.sync(),
+                () = retry => pending = !sync(ctx).await,
             }
         }
     }
