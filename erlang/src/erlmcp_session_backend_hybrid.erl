@@ -313,7 +313,10 @@ set_phase(Phase, S) -> step_to(Phase, S).
 drain(TimeoutMs, S) -> erlmcp_session_native:migration(drain, TimeoutMs, native(S)).
 
 %% @doc The phase and the counters (shadow match/mismatch/missing, fallbacks,
-%% relay applied/retried/failed, outbox depth).
+%% relay applied/retried/failed, outbox depth); with `phase_etcd', also
+%% `<<"phase_watch">> => #{<<"connected">>, <<"applied">>, <<"syncs">>,
+%% <<"reconnects">>, <<"last_error">>}' (the phase watcher: whether it follows the
+%% phase key now, the phase it applied and acknowledged, why it last failed).
 -spec status(state()) -> {ok, atom(), map()} | {error, term()}.
 status(S) -> erlmcp_session_native:migration_status(native(S)).
 

@@ -12,11 +12,15 @@
 
 -export([all/0, init_per_suite/1, end_per_suite/1]).
 -export([session_store_over_mutual_tls_as_a_user/1, refusals_are_typed_and_show_no_secret/1,
-         flags_follow_a_key_over_tls/1, flags_refused_at_once/1, hybrid_phase_in_a_secured_etcd/1]).
+         flags_follow_a_key_over_tls/1, flags_refused_at_once_with_a_typed_error/1,
+         hybrid_phase_in_a_secured_etcd/1]).
 
 all() ->
+    %% flags_refused_at_once_with_a_typed_error runs before any case loads flags in
+    %% this VM: it checks a first start.
     [session_store_over_mutual_tls_as_a_user, refusals_are_typed_and_show_no_secret,
-     flags_refused_at_once, flags_follow_a_key_over_tls, hybrid_phase_in_a_secured_etcd].
+     flags_refused_at_once_with_a_typed_error, flags_follow_a_key_over_tls,
+     hybrid_phase_in_a_secured_etcd].
 
 init_per_suite(Config) ->
     Dir = filename:join(?config(priv_dir, Config), "etcd"),
@@ -26,12 +30,17 @@ init_per_suite(Config) ->
     %% host:port: with tls the scheme is https.
     Members = [string:prefix(E, <<"https://">>) || E <- binary:split(string:trim(Eps), <<",">>, [global])],
     Pki = filename:join(Dir, "pki"),
-    {ok, Password} = file:read_file(filename:join(Pki, "password")),
-    [{etcd_dir, Dir}, {members, Members}, {pki, Pki}, {password, string:trim(Password)} | Config].
+    %% The password stays in its file (CT logs the Config of every case).
+    [{etcd_dir, Dir}, {members, Members}, {pki, Pki} | Config].
 
 end_per_suite(Config) ->
     _ = erlmcp_test_os:run(erlmcp_test_os:script("etcd-cluster"), ["stop", ?config(etcd_dir, Config)]),
     ok.
+
+%% The password of user erlmcp, for checking that no message holds it.
+password(Config) ->
+    {ok, P} = file:read_file(pki(Config, "password")),
+    string:trim(P).
 
 pki(Config, Name) ->
     filename:join(?config(pki, Config), Name).
@@ -89,7 +98,7 @@ refusals_are_typed_and_show_no_secret(Config) ->
         erlmcp_session_native:init(#{store => {etcd, Members}, prefix => <<"outside/ct/">>,
                                      tls => tls(Config), auth => auth(Config)}),
     ct:log("~ts~n~ts~n~ts", [M1, M2, M3]),
-    [?assertEqual(nomatch, binary:match(M, [WrongPassword, ?config(password, Config)])) || M <- [M1, M2, M3]],
+    [?assertEqual(nomatch, binary:match(M, [WrongPassword, password(Config)])) || M <- [M1, M2, M3]],
     %% bad options are rejected before any connection
     {error, {bad_option, _}} = erlmcp_session_native:init(#{store => {etcd, Members}, tls => #{certfile => "x"}}),
     {error, {bad_option, _}} = erlmcp_session_native:init(#{store => {etcd, Members}, auth => #{user => <<"u">>}}),
@@ -113,20 +122,22 @@ flags_follow_a_key_over_tls(Config) ->
         gen_server:stop(Pid)
     end.
 
-flags_refused_at_once(Config) ->
-    %% doc: erlmcp_feature_flags with a wrong password or a key outside the role stops with
-    %% the session store's {etcd_access, Kind, Message}, not a timeout; no password shows.
-    Dir = ?config(priv_dir, Config),
-    Wrong = filename:join(Dir, "flags-wrong-password"),
-    WrongPassword = <<"not-the-Password-7Kd">>,
+flags_refused_at_once_with_a_typed_error(Config) ->
+    %% doc: a first erlmcp_feature_flags:start_link with a wrong password, with a CA that
+    %% did not sign the members' certificates, or with a key outside the role fails with
+    %% the typed {etcd_access, Kind, Message} (not {etcd_unavailable, _} after the connect
+    %% timeout); the message names what failed and holds no password; nothing keeps
+    %% retrying in the background.
+    Wrong = filename:join(?config(priv_dir, Config), "wrong-flags-password"),
+    WrongPassword = <<"not-the-Password-7Zk">>,
     ok = file:write_file(Wrong, [WrongPassword, "\n"]),
-    Start = fun(Key, Auth) ->
-                    R = erlmcp_feature_flags:start_link(#{etcd => #{endpoints => ?config(members, Config),
-                                                                    key => Key, tls => tls(Config), auth => Auth},
-                                                          environment => production}),
+    Start = fun(Key, Tls, Auth) ->
+                    R = erlmcp_feature_flags:start_link(
+                          #{etcd => #{endpoints => ?config(members, Config), key => Key,
+                                      tls => Tls, auth => Auth},
+                            environment => production}),
                     %% OTP 25 delivers the failed server's exit signal as a message
-                    %% (trapped here, before trap_exit is turned off); OTP 26+
-                    %% start_link consumes it.
+                    %% (trapped here); OTP 26+ start_link consumes it.
                     receive {'EXIT', _, _} -> R after 500 -> R end
             end,
     %% A server restarted after flags were loaded keeps serving them (and warns); the
@@ -134,12 +145,18 @@ flags_refused_at_once(Config) ->
     {_, _, 0} = erlmcp_rollout_nif:flags_status(),
     process_flag(trap_exit, true),
     try
+        Key = <<"erlmcp/feature_flags_ct">>,
         {error, {etcd_access, wrong_password, M1}} =
-            Start(<<"erlmcp/feature_flags_ct">>, #{user => <<"erlmcp">>, password_file => Wrong}),
-        {error, {etcd_access, permission_denied, M2}} = Start(<<"outside/feature_flags">>, auth(Config)),
-        ct:log("~ts~n~ts", [M1, M2]),
-        [?assertEqual(nomatch, binary:match(M, [WrongPassword, ?config(password, Config)])) || M <- [M1, M2]],
-        %% The refusal stopped the watch: nothing keeps retrying in the background.
+            Start(Key, tls(Config), #{user => <<"erlmcp">>, password_file => Wrong}),
+        %% The client certificate as the "CA": it did not sign the members' certificates.
+        {error, {etcd_access, unknown_ca, M2}} =
+            Start(Key, (tls(Config))#{cacertfile => pki(Config, "client.pem")}, auth(Config)),
+        {error, {etcd_access, permission_denied, M3}} =
+            Start(<<"outside/feature_flags">>, tls(Config), auth(Config)),
+        ct:log("~ts~n~ts~n~ts", [M1, M2, M3]),
+        ?assertNotEqual(nomatch, binary:match(M1, <<"erlmcp">>)),
+        ?assertNotEqual(nomatch, binary:match(M2, <<"unknown CA">>)),
+        [?assertEqual(nomatch, binary:match(M, [WrongPassword, password(Config)])) || M <- [M1, M2, M3]],
         ?assertEqual(undefined, erlmcp_rollout_nif:flags_etcd_status())
     after
         process_flag(trap_exit, false)
@@ -163,6 +180,18 @@ hybrid_phase_in_a_secured_etcd(Config) ->
     {ok, _} = erlmcp_session_backend_hybrid:drain(10000, H),
     {0, Phase} = etcdctl(Config, ["get", "erlmcp/migration/ct/phase", "--print-value-only"]),
     ?assertMatch({match, _}, re:run(Phase, <<"\"phase\": \"phase1\"">>)),
+    %% The phase watcher running in this VM applied and acknowledged it.
+    try
+        eventually(fun() ->
+                           case etcdctl(Config, ["get", "erlmcp/migration/ct/acks/ct_node", "--print-value-only"]) of
+                               {0, Ack} -> re:run(Ack, <<"phase1">>) =/= nomatch;
+                               _ -> false
+                           end
+                   end)
+    after
+        {ok, _, #{<<"phase_watch">> := Watch}} = erlmcp_session_backend_hybrid:status(H),
+        ct:log("phase watcher: ~tp", [Watch])
+    end,
     {0, Keys} = etcdctl(Config, ["get", "--prefix", "--keys-only", "erlmcp/sessions/hybrid/"]),
     ?assertMatch({match, _}, re:run(Keys, <<"h2">>)).
 

@@ -112,7 +112,7 @@ struct Hybrid {
     migrator: Arc<Migrator>,
     _relay: RelayHandle,
     /// With the phase in etcd: applies changes made elsewhere and acks them.
-    _phase_watcher: Option<PhaseWatcher>,
+    phase_watcher: Option<PhaseWatcher>,
 }
 
 /// `phase_etcd => #{endpoints := [..], node := Name, prefix => P, expect_nodes => [Name],
@@ -862,7 +862,7 @@ fn open_hybrid<'a>(env: Env<'a>, primary: Term<'a>, secondary: Term<'a>, opts: T
             let h = Arc::new(Hybrid {
                 migrator,
                 _relay: relay,
-                _phase_watcher: watcher,
+                phase_watcher: watcher,
             });
             registry.insert(dir, Arc::downgrade(&h));
             h
@@ -984,7 +984,18 @@ fn session_migration_status<'a>(env: Env<'a>, handle: &StoreHandle) -> Term<'a> 
         Err(e) => return invalid(env, &e),
     };
     match hybrid.migrator.counters() {
-        Ok(c) => (atoms::ok(), phase_atom(c.phase), crate::flags::to_term(env, &c)).encode(env),
+        Ok(c) => {
+            let map = crate::flags::to_term(env, &c);
+            // With the phase in etcd: `<<"phase_watch">> => #{connected, applied, syncs,
+            // reconnects, last_error}` (the watcher's state; no secret in it).
+            let map = match &hybrid.phase_watcher {
+                Some(w) => map
+                    .map_put("phase_watch", crate::flags::to_term(env, &w.status()))
+                    .unwrap_or(map),
+                None => map,
+            };
+            (atoms::ok(), phase_atom(c.phase), map).encode(env)
+        }
         Err(e) => (atoms::error(), migrate_error_term(env, &e)).encode(env),
     }
 }
