@@ -200,7 +200,8 @@ impl Cluster {
             c.arg("--key").arg(&t.client_key);
         }
         if let Some(root) = &self.root {
-            c.arg("--user").arg(root);
+            // From the environment, not an argument: arguments show in `ps`.
+            c.env("ETCDCTL_USER", root);
         }
         c
     }
