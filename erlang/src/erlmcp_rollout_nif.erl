@@ -2,14 +2,23 @@
 %% cargo from `native/erlmcp_rollout_nif') and declares every NIF. Call the
 %% API modules, not this one.
 %%
-%% Upgrading the NIF library: rustler libraries have no NIF `upgrade'
-%% callback, so `code:load_file(erlmcp_rollout_nif)' fails with
-%% `{error, {upgrade, ...}}' (harmlessly: the loaded library keeps serving),
-%% and a Rust library with thread-locals is never unloaded from the OS
-%% process. A new library therefore takes a node restart: drain the node,
-%% stop it, install the new `priv/' and start it (a rolling restart across
-%% the cluster). The API modules are pure Erlang and hot-load freely; the
-%% flag engine lives in the library, not in any process.
+%% Reloading the NIF library (tested in erlmcp_rollout_nif_reload_SUITE):
+%% - `code:load_file(erlmcp_rollout_nif)' over the loaded module fails with
+%%   `{error, on_load_failure}' (rustler libraries have no NIF `upgrade'
+%%   callback), harmlessly: the loaded library keeps serving.
+%% - `code:purge/1', `code:delete/1', `code:purge/1', then
+%%   `code:load_file/1' loads again: the VM keeps the library mapped while
+%%   store handles live, so the second load runs in the same library
+%%   instance (same stores, threads and flag engine); it opens a new handle
+%%   type and keeps accepting handles of the earlier ones, so live handles
+%%   keep working. At most 64 such reloads per OS process; beyond that the
+%%   load fails ("Library load-call unsuccessful").
+%% - A different library (new path, new build) is not an upgrade: the old
+%%   instance's threads keep running and its handles are `badarg' in the
+%%   new one. A new library therefore takes a node restart: drain the node,
+%%   stop it, install the new `priv/' and start it (a rolling restart
+%%   across the cluster). The API modules are pure Erlang and hot-load
+%%   freely; the flag engine lives in the library, not in any process.
 -module(erlmcp_rollout_nif).
 
 -export([flags_eval/2, flags_eval_custom/3, flags_status/0, flags_configure/2,
