@@ -13,12 +13,19 @@
 %%   type and keeps accepting handles of the earlier ones, so live handles
 %%   keep working. At most 64 such reloads per OS process; beyond that the
 %%   load fails ("Library load-call unsuccessful").
-%% - A different library (new path, new build) is not an upgrade: the old
-%%   instance's threads keep running and its handles are `badarg' in the
-%%   new one. A new library therefore takes a node restart: drain the node,
-%%   stop it, install the new `priv/' and start it (a rolling restart
-%%   across the cluster). The API modules are pure Erlang and hot-load
-%%   freely; the flag engine lives in the library, not in any process.
+%% - A library at another path is refused: a second instance would start
+%%   with empty stores and flags while the first one's threads keep running
+%%   and its handles would be `badarg'. The load fails with
+%%   `{error, on_load_failure}' and `init/0' returns (and the VM logs)
+%%   `{error, {library_already_loaded, LoadedPath, NewPath, Hint}}'. The
+%%   library's path is kept in persistent_term `{erlmcp_rollout_nif,
+%%   library}' from the first successful load on (the library is never
+%%   unloaded from the OS process either). The same path always gives the
+%%   first instance back (even if the file was replaced: the OS reuses the
+%%   mapping), so a new build takes a node restart: drain the node, stop
+%%   it, install the new `priv/' and start it (a rolling restart across the
+%%   cluster). The API modules are pure Erlang and hot-load freely; the flag
+%%   engine lives in the library, not in any process.
 -module(erlmcp_rollout_nif).
 
 -export([flags_eval/2, flags_eval_custom/3, flags_status/0, flags_configure/2,
@@ -52,9 +59,32 @@
                    TimeoutMs :: pos_integer() | infinity, Metadata :: metadata(), Version :: pos_integer()}.
 -export_type([store_handle/0, store_kind/0, store_error/0, metadata/0, native_fields/0, stored/0]).
 
+%% The absolute path of the library loaded in this VM (set once).
+-define(LOADED, {?MODULE, library}).
+
 -spec init() -> ok | {error, term()}.
 init() ->
-    erlang:load_nif(lib_path(), 0).
+    Path = filename:absname(lib_path()),
+    case persistent_term:get(?LOADED, Path) of
+        Path ->
+            case erlang:load_nif(Path, 0) of
+                ok -> remember(Path);
+                {error, _} = E -> E
+            end;
+        Loaded ->
+            {error, {library_already_loaded, Loaded, Path,
+                     <<"this VM already runs the erlmcp_rollout NIF library from another path; "
+                       "a second instance would not see its stores, flags or handles: "
+                       "restart the node to change the library">>}}
+    end.
+
+%% Invariant: the key is written once per VM (a later put of the same value
+%% would still be a persistent_term update, which costs a global GC).
+remember(Path) ->
+    case persistent_term:get(?LOADED, undefined) of
+        undefined -> persistent_term:put(?LOADED, Path);
+        Path -> ok
+    end.
 
 lib_path() ->
     Priv = case code:priv_dir(erlmcp_rollout) of

@@ -7,7 +7,10 @@
 %%   keeps serving;
 %% - purge, delete, purge, then `code:load_file/1' (a second load): the same
 %%   library instance takes its resource type over, so live handles, the
-%%   open store registry and the flag engine carry on.
+%%   open store registry and the flag engine carry on;
+%% - the same, with the stub found in another application directory (a
+%%   library at another path): refused, and a load from the first path then
+%%   serves the live handles again.
 -module(erlmcp_rollout_nif_reload_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
@@ -15,13 +18,15 @@
 
 -export([all/0, init_per_suite/1, end_per_suite/1]).
 -export([upgrade_fails_cleanly_and_old_instance_serves/1,
-         purge_and_reload_keeps_live_handles/1]).
+         purge_and_reload_keeps_live_handles/1,
+         another_library_path_is_refused/1]).
 
 -define(M, erlmcp_rollout_nif).
 -define(FLAGS, <<"{\"reload-flag\": {\"enabled\": true, \"rollout_percentage\": 100}}">>).
 
 all() ->
-    [upgrade_fails_cleanly_and_old_instance_serves, purge_and_reload_keeps_live_handles].
+    [upgrade_fails_cleanly_and_old_instance_serves, purge_and_reload_keeps_live_handles,
+     another_library_path_is_refused].
 
 init_per_suite(Config) ->
     {ok, _} = application:ensure_all_started(erlmcp_rollout),
@@ -66,6 +71,41 @@ purge_and_reload_keeps_live_handles(_Config) ->
     ?assertMatch({ok, #{data := d}, _}, erlmcp_session_native:fetch(<<"d">>, D)),
     erlang:garbage_collect(),
     ok.
+
+another_library_path_is_refused(Config) ->
+    %% doc: a copy of the application (stub and library) first in the code
+    %% path: its load is refused with library_already_loaded (a second
+    %% library instance would not know the live stores and handles); loading
+    %% from the first path again serves the live handle and the flags.
+    {ok, S} = erlmcp_session_native:init(#{}),
+    {ok, S} = erlmcp_session_native:store(<<"path-1">>, #{data => path}, S),
+    {ok, _} = ?M:flags_load_json(?FLAGS),
+    Copy = filename:join(?config(priv_dir, Config), "copy/erlmcp_rollout"),
+    Ebin = filename:join(Copy, "ebin"),
+    ok = filelib:ensure_dir(filename:join(Ebin, "x")),
+    ok = filelib:ensure_dir(filename:join([Copy, "priv", "x"])),
+    {ok, _} = file:copy(code:which(?M), filename:join(Ebin, "erlmcp_rollout_nif.beam")),
+    Lib = "liberlmcp_rollout_nif.so",
+    {ok, _} = file:copy(filename:join(code:priv_dir(erlmcp_rollout), Lib), filename:join([Copy, "priv", Lib])),
+    true = code:add_patha(Ebin),
+    try
+        ?assertEqual(filename:join(Copy, "priv"), code:priv_dir(erlmcp_rollout)),
+        unload(),
+        ?assertEqual({error, on_load_failure}, code:load_file(?M)),
+        ?assertEqual(false, erlang:module_loaded(?M))
+    after
+        true = code:del_path(Ebin)
+    end,
+    ?assertEqual({module, ?M}, code:load_file(?M)),
+    ?assertMatch({ok, #{data := path}, _}, erlmcp_session_native:fetch(<<"path-1">>, S)),
+    ?assertEqual(true, ?M:flags_eval(<<"reload-flag">>, #{})).
+
+%% Purge, delete, purge: the stub and its library are gone from the module table.
+unload() ->
+    _ = code:purge(?M),
+    true = code:delete(?M),
+    _ = code:purge(?M),
+    ?assertEqual(false, erlang:module_loaded(?M)).
 
 %% Purge, delete, purge, load: the second load of the NIF library.
 reload() ->
