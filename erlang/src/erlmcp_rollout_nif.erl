@@ -32,7 +32,7 @@
          flags_load_file/1, flags_load_json/1, flags_set_override/2, flags_get_all/0,
          flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
          flags_phash2/2, flags_set_clock/1, flags_nop/2, flags_watch_etcd/2, flags_unwatch_etcd/0, flags_etcd_status/0]).
--export([session_open/2, session_put/4, session_touch/3, session_get/3, session_delete/3,
+-export([session_open/2, session_put/4, session_touch/3, session_get/3, session_known/3, session_delete/3,
          session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_migration_phase/1, session_set_clock/1, session_now/0,
          session_copy_probe/1]).
 
@@ -180,6 +180,12 @@ session_touch(_Handle, _Tag, _Id) -> ?NOT_LOADED.
 -spec session_get(store_handle(), Tag :: reply_tag(), Id :: binary()) ->
     {ok, stored()} | {error, store_error()} | async.
 session_get(_Handle, _Tag, _Id) -> ?NOT_LOADED.
+
+%% What the store holds under `Id', without touching it: no record, a live
+%% session, or a dead one (deleted or expired).
+-spec session_known(store_handle(), Tag :: reply_tag(), Id :: binary()) ->
+    {ok, absent | live | dead} | {error, store_error()} | async.
+session_known(_Handle, _Tag, _Id) -> ?NOT_LOADED.
 
 -spec session_delete(store_handle(), Tag :: reply_tag(), Id :: binary()) ->
     {ok, WasLive :: boolean()} | {error, store_error()} | async.

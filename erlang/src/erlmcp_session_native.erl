@@ -63,7 +63,7 @@
 -export([init/1, store/3, fetch/2, delete/2, list/1, cleanup_expired/1]).
 -export([get/2, to_native/2, from_native/2, apply_batch/2, stored/2, stored_many/2]).
 -export([migration/3, migration_status/1, migration_phase/1]).
--export([store_errors/0]).
+-export([store_errors/0, known/2]).
 
 -on_load(on_load/0).
 
@@ -206,6 +206,15 @@ get(Id, #native{handle = H, kind = Kind} = S) when is_binary(Id) ->
     end;
 get(_Id, #native{} = S) ->
     {error, {invalid, <<"session id must be a binary">>}, S}.
+
+%% @doc What the store holds under `Id', read without touching it: `absent'
+%% (no record: never written, or a tombstone a sweep removed), `live', or
+%% `dead' (deleted, or expired). For a hybrid store: its store of record.
+-spec known(session_id(), state()) -> {ok, absent | live | dead} | {error, term()}.
+known(Id, #native{handle = H, kind = Kind}) when is_binary(Id) ->
+    ?CALL(Kind, Tag, erlmcp_rollout_nif:session_known(H, Tag, Id));
+known(_Id, #native{}) ->
+    {error, {invalid, <<"session id must be a binary">>}}.
 
 -spec delete(session_id(), state()) -> {ok, state()} | {error, term(), state()}.
 delete(Id, #native{handle = H, kind = Kind} = S) when is_binary(Id) ->

@@ -80,6 +80,9 @@ mod atoms {
         phase3,
         cleanup,
         etf,
+        absent,
+        live,
+        dead,
     }
 }
 
@@ -549,6 +552,16 @@ impl Pool {
     }
 }
 
+/// What a store holds under a key (`session_known/3`).
+#[derive(Clone, Copy)]
+enum Known {
+    /// No record: never written, or a tombstone a sweep removed.
+    Absent,
+    Live,
+    /// A tombstone (deleted) or an expired session.
+    Dead,
+}
+
 /// The owned result of a store call, turned into a term by the replier.
 enum Reply {
     Ok,
@@ -558,6 +571,7 @@ enum Reply {
     Swept(usize, usize),
     Batch(usize, usize),
     Many(Vec<Result<Session, StoreError>>),
+    Known(Known),
     Failed(StoreError),
     Panicked,
 }
@@ -586,6 +600,14 @@ fn encode_reply<'a>(env: Env<'a>, reply: &Reply) -> Term<'a> {
                 })
                 .collect();
             (atoms::ok(), list).encode(env)
+        }
+        Reply::Known(k) => {
+            let k = match k {
+                Known::Absent => atoms::absent(),
+                Known::Live => atoms::live(),
+                Known::Dead => atoms::dead(),
+            };
+            (atoms::ok(), k).encode(env)
         }
         Reply::Failed(e) => (atoms::error(), error_term(env, e)).encode(env),
         Reply::Panicked => (atoms::error(), atoms::nif_panicked()).encode(env),
@@ -1267,6 +1289,25 @@ fn session_get<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, id: Term<'
     };
     run(env, handle, tag, false, move |store| match store.get(&id) {
         Ok(s) => Reply::Session(s),
+        Err(e) => Reply::Failed(e),
+    })
+}
+
+/// `session_known(Handle, Tag, Id) -> {ok, absent | live | dead} | {error, E}
+/// | async`: what the store holds under `Id`, read without touching or
+/// writing it (`Store::get_raw`; for a hybrid, the store of record). `dead`
+/// is a tombstone or an expired session; `absent` means no record at all.
+/// Bounded: one key.
+#[rustler::nif]
+fn session_known<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, id: Term<'a>) -> Term<'a> {
+    let id = match session_id(id) {
+        Ok(id) => id,
+        Err(e) => return invalid(env, &e),
+    };
+    run(env, handle, tag, false, move |store| match store.get_raw(&id) {
+        Ok(None) => Reply::Known(Known::Absent),
+        Ok(Some(s)) if s.is_live(CLOCK.now_unix_ms()) => Reply::Known(Known::Live),
+        Ok(Some(_)) => Reply::Known(Known::Dead),
         Err(e) => Reply::Failed(e),
     })
 }
