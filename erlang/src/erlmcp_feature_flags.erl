@@ -54,7 +54,9 @@
 %% gen_server callbacks
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2, code_change/3]).
 
--type flag_name() :: binary() | atom().
+%% A string name (erlmcp's `flag_name()' includes `string()') is the flag
+%% of the same UTF-8 text as a binary name.
+-type flag_name() :: binary() | atom() | string().
 -type context() :: #{atom() | binary() => binary() | atom() | integer()}.
 -type options() :: #{config => file:filename_all(),
                      environment => atom() | binary(),
@@ -118,14 +120,18 @@ stop() ->
 %% @doc `is_enabled(Name, #{})'.
 -spec is_enabled(Name :: flag_name()) -> boolean().
 is_enabled(Name) ->
-    eval(Name, #{}, false).
+    eval(flag(Name), #{}, false).
 
 %% @doc Whether flag `Name' is on for `Context'. For erlmcp compatibility the
 %% second argument may instead be a boolean: the result for a flag the config
-%% does not have (otherwise `false'). Raises `badarg' for a name that is not a
-%% binary or atom, a context that is not a map, or a context value evaluation
-%% reads that is not a binary, atom or integer.
+%% does not have (otherwise `false'). A string name is the flag of the same
+%% text (`"f"' and `<<"f">>' are one flag). Raises `badarg' for a name that is
+%% not a binary, atom or string, a context that is not a map, or a context
+%% value evaluation reads that is not a binary, atom or integer.
 -spec is_enabled(Name :: flag_name(), ContextOrDefault :: context() | boolean()) -> boolean().
+is_enabled(Name, ContextOrDefault) when is_list(Name) ->
+    %% Off the hot path: binary and atom names skip this clause.
+    is_enabled(list_name(Name), ContextOrDefault);
 is_enabled(Name, Context) when is_map(Context) ->
     %% The hot path, spelled out (no extra local call).
     case erlmcp_rollout_nif:flags_eval(Name, Context) of
@@ -184,7 +190,7 @@ disable(Name) ->
 clear(Name) ->
     set_override(Name, clear).
 
-set_override(Name, Value) when is_binary(Name); is_atom(Name) ->
+set_override(Name, Value) when is_binary(Name); is_atom(Name); is_list(Name) ->
     gen_server:call(?SERVER, {override, to_binary(Name), Value});
 set_override(_Name, _Value) ->
     erlang:error(badarg).
@@ -246,19 +252,19 @@ reload_now() ->
 %% `<<"result">>', `<<"steps">>', ...).
 -spec explain(Name :: flag_name(), Context :: context()) -> map().
 explain(Name, Context) ->
-    erlmcp_rollout_nif:flags_explain(Name, Context).
+    erlmcp_rollout_nif:flags_explain(flag(Name), Context).
 
 %% @doc Register the predicate behind `{"custom": Name}'. It runs in the
 %% caller of `is_enabled/2' with the context map.
 -spec register_condition(Name :: flag_name(), Fun :: fun((map()) -> boolean())) -> ok.
-register_condition(Name, Fun) when (is_binary(Name) orelse is_atom(Name)), is_function(Fun, 1) ->
+register_condition(Name, Fun) when (is_binary(Name) orelse is_atom(Name) orelse is_list(Name)), is_function(Fun, 1) ->
     persistent_term:put(?CUSTOM_KEY(to_binary(Name)), Fun);
 register_condition(_Name, _Fun) ->
     erlang:error(badarg).
 
 %% @doc Remove a custom predicate (its conditions become false).
 -spec unregister_condition(Name :: flag_name()) -> ok.
-unregister_condition(Name) when is_binary(Name); is_atom(Name) ->
+unregister_condition(Name) when is_binary(Name); is_atom(Name); is_list(Name) ->
     _ = persistent_term:erase(?CUSTOM_KEY(to_binary(Name))),
     ok.
 
@@ -531,4 +537,17 @@ stamp(Path) ->
     end.
 
 to_binary(Name) when is_binary(Name) -> Name;
-to_binary(Name) when is_atom(Name) -> atom_to_binary(Name, utf8).
+to_binary(Name) when is_atom(Name) -> atom_to_binary(Name, utf8);
+to_binary(Name) when is_list(Name) -> list_name(Name).
+
+%% The name the NIF takes: binaries and atoms as they are, a string as its
+%% UTF-8 binary.
+flag(Name) when is_list(Name) -> list_name(Name);
+flag(Name) -> Name.
+
+%% A string name as a binary; `badarg' if it is not Unicode text.
+list_name(Name) ->
+    case unicode:characters_to_binary(Name) of
+        Bin when is_binary(Bin) -> Bin;
+        _ -> erlang:error(badarg)
+    end.

@@ -2,14 +2,30 @@
 %% cargo from `native/erlmcp_rollout_nif') and declares every NIF. Call the
 %% API modules, not this one.
 %%
-%% Upgrading the NIF library: rustler libraries have no NIF `upgrade'
-%% callback, so `code:load_file(erlmcp_rollout_nif)' fails with
-%% `{error, {upgrade, ...}}' (harmlessly: the loaded library keeps serving),
-%% and a Rust library with thread-locals is never unloaded from the OS
-%% process. A new library therefore takes a node restart: drain the node,
-%% stop it, install the new `priv/' and start it (a rolling restart across
-%% the cluster). The API modules are pure Erlang and hot-load freely; the
-%% flag engine lives in the library, not in any process.
+%% Reloading the NIF library (tested in erlmcp_rollout_nif_reload_SUITE):
+%% - `code:load_file(erlmcp_rollout_nif)' over the loaded module fails with
+%%   `{error, on_load_failure}' (rustler libraries have no NIF `upgrade'
+%%   callback), harmlessly: the loaded library keeps serving.
+%% - `code:purge/1', `code:delete/1', `code:purge/1', then
+%%   `code:load_file/1' loads again: the VM keeps the library mapped while
+%%   store handles live, so the second load runs in the same library
+%%   instance (same stores, threads and flag engine); it opens a new handle
+%%   type and keeps accepting handles of the earlier ones, so live handles
+%%   keep working. At most 64 such reloads per OS process; beyond that the
+%%   load fails ("Library load-call unsuccessful").
+%% - A library at another path is refused: a second instance would start
+%%   with empty stores and flags while the first one's threads keep running
+%%   and its handles would be `badarg'. The load fails with
+%%   `{error, on_load_failure}' and `init/0' returns (and the VM logs)
+%%   `{error, {library_already_loaded, LoadedPath, NewPath, Hint}}'. The
+%%   library's path is kept in persistent_term `{erlmcp_rollout_nif,
+%%   library}' from the first successful load on (the library is never
+%%   unloaded from the OS process either). The same path always gives the
+%%   first instance back (even if the file was replaced: the OS reuses the
+%%   mapping), so a new build takes a node restart: drain the node, stop
+%%   it, install the new `priv/' and start it (a rolling restart across the
+%%   cluster). The API modules are pure Erlang and hot-load freely; the flag
+%%   engine lives in the library, not in any process.
 -module(erlmcp_rollout_nif).
 
 -export([flags_eval/2, flags_eval_custom/3, flags_status/0, flags_configure/2,
@@ -17,7 +33,7 @@
          flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
          flags_phash2/2, flags_set_clock/1, flags_nop/2, flags_watch_etcd/3, flags_unwatch_etcd/0, flags_etcd_status/0,
          flags_custom_names/1, flags_eval_details/3, flags_set_override_by/3, flags_audit/1]).
--export([session_open/2, session_put/4, session_touch/3, session_get/3, session_delete/3,
+-export([session_open/2, session_put/4, session_touch/3, session_get/3, session_known/3, session_delete/3,
          session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_migration_phase/1, session_set_clock/1, session_now/0,
          session_copy_probe/1]).
 
@@ -44,9 +60,32 @@
                    TimeoutMs :: pos_integer() | infinity, Metadata :: metadata(), Version :: pos_integer()}.
 -export_type([store_handle/0, store_kind/0, store_error/0, metadata/0, native_fields/0, stored/0]).
 
+%% The absolute path of the library loaded in this VM (set once).
+-define(LOADED, {?MODULE, library}).
+
 -spec init() -> ok | {error, term()}.
 init() ->
-    erlang:load_nif(lib_path(), 0).
+    Path = filename:absname(lib_path()),
+    case persistent_term:get(?LOADED, Path) of
+        Path ->
+            case erlang:load_nif(Path, 0) of
+                ok -> remember(Path);
+                {error, _} = E -> E
+            end;
+        Loaded ->
+            {error, {library_already_loaded, Loaded, Path,
+                     <<"this VM already runs the erlmcp_rollout NIF library from another path; "
+                       "a second instance would not see its stores, flags or handles: "
+                       "restart the node to change the library">>}}
+    end.
+
+%% Invariant: the key is written once per VM (a later put of the same value
+%% would still be a persistent_term update, which costs a global GC).
+remember(Path) ->
+    case persistent_term:get(?LOADED, undefined) of
+        undefined -> persistent_term:put(?LOADED, Path);
+        Path -> ok
+    end.
 
 lib_path() ->
     Priv = case code:priv_dir(erlmcp_rollout) of
@@ -158,6 +197,12 @@ session_touch(_Handle, _Tag, _Id) -> ?NOT_LOADED.
 -spec session_get(store_handle(), Tag :: reply_tag(), Id :: binary()) ->
     {ok, stored()} | {error, store_error()} | async.
 session_get(_Handle, _Tag, _Id) -> ?NOT_LOADED.
+
+%% What the store holds under `Id', without touching it: no record, a live
+%% session, or a dead one (deleted or expired).
+-spec session_known(store_handle(), Tag :: reply_tag(), Id :: binary()) ->
+    {ok, absent | live | dead} | {error, store_error()} | async.
+session_known(_Handle, _Tag, _Id) -> ?NOT_LOADED.
 
 -spec session_delete(store_handle(), Tag :: reply_tag(), Id :: binary()) ->
     {ok, WasLive :: boolean()} | {error, store_error()} | async.

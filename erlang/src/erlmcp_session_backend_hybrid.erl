@@ -51,7 +51,9 @@
 %% `phase1' reads come from the legacy backend (a fetch whose access time
 %% moved by more than 10 % of the timeout is mirrored too, so sliding expiry
 %% carries over); in `phase2' from the secondary, falling back to the mirror
-%% and then to the legacy backend; from `phase3' on the legacy backend is no
+%% and then, only for a session the native side has no record of (not
+%% imported yet), to the legacy backend: never for one it knows as deleted
+%% or expired (`erlmcp_session_native:known/2'); from `phase3' on the legacy backend is no
 %% longer written. In `phase1', copy the sessions that existed before the
 %% cutover with `import_legacy/3' (through the mirror and the relay,
 %% write-if-absent: it never overwrites a session written since), drain, then
@@ -165,10 +167,28 @@ fetch(Id, #legacy{module = M, lstate = L, native = N} = St) ->
                 {ok, Session, N} ->
                     {ok, Session, St};
                 {error, not_found, N} ->
-                    %% Not copied yet (the import is still running): the legacy backend has it.
-                    case M:fetch(Id, L) of
-                        {ok, Session, L2} -> {ok, Session, St#legacy{lstate = L2}};
-                        {error, Reason, L2} -> {error, Reason, St#legacy{lstate = L2}}
+                    %% Only a session the native side never had (not copied
+                    %% yet: the import is still running) comes from the
+                    %% legacy backend. One it knows as dead (deleted, or
+                    %% expired: a legacy backend keeps those readable until
+                    %% its own cleanup, and its fetch would touch it back to
+                    %% life) stays not_found.
+                    case erlmcp_session_native:known(Id, N) of
+                        {ok, absent} ->
+                            case M:fetch(Id, L) of
+                                {ok, Session, L2} -> {ok, Session, St#legacy{lstate = L2}};
+                                {error, Reason, L2} -> {error, Reason, St#legacy{lstate = L2}}
+                            end;
+                        {ok, live} ->
+                            %% Written since the first read: read it again.
+                            case erlmcp_session_native:fetch(Id, N) of
+                                {ok, Session, N} -> {ok, Session, St};
+                                {error, Reason, N} -> {error, Reason, St}
+                            end;
+                        {ok, dead} ->
+                            {error, not_found, St};
+                        {error, Reason} ->
+                            {error, Reason, St}
                     end;
                 {error, Reason, N} ->
                     {error, Reason, St}

@@ -83,6 +83,9 @@
 -export([init/1, store/3, fetch/2, delete/2, list/1, cleanup_expired/1]).
 -export([get/2, to_native/2, from_native/2, apply_batch/2, stored/2, stored_many/2]).
 -export([migration/3, migration_status/1, migration_phase/1]).
+-export([store_errors/0, known/2]).
+
+-on_load(on_load/0).
 
 -record(native, {handle :: erlmcp_rollout_nif:store_handle(),
                  kind :: erlmcp_rollout_nif:store_kind()}).
@@ -114,6 +117,36 @@
         end).
 
 -define(PAGE, 1000).
+
+%% Store errors that the callback shapes cannot return (`list/1',
+%% `cleanup_expired/1'), counted for operators: a `counters' array under
+%% this persistent_term key, made by the first load of this module and kept
+%% by reloads (so a count is never reset and the term is never replaced,
+%% which would cost a global GC). Index per call: ?LIST_ERRORS,
+%% ?CLEANUP_ERRORS.
+-define(ERRORS, {?MODULE, store_errors}).
+-define(LIST_ERRORS, 1).
+-define(CLEANUP_ERRORS, 2).
+
+on_load() ->
+    case persistent_term:get(?ERRORS, undefined) of
+        undefined -> persistent_term:put(?ERRORS, counters:new(2, [write_concurrency]));
+        _ -> ok
+    end.
+
+%% @doc Store errors since the VM started that `list/1' and
+%% `cleanup_expired/1' could not return (erlmcp's callbacks allow no error:
+%% they answer `{ok, [], S}' / `{ok, 0, S}'); each is also logged (logger
+%% error, metadata `#{erlmcp_session_native => store_error, call => Call}').
+-spec store_errors() -> #{list := non_neg_integer(), cleanup_expired := non_neg_integer()}.
+store_errors() ->
+    C = persistent_term:get(?ERRORS),
+    #{list => counters:get(C, ?LIST_ERRORS), cleanup_expired => counters:get(C, ?CLEANUP_ERRORS)}.
+
+store_error(Call, Index, Error) ->
+    counters:add(persistent_term:get(?ERRORS), Index, 1),
+    logger:error("erlmcp_session_native: ~s failed: ~p", [Call, Error],
+                 #{erlmcp_session_native => store_error, call => Call}).
 
 -spec init(map()) -> {ok, state()} | {error, term()}.
 init(Opts) when is_map(Opts) ->
@@ -197,6 +230,15 @@ get(Id, #native{handle = H, kind = Kind} = S) when is_binary(Id) ->
 get(_Id, #native{} = S) ->
     {error, {invalid, <<"session id must be a binary">>}, S}.
 
+%% @doc What the store holds under `Id', read without touching it: `absent'
+%% (no record: never written, or a tombstone a sweep removed), `live', or
+%% `dead' (deleted, or expired). For a hybrid store: its store of record.
+-spec known(session_id(), state()) -> {ok, absent | live | dead} | {error, term()}.
+known(Id, #native{handle = H, kind = Kind}) when is_binary(Id) ->
+    ?CALL(Kind, Tag, erlmcp_rollout_nif:session_known(H, Tag, Id));
+known(_Id, #native{}) ->
+    {error, {invalid, <<"session id must be a binary">>}}.
+
 -spec delete(session_id(), state()) -> {ok, state()} | {error, term(), state()}.
 delete(Id, #native{handle = H, kind = Kind} = S) when is_binary(Id) ->
     case ?CALL(Kind, Tag, erlmcp_rollout_nif:session_delete(H, Tag, Id)) of
@@ -211,9 +253,9 @@ list(#native{} = S) ->
     case list_from(start, S, []) of
         {ok, Ids} -> {ok, Ids, S};
         %% The callback allows no error: an unreachable store lists nothing,
-        %% and says so in the log.
+        %% and says so in the log and in store_errors/0.
         {error, E} ->
-            logger:error("erlmcp_session_native: list failed: ~p", [E]),
+            store_error(list, ?LIST_ERRORS, E),
             {ok, [], S}
     end.
 
@@ -231,7 +273,7 @@ cleanup_expired(#native{handle = H} = S) ->
         {ok, Expired, _TombstonesRemoved} ->
             {ok, Expired, S};
         {error, E} ->
-            logger:error("erlmcp_session_native: cleanup_expired failed: ~p", [E]),
+            store_error(cleanup_expired, ?CLEANUP_ERRORS, E),
             {ok, 0, S}
     end.
 

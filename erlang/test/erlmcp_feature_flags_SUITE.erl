@@ -19,7 +19,7 @@ groups() ->
                               bad_options_are_refused, reload_now_failure_keeps_last_good,
                               file_change_is_picked_up, file_replaced_with_same_size_and_mtime_is_picked_up, overrides_survive_reloads,
                               env_var_overrides, restart_keeps_flags_serving,
-                              custom_conditions_run_in_the_caller]},
+                              custom_conditions_run_in_the_caller, string_names_are_the_flag_of_that_text]},
      {concurrency, [sequence], [readers_during_reloads_see_whole_snapshots,
                                 hot_code_loading_fails_no_call, nif_stub_reload_fails_safely]},
      {etcd, [sequence], [flags_follow_an_etcd_key]}].
@@ -325,6 +325,31 @@ custom_conditions_run_in_the_caller(Config) ->
     ?assertNot(erlmcp_feature_flags:is_enabled(beta, #{user_id => <<"u-1">>})), % fun crashes: no email
     ok = erlmcp_feature_flags:unregister_condition(staff),
     ?assertNot(erlmcp_feature_flags:is_enabled(beta, Ctx)).
+
+string_names_are_the_flag_of_that_text(Config) ->
+    %% doc: erlmcp's flag_name() includes string(): a string name is the flag
+    %% of the same text in every call taking a name (was badarg).
+    Path = write(Config, "c.json",
+                 <<"{\"beta\": {\"enabled\": true, \"conditions\": [{\"user_id\": \"u-1\"}]},"
+                   " \"b\\u00e9ta\": {\"enabled\": true}}">>),
+    {ok, _} = erlmcp_feature_flags:start_link(#{config => Path}),
+    Ctx = #{user_id => <<"u-1">>},
+    ?assert(erlmcp_feature_flags:is_enabled("beta", Ctx)),
+    ?assertNot(erlmcp_feature_flags:is_enabled("beta", #{user_id => <<"u-2">>})),
+    ?assertNot(erlmcp_feature_flags:is_enabled("beta")),
+    ?assert(erlmcp_feature_flags:is_enabled([$b, 16#e9, "ta"])),
+    ?assert(erlmcp_feature_flags:is_enabled("b\x{e9}ta", #{})),
+    %% unknown: false, or the boolean default
+    ?assertNot(erlmcp_feature_flags:is_enabled("gamma", Ctx)),
+    ?assert(erlmcp_feature_flags:is_enabled("gamma", true)),
+    ok = erlmcp_feature_flags:disable("beta"),
+    ?assertNot(erlmcp_feature_flags:is_enabled(<<"beta">>, Ctx)),
+    ok = erlmcp_feature_flags:clear("beta"),
+    ?assert(erlmcp_feature_flags:is_enabled(beta, Ctx)),
+    ?assertMatch(#{<<"result">> := _}, erlmcp_feature_flags:explain("beta", Ctx)),
+    %% not text: still badarg
+    ?assertError(badarg, erlmcp_feature_flags:is_enabled([{no, text}], Ctx)),
+    ?assertError(badarg, erlmcp_feature_flags:is_enabled(42, Ctx)).
 
 %%% Concurrency
 

@@ -58,7 +58,11 @@ buckets() ->
 bad_arguments() ->
     ?assertError(badarg, erlmcp_feature_flags:is_enabled({not_a_name}, #{})),
     ?assertError(badarg, erlmcp_feature_flags:is_enabled(<<"mcp_sampling">>, [not_a_map])),
-    ?assertError(badarg, erlmcp_feature_flags:is_enabled("a string is a list", #{})),
+    %% A string is a name (erlmcp's flag_name() includes string()); a list
+    %% that is not text is not.
+    ?assertEqual(erlmcp_feature_flags:is_enabled(<<"mcp_sampling">>, #{session_id => <<"s">>}),
+                 erlmcp_feature_flags:is_enabled("mcp_sampling", #{session_id => <<"s">>})),
+    ?assertError(badarg, erlmcp_feature_flags:is_enabled([not_text], #{})),
     ?assertError(badarg, erlmcp_feature_flags:is_enabled(mcp_sampling, #{session_id => 1.5})),
     ?assertError(badarg, erlmcp_feature_flags:is_enabled(mcp_sampling, #{session_id => {tuple}})),
     %% Values evaluation does not read are not looked at.

@@ -9,7 +9,7 @@
 all() ->
     [phase_in_etcd_reaches_every_node, phases_end_to_end, gate_refuses_unverified_advance, deletes_are_not_resurrected,
      phase_is_saved_and_authoritative, memory_to_disk, bad_options, live_cutover_from_a_legacy_backend,
-     failed_legacy_writes_change_nothing].
+     failed_legacy_writes_change_nothing, phase2_fallback_never_returns_the_dead].
 
 init_per_suite(Config) ->
     {ok, _} = application:ensure_all_started(erlmcp_rollout),
@@ -213,6 +213,41 @@ live_cutover_from_a_legacy_backend(Config) ->
     {ok, NS} = erlmcp_session_native:init(#{store => New}),
     {ok, NewIds, NS} = erlmcp_session_native:list(NS),
     ?assertEqual(lists:sort([<<"after">> | Live ++ (Old -- [<<"old-2">>])]), NewIds).
+
+phase2_fallback_never_returns_the_dead(Config) ->
+    %% doc: in phase2, a session the native side knows as expired, or as
+    %% deleted, is not_found although the legacy backend (which keeps expired
+    %% sessions readable until its own cleanup) still has it, and the legacy
+    %% copy is not touched back to life; a session the native side never had
+    %% (not imported yet) still comes from the legacy backend.
+    Dir = ?config(dir, Config),
+    Table = fallback_legacy,
+    {ok, L0} = legacy_session_ets:init(#{table_name => Table}),
+    New = {disk, filename:join(Dir, "new.redb")},
+    {ok, H} = erlmcp_session_backend_hybrid:init(#{primary => {legacy_session_ets, #{table_name => Table}},
+                                                   secondary => New, migration_phase => phase1,
+                                                   state_dir => filename:join(Dir, "state")}),
+    Now = erlang:system_time(millisecond),
+    Short = #{id => <<"short">>, created_at => Now, last_accessed => Now, timeout_ms => 1000, metadata => #{n => 1}},
+    {ok, H} = erlmcp_session_backend_hybrid:store(<<"short">>, Short, H),
+    {ok, H} = erlmcp_session_backend_hybrid:store(<<"gone">>, session(<<"gone">>, 2), H),
+    {ok, _} = erlmcp_session_backend_hybrid:drain(10000, H),
+    ?assertEqual({ok, phase2}, erlmcp_session_backend_hybrid:advance(H)),
+    {ok, _} = legacy_session_ets:store(<<"legacy-only">>, session(<<"legacy-only">>, 3), L0),
+    %% deleted on the native side only (the hybrid's own native store)
+    {ok, _} = erlmcp_session_native:delete(<<"gone">>, element(4, H)),
+    ?assertMatch([{_, _}], ets:lookup(Table, <<"gone">>)),
+    ?assertMatch({error, not_found, _}, erlmcp_session_backend_hybrid:fetch(<<"gone">>, H)),
+    ?assertMatch({ok, #{metadata := #{n := 3}}, _}, erlmcp_session_backend_hybrid:fetch(<<"legacy-only">>, H)),
+    ok = erlmcp_rollout_nif:session_set_clock(Now + 5000),
+    try
+        ?assertMatch({error, not_found, _}, erlmcp_session_backend_hybrid:fetch(<<"short">>, H)),
+        ?assertMatch([{_, #{last_accessed := Now}}], ets:lookup(Table, <<"short">>)),
+        ?assertEqual({ok, dead}, erlmcp_session_native:known(<<"short">>, element(4, H))),
+        ?assertEqual({ok, absent}, erlmcp_session_native:known(<<"legacy-only">>, element(4, H)))
+    after
+        ok = erlmcp_rollout_nif:session_set_clock(system)
+    end.
 
 failed_legacy_writes_change_nothing(Config) ->
     %% doc: the legacy backend fails every 3rd store and delete: each call that

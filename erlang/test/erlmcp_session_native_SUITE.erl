@@ -10,7 +10,7 @@
 -define(T0, 1700000000000).
 
 all() ->
-    [{group, memory}, {group, disk}, {group, etcd}, {group, crash}].
+    [{group, memory}, {group, disk}, {group, etcd}, {group, crash}, {group, store_down}].
 
 cases() ->
     [round_trip_is_exact, state_never_changes, missing_and_deleted, expired_never_returned,
@@ -21,7 +21,8 @@ groups() ->
     [{memory, [], cases() ++ [memory_frees_the_dead, reopen_with_other_settings_is_an_error]},
      {disk, [], cases()},
      {etcd, [], cases()},
-     {crash, [sequence], [disk_kill9_loses_no_acknowledged_session]}].
+     {crash, [sequence], [disk_kill9_loses_no_acknowledged_session]},
+     {store_down, [sequence], [store_errors_are_logged_and_counted]}].
 
 init_per_suite(Config) ->
     {ok, _} = application:ensure_all_started(erlmcp_rollout),
@@ -30,9 +31,9 @@ init_per_suite(Config) ->
 end_per_suite(_Config) ->
     ok.
 
-init_per_group(etcd, Config) ->
+init_per_group(Group, Config) when Group =:= etcd; Group =:= store_down ->
     %% A real 3-member cluster on free loopback ports (scripts/etcd-cluster).
-    Dir = filename:join(?config(priv_dir, Config), "etcd"),
+    Dir = filename:join(?config(priv_dir, Config), atom_to_list(Group)),
     {0, Out} = script(["start", Dir]),
     ct:log("~s", [Out]),
     {ok, Eps} = file:read_file(filename:join(Dir, "endpoints")),
@@ -41,7 +42,7 @@ init_per_group(etcd, Config) ->
 init_per_group(Group, Config) ->
     [{store, Group} | Config].
 
-end_per_group(etcd, Config) ->
+end_per_group(Group, Config) when Group =:= etcd; Group =:= store_down ->
     {_, Out} = script(["stop", ?config(etcd_dir, Config)]),
     ct:log("~s", [Out]),
     ok;
@@ -85,6 +86,39 @@ set_clock(Ms) ->
     ok = erlmcp_rollout_nif:session_set_clock(Ms).
 
 %%% Cases
+
+store_errors_are_logged_and_counted(Config) ->
+    %% doc: list/1 and cleanup_expired/1 cannot return an error in erlmcp's
+    %% callback shapes: with the etcd cluster gone they answer {ok, [], S} /
+    %% {ok, 0, S}, log a logger error each (metadata call => list |
+    %% cleanup_expired) and count it in store_errors/0.
+    S = open(Config),
+    {ok, S} = erlmcp_session_native:store(<<"s1">>, session(<<"s1">>, #{}), S),
+    {ok, [<<"s1">>], S} = erlmcp_session_native:list(S),
+    ok = logger:add_handler(?MODULE, ?MODULE, #{config => #{pid => self()}}),
+    try
+        {0, Out} = script(["stop", ?config(etcd_dir, Config)]),
+        ct:log("~s", [Out]),
+        Before = erlmcp_session_native:store_errors(),
+        ?assertEqual({ok, [], S}, erlmcp_session_native:list(S)),
+        ?assertEqual({ok, 0, S}, erlmcp_session_native:cleanup_expired(S)),
+        After = erlmcp_session_native:store_errors(),
+        ?assertEqual(#{list => maps:get(list, Before) + 1,
+                       cleanup_expired => maps:get(cleanup_expired, Before) + 1}, After),
+        [receive
+             {logged, error, #{erlmcp_session_native := store_error, call := Call}} -> ok
+         after 5000 -> ct:fail({not_logged, Call})
+         end || Call <- [list, cleanup_expired]]
+    after
+        logger:remove_handler(?MODULE)
+    end.
+
+%% A logger handler (this module): sends the store-error events to the test.
+log(#{level := Level, meta := Meta}, #{config := #{pid := Pid}}) ->
+    case Meta of
+        #{erlmcp_session_native := _} -> Pid ! {logged, Level, Meta};
+        _ -> ok
+    end.
 
 round_trip_is_exact(Config) ->
     %% doc: any session map, any metadata term, comes back identical

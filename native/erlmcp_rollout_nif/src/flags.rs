@@ -79,9 +79,13 @@ fn writer() -> MutexGuard<'static, ()> {
     WRITER.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The atom named `text` if it already exists: a pushed config never creates
+/// atoms (the atom table never shrinks). Names without an atom yet are still
+/// served: flag names by text on a table miss (`Tables::flag_id`), context
+/// keys by an existing-atom lookup and then binary keys (`MapCtx`).
 fn atom(env: Env<'_>, text: &str) -> Option<Atom> {
     (text.chars().count() <= 255)
-        .then(|| Atom::from_str(env, text).ok())
+        .then(|| Atom::existing_from_utf8_bytes(env, text.as_bytes()).ok())
         .flatten()
 }
 

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
@@ -81,6 +81,9 @@ mod atoms {
         phase3,
         cleanup,
         etf,
+        absent,
+        live,
+        dead,
     }
 }
 
@@ -210,8 +213,50 @@ fn reap(handle: StoreHandle) {
     }
 }
 
-/// Opens the store handle resource type: from the library's load callback.
+// A second load of this library (the stub module purged, deleted, purged,
+// then loaded again) runs `load` again in the *same* library instance: the
+// VM keeps a library mapped while resources of its types live, and the
+// dlopen of the same path returns that mapping, so every static (stores,
+// registry, reaper, flag engine, threads) is shared and keeps running. The
+// VM cannot hand the old resource type over after a purge (the purge
+// unlinks it: `ERL_NIF_RT_TAKEOVER` finds nothing, and rustler's flag enum
+// cannot say CREATE|TAKEOVER), so the load creates a new type (with
+// `ERL_NIF_RT_CREATE` a type of the same name still linked fails the load
+// cleanly), and handles made before the
+// reload carry an earlier type: decoding tries the current type, then the
+// earlier ones of this instance (`EARLIER`).
+//
+// Invariants:
+// - every type ever stored in `HANDLE_TYPE` has a pin: one resource of that
+//   type, allocated by the load that opened it and never released, so the
+//   VM never frees the type and its pointer stays unique to this library;
+//   the pin's destructor therefore never runs (it has no StoreHandle);
+// - `EARLIER[..EARLIER_LEN]` are such pinned types, written before
+//   `EARLIER_LEN` is raised (Release) and never changed after;
+// - every type's destructor is `drop_handle` of this instance and every
+//   resource of every type holds a `StoreHandle` written by `handle_term`.
+//
+// A library at another path (or a rebuilt one after the old mapping went
+// away) is another instance with its own statics: its handles and this
+// instance's do not mix (decoding them is `badarg`, never a misread), and
+// this instance's threads keep running until the node stops.
+
+/// How many reloads one library instance serves; a load beyond it fails
+/// ("Library load-call unsuccessful") and the node needs a restart.
+pub const MAX_RELOADS: usize = 64;
+
+static EARLIER: [AtomicPtr<ErlNifResourceType>; MAX_RELOADS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_RELOADS];
+static EARLIER_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Opens the store handle resource type: from the library's load callback,
+/// on the first load and on every later load of the same instance.
 pub fn open_handle_type(env: Env<'_>) -> bool {
+    let previous = HANDLE_TYPE.load(Ordering::Acquire);
+    let kept = EARLIER_LEN.load(Ordering::Acquire);
+    if !previous.is_null() && kept >= MAX_RELOADS {
+        return false;
+    }
     let mut tried = std::mem::MaybeUninit::uninit();
     // SAFETY: called from the load callback with its env; the name is a
     // NUL-terminated static.
@@ -225,8 +270,39 @@ pub fn open_handle_type(env: Env<'_>) -> bool {
             tried.as_mut_ptr(),
         )
     };
-    HANDLE_TYPE.store(t.cast_mut(), Ordering::Release);
-    !t.is_null()
+    if t.is_null() {
+        // The load fails; nothing of this instance changed.
+        return false;
+    }
+    let t = t.cast_mut();
+    if t != previous {
+        // The pin (see the invariants above): never released.
+        // SAFETY: `t` is the type just opened; a zero-sized resource.
+        let pin = unsafe { enif_alloc_resource(t, 0) };
+        if pin.is_null() {
+            return false;
+        }
+        if !previous.is_null() {
+            EARLIER[kept].store(previous, Ordering::Relaxed);
+            EARLIER_LEN.store(kept + 1, Ordering::Release);
+        }
+    }
+    HANDLE_TYPE.store(t, Ordering::Release);
+    true
+}
+
+/// The handle in `term` if it is a resource of a type of an earlier load of
+/// this instance (the slow path of decoding: handles older than a reload).
+#[cold]
+fn earlier_handle(env: Env<'_>, term: Term<'_>) -> *const c_void {
+    let mut obj: *const c_void = std::ptr::null();
+    for slot in &EARLIER[..EARLIER_LEN.load(Ordering::Acquire)] {
+        // SAFETY: a pinned type of this instance (invariants above).
+        if unsafe { enif_get_resource(env.as_c_arg(), term.as_c_arg(), slot.load(Ordering::Relaxed), &mut obj) } != 0 {
+            return obj;
+        }
+    }
+    std::ptr::null()
 }
 
 /// A new handle term that owns `handle`.
@@ -256,7 +332,10 @@ impl<'a> Decoder<'a> for &'a StoreHandle {
                 &mut obj,
             ) == 0
             {
-                return Err(rustler::Error::BadArg);
+                obj = earlier_handle(term.get_env(), term);
+                if obj.is_null() {
+                    return Err(rustler::Error::BadArg);
+                }
             }
             Ok(&*(obj as *const StoreHandle))
         }
@@ -488,6 +567,16 @@ impl Pool {
     }
 }
 
+/// What a store holds under a key (`session_known/3`).
+#[derive(Clone, Copy)]
+enum Known {
+    /// No record: never written, or a tombstone a sweep removed.
+    Absent,
+    Live,
+    /// A tombstone (deleted) or an expired session.
+    Dead,
+}
+
 /// The owned result of a store call, turned into a term by the replier.
 enum Reply {
     Ok,
@@ -497,6 +586,7 @@ enum Reply {
     Swept(usize, usize),
     Batch(usize, usize),
     Many(Vec<Result<Session, StoreError>>),
+    Known(Known),
     Failed(StoreError),
     Panicked,
 }
@@ -525,6 +615,14 @@ fn encode_reply<'a>(env: Env<'a>, reply: &Reply) -> Term<'a> {
                 })
                 .collect();
             (atoms::ok(), list).encode(env)
+        }
+        Reply::Known(k) => {
+            let k = match k {
+                Known::Absent => atoms::absent(),
+                Known::Live => atoms::live(),
+                Known::Dead => atoms::dead(),
+            };
+            (atoms::ok(), k).encode(env)
         }
         Reply::Failed(e) => (atoms::error(), error_term(env, e)).encode(env),
         Reply::Panicked => (atoms::error(), atoms::nif_panicked()).encode(env),
@@ -1231,6 +1329,25 @@ fn session_get<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, id: Term<'
     };
     run(env, handle, tag, false, move |store| match store.get(&id) {
         Ok(s) => Reply::Session(s),
+        Err(e) => Reply::Failed(e),
+    })
+}
+
+/// `session_known(Handle, Tag, Id) -> {ok, absent | live | dead} | {error, E}
+/// | async`: what the store holds under `Id`, read without touching or
+/// writing it (`Store::get_raw`; for a hybrid, the store of record). `dead`
+/// is a tombstone or an expired session; `absent` means no record at all.
+/// Bounded: one key.
+#[rustler::nif]
+fn session_known<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, id: Term<'a>) -> Term<'a> {
+    let id = match session_id(id) {
+        Ok(id) => id,
+        Err(e) => return invalid(env, &e),
+    };
+    run(env, handle, tag, false, move |store| match store.get_raw(&id) {
+        Ok(None) => Reply::Known(Known::Absent),
+        Ok(Some(s)) if s.is_live(CLOCK.now_unix_ms()) => Reply::Known(Known::Live),
+        Ok(Some(_)) => Reply::Known(Known::Dead),
         Err(e) => Reply::Failed(e),
     })
 }

@@ -108,10 +108,23 @@ impl Tables {
             return Ok(snapshot.flag_id(b));
         }
         if term.get_type() == TermType::Atom {
-            return Ok(self.flag_atoms.get(&term.as_c_arg()).copied());
+            return Ok(match self.flag_atoms.get(&term.as_c_arg()) {
+                Some(id) => Some(*id),
+                None => flag_id_by_atom_text(snapshot, term),
+            });
         }
         Err(rustler::Error::BadArg)
     }
+}
+
+/// A flag named by an atom that is not in `flag_atoms`: an unknown flag, or
+/// an atom made after the config was published (publish only takes atoms
+/// that exist). Bounded: one atom text of at most `ATOM_BUF` bytes.
+#[cold]
+#[inline(never)]
+fn flag_id_by_atom_text(snapshot: &Snapshot, term: Term<'_>) -> Option<FlagId> {
+    let mut buf = [0u8; ATOM_BUF];
+    snapshot.flag_id(atom_text(term, &mut buf)?.as_bytes())
 }
 
 /// The text of a name given as a binary (UTF-8) or an atom (any), copied;
