@@ -22,6 +22,10 @@
 //! - [`etcd`]: how every etcd client of the crate connects: endpoints, TLS
 //!   (server CA, client certificate), etcd users, and the typed failures that
 //!   retrying cannot fix.
+//! - [`clock`]: where "now" comes from (system, manual, pinnable), for flag
+//!   schedules and session expiry alike.
+//! - [`workers`]: a growing pool of threads for blocking calls, for hosts whose
+//!   own threads must not block (the NIF).
 //!
 //! ## Features
 //! - `cli` (default): the `erlmcp-rollout` binary and its dependencies. Depend
@@ -63,3 +67,4 @@ pub mod session;
 pub(crate) mod time_text;
 #[cfg(any(feature = "etcd", feature = "deploy"))]
 mod tls;
+pub mod workers;

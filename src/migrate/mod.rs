@@ -23,6 +23,8 @@ pub mod durable;
 #[cfg(feature = "etcd")]
 pub mod etcd_phase;
 #[cfg(feature = "disk")]
+pub mod hybrid;
+#[cfg(feature = "disk")]
 pub mod outbox;
 pub mod phase;
 pub mod verify;

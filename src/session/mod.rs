@@ -12,6 +12,7 @@
 //!   committed by the etcd quorum.
 //! - [`codec`]: the versioned binary record encoding persistent backends store.
 //! - [`uri`]: store URIs (`memory:`, `disk:PATH`, `etcd:HOST:PORT,...`) and opening them.
+//! - [`shared`]: stores shared inside one process, opened once per [`shared::StoreKey`].
 //!
 //! Time comes from a [`Clock`] (the same trait the flag schedules use), so tests move it
 //! by hand with [`ManualClock`].
@@ -37,6 +38,7 @@ mod disk;
 mod etcd;
 mod memory;
 mod model;
+pub mod shared;
 mod stats;
 pub mod uri;
 #[cfg(feature = "disk")]

@@ -63,6 +63,27 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Parses one `HOST:PORT` member in the grammar of `etcd:` URIs.
+    ///
+    /// # Errors
+    /// [`UriError`] naming the problem and its column in `text`.
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::session::uri::Endpoint;
+    /// assert_eq!(Endpoint::parse("[::1]:2379")?, Endpoint { host: "[::1]".into(), port: 2379 });
+    /// assert!(Endpoint::parse("h:0").unwrap_err().problem.contains("outside 1..=65535"));
+    /// # Ok::<(), erlmcp_rollout::session::uri::UriError>(())
+    /// ```
+    pub fn parse(text: &str) -> Result<Endpoint, UriError> {
+        let fail = |at_byte: usize, problem: String| UriError {
+            input: text.to_owned(),
+            column: text.get(..at_byte).map_or(at_byte, |p| p.chars().count()) + 1,
+            problem,
+        };
+        parse_endpoint(text, 0, &fail)
+    }
+
     /// The plain-text client URL, `http://HOST:PORT` (with TLS settings, stores opened
     /// by [`StoreUri::open_with`] use `https://HOST:PORT`).
     ///

@@ -2,8 +2,9 @@
 //! `erlmcp_rollout_nif`. It converts Erlang terms to core types, calls the
 //! core crate and encodes the results: no logic of its own.
 //!
-//! One file per area (`flags.rs`; sessions and migration follow), NIF names
-//! prefixed by area, errors as atoms or tagged tuples.
+//! One file or directory per area (`flags.rs`, `session/`, `etcd.rs` for the
+//! etcd options both share), NIF names prefixed by area, errors as atoms or
+//! tagged tuples; the atoms of every area in [`atoms`].
 //!
 //! Scheduling: evaluation runs on the caller's normal scheduler (well under
 //! a microsecond); anything that recompiles the snapshot or walks every flag
@@ -75,28 +76,65 @@ mod term;
 /// Atoms the NIFs return or compare with.
 pub mod atoms {
     rustler::atoms! {
-    ok,
-    off,
-    file,
-    error,
-    unknown,
-    custom,
-    true_ = "true",
-    false_ = "false",
-    undefined,
-    changed,
-    flags,
-    generation,
-    flag,
-    path,
-    line,
-    column,
-    message,
-    invalid,
-    bad_env_overrides,
-    config,
-    clear,
+        // flags
+        ok,
+        off,
+        file,
+        error,
+        unknown,
+        custom,
+        true_ = "true",
+        false_ = "false",
+        undefined,
+        changed,
+        flags,
+        generation,
+        flag,
+        path,
+        line,
+        column,
+        message,
+        invalid,
+        bad_env_overrides,
+        config,
+        clear,
         system,
+        // sessions and migration
+        memory,
+        disk,
+        etcd,
+        infinity,
+        not_found,
+        already_exists,
+        conflict,
+        unavailable,
+        corrupt,
+        internal,
+        done,
+        name,
+        touch_permille,
+        tombstone_retention_ms,
+        prefix,
+        bad_option,
+        bad_store,
+        nif_panicked,
+        async_ = "async",
+        term_to_binary,
+        hybrid,
+        state_dir,
+        migration_phase,
+        shadow_sample,
+        phase_etcd,
+        gate,
+        migration,
+        phase1,
+        phase2,
+        phase3,
+        cleanup,
+        etf,
+        absent,
+        live,
+        dead,
     }
 }
 
