@@ -254,6 +254,10 @@ bad_input_is_refused(Config) ->
     ?assertMatch({error, {bad_store, _}}, erlmcp_session_native:init(#{store => {tape, "/dev/st0"}})),
     ?assertMatch({error, {bad_store, _}}, erlmcp_session_native:init(#{store => {disk, "/nonexistent-dir/x.redb"}})),
     ?assertMatch({error, {bad_store, _}}, erlmcp_session_native:init(#{store => {disk, <<>>}})),
+    %% A malformed etcd member is refused at open, named, before any connection attempt.
+    {error, {bad_store, NoPort}} = erlmcp_session_native:init(#{store => {etcd, ["127.0.0.1:2379", "etcd-b"]}}),
+    ?assertNotEqual(nomatch, binary:match(iolist_to_binary(NoPort), <<"etcd-b">>)),
+    ?assertMatch({error, {bad_store, _}}, erlmcp_session_native:init(#{store => {etcd, []}})),
     ?assertMatch({error, {bad_option, _}}, erlmcp_session_native:init(#{name => "not an atom"})),
     ?assertMatch({error, {bad_option, _}}, erlmcp_session_native:init(#{touch_permille => 1001})),
     ?assertMatch({error, {bad_option, _, _}}, erlmcp_session_native:init(not_a_map)),
