@@ -31,11 +31,15 @@
 -export([flags_eval/2, flags_eval_custom/3, flags_status/0, flags_configure/2,
          flags_load_file/1, flags_load_json/1, flags_set_override/2, flags_get_all/0,
          flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
-         flags_phash2/2, flags_set_clock/1, flags_nop/2, flags_watch_etcd/3, flags_unwatch_etcd/0, flags_etcd_status/0,
+         flags_phash2/2, flags_set_clock/1, flags_watch_etcd/3, flags_unwatch_etcd/0, flags_etcd_status/0,
          flags_custom_names/1, flags_eval_details/3, flags_set_override_by/3, flags_audit/1]).
 -export([session_open/2, session_put/4, session_touch/3, session_get/3, session_known/3, session_delete/3,
-         session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_migration_phase/1, session_set_clock/1, session_now/0,
-         session_copy_probe/1]).
+         session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_migration_phase/1, session_set_clock/1, session_now/0]).
+
+%% The benchmarks' calibration NIFs (defined at the end): bench builds only.
+-ifdef(ERLMCP_ROLLOUT_BENCH).
+-export([flags_nop/2, session_copy_probe/1]).
+-endif.
 
 -on_load(init/0).
 
@@ -156,8 +160,6 @@ flags_phash2(_Term, _Range) -> ?NOT_LOADED.
 flags_set_clock(_UnixMs) -> ?NOT_LOADED.
 
 %% Calibration for the benchmark: a NIF that returns its first argument.
--spec flags_nop(term(), term()) -> term().
-flags_nop(_A, _B) -> ?NOT_LOADED.
 
 %% `Opts': `tls => #{cacertfile, certfile, keyfile}', `auth => #{user, password_file}'.
 -spec flags_watch_etcd(Endpoints :: [binary() | string()], Key :: binary() | string(), Opts :: map()) ->
@@ -243,5 +245,14 @@ session_now() -> ?NOT_LOADED.
 
 %% Benchmark calibration: copies Term into NIF-owned memory and frees it
 %% (what keeping session metadata as a term would cost per store).
+
+%% The benchmarks' calibration NIFs: in a build made by scripts/bench-app only
+%% (the library has them with cargo feature `bench`; module and library must
+%% agree, or the load fails).
+-ifdef(ERLMCP_ROLLOUT_BENCH).
+-spec flags_nop(term(), term()) -> term().
+flags_nop(_A, _B) -> ?NOT_LOADED.
+
 -spec session_copy_probe(term()) -> ok.
 session_copy_probe(_Term) -> ?NOT_LOADED.
+-endif.

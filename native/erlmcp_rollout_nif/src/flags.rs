@@ -155,14 +155,6 @@ fn eval_published<'a>(env: Env<'a>, published: &Published, name: Term<'a>, ctx: 
 // The hot path of `erlmcp_feature_flags:is_enabled/2`.
 nif_by_hand!(c"flags_eval", flags_eval_raw, flags_eval, [name, ctx]);
 
-/// Calibration for the benchmark: the cost of a NIF call itself (registered
-/// like `flags_eval/2`, without rustler's wrapper): returns its first argument.
-fn flags_nop<'a>(_env: Env<'a>, first: Term<'a>, _second: Term<'a>) -> NifResult<Term<'a>> {
-    Ok(first)
-}
-
-nif_by_hand!(c"flags_nop", flags_nop_raw, flags_nop, [first, second]);
-
 /// `{Generation, Flags, Reloads}`: the snapshot serving now and how many
 /// successful loads this library has seen (0 = nothing loaded since the
 /// VM loaded the library).

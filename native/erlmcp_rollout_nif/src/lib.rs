@@ -67,6 +67,8 @@ macro_rules! nif_by_hand {
     (@one $arg:ident) => { 1 };
 }
 
+#[cfg(feature = "bench")]
+mod bench;
 mod etcd;
 mod etf;
 mod flags;

@@ -446,14 +446,3 @@ fn session_set_clock(at: Term<'_>) -> NifResult<Atom> {
 fn session_now() -> i64 {
     CLOCK.now_unix_ms()
 }
-
-/// Benchmark calibration, `session_copy_probe(Term) -> ok`: copies `Term`
-/// into a process-independent environment and frees it: what keeping a
-/// session's metadata as an Erlang term (instead of its external term
-/// format) would cost per store. No store is touched.
-#[rustler::nif]
-fn session_copy_probe(term: Term<'_>) -> rustler::Atom {
-    let owned = OwnedEnv::new();
-    drop(owned.save(term));
-    atoms::ok()
-}
