@@ -52,8 +52,9 @@ thread_local! {
 /// The published snapshot and tables, through this thread's cache; `None`
 /// only while the thread exits (its cache is gone). The pointer stays valid
 /// until this thread's next call here: the cache holds a strong reference,
-/// and only this thread replaces it. (A pointer, not a closure or a guard:
-/// anything wider coming back through memory stalled store forwarding.)
+/// and only this thread replaces it. Invariant: it returns one pointer-sized
+/// word (not a closure or a guard), so the hot path reads no multi-word value
+/// back from memory (BENCHMARKS.md, "Why the NIF is shaped this way").
 #[inline(always)]
 fn published_here() -> Option<*const Published> {
     LOCAL
@@ -165,9 +166,8 @@ fn flags_status() -> (u64, usize, u64) {
     (generation, flags, ENGINE.metrics().reloads)
 }
 
-// Inlined: called out of line, the `Reason` assembled in registers was
-// written to the stack in parts and read back whole (a store-forwarding
-// stall on every evaluation, perf).
+// Invariant: inlined into every evaluation, so the `Reason` stays in
+// registers (BENCHMARKS.md, "Why the NIF is shaped this way").
 #[inline(always)]
 fn reason_atom(reason: Reason) -> Atom {
     match reason {

@@ -13,10 +13,10 @@
 
 /// Registers `$f` (`fn(Env, Term, ...) -> NifResult<Term>`, one `Term` per
 /// name in `[$arg, ...]`) as the NIF `$name` of that arity, by hand rather
-/// than with `#[rustler::nif]`: rustler 0.39's generated wrapper collects
-/// the arguments into a `Vec` on every call, a heap allocation (measured
-/// ~15 % of `flags_eval/2`). Same contract otherwise: panics are caught and
-/// raised as `nif_panicked`, errors become `badarg`. For the hot paths only.
+/// than with `#[rustler::nif]`, so that a call allocates nothing (rustler
+/// 0.39's wrapper collects the arguments into a `Vec`; BENCHMARKS.md, "Why
+/// the NIF is shaped this way"). Same contract otherwise: panics are caught
+/// and raised as `nif_panicked`, errors become `badarg`. For the hot paths only.
 macro_rules! nif_by_hand {
     ($name:literal, $raw:ident, $f:path, [$($arg:ident),+]) => {
         rustler::codegen_runtime::inventory::submit!(rustler::Nif {
@@ -46,9 +46,11 @@ macro_rules! nif_by_hand {
                     at = at.add(1);
                 )+
                 let _ = at;
-                // The closure returns one term word: `catch_unwind` hands
-                // its result back through memory, and a whole `NifResult`
-                // read back after a partial write stalled store forwarding.
+                // Invariant: the closure returns one term word (the
+                // error case is turned into a term inside it), so what
+                // `catch_unwind` hands back through memory is written and
+                // read as one word (BENCHMARKS.md, "Why the NIF is shaped
+                // this way").
                 let answer = std::panic::catch_unwind(move || match $f(env, $($arg),+) {
                     Ok(term) => term.as_c_arg(),
                     Err(e) => rustler::codegen_runtime::handle_nif_result::<rustler::Term<'_>>(Ok(Err(e)), env)

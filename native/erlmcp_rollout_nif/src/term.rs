@@ -195,9 +195,9 @@ impl<'a, 'k> MapCtx<'a, 'k> {
     /// A term as a core [`Value`]: binaries borrowed; atom text and big
     /// integer digits kept in the arena. `None` for other types.
     ///
-    /// The binary case is inlined into evaluation and the rest kept out of
-    /// line: an `Option<Value>` returned through memory stalls store
-    /// forwarding when read back (perf: the largest cost of a condition flag).
+    /// Invariant: the binary case is inlined into evaluation (its
+    /// `Option<Value>` stays in registers) and the rest kept out of line
+    /// (BENCHMARKS.md, "Why the NIF is shaped this way").
     #[inline(always)]
     pub fn value_of(&self, term: Term<'a>) -> Option<Value<'_>> {
         // Binaries first, without asking the type: the common case.
@@ -243,9 +243,8 @@ impl<'a, 'k> MapCtx<'a, 'k> {
 
     /// The value under `key` (an atom key, else a binary key). The common
     /// case (a key of the published snapshot, present as an atom) is inlined;
-    /// the rest is out of line. Bare term words all the way: an
-    /// `Option<Term>` (three words) comes back through memory, and reading it
-    /// back whole after a partial write stalls store forwarding.
+    /// the rest is out of line. Invariant: bare term words all the way, no
+    /// multi-word `Option<Term>` returned through memory on the common path.
     #[inline(always)]
     fn lookup(&self, key: &str) -> Option<Term<'a>> {
         if self.empty {
@@ -311,8 +310,8 @@ impl<'a, 'k> MapCtx<'a, 'k> {
 }
 
 impl Context for MapCtx<'_, '_> {
-    // Inlined: an `Option<Value>` returned through memory and read back
-    // whole stalled store forwarding (perf, condition flags).
+    // Invariant: inlined, so the `Option<Value>` stays in registers
+    // (BENCHMARKS.md, "Why the NIF is shaped this way").
     #[inline(always)]
     fn get(&self, key: &str) -> Option<Value<'_>> {
         let term = self.lookup(key)?;
