@@ -220,36 +220,23 @@ fn bench_disk(c: &mut Criterion) {
     });
     // Criterion's separate runs of the two read paths see different machine load; also
     // alternate them every 64 gets in one run (`disk/get_paired`), ratio printed.
-    let (mut new_time, mut old_time, mut gets) = (Duration::ZERO, Duration::ZERO, 0u64);
+    let mut sums = Sums::default();
     g.bench_function("disk/get_paired", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            let mut k = 0u64;
-            while k < iters {
-                for new_path in [true, false] {
-                    let start = Instant::now();
-                    for _ in 0..64 {
-                        i = (i + 1) % N;
-                        if new_path {
-                            black_box(disk.get(&ids[order[i]]).unwrap());
-                        } else {
-                            black_box(direct.get(&ids[order[i]]).unwrap());
-                        }
-                    }
-                    let t = start.elapsed();
-                    total += t;
-                    if new_path {
-                        new_time += t;
-                    } else {
-                        old_time += t;
-                    }
-                }
-                k += 128;
-                gets += 64;
-            }
-            total
+            alternate(
+                iters,
+                64,
+                &mut sums,
+                |k| {
+                    black_box(disk.get(&ids[order[k % N]]).unwrap());
+                },
+                |k| {
+                    black_box(direct.get(&ids[order[k % N]]).unwrap());
+                },
+            )
         })
     });
+    let Sums(new_time, old_time, gets) = sums;
     if gets > 0 {
         println!(
             "sessions/disk/get_paired: {gets} gets per path; disk/get {:.0} ns, disk/get_redb_direct {:.0} ns, \
@@ -537,6 +524,44 @@ fn bench_disk_reopen(c: &mut Criterion) {
     g.finish();
 }
 
+/// Time spent in each of two alternated paths, and calls made per path.
+#[derive(Default)]
+struct Sums(Duration, Duration, u64);
+
+/// Calls `a(k)` and `b(k)` for `block` consecutive `k` each, in turns (which goes first
+/// swapped every turn), until `iters` calls in all: both paths see the same machine and
+/// disk weather. Adds each path's time to `sums` and returns the total.
+fn alternate(
+    iters: u64,
+    block: usize,
+    sums: &mut Sums,
+    mut a: impl FnMut(usize),
+    mut b: impl FnMut(usize),
+) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut k = 0;
+    let timed = |f: &mut dyn FnMut(usize), k: usize| {
+        let start = Instant::now();
+        (k..k + block).for_each(f);
+        start.elapsed()
+    };
+    while (k as u64) < iters {
+        let (ta, tb) = if (k / (2 * block)) % 2 == 0 {
+            let ta = timed(&mut a, k);
+            (ta, timed(&mut b, k))
+        } else {
+            let tb = timed(&mut b, k);
+            (timed(&mut a, k), tb)
+        };
+        sums.0 += ta;
+        sums.1 += tb;
+        sums.2 += block as u64;
+        total += ta + tb;
+        k += 2 * block;
+    }
+    total
+}
+
 /// One thread alternating the two write paths every 8 writes; criterion's number is the
 /// two together, and the sums per path and their ratio are printed.
 fn paired(
@@ -546,37 +571,22 @@ fn paired(
     store: &DiskStore,
     baseline: &OneCommitPerWrite,
 ) {
-    let (mut group_time, mut baseline_time, mut writes) = (Duration::ZERO, Duration::ZERO, 0u64);
+    let mut sums = Sums::default();
     let name = label.rsplit('/').next().unwrap_or(label);
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
-            let mut k = 0;
-            let mut total = Duration::ZERO;
-            while (k as u64) < iters {
-                for group in [true, false] {
-                    let start = Instant::now();
-                    for j in 0..8 {
-                        let s = prepared[(k + j) % N].clone();
-                        if group {
-                            store.put(s).unwrap();
-                        } else {
-                            baseline.put(s);
-                        }
-                    }
-                    let t = start.elapsed();
-                    total += t;
-                    if group {
-                        group_time += t;
-                    } else {
-                        baseline_time += t;
-                    }
-                }
-                k += 16;
-                writes += 8;
-            }
-            total
+            alternate(
+                iters,
+                8,
+                &mut sums,
+                |k| {
+                    store.put(prepared[k % N].clone()).unwrap();
+                },
+                |k| baseline.put(prepared[k % N].clone()),
+            )
         })
     });
+    let Sums(group_time, baseline_time, writes) = sums;
     if writes == 0 {
         return; // filtered out
     }

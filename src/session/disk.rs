@@ -660,8 +660,18 @@ impl DiskStore {
         options: StoreOptions,
         settings: DiskOptions,
     ) -> Result<Self, StoreError> {
-        // Create the tables now (so reads of a fresh file find them) and read the mark.
-        let done = {
+        // Read the mark; a file without both tables gets them now, in a durable commit
+        // (so reads of a fresh file find them).
+        let existing = {
+            let txn = db.begin_read().map_err(unavailable)?;
+            match (txn.open_table(SESSIONS), txn.open_table(WAL_META)) {
+                (Ok(_), Ok(meta)) => Some(meta.get(CHECKPOINT_SEQ).map_err(unavailable)?.map_or(0, |v| v.value())),
+                _ => None,
+            }
+        };
+        let done = if let Some(done) = existing {
+            done
+        } else {
             let mut txn = db.begin_write().map_err(unavailable)?;
             txn.set_durability(Durability::Immediate)
                 .map_err(|e| unavailable(redb::Error::from(e)))?;
@@ -709,7 +719,8 @@ impl DiskStore {
             [None, None] => vec![],
         };
         let mut expect = done.saturating_add(1);
-        let mut index = BTreeMap::new();
+        // Every entry after the mark, in log order: (entry, its frame's seq, its file).
+        let mut entries = Vec::new();
         for &i in &order {
             for frame in newer(i) {
                 if frame.seq != expect {
@@ -723,29 +734,36 @@ impl DiskStore {
                     ));
                 }
                 expect += 1;
-                for e in frame.entries(&contents[i]) {
-                    let value = match e.value {
-                        Some(bytes) => {
-                            let s = codec::decode(bytes)
-                                .map_err(|e| log_corrupt(i, format!("frame {}: {e}", frame.seq)))?;
-                            if s.id.as_bytes() != e.key {
-                                return Err(log_corrupt(
-                                    i,
-                                    format!("frame {}: a record filed under another key", frame.seq),
-                                ));
-                            }
-                            Some(s)
-                        }
-                        None => None,
-                    };
-                    let id = match &value {
-                        Some(s) => s.id.clone(),
-                        None => SessionId::new(e.key).map_err(|e| log_corrupt(i, e))?,
-                    };
-                    index.insert(id, Pending { seq: frame.seq, value });
-                }
+                entries.extend(frame.entries(&contents[i]).map(|e| (e, frame.seq, i)));
             }
         }
+        // The stable sort keeps log order among entries of one key: the last is the latest.
+        entries.sort_by(|a, b| a.0.key.cmp(b.0.key));
+        let mut latest = Vec::with_capacity(entries.len());
+        for (n, &(e, seq, i)) in entries.iter().enumerate() {
+            // Every record is checked, the superseded ones too.
+            let value = match e.value {
+                Some(bytes) => {
+                    let s = codec::decode(bytes).map_err(|e| log_corrupt(i, format!("frame {seq}: {e}")))?;
+                    if s.id.as_bytes() != e.key {
+                        return Err(log_corrupt(i, format!("frame {seq}: a record filed under another key")));
+                    }
+                    Some(s)
+                }
+                None => None,
+            };
+            if entries.get(n + 1).is_some_and(|next| next.0.key == e.key) {
+                continue;
+            }
+            let id = match &value {
+                Some(s) => s.id.clone(),
+                None => SessionId::new(e.key).map_err(|e| log_corrupt(i, e))?,
+            };
+            latest.push((id, Pending { seq, value }));
+        }
+        drop(entries);
+        // Keys ascending and unique (`SessionId` orders as its bytes): built in bulk.
+        let index: BTreeMap<SessionId, Pending> = latest.into_iter().collect();
         // Files whose frames redb already holds (a checkpoint ended before its truncate).
         for i in 0..2 {
             if !parsed[i].frames.is_empty() && !order.contains(&i) {
