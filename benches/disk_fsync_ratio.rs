@@ -23,9 +23,9 @@
 #[path = "support/workload.rs"]
 #[allow(dead_code)] // the shared workload; this bench visits keys in its own order
 mod workload;
+use workload::bare_append;
 
 use std::fs::File;
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
@@ -38,19 +38,12 @@ fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// One bare durable append: 512 bytes, then `fdatasync`.
-fn bare_once(file: &mut File, block: &[u8; 512]) {
-    file.write_all(block).unwrap();
-    file.sync_data().unwrap();
-}
-
 /// Bare durable appends for `span`: (count, elapsed).
 fn bare_for(file: &mut File, span: Duration) -> (u64, Duration) {
-    let block = [b'x'; 512];
     let start = Instant::now();
     let mut n = 0;
     while start.elapsed() < span {
-        bare_once(file, &block);
+        bare_append(file);
         n += 1;
     }
     (n, start.elapsed())
@@ -206,14 +199,13 @@ fn main() {
 /// One thread alternating 8 bare durable appends and 8 `put`s for `span`: (writes/s,
 /// bare fdatasyncs/s), each over its own share of the time.
 fn interleaved(store: &DiskStore, prepared: &[Session], probe: &mut File, span: Duration) -> (f64, f64) {
-    let block = [b'x'; 512];
     let (mut put_time, mut bare_time, mut n) = (Duration::ZERO, Duration::ZERO, 0u64);
     let start = Instant::now();
     let mut k = 0;
     while start.elapsed() < span {
         let t = Instant::now();
         for _ in 0..8 {
-            bare_once(probe, &block);
+            bare_append(probe);
         }
         bare_time += t.elapsed();
         let t = Instant::now();

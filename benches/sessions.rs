@@ -31,7 +31,7 @@
 #[path = "support/workload.rs"]
 mod workload;
 
-use workload::{ids, order, session};
+use workload::{bare_append, ids, order, session};
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -365,12 +365,9 @@ fn timed_writes(iters: u64, threads: usize, prepared: &[Session], put: &(impl Fn
 
 /// `iters` bare durable appends: 512 bytes appended to `file`, then `fdatasync`.
 fn bare_fdatasyncs(file: &mut std::fs::File, iters: u64) -> Duration {
-    use std::io::Write;
-    let block = [b'x'; 512];
     let start = Instant::now();
     for _ in 0..iters {
-        file.write_all(&block).unwrap();
-        file.sync_data().unwrap();
+        bare_append(file);
     }
     start.elapsed()
 }

@@ -17,6 +17,7 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 #[path = "support/workload.rs"]
+#[allow(dead_code)] // the shared workload; the disk floor (`bare_append`) is not this bench's baseline
 mod workload;
 
 use workload::{ids, order, session};

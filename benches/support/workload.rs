@@ -1,6 +1,6 @@
 //! The session workload the session benches share: `n` ids of 40 bytes (scattered
 //! 128-bit hex), sessions with an hour's timeout and 64 bytes of metadata, and a fixed
-//! scattered visiting order.
+//! scattered visiting order; and the disk's floor for one durable write.
 
 use erlmcp_rollout::session::{Clock, Session, SessionId, SystemClock, Timeout};
 
@@ -24,4 +24,12 @@ pub fn session(id: &SessionId) -> Session {
 /// `0..n` visited with stride 7 919 (a prime: every index once when `n` is not a multiple).
 pub fn order(n: usize) -> Vec<usize> {
     (0..n).map(|i| (i * 7_919) % n).collect()
+}
+
+/// One bare durable append, the floor a durable write is measured against: 512 bytes
+/// appended to `file`, then `fdatasync`.
+pub fn bare_append(file: &mut std::fs::File) {
+    use std::io::Write;
+    file.write_all(&[b'x'; 512]).unwrap();
+    file.sync_data().unwrap();
 }

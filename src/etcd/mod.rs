@@ -43,6 +43,10 @@ mod connect;
 pub(crate) use connect::{run_on, Connector, Dial, Members, REJECTED_GRPC_CODES};
 #[cfg(feature = "etcd")]
 pub use connect::{EtcdOptions, DEFAULT_ETCD_MAX_REQUEST_BYTES};
+#[cfg(feature = "etcd")]
+mod oneshot;
+#[cfg(feature = "etcd")]
+pub(crate) use oneshot::{with_member, OneShotError};
 
 /// TLS to the etcd members (the `ssl` application's `cacertfile`, `certfile`, `keyfile`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

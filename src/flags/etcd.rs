@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, WatchOptions as EtcdWatchOptions};
+use etcd_client::{EventType, WatchOptions as EtcdWatchOptions};
 use serde::Serialize;
 
 use super::config::{ConfigError, FlagsConfig};
 use super::engine::{Engine, WatchCallback, WatchEvent};
-use crate::etcd::{Connector, Dial, EtcdAccessError, EtcdSecurity};
+use crate::etcd::{with_member, Connector, Dial, EtcdAccessError, EtcdSecurity, OneShotError};
 
 /// The key [`push_flags`] and [`Engine::watch_etcd`] use unless told otherwise.
 pub const DEFAULT_FLAGS_KEY: &str = "erlmcp/feature_flags";
@@ -82,14 +82,14 @@ pub struct PushOutcome {
     pub previous: Option<Vec<u8>>,
 }
 
-/// The connector of `security` and the endpoints as URLs.
-pub(crate) fn connector(endpoints: &[String], security: &EtcdSecurity) -> Result<(Connector, Vec<String>), PushError> {
-    let connector = Connector::new(security)?;
-    let urls = connector.urls(endpoints).map_err(|e| PushError::Endpoint {
-        endpoint: e.endpoint,
-        reason: e.reason,
-    })?;
-    Ok((connector, urls))
+impl From<OneShotError> for PushError {
+    fn from(e: OneShotError) -> Self {
+        match e {
+            OneShotError::Endpoint { endpoint, reason } => PushError::Endpoint { endpoint, reason },
+            OneShotError::Access(e) => PushError::Access(e),
+            OneShotError::Unavailable { endpoints, reason } => PushError::Unavailable { endpoints, reason },
+        }
+    }
 }
 
 /// Validates `json` exactly as `flags check` does and, only if it is valid, writes it to
@@ -144,7 +144,7 @@ pub fn push_flags_with(
     security: &EtcdSecurity,
 ) -> Result<PushOutcome, PushError> {
     let config = FlagsConfig::from_json(json).map_err(PushError::Invalid)?;
-    let (connector, urls) = connector(endpoints, security)?;
+    let (connector, urls) = Connector::with_urls(endpoints, security)?;
     let doing = format!("pushing key {key}");
     with_member(&connector, &urls, timeout, &doing, |mut client| async move {
         let current = client.get(key, None).await?;
@@ -177,7 +177,7 @@ pub fn read_flags(
     timeout: Duration,
     security: &EtcdSecurity,
 ) -> Result<Option<(Vec<u8>, i64)>, PushError> {
-    let (connector, urls) = connector(endpoints, security)?;
+    let (connector, urls) = Connector::with_urls(endpoints, security)?;
     let doing = format!("reading key {key}");
     with_member(&connector, &urls, timeout, &doing, |mut client| async move {
         let current = client.get(key, None).await?;
@@ -207,7 +207,7 @@ pub fn push_flags_guarded(
 ) -> Result<PushOutcome, PushError> {
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
     let config = FlagsConfig::from_json(json).map_err(PushError::Invalid)?;
-    let (connector, urls) = connector(endpoints, security)?;
+    let (connector, urls) = Connector::with_urls(endpoints, security)?;
     let doing = format!("pushing key {key}");
     with_member(&connector, &urls, timeout, &doing, |mut client| async move {
         let txn = Txn::new()
@@ -245,62 +245,6 @@ pub fn push_flags_guarded(
         changed,
         revision,
         previous,
-    })
-}
-
-/// Connects to one member through `connector` (its TLS and user, connect timeout,
-/// leader required). Every one-shot flag client (push, read, guarded push, the rollout
-/// controller's state and lock) connects here or through [`with_member`].
-pub(crate) async fn connect(connector: &Connector, url: &str, timeout: Duration) -> Result<Client, etcd_client::Error> {
-    connector.connect(url, &Dial::new(timeout)).await
-}
-
-/// Runs `op` against the members in turn until one answers, within `timeout` overall.
-/// A transport error moves on to the next member; a refusal of the TLS settings, the
-/// credentials or the user's permission is final ([`PushError::Access`], saying it
-/// happened while `doing`), as is `op`'s own `Err(PushError)`.
-pub(crate) fn with_member<T, F, Fut>(
-    connector: &Connector,
-    urls: &[String],
-    timeout: Duration,
-    doing: &str,
-    mut op: F,
-) -> Result<T, PushError>
-where
-    F: FnMut(Client) -> Fut,
-    Fut: std::future::Future<Output = Result<Result<T, PushError>, etcd_client::Error>>,
-{
-    let unavailable = |reason: String| PushError::Unavailable {
-        endpoints: urls.join(", "),
-        reason,
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| unavailable(format!("cannot start a runtime: {e}")))?;
-    let deadline = tokio::time::Instant::now() + timeout;
-    rt.block_on(async {
-        let mut last = String::from("no attempt");
-        let mut i = 0usize;
-        while tokio::time::Instant::now() < deadline {
-            let url = &urls[i % urls.len()];
-            i += 1;
-            let attempt = tokio::time::timeout_at(deadline, async {
-                let client = connect(connector, url, timeout).await?;
-                op(client).await
-            })
-            .await;
-            match attempt {
-                Ok(Ok(result)) => return result,
-                Ok(Err(e)) => match connector.access_failure(&e, url) {
-                    Some(denied) => return Err(PushError::Access(denied.doing(doing))),
-                    None => last = format!("{url}: {e}"),
-                },
-                Err(_) => last = format!("{url}: no answer within {timeout:?}"),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Err(unavailable(last))
     })
 }
 
@@ -421,7 +365,7 @@ impl Engine {
         endpoints: &[String],
         options: EtcdFlagsOptions,
     ) -> Result<EtcdWatcher, PushError> {
-        let (connector, urls) = connector(endpoints, &options.security)?;
+        let (connector, urls) = Connector::with_urls(endpoints, &options.security)?;
         let status = Arc::new(Mutex::new(EtcdWatchStatus::default()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let engine = Arc::clone(self);
@@ -510,11 +454,7 @@ async fn session(
     options: &EtcdFlagsOptions,
     status: &Mutex<EtcdWatchStatus>,
 ) -> End {
-    let dial = Dial {
-        keep_alive: Some((Duration::from_secs(1), Duration::from_secs(2))),
-        keep_alive_while_idle: true,
-        ..Dial::new(options.connect_timeout)
-    };
+    let dial = Dial::watch(options.connect_timeout);
     let first = tokio::time::timeout(options.connect_timeout, async {
         let mut client = connector.connect(url, &dial).await?;
         let resp = client.get(options.key.as_str(), None).await?;

@@ -358,20 +358,13 @@ impl EtcdPhaseStore {
                 what: "etcd phase store".into(),
                 reason: format!("cannot start the etcd client runtime: {e}"),
             })?;
-        let dial = Dial {
-            request_timeout: Some(options.request_timeout),
-            keep_alive: Some((Duration::from_secs(2), options.request_timeout)),
-            ..Dial::new(options.connect_timeout)
-        };
-        for url in &endpoints {
-            let (c, d, u) = (connector.clone(), dial.clone(), url.clone());
-            runtime
-                .block_on(async move { c.check(&u, &d).await })
-                .map_err(|err| MigrateError::Unavailable {
-                    what: format!("etcd phase store: connecting to {url}"),
-                    reason: err.to_string(),
-                })?;
-        }
+        let dial = Dial::requests(&options);
+        connector
+            .check_all(&runtime, &endpoints, &dial)
+            .map_err(|e| MigrateError::Unavailable {
+                what: format!("etcd phase store: connecting to {}", e.endpoint),
+                reason: e.reason,
+            })?;
         let inner = Arc::new(Inner {
             members: Members::new(endpoints, connector, dial, |client| client.kv_client()),
             prefix: prefix.into(),
@@ -767,11 +760,7 @@ mod watcher {
     /// phase key until the watch breaks; returns why it broke.
     async fn session(ctx: &Arc<Ctx>, url: &str) -> String {
         let connect = ctx.store.inner.options.connect_timeout;
-        let dial = Dial {
-            keep_alive: Some((Duration::from_secs(1), Duration::from_secs(2))),
-            keep_alive_while_idle: true,
-            ..Dial::new(connect)
-        };
+        let dial = Dial::watch(connect);
         let key = ctx.store.phase_key();
         let first = tokio::time::timeout(connect, async {
             let mut client = ctx.store.inner.members.connector().connect(url, &dial).await?;

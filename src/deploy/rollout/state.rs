@@ -222,7 +222,7 @@ fn etcd_connector(
     endpoints: &[String],
     security: &crate::etcd::EtcdSecurity,
 ) -> Result<(crate::etcd::Connector, Vec<String>), RolloutError> {
-    crate::flags::etcd::connector(endpoints, security).map_err(|e| RolloutError::Usage(e.to_string()))
+    crate::etcd::Connector::with_urls(endpoints, security).map_err(|e| RolloutError::Usage(e.to_string()))
 }
 
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> RolloutError {
@@ -395,7 +395,7 @@ impl StateStore {
     #[cfg(feature = "etcd")]
     fn etcd_get(&self, key: &str) -> Result<Option<Vec<u8>>, RolloutError> {
         let (connector, urls, timeout) = self.etcd()?;
-        crate::flags::etcd::with_member(
+        crate::etcd::with_member(
             &connector,
             &urls,
             timeout,
@@ -405,14 +405,14 @@ impl StateStore {
                 Ok(Ok(r.kvs().first().map(|kv| kv.value().to_vec())))
             },
         )
-        .map_err(|e| RolloutError::State(e.to_string()))
+        .map_err(|e: crate::etcd::OneShotError| RolloutError::State(e.to_string()))
     }
 
     #[cfg(feature = "etcd")]
     fn etcd_put(&self, key: &str, value: Vec<u8>) -> Result<(), RolloutError> {
         let (connector, urls, timeout) = self.etcd()?;
         let value = &value;
-        crate::flags::etcd::with_member(
+        crate::etcd::with_member(
             &connector,
             &urls,
             timeout,
@@ -422,14 +422,14 @@ impl StateStore {
                 Ok(Ok(()))
             },
         )
-        .map_err(|e| RolloutError::State(e.to_string()))
+        .map_err(|e: crate::etcd::OneShotError| RolloutError::State(e.to_string()))
     }
 
     #[cfg(feature = "etcd")]
     fn etcd_take(&self, key: &str) -> Result<Option<Vec<u8>>, RolloutError> {
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
         let (connector, urls, timeout) = self.etcd()?;
-        crate::flags::etcd::with_member(
+        crate::etcd::with_member(
             &connector,
             &urls,
             timeout,
@@ -446,7 +446,7 @@ impl StateStore {
                 Ok(Ok(done.succeeded().then_some(value)))
             },
         )
-        .map_err(|e| RolloutError::State(e.to_string()))
+        .map_err(|e: crate::etcd::OneShotError| RolloutError::State(e.to_string()))
     }
 }
 
@@ -614,7 +614,7 @@ impl ControllerLock {
                 let (connector, urls) = etcd_connector(endpoints, security)?;
                 let key = format!("{key}/rollout-lock/{flag}");
                 let key = key.as_str();
-                let value = crate::flags::etcd::with_member(
+                let value = crate::etcd::with_member(
                     &connector,
                     &urls,
                     *timeout,
@@ -624,7 +624,7 @@ impl ControllerLock {
                         Ok(Ok(r.kvs().first().map(|kv| kv.value().to_vec())))
                     },
                 )
-                .map_err(|e| RolloutError::State(format!("controller lock: {e}")))?;
+                .map_err(|e: crate::etcd::OneShotError| RolloutError::State(format!("controller lock: {e}")))?;
                 Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
             }
         }
@@ -688,33 +688,32 @@ impl ControllerLock {
     ) -> Result<ControllerLock, RolloutError> {
         use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
         let (connector, urls) = etcd_connector(endpoints, security)?;
-        let state_err = |e: crate::flags::PushError| RolloutError::State(format!("controller lock: {e}"));
+        let state_err = |e: crate::etcd::OneShotError| RolloutError::State(format!("controller lock: {e}"));
         for attempt in 0..2 {
             let mut holder = me.clone();
-            let got =
-                crate::flags::etcd::with_member(&connector, &urls, timeout, "taking the controller lock", |mut c| {
-                    let mut holder = holder.clone();
-                    async move {
-                        let lease = c.lease_grant(LOCK_TTL_SECONDS, None).await?.id();
-                        holder.lease = lease;
-                        let value = serde_json::to_vec(&holder).unwrap_or_default();
-                        let txn = Txn::new()
-                            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-                            .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))])
-                            .or_else([TxnOp::get(key, None)]);
-                        let r = c.txn(txn).await?;
-                        if r.succeeded() {
-                            return Ok(Ok(Ok(lease)));
-                        }
-                        let _ = c.lease_revoke(lease).await;
-                        let other = r.op_responses().into_iter().find_map(|op| match op {
-                            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
-                            _ => None,
-                        });
-                        Ok(Ok(Err(other.and_then(|b| serde_json::from_slice::<Holder>(&b).ok()))))
+            let got = crate::etcd::with_member(&connector, &urls, timeout, "taking the controller lock", |mut c| {
+                let mut holder = holder.clone();
+                async move {
+                    let lease = c.lease_grant(LOCK_TTL_SECONDS, None).await?.id();
+                    holder.lease = lease;
+                    let value = serde_json::to_vec(&holder).unwrap_or_default();
+                    let txn = Txn::new()
+                        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))])
+                        .or_else([TxnOp::get(key, None)]);
+                    let r = c.txn(txn).await?;
+                    if r.succeeded() {
+                        return Ok(Ok(Ok(lease)));
                     }
-                })
-                .map_err(state_err)?;
+                    let _ = c.lease_revoke(lease).await;
+                    let other = r.op_responses().into_iter().find_map(|op| match op {
+                        etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+                        _ => None,
+                    });
+                    Ok(Ok(Err(other.and_then(|b| serde_json::from_slice::<Holder>(&b).ok()))))
+                }
+            })
+            .map_err(state_err)?;
             match got {
                 Ok(lease) => {
                     holder.lease = lease;
@@ -724,7 +723,7 @@ impl ControllerLock {
                     // A controller killed on this host: its lease would expire
                     // within the TTL anyway; revoke it and take over now.
                     let lease = other.lease;
-                    crate::flags::etcd::with_member(
+                    crate::etcd::with_member(
                         &connector,
                         &urls,
                         timeout,
@@ -770,7 +769,7 @@ impl ControllerLock {
                     loop {
                         let url = &urls[i % urls.len()];
                         let beat = async {
-                            let mut c = crate::flags::etcd::connect(&connector, url, Duration::from_secs(2)).await?;
+                            let mut c = connector.connect_within(url, Duration::from_secs(2)).await?;
                             let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
                             loop {
                                 keeper.keep_alive().await?;
@@ -785,7 +784,7 @@ impl ControllerLock {
                         };
                         let expired = tokio::select! {
                             _ = &mut stop_rx => {
-                                if let Ok(mut c) = crate::flags::etcd::connect(&connector, url, Duration::from_secs(2)).await {
+                                if let Ok(mut c) = connector.connect_within(url, Duration::from_secs(2)).await {
                                     let _ = c.lease_revoke(lease).await;
                                 }
                                 return;
