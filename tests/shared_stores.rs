@@ -48,7 +48,7 @@ fn memory_stores_are_shared_by_name_and_settings_must_match() {
     assert_eq!(r.open_count(), 2);
 
     let other = ShareOptions {
-        touch: TouchPolicy::permille(5).unwrap(),
+        touch: Some(TouchPolicy::permille(5).unwrap()),
         ..ShareOptions::default()
     };
     let err = r.open(&StoreKey::memory("a"), other).err().unwrap();
@@ -77,7 +77,7 @@ fn a_store_held_by_nobody_is_opened_anew() {
     // A memory store lives as long as its holders: a new one is empty, and may now
     // have other settings.
     let other = ShareOptions {
-        touch: TouchPolicy::permille(5).unwrap(),
+        touch: Some(TouchPolicy::permille(5).unwrap()),
         ..ShareOptions::default()
     };
     let b = r.open(&StoreKey::memory("gone"), other).unwrap();
@@ -227,4 +227,36 @@ fn hybrid_refusals_say_what_is_wrong() {
         .unwrap();
     assert!(err.to_string().contains("no tombstones"), "{err}");
     assert!(!dir.path().join("outbox.redb").exists());
+}
+
+#[test]
+fn a_memory_store_slides_expiry_on_every_fetch_and_a_disk_store_keeps_the_touch_policy() {
+    // erlmcp's ETS backend slides `last_accessed` on every fetch: a session fetched at
+    // 0.2 s of a 4 s timeout is alive at 4.1 s. The memory store does the same by
+    // default; disk writes a touch only past 10 % of the timeout (an fsync each).
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(erlmcp_rollout::session::ManualClock::new(1_000_000));
+    let r = StoreRegistry::new(clock.clone());
+    let memory = StoreKey::memory("sliding");
+    let disk = StoreKey::disk(dir.path().join("s.redb")).unwrap();
+    for (key, alive_at_4100) in [(&memory, true), (&disk, false)] {
+        clock.set_unix_ms(1_000_000);
+        let store = r.open(key, ShareOptions::default()).unwrap();
+        let id = SessionId::new("s").unwrap();
+        store
+            .put(Session::new(id.clone(), 1_000_000, Timeout::ms(4_000).unwrap(), vec![]))
+            .unwrap();
+        clock.set_unix_ms(1_000_200);
+        assert_eq!(store.touch(&id).unwrap().last_accessed, 1_000_200);
+        clock.set_unix_ms(1_004_100);
+        assert_eq!(store.get(&id).is_ok(), alive_at_4100, "{key:?}");
+        // The kind's default spelled out is the same settings: shared, not refused.
+        let spelled = ShareOptions {
+            touch: Some(key.default_touch()),
+            ..ShareOptions::default()
+        };
+        assert!(Arc::ptr_eq(&store, &r.open(key, spelled).unwrap()));
+    }
+    assert_eq!(memory.default_touch(), TouchPolicy::always());
+    assert_eq!(disk.default_touch(), TouchPolicy::default());
 }

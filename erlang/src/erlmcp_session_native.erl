@@ -15,7 +15,9 @@
 %% Options: `name' (memory: stores with the same name are shared; default
 %% `erlmcp_session_native'), `touch_permille' (a fetch writes the new
 %% `last_accessed' only when it moved by more than this fraction of the
-%% timeout; default 100), `tombstone_retention_ms', `prefix' (etcd).
+%% timeout; default 0 for memory: every fetch slides, as erlmcp's ETS backend
+%% does; 100 for disk and etcd, where each write is an fsync or a quorum
+%% commit), `tombstone_retention_ms', `prefix' (etcd).
 %%
 %% A secured etcd cluster (TLS, `--client-cert-auth', authentication):
 %% `tls => #{cacertfile => File, certfile => File, keyfile => File}' (the
@@ -55,10 +57,12 @@
 %% Semantics that differ from erlmcp's ETS/DETS backends, on purpose
 %% (DESIGN §4.1): an expired session is never returned (`fetch' says
 %% `not_found' and `list' leaves it out, before any cleanup ran);
-%% `cleanup_expired/1' returns how many sessions it expired; `fetch' slides
-%% `last_accessed' without turning every read into a write (it is written
-%% only when it moved by more than `touch_permille' of the timeout, and
-%% never for a session whose timeout is `infinity').
+%% `cleanup_expired/1' returns how many sessions it expired; on disk and
+%% etcd `fetch' slides `last_accessed' without turning every read into a
+%% write (it is written only when it moved by more than `touch_permille' of
+%% the timeout, and never for a session whose timeout is `infinity'). A memory
+%% store keeps erlmcp's exact sliding expiry by default (every fetch is
+%% written; `touch_permille' changes that).
 %%
 %% Sessions round-trip exactly. A session in erlmcp's shape (exactly `id',
 %% `created_at', `last_accessed', `timeout_ms', `metadata', with `id' equal

@@ -68,8 +68,9 @@ pub struct PhaseEtcd {
 pub struct HybridOptions {
     /// Holds `outbox.redb` and (without [`HybridOptions::phase_etcd`]) `phase.json`; must exist.
     pub state_dir: PathBuf,
-    /// Which touches the sides write.
-    pub touch: TouchPolicy,
+    /// Which touches the sides write; `None`: each side's default
+    /// ([`StoreKey::default_touch`]), as a plain open of that store would have.
+    pub touch: Option<TouchPolicy>,
     /// Tombstone retention of the sides (ms); `None` for the default.
     pub tombstone_retention_ms: Option<u64>,
     /// Shadow-read sampling (one in N); `None` for [`MigratorConfig`]'s default.
@@ -85,7 +86,7 @@ impl HybridOptions {
     pub fn new(state_dir: impl AsRef<Path>) -> HybridOptions {
         HybridOptions {
             state_dir: state_dir.as_ref().to_path_buf(),
-            touch: TouchPolicy::default(),
+            touch: None,
             tombstone_retention_ms: None,
             shadow_sample: None,
             step_to: None,
@@ -218,7 +219,7 @@ impl HybridRegistry {
         blocking: bool,
     ) -> Result<Hybrid, MigrateError> {
         let mut config = MigratorConfig {
-            touch: options.touch,
+            touch: options.touch.unwrap_or_default(),
             clock: Arc::clone(&self.clock),
             ..MigratorConfig::default()
         };

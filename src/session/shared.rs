@@ -198,6 +198,26 @@ impl StoreKey {
         }
     }
 
+    /// The touch policy a store opened without one gets. A memory store slides its
+    /// expiry on every fetch ([`TouchPolicy::always`]), exactly as erlmcp's ETS backend
+    /// does: a memory write costs about what the read did, so there is nothing to save.
+    /// Disk and etcd stores write a touch only when it moved `last_accessed` by more than
+    /// 10 % of the timeout ([`TouchPolicy::default`]): there every written touch is an
+    /// fsync or a quorum commit.
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::session::shared::StoreKey;
+    /// use erlmcp_rollout::session::TouchPolicy;
+    /// assert_eq!(StoreKey::memory("m").default_touch(), TouchPolicy::always());
+    /// ```
+    pub fn default_touch(&self) -> TouchPolicy {
+        match self {
+            StoreKey::Memory(_) => TouchPolicy::always(),
+            _ => TouchPolicy::default(),
+        }
+    }
+
     /// Whether calls on this store may wait for I/O (disk, network): a host with
     /// latency-sensitive threads runs them elsewhere.
     pub fn blocking(&self) -> bool {
@@ -208,8 +228,9 @@ impl StoreKey {
 /// The settings that shape an open store; a second open of the store must ask for the same.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShareOptions {
-    /// Which touches are written.
-    pub touch: TouchPolicy,
+    /// Which touches are written; `None`: the store kind's default
+    /// ([`StoreKey::default_touch`]), resolved when the store is opened.
+    pub touch: Option<TouchPolicy>,
     /// Tombstone retention (ms); `None` for [`StoreOptions`]' default.
     pub tombstone_retention_ms: Option<u64>,
     /// A side of a migration: keeps tombstones (a plain memory store frees the dead).
@@ -258,7 +279,7 @@ impl StoreRegistry {
         let defaults = StoreOptions::default();
         StoreOptions {
             clock: Arc::clone(&self.clock),
-            touch: o.touch,
+            touch: o.touch.unwrap_or_default(),
             tombstone_retention_ms: o.tombstone_retention_ms.unwrap_or(defaults.tombstone_retention_ms),
         }
     }
@@ -283,11 +304,17 @@ impl StoreRegistry {
     /// use erlmcp_rollout::session::{SystemClock, TouchPolicy};
     /// let registry = StoreRegistry::new(Arc::new(SystemClock));
     /// let _s = registry.open(&StoreKey::memory("m"), ShareOptions::default())?;
-    /// let other = ShareOptions { touch: TouchPolicy::permille(10).unwrap(), ..ShareOptions::default() };
+    /// let other = ShareOptions { touch: Some(TouchPolicy::permille(10).unwrap()), ..ShareOptions::default() };
     /// assert!(matches!(registry.open(&StoreKey::memory("m"), other), Err(OpenError::Mismatch(_))));
     /// # Ok::<(), OpenError>(())
     /// ```
     pub fn open(&self, key: &StoreKey, options: ShareOptions) -> Result<Arc<dyn Store>, OpenError> {
+        // Compared and kept resolved: "the kind's default" and that default spelled out
+        // are the same settings.
+        let options = ShareOptions {
+            touch: Some(options.touch.unwrap_or_else(|| key.default_touch())),
+            ..options
+        };
         let mut stores = self.stores.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(r) = stores.get(key) {
             if let Some(store) = r.store.upgrade() {

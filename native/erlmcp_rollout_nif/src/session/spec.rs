@@ -25,7 +25,8 @@ pub struct OpenOptions {
     pub name: String,
     /// The key prefix of `{etcd, ..}` stores.
     pub prefix: Vec<u8>,
-    pub touch: TouchPolicy,
+    /// `touch_permille`; `None`: the store kind's default ([`StoreKey::default_touch`]).
+    pub touch: Option<TouchPolicy>,
     pub tombstone_retention_ms: Option<u64>,
     /// `tls` and `auth`: for every etcd store and the etcd phase (unless they have their own).
     pub etcd: EtcdSecurity,
@@ -45,7 +46,7 @@ pub fn decode_open_options(opts: Term<'_>) -> Result<OpenOptions, String> {
     let mut o = OpenOptions {
         name: "erlmcp_session_native".into(),
         prefix: b"erlmcp/sessions/".to_vec(),
-        touch: TouchPolicy::default(),
+        touch: None,
         tombstone_retention_ms: None,
         etcd: EtcdSecurity::default(),
     };
@@ -65,7 +66,7 @@ pub fn decode_open_options(opts: Term<'_>) -> Result<OpenOptions, String> {
                 .ok_or("prefix must be a binary or a string")?;
         } else if key == atoms::touch_permille() {
             let p: u16 = v.decode().map_err(|_| "touch_permille must be an integer 0..1000")?;
-            o.touch = TouchPolicy::permille(p).map_err(|e| e.to_string())?;
+            o.touch = Some(TouchPolicy::permille(p).map_err(|e| e.to_string())?);
         } else if key == atoms::tombstone_retention_ms() {
             o.tombstone_retention_ms = Some(
                 v.decode()
