@@ -340,12 +340,20 @@ fn session_list_page<'a>(
         Ok(l) if (1..=MAX_PAGE).contains(&l) => l,
         _ => return invalid(env, &format!("limit must be an integer 1..{MAX_PAGE}")),
     };
-    run(env, handle, tag, false, move |store| {
+    let reply = run(env, handle, tag, false, move |store| {
         match store.scan(after.as_ref(), limit, Visibility::Live) {
             Ok(page) => Reply::Page(page.records.into_iter().map(|s| s.id).collect(), page.next),
             Err(e) => Reply::Failed(e),
         }
-    })
+    });
+    if !handle.blocking {
+        // An inline page visits up to 2 x limit records (live or not), about half a
+        // timeslice at the largest limit: charged as such, so a caller paging through a
+        // large store is scheduled out every few pages instead of holding its scheduler
+        // for the whole listing (a NIF call otherwise counts as one reduction).
+        rustler::schedule::consume_timeslice(env, 50);
+    }
+    reply
 }
 
 /// Most records one `session_apply_batch/3` takes.
@@ -430,9 +438,36 @@ fn session_get_many<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, ids: 
 fn session_sweep<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>) -> Term<'a> {
     let now = CLOCK.now_unix_ms();
     run(env, handle, tag, true, move |store| match store.sweep_expired(now) {
-        Ok(o) => Reply::Swept(o.expired, o.tombstones),
+        Ok(o) => {
+            if o.expired.saturating_add(o.tombstones) >= TRIM_AFTER_FREEING {
+                trim_heap();
+            }
+            Reply::Swept(o.expired, o.tombstones)
+        }
         Err(e) => Reply::Failed(e),
     })
+}
+
+/// Records a sweep must free before the worker hands the freed memory back.
+const TRIM_AFTER_FREEING: usize = 10_000;
+
+/// Runs on a worker thread after a sweep freed many records. With glibc, records
+/// freed here that a scheduler thread allocated sit in that scheduler's arena as
+/// unconsolidated small chunks, and the next large allocation on that scheduler
+/// consolidates them all first: 120-140 ms on a normal scheduler after 400k were
+/// freed (BENCHMARKS.md, memory-store churn). `malloc_trim` does that work here, for
+/// every arena, and returns the free pages to the OS.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's malloc_trim takes no pointers and is thread-safe.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
 }
 
 /// `session_set_clock(Ms | system) -> ok`: pin the sessions' clock (tests).
