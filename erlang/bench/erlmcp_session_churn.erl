@@ -13,30 +13,26 @@ main([NStr]) ->
     T0 = erlang:system_time(millisecond),
     ok = erlmcp_rollout_nif:session_set_clock(T0),
     {ok, S} = erlmcp_session_native:init(#{store => memory, name => churn_bench}),
-    %% The monitor is another process: the VM does not report the monitoring
-    %% process's own long schedules, and this process makes every call.
-    Collector = spawn_link(fun() -> collect(none) end),
-    put(collector, Collector),
-    erlang:system_monitor(Collector, [{long_schedule, 10}]),
+    ok = erlmcp_bench_monitor:start(10),
     Rss0 = rss(),
     {FillMs1, _} = timed(fun() -> fill(S, <<"a-">>, N, T0) end),
-    Long1 = longest(),
+    Long1 = erlmcp_bench_monitor:longest(),
     Rss1 = rss(),
     ok = erlmcp_rollout_nif:session_set_clock(T0 + 61000),
     {ListDeadMs, {ok, [], S}} = timed(fun() -> erlmcp_session_native:list(S) end),
     {CleanMs, {ok, Expired, S}} = timed(fun() -> erlmcp_session_native:cleanup_expired(S) end),
-    LongClean = longest(),
+    LongClean = erlmcp_bench_monitor:longest(),
     {ListCleanMs, {ok, [], S}} = timed(fun() -> erlmcp_session_native:list(S) end),
     Rss2 = rss(),
     {FillMs2, _} = timed(fun() -> fill(S, <<"b-">>, N, T0 + 61000) end),
-    Long2 = longest(),
+    Long2 = erlmcp_bench_monitor:longest(),
     Rss3 = rss(),
     ok = erlmcp_rollout_nif:session_set_clock(T0 + 200000),
     {ok, _, S} = erlmcp_session_native:cleanup_expired(S),
     fill(S, <<"c-">>, 1000, T0 + 200000),
     {List1000Ms, {ok, L1000, S}} = timed(fun() -> erlmcp_session_native:list(S) end),
     1000 = length(L1000),
-    LongList = longest(),
+    LongList = erlmcp_bench_monitor:longest(),
     io:format("sessions per fill: ~b~n", [N]),
     io:format("fill 1: ~.1f s, RSS +~.1f MiB; fill 2 (after expiry + cleanup_expired): ~.1f s, RSS +~.1f MiB; "
               "ratio ~.2f~n", [FillMs1 / 1000, mib(Rss1 - Rss0), FillMs2 / 1000, mib(Rss3 - Rss2),
@@ -66,24 +62,6 @@ timed(F) ->
     T = erlang:monotonic_time(microsecond),
     R = F(),
     {(erlang:monotonic_time(microsecond) - T) / 1000, R}.
-
-%% The longest long_schedule report since the last call (ms), or none.
-longest() ->
-    %% A report is sent when the long stretch ends; let it arrive first.
-    timer:sleep(50),
-    Ref = make_ref(),
-    get(collector) ! {take, self(), Ref},
-    receive {Ref, Longest} -> Longest end.
-
-collect(Acc) ->
-    receive
-        {monitor, _, long_schedule, Info} ->
-            T = proplists:get_value(timeout, Info),
-            collect(case Acc of none -> T; _ -> max(Acc, T) end);
-        {take, From, Ref} ->
-            From ! {Ref, Acc},
-            collect(none)
-    end.
 
 fmt(none) -> "none";
 fmt(Ms) -> io_lib:format("~b ms", [Ms]).

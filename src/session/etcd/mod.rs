@@ -52,8 +52,8 @@ use lease::CachedLease;
 ///
 /// # Layout
 /// One etcd key per session: `prefix ++ id bytes` (ids may be any bytes; etcd keys are
-/// bytes and order bytewise, so a range over the prefix is the [`Store::scan`] order). The
-/// value is the [`codec`] record, so `version`, `tombstone` and the times live in the value.
+/// bytes and order bytewise, so a range over the prefix is the [`Store::scan`](super::Store::scan) order). The
+/// value is the [`codec`](super::codec) record, so `version`, `tombstone` and the times live in the value.
 ///
 /// # Writes
 /// Every write is one etcd `Txn` guarded on the key's `mod_revision` as read (or
