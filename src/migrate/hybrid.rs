@@ -42,7 +42,7 @@ use super::outbox::Outbox;
 use super::phase::{FilePhaseStore, Phase, PhaseStore};
 use super::MigrateError;
 use crate::etcd::EtcdSecurity;
-use crate::session::shared::{OpenError, ShareOptions, StoreKey, StoreRegistry};
+use crate::session::shared::{open_while_closing, OpenError, ShareOptions, StoreKey, StoreRegistry};
 use crate::session::{Clock, Store, TouchPolicy};
 
 /// How long each gated step of [`HybridOptions::step_to`] may wait for the outbox to drain.
@@ -194,11 +194,14 @@ impl HybridRegistry {
         let blocking = primary.blocking() || secondary.blocking();
         let hybrid = {
             let mut by_dir = self.by_dir.lock().unwrap_or_else(PoisonError::into_inner);
+            // The previous migration of this directory may still be closing on another
+            // thread (its last handle was just dropped) and hold the outbox.
+            let closing = by_dir.get(&dir).is_some_and(|w| w.strong_count() == 0);
             by_dir.retain(|_, w| w.strong_count() > 0);
             match by_dir.get(&dir).and_then(Weak::upgrade) {
                 Some(h) => h,
                 None => {
-                    let h = Arc::new(self.start(p, s, &dir, &options, blocking)?);
+                    let h = Arc::new(self.start(p, s, &dir, &options, blocking, closing)?);
                     by_dir.insert(dir, Arc::downgrade(&h));
                     h
                 }
@@ -217,6 +220,7 @@ impl HybridRegistry {
         dir: &Path,
         options: &HybridOptions,
         blocking: bool,
+        closing: bool,
     ) -> Result<Hybrid, MigrateError> {
         let mut config = MigratorConfig {
             touch: options.touch.unwrap_or_default(),
@@ -252,7 +256,8 @@ impl HybridRegistry {
         };
         #[cfg(not(feature = "etcd"))]
         let phases: Box<dyn PhaseStore> = Box::new(FilePhaseStore::new(dir.join("phase.json")));
-        let outbox = Outbox::open(dir.join("outbox.redb"))?;
+        // Any failure may be the closing instance's lock; after the wait, the real one.
+        let outbox = open_while_closing(closing, || Outbox::open(dir.join("outbox.redb")), |_| true)?;
         let migrator = Arc::new(Migrator::open(primary, secondary, outbox, phases, config)?);
         let relay = migrator.start_relay();
         #[cfg(feature = "etcd")]

@@ -237,6 +237,13 @@ pub struct ShareOptions {
     pub migration: bool,
 }
 
+impl ShareOptions {
+    /// The touch policy these options give the store `key` names.
+    fn touch_for(&self, key: &StoreKey) -> TouchPolicy {
+        self.touch.unwrap_or_else(|| key.default_touch())
+    }
+}
+
 /// Why [`StoreRegistry::open`] (or a [`StoreKey`] constructor) failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum OpenError {
@@ -266,6 +273,27 @@ pub struct StoreRegistry {
 #[cfg(feature = "disk")]
 const CLOSING_WAIT: Duration = Duration::from_secs(2);
 
+/// Runs `open`; while `closing` (an instance of the same file is being dropped on
+/// another thread and may still hold the file's lock), retries the failures `busy`
+/// accepts for up to [`CLOSING_WAIT`]. Every registry that reopens a file (stores here,
+/// a migration's outbox in `migrate::hybrid`) waits this way.
+#[cfg(feature = "disk")]
+pub(crate) fn open_while_closing<T, E>(
+    closing: bool,
+    mut open: impl FnMut() -> Result<T, E>,
+    busy: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let deadline = Instant::now() + CLOSING_WAIT;
+    loop {
+        match open() {
+            Err(e) if closing && busy(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            result => return result,
+        }
+    }
+}
+
 impl StoreRegistry {
     /// An empty registry whose stores read "now" from `clock`.
     pub fn new(clock: Arc<dyn Clock>) -> StoreRegistry {
@@ -275,11 +303,11 @@ impl StoreRegistry {
         }
     }
 
-    fn store_options(&self, o: ShareOptions) -> StoreOptions {
+    fn store_options(&self, key: &StoreKey, o: ShareOptions) -> StoreOptions {
         let defaults = StoreOptions::default();
         StoreOptions {
             clock: Arc::clone(&self.clock),
-            touch: o.touch.unwrap_or_default(),
+            touch: o.touch_for(key),
             tombstone_retention_ms: o.tombstone_retention_ms.unwrap_or(defaults.tombstone_retention_ms),
         }
     }
@@ -312,7 +340,7 @@ impl StoreRegistry {
         // Compared and kept resolved: "the kind's default" and that default spelled out
         // are the same settings.
         let options = ShareOptions {
-            touch: Some(options.touch.unwrap_or_else(|| key.default_touch())),
+            touch: Some(options.touch_for(key)),
             ..options
         };
         let mut stores = self.stores.lock().unwrap_or_else(PoisonError::into_inner);
@@ -353,22 +381,18 @@ impl StoreRegistry {
 
     #[cfg_attr(not(feature = "disk"), allow(unused_variables))]
     fn open_new(&self, key: &StoreKey, options: ShareOptions, closing: bool) -> Result<Arc<dyn Store>, OpenError> {
-        let so = self.store_options(options);
+        let so = self.store_options(key, options);
         match key {
             StoreKey::Memory(_) if options.migration => Ok(Arc::new(MemoryStore::new(so))),
             StoreKey::Memory(_) => Ok(Arc::new(MemoryStore::without_tombstones(so))),
             #[cfg(feature = "disk")]
             StoreKey::Disk(path) => {
-                let deadline = Instant::now() + CLOSING_WAIT;
-                loop {
-                    match super::DiskStore::create(path, so.clone()) {
-                        Ok(store) => return Ok(Arc::new(store)),
-                        Err(StoreError::Unavailable { .. }) if closing && Instant::now() < deadline => {
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
+                let store = open_while_closing(
+                    closing,
+                    || super::DiskStore::create(path, so.clone()),
+                    |e| matches!(e, StoreError::Unavailable { .. }),
+                )?;
+                Ok(Arc::new(store))
             }
             #[cfg(feature = "etcd")]
             StoreKey::Etcd {
