@@ -337,3 +337,47 @@ fn a_closed_pipe_is_not_an_error() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn erlmcp_format_files_are_checked_and_evaluated_with_erlmcps_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_tmp(
+        &dir,
+        "feature-flags.json",
+        r#"{"flags": [
+  {"name": "new_transport", "state": "rollout", "rollout_strategy": "canary", "rollout_percentage": 70},
+  {"name": "max_batch", "value": 250}
+]}"#,
+    );
+    let o = run(&["flags", "check", &good]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert!(stdout(&o).contains("2 flags"), "{}", stdout(&o));
+    // phash2(<<"session-123">>) = 86828266: bucket 66 < 70 (phash2(_, 100) would be 98).
+    let o = run(&[
+        "flags",
+        "explain",
+        &good,
+        "new_transport",
+        "--ctx",
+        "session_id=session-123",
+    ]);
+    let out = stdout(&o);
+    assert!(out.contains("phash2(Value) rem 100 = 66, below 70%"), "{out}");
+    let bad = write_tmp(
+        &dir,
+        "bad.json",
+        "{\"flags\": [\n  {\"name\": \"x\", \"state\": \"on\"},\n  {\"name\": \"x\"}\n]}",
+    );
+    let o = run(&["flags", "check", &bad]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(out.contains("2 problem(s)"), "{out}");
+    assert!(
+        out.contains("flag \"x\": $.flags[0].state (line 2, column 26): state must be enabled, disabled or rollout"),
+        "{out}"
+    );
+    assert!(
+        out.contains("$.flags[1].name (line 3, column 12): flag \"x\" is listed twice"),
+        "{out}"
+    );
+}

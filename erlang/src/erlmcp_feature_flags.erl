@@ -51,6 +51,11 @@
          register_condition/2, unregister_condition/1,
          metrics/0, metrics_text/0]).
 
+%% erlmcp's own module's functions (docs/flags.md, "erlmcp's own flags module")
+-export([get_flag/1, get_flag/2, set_flag/2, set_flag/3, list_flags/0, list_flags/1,
+         get_rollout_percentage/1, evaluate_rollout/2, load_flags/0, load_flags/1, reload_flags/0,
+         export_flags/0, import_flags/1, watch_config/0]).
+
 %% gen_server callbacks
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2, code_change/3]).
 
@@ -69,10 +74,27 @@
                      audit_log => file:filename_all()}.
 -type details() :: #{binary() => term()}.
 -type problem() :: erlmcp_rollout_nif:problem().
--export_type([flag_name/0, context/0, options/0, problem/0, details/0]).
+%% erlmcp's `feature_flag()': JSON objects as maps with binary keys.
+-type feature_flag() :: #{name := binary(),
+                          category => binary() | custom,
+                          state => enabled | disabled | rollout,
+                          value => term(),
+                          rollout_percentage => 0..100,
+                          rollout_strategy => all | none | canary | percentage | user_segment,
+                          conditions => map(),
+                          description => binary(),
+                          updated_at => integer()}.
+-type flags() :: #{binary() => feature_flag()}.
+-export_type([flag_name/0, context/0, options/0, problem/0, details/0, feature_flag/0, flags/0]).
 
 -define(SERVER, ?MODULE).
 -define(DEFAULT_CONFIG, "config/feature_flags.json").
+%% erlmcp's module reads FEATURE_FLAGS_PATH, else its ConfigMap mount.
+-define(ERLMCP_CONFIG, "/opt/erlmcp/etc/feature-flags.json").
+%% Rounds of `{hash, Wanted}' answers one evaluation can ask for: each round
+%% answers every hash the last asked for, and one evaluation hashes at most
+%% one value per flag of its prerequisite tree (64 + the flag).
+-define(HASH_ROUNDS, 65).
 -define(DEFAULT_RELOAD_MS, 60000).
 -define(DEFAULT_CHECK_MS, 1000).
 -define(CUSTOM_KEY(Name), {?MODULE, custom, Name}).
@@ -95,11 +117,16 @@
 %%% API
 
 %% @doc Start with the application env of `erlmcp_core', as the reference
-%% does: `feature_flags_config' (default "config/feature_flags.json") and
-%% `environment' (default `dev').
+%% does: `feature_flags_config' (default: the OS variable
+%% `FEATURE_FLAGS_PATH', as erlmcp's module reads, else
+%% "config/feature_flags.json") and `environment' (default `dev').
 -spec start_link() -> {ok, pid()} | {error, term()}.
 start_link() ->
-    Config = application:get_env(erlmcp_core, feature_flags_config, ?DEFAULT_CONFIG),
+    Fallback = case os:getenv("FEATURE_FLAGS_PATH") of
+                   false -> ?DEFAULT_CONFIG;
+                   Path -> Path
+               end,
+    Config = application:get_env(erlmcp_core, feature_flags_config, Fallback),
     Env = application:get_env(erlmcp_core, environment, dev),
     start_link(#{config => Config, environment => Env}).
 
@@ -125,9 +152,11 @@ is_enabled(Name) ->
 %% @doc Whether flag `Name' is on for `Context'. For erlmcp compatibility the
 %% second argument may instead be a boolean: the result for a flag the config
 %% does not have (otherwise `false'). A string name is the flag of the same
-%% text (`"f"' and `<<"f">>' are one flag). Raises `badarg' for a name that is
-%% not a binary, atom or string, a context that is not a map, or a context
-%% value evaluation reads that is not a binary, atom or integer.
+%% text (`"f"' and `<<"f">>' are one flag). Context values may be any term,
+%% as in the reference: a value that is not a binary, atom or integer equals
+%% no configured value and is bucketed by `erlang:phash2/2' (the NIF asks
+%% this process for the hash). Raises `badarg' for a name that is not a
+%% binary, atom or string, or a context that is not a map.
 -spec is_enabled(Name :: flag_name(), ContextOrDefault :: context() | boolean()) -> boolean().
 is_enabled(Name, ContextOrDefault) when is_list(Name) ->
     %% Off the hot path: binary and atom names skip this clause.
@@ -138,7 +167,8 @@ is_enabled(Name, Context) when is_map(Context) ->
         true -> true;
         false -> false;
         unknown -> false;
-        {custom, Names} -> eval_custom(Name, Context, Names, false)
+        {custom, Names} -> eval_custom(Name, Context, Names, false);
+        {hash, Wanted} -> eval_hashed(Name, Context, Wanted, false)
     end;
 is_enabled(Name, Default) when is_boolean(Default) ->
     eval(Name, #{}, Default);
@@ -150,15 +180,38 @@ eval(Name, Context, Default) ->
         true -> true;
         false -> false;
         unknown -> Default;
-        {custom, Names} -> eval_custom(Name, Context, Names, Default)
+        {custom, Names} -> eval_custom(Name, Context, Names, Default);
+        {hash, Wanted} -> eval_hashed(Name, Context, Wanted, Default)
     end.
 
 eval_custom(Name, Context, Names, Default) ->
     Answers = [{N, run_custom(N, Context)} || N <- Names],
-    case erlmcp_rollout_nif:flags_eval_custom(Name, Context, Answers) of
-        unknown -> Default;
-        Bool -> Bool
+    or_default(answered(fun(Hashes) -> erlmcp_rollout_nif:flags_eval_custom(Name, Context, Answers, Hashes) end,
+                        [], ?HASH_ROUNDS),
+               Default).
+
+%% A context value that is not a binary, atom or integer (a float, tuple,
+%% list, pid, ...): its bucket is `erlang:phash2/2''s, as in the reference.
+eval_hashed(Name, Context, Wanted, Default) ->
+    or_default(answered(fun(Hashes) -> erlmcp_rollout_nif:flags_eval_custom(Name, Context, [], Hashes) end,
+                        hashes(Wanted), ?HASH_ROUNDS),
+               Default).
+
+or_default(unknown, Default) -> Default;
+or_default(Bool, _Default) -> Bool.
+
+%% Call `Eval' with the hashes known so far until it stops asking for more
+%% (`{hash, Wanted}'). Every round answers all it asked for, so it ends
+%% within `?HASH_ROUNDS'; one that does not is a bug, reported as such.
+answered(Eval, Hashes, Rounds) ->
+    case Eval(Hashes) of
+        {hash, Wanted} when Rounds > 0 -> answered(Eval, hashes(Wanted) ++ Hashes, Rounds - 1);
+        {hash, Wanted} -> erlang:error({unanswered_hashes, Wanted});
+        Result -> Result
     end.
+
+hashes(Wanted) ->
+    [{T, erlang:phash2(T, 4294967296)} || T <- Wanted].
 
 run_custom(Name, Context) ->
     case persistent_term:get(?CUSTOM_KEY(Name), undefined) of
@@ -219,7 +272,8 @@ details() ->
 -spec details(Name :: flag_name(), Context :: context()) -> details().
 details(Name, Context) when (is_binary(Name) orelse is_atom(Name)), is_map(Context) ->
     Answers = [{N, run_custom(N, Context)} || N <- erlmcp_rollout_nif:flags_custom_names(Name)],
-    erlmcp_rollout_nif:flags_eval_details(Name, Context, Answers);
+    answered(fun(Hashes) -> erlmcp_rollout_nif:flags_eval_details(Name, Context, Answers, Hashes) end,
+             [], ?HASH_ROUNDS);
 details(_Name, _Context) ->
     erlang:error(badarg).
 
@@ -252,7 +306,7 @@ reload_now() ->
 %% `<<"result">>', `<<"steps">>', ...).
 -spec explain(Name :: flag_name(), Context :: context()) -> map().
 explain(Name, Context) ->
-    erlmcp_rollout_nif:flags_explain(flag(Name), Context).
+    answered(fun(Hashes) -> erlmcp_rollout_nif:flags_explain(flag(Name), Context, Hashes) end, [], ?HASH_ROUNDS).
 
 %% @doc Register the predicate behind `{"custom": Name}'. It runs in the
 %% caller of `is_enabled/2' with the context map.
@@ -277,6 +331,184 @@ metrics() ->
 -spec metrics_text() -> binary().
 metrics_text() ->
     erlmcp_rollout_nif:flags_metrics_text().
+
+%%% erlmcp's own module's interface. Its file format is read by every load
+%%% (detected by its "flags" list); cohorts of its rollouts are its own,
+%%% `erlang:phash2(Id) rem 100 < rollout_percentage'. Where its code does
+%%% not do what it evidently means, these follow the intent (docs/flags.md).
+
+%% @doc erlmcp's `get_flag(Name, undefined)'.
+-spec get_flag(Name :: flag_name()) -> term().
+get_flag(Name) ->
+    get_flag(Name, undefined).
+
+%% @doc The flag's `value' (erlmcp's field; `true' by default, the flag's
+%% `enabled' for a flag in our format), or `Default' for a flag the config
+%% does not have.
+-spec get_flag(Name :: flag_name(), Default :: term()) -> term().
+get_flag(Name, Default) ->
+    case erlmcp_rollout_nif:flags_erlmcp_get(flag(Name)) of
+        undefined -> Default;
+        #{value := Value} -> Value
+    end.
+
+%% @doc erlmcp's `set_flag(Name, Value, #{})'.
+-spec set_flag(Name :: flag_name(), Value :: term()) -> ok | {error, term()}.
+set_flag(Name, Value) ->
+    set_flag(Name, Value, #{}).
+
+%% @doc Define or replace flag `Name' at runtime with erlmcp's fields:
+%% `Value' and the options `state' (default `enabled'), `category',
+%% `rollout_percentage' (100), `rollout_strategy' (`all'), `conditions',
+%% `description'. It serves until the flags' source changes (a changed file
+%% or etcd key, `load_flags/1', `reload_flags/0'), as in erlmcp, where a
+%% load replaces it. `{error, {bad_option, Key}}' for an option erlmcp does
+%% not have, `{error, {invalid_flag, Problems}}' naming a bad field,
+%% `{error, {bad_value, Message}}' for a value JSON cannot hold (a pid, a
+%% tuple); nothing changes then.
+-spec set_flag(Name :: flag_name(), Value :: term(), Options :: map()) -> ok | {error, term()}.
+set_flag(Name, Value, Options) when is_map(Options) ->
+    Known = [state, category, rollout_percentage, rollout_strategy, conditions, description],
+    case [K || K <- maps:keys(Options), not lists:member(K, Known)] of
+        [Unknown | _] ->
+            {error, {bad_option, Unknown}};
+        [] ->
+            Fields = maps:merge(Options, #{value => Value, updated_at => erlang:system_time(millisecond)}),
+            case erlmcp_rollout_nif:flags_erlmcp_set(flag(Name), Fields, actor(self())) of
+                ok -> ok;
+                {error, {bad_value, _} = Bad} -> {error, Bad};
+                {error, Problems} -> {error, {invalid_flag, Problems}}
+            end
+    end;
+set_flag(_Name, _Value, _Options) ->
+    {error, {bad_option, options}}.
+
+%% @doc Every flag in erlmcp's `feature_flag()' shape, by name.
+-spec list_flags() -> flags().
+list_flags() ->
+    erlmcp_rollout_nif:flags_erlmcp_list().
+
+%% @doc The flags of `Category' (`custom', the default category, matches
+%% flags without one; `<<"x">>', `x' and `"x"' are one category).
+-spec list_flags(Category :: binary() | atom() | string()) -> [feature_flag()].
+list_flags(Category) ->
+    Want = to_binary(Category),
+    [F || #{category := C} = F <- maps:values(list_flags()), to_binary(C) =:= Want].
+
+%% @doc The flag's `rollout_percentage' (0 for a flag the config does not have).
+-spec get_rollout_percentage(Name :: flag_name()) -> 0..100.
+get_rollout_percentage(Name) ->
+    case erlmcp_rollout_nif:flags_erlmcp_get(flag(Name)) of
+        undefined -> 0;
+        #{rollout_percentage := P} -> P
+    end.
+
+%% @doc Whether flag `Name' is on for `Identifier' (any term) as its
+%% stickiness value: for an erlmcp flag, `state' and `rollout_strategy'
+%% decide, a partial rollout by `erlang:phash2(Identifier) rem 100 <
+%% rollout_percentage' (erlmcp's own bucket), and `value' `false' is off.
+%% (erlmcp's code returns a boolean `value' first and skips the percentage.)
+%% `false' for a flag the config does not have.
+-spec evaluate_rollout(Name :: flag_name(), Identifier :: term()) -> boolean().
+evaluate_rollout(Name, Identifier) ->
+    N = flag(Name),
+    Eval = fun(Hashes) -> erlmcp_rollout_nif:flags_eval_rollout(N, Identifier, [], Hashes) end,
+    answered(Eval, [], ?HASH_ROUNDS) =:= true.
+
+%% @doc erlmcp's `load_flags(default)'.
+-spec load_flags() -> {ok, flags()} | {error, term()}.
+load_flags() ->
+    load_flags(default).
+
+%% @doc Load flags from `default' (the OS variable `FEATURE_FLAGS_PATH',
+%% else "/opt/erlmcp/etc/feature-flags.json"), a file (it becomes the
+%% running server's source, reloaded on change) or JSON text (as
+%% `import_flags/1'); either format. `{ok, Flags}' as `list_flags/0', or
+%% `{error, {file_error, Reason}}', `{error, {invalid_config, Problems}}';
+%% a failed load changes nothing.
+-spec load_flags(Source :: default | file:filename_all()) -> {ok, flags()} | {error, term()}.
+load_flags(default) ->
+    load_flags(erlmcp_path());
+load_flags(Json) when is_binary(Json) ->
+    case import_flags(Json) of
+        ok -> {ok, list_flags()};
+        Error -> Error
+    end;
+load_flags(Path) when is_list(Path) ->
+    case file:read_file_info(Path) of
+        {error, Reason} ->
+            {error, {file_error, Reason}};
+        {ok, _} ->
+            Bin = unicode:characters_to_binary(Path),
+            Result = case whereis(?SERVER) of
+                         undefined -> load_now(Bin);
+                         _Pid -> gen_server:call(?SERVER, {load_flags, Bin}, 30000)
+                     end,
+            case Result of
+                ok -> {ok, list_flags()};
+                {error, Problems} -> {error, {invalid_config, Problems}}
+            end
+    end.
+
+%% @doc Re-read the flags' source even when unchanged (undoing `set_flag/3'
+%% and `import_flags/1'): the running server's file, or erlmcp's default
+%% source without a server. With an etcd source, the flags in force (etcd
+%% pushes every change).
+-spec reload_flags() -> {ok, flags()} | {error, term()}.
+reload_flags() ->
+    case whereis(?SERVER) of
+        undefined ->
+            load_flags();
+        _Pid ->
+            case gen_server:call(?SERVER, reload_flags, 30000) of
+                ok -> {ok, list_flags()};
+                {error, Problems} -> {error, {invalid_config, Problems}}
+            end
+    end.
+
+%% @doc erlmcp's export: `{ok, JSON}' with `version', `environment',
+%% `last_updated' and `flags' (erlmcp's format, which `import_flags/1' and
+%% erlmcp's module read back).
+-spec export_flags() -> {ok, binary()}.
+export_flags() ->
+    {ok, erlmcp_rollout_nif:flags_erlmcp_export()}.
+
+%% @doc Replace the flags with `Json' (either format) until the source
+%% changes: `ok', `{error, {invalid_config, Problems}}' (nothing changes) or
+%% `{error, invalid_input}' for a non-binary.
+-spec import_flags(Json :: binary()) -> ok | {error, term()}.
+import_flags(Json) when is_binary(Json) ->
+    case erlmcp_rollout_nif:flags_import_json(Json, actor(self())) of
+        {ok, _Info} -> ok;
+        {error, Problems} -> {error, {invalid_config, Problems}}
+    end;
+import_flags(_Other) ->
+    {error, invalid_input}.
+
+%% @doc The server that follows the flags' source (it reloads a changed file
+%% within `check_interval_ms'): the running one, or one started (linked) on
+%% erlmcp's default source.
+-spec watch_config() -> {ok, pid()} | {error, term()}.
+watch_config() ->
+    case whereis(?SERVER) of
+        undefined -> start_link(#{config => erlmcp_path()});
+        Pid -> {ok, Pid}
+    end.
+
+erlmcp_path() ->
+    case os:getenv("FEATURE_FLAGS_PATH") of
+        false -> ?ERLMCP_CONFIG;
+        Path -> Path
+    end.
+
+load_now(Path) ->
+    case erlmcp_rollout_nif:flags_load_file_now(Path) of
+        {ok, _Info} -> ok;
+        {error, _Problems} = Error -> Error
+    end.
+
+actor(Pid) ->
+    iolist_to_binary(["erlang:", atom_to_binary(node(Pid), utf8), ":", pid_to_list(Pid)]).
 
 %%% gen_server callbacks
 
@@ -346,8 +578,24 @@ handle_call(reload_now, _From, State) ->
     {Reply, NewState} = load(State),
     {reply, Reply, NewState};
 handle_call({override, Name, Value}, {Pid, _Tag}, State) ->
-    Actor = iolist_to_binary(["erlang:", atom_to_binary(node(Pid), utf8), ":", pid_to_list(Pid)]),
-    {reply, erlmcp_rollout_nif:flags_set_override_by(Name, Value, Actor), State};
+    {reply, erlmcp_rollout_nif:flags_set_override_by(Name, Value, actor(Pid)), State};
+handle_call({load_flags, Path}, _From, #state{etcd = {_, _, _}} = State) ->
+    {reply, {error, [#{flag => undefined, path => Path, line => undefined, column => undefined,
+                       message => <<"the flags follow etcd; start the server with config => Path instead">>}]},
+     State};
+handle_call({load_flags, Path}, _From, State) ->
+    case load_now(Path) of
+        ok ->
+            %% The new file is the source from now on.
+            {reply, ok, State#state{config = Path, stamp = stamp(Path), last_error = undefined}};
+        Error ->
+            {reply, Error, State}
+    end;
+handle_call(reload_flags, _From, #state{etcd = {_, _, _}} = State) ->
+    {reply, etcd_health(), State};
+handle_call(reload_flags, _From, #state{config = Path} = State) ->
+    Reply = load_now(Path),
+    {reply, Reply, State#state{stamp = stamp(Path)}};
 handle_call(_Request, _From, State) ->
     {reply, {error, unknown_call}, State}.
 

@@ -28,11 +28,13 @@
 %%   engine lives in the library, not in any process.
 -module(erlmcp_rollout_nif).
 
--export([flags_eval/2, flags_eval_custom/3, flags_status/0, flags_configure/2,
+-export([flags_eval/2, flags_eval_custom/4, flags_status/0, flags_configure/2,
          flags_load_file/1, flags_load_json/1, flags_set_override/2, flags_get_all/0,
-         flags_details/0, flags_explain/2, flags_metrics/0, flags_metrics_text/0,
+         flags_details/0, flags_explain/3, flags_metrics/0, flags_metrics_text/0,
          flags_phash2/2, flags_set_clock/1, flags_watch_etcd/3, flags_unwatch_etcd/0, flags_etcd_status/0,
-         flags_custom_names/1, flags_eval_details/3, flags_set_override_by/3, flags_audit/1]).
+         flags_custom_names/1, flags_eval_details/4, flags_set_override_by/3, flags_audit/1,
+         flags_eval_rollout/4, flags_erlmcp_get/1, flags_erlmcp_list/0, flags_erlmcp_export/0,
+         flags_erlmcp_set/3, flags_import_json/2, flags_load_file_now/1]).
 -export([session_open/2, session_put/4, session_touch/3, session_get/3, session_known/3, session_delete/3,
          session_list_page/4, session_sweep/2, session_apply_batch/3, session_get_many/3, session_migration/4, session_migration_status/1, session_migration_phase/1, session_set_clock/1, session_now/0]).
 
@@ -102,12 +104,43 @@ lib_path() ->
 
 -define(NOT_LOADED, erlang:nif_error(nif_not_loaded)).
 
--spec flags_eval(Name :: name(), Context :: map()) -> boolean() | unknown | {custom, [binary()]}.
+%% `{hash, Wanted}': a context value of another type than binary, atom or
+%% integer needs `erlang:phash2(T, 4294967296)' for each `T' in `Wanted';
+%% evaluate again with `flags_eval_custom/4' and those `[{T, Hash}]'.
+-spec flags_eval(Name :: name(), Context :: map()) ->
+    boolean() | unknown | {custom, [binary()]} | {hash, [term()]}.
 flags_eval(_Name, _Context) -> ?NOT_LOADED.
 
--spec flags_eval_custom(Name :: name(), Context :: map(), Answers :: [{binary(), boolean()}]) ->
-    boolean() | unknown.
-flags_eval_custom(_Name, _Context, _Answers) -> ?NOT_LOADED.
+-spec flags_eval_custom(Name :: name(), Context :: map(), Answers :: [{binary(), boolean()}],
+                        Hashes :: [{term(), non_neg_integer()}]) ->
+    boolean() | unknown | {hash, [term()]}.
+flags_eval_custom(_Name, _Context, _Answers, _Hashes) -> ?NOT_LOADED.
+
+%% erlmcp's `evaluate_rollout/2': `Identifier' (any term) under the flag's
+%% stickiness key.
+-spec flags_eval_rollout(Name :: name(), Identifier :: term(), Answers :: [{binary(), boolean()}],
+                         Hashes :: [{term(), non_neg_integer()}]) ->
+    boolean() | unknown | {hash, [term()]}.
+flags_eval_rollout(_Name, _Identifier, _Answers, _Hashes) -> ?NOT_LOADED.
+
+-spec flags_erlmcp_get(Name :: name()) -> undefined | map().
+flags_erlmcp_get(_Name) -> ?NOT_LOADED.
+
+-spec flags_erlmcp_list() -> #{binary() => map()}.
+flags_erlmcp_list() -> ?NOT_LOADED.
+
+-spec flags_erlmcp_export() -> binary().
+flags_erlmcp_export() -> ?NOT_LOADED.
+
+-spec flags_erlmcp_set(Name :: name(), Fields :: map(), Actor :: binary()) ->
+    ok | {error, [problem()] | {bad_value, binary()}}.
+flags_erlmcp_set(_Name, _Fields, _Actor) -> ?NOT_LOADED.
+
+-spec flags_import_json(Json :: binary(), Actor :: binary()) -> {ok, load_info()} | {error, [problem()]}.
+flags_import_json(_Json, _Actor) -> ?NOT_LOADED.
+
+-spec flags_load_file_now(Path :: binary()) -> {ok, load_info()} | {error, [problem()]}.
+flags_load_file_now(_Path) -> ?NOT_LOADED.
 
 -spec flags_status() -> {Generation :: pos_integer(), Flags :: non_neg_integer(), Reloads :: non_neg_integer()}.
 flags_status() -> ?NOT_LOADED.
@@ -130,9 +163,10 @@ flags_set_override_by(_Name, _Value, _Actor) -> ?NOT_LOADED.
 -spec flags_custom_names(Name :: name()) -> [binary()].
 flags_custom_names(_Name) -> ?NOT_LOADED.
 
--spec flags_eval_details(Name :: name(), Context :: map(), Answers :: [{binary(), boolean()}]) ->
-    #{binary() => term()}.
-flags_eval_details(_Name, _Context, _Answers) -> ?NOT_LOADED.
+-spec flags_eval_details(Name :: name(), Context :: map(), Answers :: [{binary(), boolean()}],
+                         Hashes :: [{term(), non_neg_integer()}]) ->
+    #{binary() => term()} | {hash, [term()]}.
+flags_eval_details(_Name, _Context, _Answers, _Hashes) -> ?NOT_LOADED.
 
 -spec flags_audit({file, Path :: binary() | string(), Actor :: binary()} | off) -> ok | {error, binary()}.
 flags_audit(_Spec) -> ?NOT_LOADED.
@@ -143,8 +177,9 @@ flags_get_all() -> ?NOT_LOADED.
 -spec flags_details() -> [map()].
 flags_details() -> ?NOT_LOADED.
 
--spec flags_explain(Name :: name(), Context :: map()) -> map().
-flags_explain(_Name, _Context) -> ?NOT_LOADED.
+-spec flags_explain(Name :: name(), Context :: map(), Hashes :: [{term(), non_neg_integer()}]) ->
+    map() | {hash, [term()]}.
+flags_explain(_Name, _Context, _Hashes) -> ?NOT_LOADED.
 
 -spec flags_metrics() -> map().
 flags_metrics() -> ?NOT_LOADED.

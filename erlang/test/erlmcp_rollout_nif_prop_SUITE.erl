@@ -164,12 +164,18 @@ nifs() ->
 
 %% One valid argument list per NIF (so garbage can go in one position only).
 valid_args(flags_eval) -> [<<"f_roll">>, #{session_id => <<"s-1">>}];
-valid_args(flags_eval_custom) -> [<<"f_cond">>, #{user_id => <<"u-1">>}, [{<<"beta">>, true}]];
+valid_args(flags_eval_custom) -> [<<"f_cond">>, #{user_id => <<"u-1">>}, [{<<"beta">>, true}], []];
+valid_args(flags_eval_details) -> [<<"f_cond">>, #{user_id => <<"u-1">>}, [], [{{1.5}, 7}]];
+valid_args(flags_eval_rollout) -> [<<"f_roll">>, {<<"any">>, 1.5}, [], []];
+valid_args(flags_erlmcp_get) -> [<<"f_roll">>];
+valid_args(flags_erlmcp_set) -> [<<"prop_garbage_set">>, #{value => true, state => rollout}, <<"prop">>];
+valid_args(flags_import_json) -> [config_json(), <<"prop">>];
+valid_args(flags_load_file_now) -> [persistent_term:get({?MODULE, config_path})];
 valid_args(flags_configure) -> [?ENV, <<>>];
 valid_args(flags_load_json) -> [config_json()];
 valid_args(flags_load_file) -> [persistent_term:get({?MODULE, config_path})];
 valid_args(flags_set_override) -> [<<"no_such_flag_garbage">>, clear];
-valid_args(flags_explain) -> [<<"f_cond">>, #{user_id => 'u-1'}];
+valid_args(flags_explain) -> [<<"f_cond">>, #{user_id => 'u-1'}, []];
 valid_args(flags_phash2) -> [<<"session-1">>, 100];
 valid_args(flags_set_clock) -> [system];
 valid_args(flags_watch_etcd) -> [[<<"127.0.0.1:1">>], <<"prop/flags">>, #{}];
@@ -213,7 +219,7 @@ unexpected(F, Args, Class, Reason) ->
 
 %% flags_load_file must not read arbitrary (huge or special) files: a path
 %% that names anything existing (but the suite's config) becomes one that does not.
-safe_args(flags_load_file, [P]) when is_binary(P) ->
+safe_args(F, [P]) when (F =:= flags_load_file orelse F =:= flags_load_file_now), is_binary(P) ->
     Ours = persistent_term:get({?MODULE, config_path}),
     Exists = P =/= Ours andalso try file:read_file_info(P) of
                  {ok, _} -> true;
@@ -371,13 +377,16 @@ await(Tag, async) -> receive {Tag, R} -> R after 10000 -> error(no_reply) end;
 await(_Tag, R) -> R.
 
 %% rustler 0.39 decodes `Vec<T>' with a list iterator that panics at an
-%% improper tail ("list iterator found improper list"); flags_eval_custom/3
-%% checks the list first, so Answers = [{Name, Bool} | NotAList] is badarg.
+%% improper tail ("list iterator found improper list"); flags_eval_custom/4
+%% checks the lists first, so Answers = [{Name, Bool} | NotAList] is badarg,
+%% and so are such Hashes.
 eval_custom_improper_answers(_Config) ->
     %% doc: improper answer lists are badarg (rustler's Vec decoding would panic on them).
     Cases = [[{<<"beta">>, true} | tail], [{<<"beta">>, true}, {<<"x">>, false} | <<"t">>],
              [{<<"beta">>, true} | #{}]],
-    [?assertError(badarg, ?NIF:flags_eval_custom(<<"f_cond">>, #{user_id => <<"u-1">>}, A)) || A <- Cases],
+    [?assertError(badarg, ?NIF:flags_eval_custom(<<"f_cond">>, #{user_id => <<"u-1">>}, A, [])) || A <- Cases],
+    HashCases = [[{{1.5}, 1} | tail], [{{1.5}, -1}], [{{1.5}, 1 bsl 32}], [{{1.5}}]],
+    [?assertError(badarg, ?NIF:flags_eval_custom(<<"f_roll">>, #{session_id => {1.5}}, [], H)) || H <- HashCases],
     ok.
 
 %% Evaluations in 8 processes while another process reloads valid and
@@ -502,10 +511,12 @@ cond_holds({in, Key, Texts, Ints}, Ctx) ->
     end;
 cond_holds({prefix, Key, Prefixes}, Ctx) ->
     case ctx_get(Key, Ctx) of
-        {ok, V} when not is_integer(V) ->
-            T = text(V),
-            lists:any(fun(P) -> binary:longest_common_prefix([T, P]) =:= byte_size(P) end, Prefixes);
-        _ -> false
+        {ok, V} ->
+            case text(V) of
+                none -> false;
+                T -> lists:any(fun(P) -> binary:longest_common_prefix([T, P]) =:= byte_size(P) end, Prefixes)
+            end;
+        error -> false
     end.
 
 %% Atom key first, then binary key.
@@ -530,7 +541,13 @@ ctx_value() ->
                              streaming, batch, <<"gold">>, gold, silver, <<"silver ">>, 7, <<"7">>, '7',
                              <<>>, '', 0, -7, 1 bsl 70])},
                {2, ?LET(I, choose(1, 100000), <<"session-", (integer_to_binary(I))/binary>>)},
-               {1, gen_bin()}, {1, gen_atom()}, {1, gen_int()}]).
+               {1, gen_bin()}, {1, gen_atom()}, {1, gen_int()}, {2, foreign_value()}]).
+
+%% Terms the reference accepts as context values and the NIF does not read
+%% itself: never equal to a configured value, bucketed by erlang:phash2/2.
+foreign_value() ->
+    oneof([float(), {gen_bin()}, {<<"u-1">>}, [<<"u-1">>], list(int()), "u-1", ?LET(I, int(), #{k => I}),
+           elements([self(), make_ref(), 1.0, -0.0, {}, []])]).
 
 ctx_gen() ->
     ?LET(Pairs, list({ctx_key(), ctx_value()}), maps:from_list(Pairs)).
@@ -541,7 +558,7 @@ flag_name() ->
 
 %% For a failure report: the NIF's explanation, or what it raised.
 explain_or_exception(Name, Ctx) ->
-    try ?NIF:flags_explain(Name, Ctx)
+    try erlmcp_feature_flags:explain(Name, Ctx)
     catch C:E -> {C, E}
     end.
 

@@ -12,7 +12,7 @@
 //! | `enabled`, with conditions or prerequisites, no split | `TARGETING_MATCH` |
 //! | `enabled`, nothing dynamic | `STATIC` |
 //! | a rollout or split needed the stickiness value and the context has none | `ERROR`, `TARGETING_KEY_MISSING` |
-//! | a context value is not a binary, atom or integer (adapters) | `ERROR`, `PARSE_ERROR` |
+//! | a context value cannot be read (adapters: OpenFeature floats, times, structures) | `ERROR`, `PARSE_ERROR` |
 //! | a typed resolution of a value of another type (OpenFeature provider) | `ERROR`, `TYPE_MISMATCH` |
 //!
 //! `is_enabled` keeps the reference's rule for a missing stickiness value
@@ -65,7 +65,7 @@ pub enum ErrorCode {
     FlagNotFound,
     /// The value has another type than the one asked for.
     TypeMismatch,
-    /// A context value could not be read (not a binary, atom or integer).
+    /// A context value could not be read by the adapter.
     ParseError,
     /// The stickiness value was needed and is absent.
     TargetingKeyMissing,

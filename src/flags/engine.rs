@@ -304,28 +304,42 @@ impl Engine {
 
     /// Replace the config. Overrides and custom predicates carry over.
     pub fn reload(&self, config: FlagsConfig) -> ReloadOutcome {
-        self.reload_from(config, None, "reload", None)
+        self.reload_from(config, Fingerprint::Set(None), "reload", None)
     }
 
     /// [`Engine::reload`], recording `source` and `actor` (default: the
     /// audit log's) in the audit trail when it is on.
     pub fn reload_by(&self, config: FlagsConfig, source: &str, actor: Option<&str>) -> ReloadOutcome {
-        self.reload_from(config, None, source, actor)
+        self.reload_from(config, Fingerprint::Set(None), source, actor)
     }
 
     fn reload_from(
         &self,
         config: FlagsConfig,
-        fingerprint: Option<u64>,
+        fingerprint: Fingerprint,
         source: &str,
         actor: Option<&str>,
     ) -> ReloadOutcome {
         let mut state = self.lock();
+        self.install(&mut state, config, fingerprint, source, actor)
+    }
+
+    /// Swap `config` in; call with the state lock held.
+    fn install(
+        &self,
+        state: &mut State,
+        config: FlagsConfig,
+        fingerprint: Fingerprint,
+        source: &str,
+        actor: Option<&str>,
+    ) -> ReloadOutcome {
         let config = Arc::new(config);
-        self.audit(&state, source, actor, || audit_diff(&state.config, &config));
+        self.audit(state, source, actor, || audit_diff(&state.config, &config));
         state.config = config;
-        state.fingerprint = fingerprint;
-        self.publish(&mut state);
+        if let Fingerprint::Set(fp) = fingerprint {
+            state.fingerprint = fp;
+        }
+        self.publish(state);
         self.reloads.fetch_add(1, Ordering::Relaxed);
         ReloadOutcome {
             changed: true,
@@ -361,7 +375,7 @@ impl Engine {
     /// Every problem in the config; the previous snapshot keeps serving.
     pub fn reload_json(&self, json: &[u8]) -> Result<ReloadOutcome, ConfigError> {
         match FlagsConfig::from_json(json) {
-            Ok(config) => Ok(self.reload_from(config, None, "json", None)),
+            Ok(config) => Ok(self.reload_from(config, Fingerprint::Set(None), "json", None)),
             Err(e) => {
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
                 Err(e)
@@ -387,8 +401,28 @@ impl Engine {
     /// Reload from file content unless it equals what was last loaded from a
     /// file; `source` goes to the audit trail.
     pub(crate) fn reload_bytes(&self, bytes: &[u8], source: &str) -> Result<ReloadOutcome, ConfigError> {
+        self.reload_bytes_if(bytes, source, true)
+    }
+
+    /// Read `path` and swap it in even when its content is what was last
+    /// loaded (erlmcp's `reload_flags/0`: undoes [`Engine::set_erlmcp_flag`]
+    /// and [`Engine::import_json`]).
+    ///
+    /// # Errors
+    /// The file is unreadable or invalid; the previous snapshot keeps serving.
+    pub fn reload_file_now(&self, path: impl AsRef<Path>) -> Result<ReloadOutcome, ConfigError> {
+        match read(path.as_ref()) {
+            Ok(bytes) => self.reload_bytes_if(&bytes, &format!("file:{}", path.as_ref().display()), false),
+            Err(e) => {
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    fn reload_bytes_if(&self, bytes: &[u8], source: &str, only_changed: bool) -> Result<ReloadOutcome, ConfigError> {
         let fp = fingerprint(bytes);
-        {
+        if only_changed {
             let state = self.lock();
             if state.fingerprint == Some(fp) {
                 return Ok(ReloadOutcome {
@@ -405,7 +439,67 @@ impl Engine {
                 return Err(e);
             }
         };
-        Ok(self.reload_from(config, Some(fp), source, None))
+        Ok(self.reload_from(config, Fingerprint::Set(Some(fp)), source, None))
+    }
+
+    /// erlmcp's `import_flags/1`: parse and validate `json` (either format)
+    /// and swap it in until the source changes. Unlike
+    /// [`Engine::reload_json`] it keeps the fingerprint of the last file or
+    /// etcd value, so that re-reading an unchanged source does not undo it
+    /// (in erlmcp a load replaces what an import set; so does a changed file
+    /// or key here, or [`Engine::reload_file_now`]).
+    ///
+    /// # Errors
+    /// Every problem in `json`; nothing changes.
+    pub fn import_json(&self, json: &[u8], actor: Option<&str>) -> Result<ReloadOutcome, ConfigError> {
+        match FlagsConfig::from_json(json) {
+            Ok(config) => Ok(self.reload_from(config, Fingerprint::Keep, "import", actor)),
+            Err(e) => {
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// erlmcp's `set_flag/3`: add or replace flag `name` from erlmcp's fields
+    /// (`value`, `state`, `rollout_percentage`, `rollout_strategy`,
+    /// `category`, `conditions`, `description`, `updated_at`; validated as
+    /// in an erlmcp file), on top of the config in force. Like
+    /// [`Engine::import_json`] it serves until the source changes.
+    ///
+    /// # Errors
+    /// A field is invalid, or the config with this flag is not (a flag that
+    /// requires a variant of the replaced one); nothing changes.
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::flags::{Engine, FlagsConfig, MapContext};
+    /// let engine = Engine::builder().build(FlagsConfig::default());
+    /// let fields = serde_json::json!({"value": true, "state": "rollout",
+    ///     "rollout_strategy": "percentage", "rollout_percentage": 100});
+    /// engine.set_erlmcp_flag("new_ui", fields.as_object().unwrap().clone(), None)?;
+    /// assert!(engine.is_enabled("new_ui", &MapContext::new().binary("session_id", "s-1")));
+    /// let bad = serde_json::json!({"state": "maybe"});
+    /// assert!(engine.set_erlmcp_flag("new_ui", bad.as_object().unwrap().clone(), None).is_err());
+    /// # Ok::<(), erlmcp_rollout::flags::ConfigError>(())
+    /// ```
+    pub fn set_erlmcp_flag(
+        &self,
+        name: &str,
+        fields: serde_json::Map<String, serde_json::Value>,
+        actor: Option<&str>,
+    ) -> Result<ReloadOutcome, ConfigError> {
+        let mut flag = fields;
+        flag.insert("name".to_owned(), name.into());
+        let doc = serde_json::json!({ "flags": [flag] }).to_string();
+        let one = FlagsConfig::from_json(doc.as_bytes())?;
+        let spec = one.get(name).cloned().unwrap_or_default();
+        let mut state = self.lock();
+        let mut merged = (*state.config).clone();
+        merged.insert(name.to_owned(), spec);
+        // Valid as a whole: the same strict pass a file gets.
+        let merged = FlagsConfig::from_json(merged.to_json_pretty().as_bytes())?;
+        Ok(self.install(&mut state, merged, Fingerprint::Keep, "set_flag", actor))
     }
 
     /// Set (`Some`) or clear (`None`) the runtime override of `name`,
@@ -541,6 +635,14 @@ fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// What a reload does to the fingerprint of the last source content.
+enum Fingerprint {
+    /// Replace it (`None`: the config came from no file or key).
+    Set(Option<u64>),
+    /// Keep it: the change layers over the source until the source changes.
+    Keep,
 }
 
 fn fingerprint(bytes: &[u8]) -> u64 {

@@ -10,6 +10,9 @@
 //!   `EngineProvider` (feature `openfeature`): an OpenFeature provider.
 //! - [`AuditLog`]: the audit trail of flag changes (JSON lines).
 //! - [`batch`]: JSON-lines evaluation for scripts.
+//! - [`ErlmcpFlag`], [`export_json`]: erlmcp's own flags interface (its file
+//!   format is read by [`FlagsConfig::from_json`]; its hash contract is
+//!   [`Bucketing::Erlmcp`]).
 //! - `push_flags` and `Engine::watch_etcd` (feature `etcd`): a config published in an
 //!   etcd key, reloaded by every watching engine within milliseconds.
 
@@ -18,6 +21,7 @@ pub mod batch;
 mod config;
 mod details;
 mod engine;
+mod erlmcp;
 #[cfg(feature = "etcd")]
 pub(crate) mod etcd;
 mod listing;
@@ -36,15 +40,18 @@ pub use crate::clock::{unix_ms, Clock, ManualClock, PinnableClock, SystemClock};
 pub use crate::json::{Pos, SyntaxError};
 pub use audit::{audit_diff, AuditError, AuditLog, AuditRecord, ChangeKind, FieldDiff, FlagChange, AUDIT_FORMAT};
 pub use config::{
-    format_time, parse_time, value_kind, BasisPoints, Condition, ConfigError, FlagSpec, FlagsConfig, Literal, Number,
-    Operator, Percentage, Prerequisite, Problem, Requirement, Schedule, Stage, Variant, Variants, DEFAULT_STICKINESS,
-    MAX_FLAG_NAME_CHARS, MAX_PREREQUISITE_DEPTH, MAX_PREREQUISITE_EVALUATIONS, MAX_VARIANTS, MAX_VARIANT_NAME_CHARS,
-    MAX_VARIANT_WEIGHT, OPERATORS,
+    format_time, parse_time, value_kind, BasisPoints, Bucketing, Condition, ConfigError, FlagSpec, FlagsConfig,
+    Literal, Number, Operator, Percentage, Prerequisite, Problem, Requirement, Schedule, Stage, Variant, Variants,
+    DEFAULT_STICKINESS, MAX_FLAG_NAME_CHARS, MAX_PREREQUISITE_DEPTH, MAX_PREREQUISITE_EVALUATIONS, MAX_VARIANTS,
+    MAX_VARIANT_NAME_CHARS, MAX_VARIANT_WEIGHT, OPERATORS,
 };
 pub use details::{ErrorCode, EvaluationDetails, ResolutionReason};
 pub use engine::{
     Engine, EngineBuilder, EngineError, FileWatcher, ReloadOutcome, WatchCallback, WatchEvent, WatchOptions,
     WatchStatus, DEFAULT_ENVIRONMENT,
+};
+pub use erlmcp::{
+    erlmcp_flags, export_json, ErlmcpFlag, ErlmcpState, Strategy, EXPORT_VERSION, METADATA_KEY as ERLMCP_METADATA_KEY,
 };
 #[cfg(feature = "etcd")]
 pub use etcd::{
@@ -60,4 +67,4 @@ pub use snapshot::{
     ConditionFailure, CustomPredicate, Deferred, Evaluation, Explanation, FlagDetails, Reason, Snapshot, Step,
 };
 pub use table::FlagId;
-pub use value::{Context, MapContext, OwnedValue, Value};
+pub use value::{Context, ForeignTerm, MapContext, OwnedValue, Value};

@@ -82,6 +82,9 @@ const SSMALL28_LIMIT: u64 = 1 << 27;
 #[must_use]
 #[inline(always)]
 pub fn hash(term: &Value<'_>) -> u32 {
+    if let Value::Foreign(f) = term {
+        return f.hash(None).unwrap_or(0);
+    }
     mix_term(0, term)
 }
 
@@ -90,6 +93,9 @@ pub fn hash(term: &Value<'_>) -> u32 {
 #[must_use]
 #[inline]
 pub fn hash_salted(salt: &[u8], term: &Value<'_>) -> u32 {
+    if let Value::Foreign(f) = term {
+        return f.hash(Some(salt)).unwrap_or(0);
+    }
     let h = uint32_hash_2(0, 2, 0, HCONST_9);
     let h = mix_binary(h, salt);
     mix_term(h, term)
@@ -167,6 +173,8 @@ fn mix_term(h: u32, term: &Value<'_>) -> u32 {
         }
         Value::Int(i) => mix_integer(h, i < 0, i.unsigned_abs()),
         Value::BigInt { negative, magnitude } => mix_bigint(h, negative, magnitude),
+        // Answered whole by `hash`/`hash_salted` (the VM hashes it).
+        Value::Foreign(_) => h,
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
-use super::config::{Condition, FlagSpec, FlagsConfig, Literal, Number, Operator, Requirement};
+use super::config::{Bucketing, Condition, FlagSpec, FlagsConfig, Literal, Number, Operator, Requirement};
 use super::details::{resolution_reason, ErrorCode, EvaluationDetails, ResolutionReason};
 use super::metrics::FlagCounters;
 use super::overrides::{Override, Overrides};
@@ -193,11 +193,22 @@ enum CmpOp {
     Gte,
 }
 
+/// How a flag turns its stickiness value into a percentage bucket
+/// ([`Bucketing`], with the salt resolved once at compile time).
+enum Hashing {
+    /// `phash2(Value, 100)`.
+    Plain,
+    /// `phash2({Salt, Value}, 100)`.
+    Salted(Box<[u8]>),
+    /// `phash2(Value) rem 100` (erlmcp's module).
+    Erlmcp,
+}
+
 pub(crate) struct CompiledFlag {
     base: Rule,
     stages: Box<[(i64, Rule)]>,
     stickiness: Arc<str>,
-    salt: Option<Box<[u8]>>,
+    hash: Hashing,
     conditions: Box<[Cond]>,
     overridden: Option<Override>,
     /// Custom conditions without a Rust predicate (answered by the context),
@@ -523,7 +534,11 @@ impl CompiledFlag {
             base,
             stages,
             stickiness: keys.get(&spec.stickiness),
-            salt: spec.salt.as_deref().map(bytes),
+            hash: match (spec.bucketing, spec.salt.as_deref()) {
+                (Bucketing::Erlmcp, _) => Hashing::Erlmcp,
+                (Bucketing::V1, Some(salt)) => Hashing::Salted(bytes(salt)),
+                (Bucketing::V1, None) => Hashing::Plain,
+            },
             conditions,
             overridden: input.overrides.lookup(name),
             counters,
@@ -561,9 +576,14 @@ impl CompiledFlag {
     #[inline(always)]
     fn bucket<C: Context>(&self, ctx: &C) -> u8 {
         let value = ctx.get(&self.stickiness).unwrap_or(Value::Binary(b""));
-        let b = match &self.salt {
-            Some(salt) => phash2::phash2_salted(salt, &value, 100),
-            None => phash2::phash2(&value, 100),
+        let b = match &self.hash {
+            Hashing::Plain => phash2::phash2(&value, 100),
+            Hashing::Salted(salt) => phash2::phash2_salted(salt, &value, 100),
+            // phash2/1 keeps the low 27 bits: phash2(V, 2^27) is the same number.
+            Hashing::Erlmcp => match value {
+                Value::Foreign(f) => f.phash2_27() % 100,
+                _ => phash2::phash2(&value, 1 << 27) % 100,
+            },
         };
         // phash2(_, 100) < 100.
         u8::try_from(b).unwrap_or(u8::MAX)
@@ -731,9 +751,10 @@ impl CompiledFlag {
         let value = ctx.get(&self.stickiness);
         trace.key_missing |= value.is_none();
         let value = value.unwrap_or(Value::Binary(b""));
-        let b = match &self.salt {
-            Some(salt) => phash2::phash2_salted(salt, &value, 10_000),
-            None => phash2::phash2(&value, 10_000),
+        // Validation keeps basis points and variants away from `Erlmcp`.
+        let b = match &self.hash {
+            Hashing::Salted(salt) => phash2::phash2_salted(salt, &value, 10_000),
+            Hashing::Plain | Hashing::Erlmcp => phash2::phash2(&value, 10_000),
         };
         u16::try_from(b).unwrap_or(u16::MAX)
     }
@@ -811,7 +832,7 @@ fn check<C: Context>(c: &Cond, ctx: &C) -> Result<(), ConditionFailure> {
             None => Err(MissingAttribute),
             Some(Value::Binary(b)) => ok(same_bytes(b, expected)),
             Some(Value::Atom(a)) => ok(same_bytes(a.as_bytes(), expected)),
-            Some(Value::Int(_) | Value::BigInt { .. }) => Err(NotMet),
+            Some(Value::Int(_) | Value::BigInt { .. } | Value::Foreign(_)) => Err(NotMet),
         };
     }
     let Some(attr) = attribute_of(c) else {
@@ -827,7 +848,7 @@ fn check<C: Context>(c: &Cond, ctx: &C) -> Result<(), ConditionFailure> {
         } => {
             let found = match value {
                 Value::Int(i) => ints.contains(&i),
-                Value::BigInt { .. } => false,
+                Value::BigInt { .. } | Value::Foreign(_) => false,
                 Value::Binary(b) => texts.contains(b),
                 Value::Atom(a) => texts.contains(a.as_bytes()),
             };
@@ -898,7 +919,7 @@ fn compare_number(value: &Value<'_>, operand: Number) -> Option<Ordering> {
                 Number::Float(x) => f.partial_cmp(&x),
             }
         }
-        Value::Atom(_) => None,
+        Value::Atom(_) | Value::Foreign(_) => None,
     }
 }
 
@@ -967,7 +988,10 @@ impl Snapshot {
         match id.and_then(|id| self.flags.at(id)) {
             Some(flag) => {
                 let e = flag.evaluate(ctx, &*self.clock, &self.flags);
-                flag.counters.record(e.enabled);
+                // An incomplete context gave a placeholder (see Context::complete).
+                if ctx.complete() {
+                    flag.counters.record(e.enabled);
+                }
                 e
             }
             None => {
@@ -1016,6 +1040,9 @@ impl Snapshot {
             Some(flag) if !flag.external_customs.is_empty() => Deferred::NeedsCustom(&flag.external_customs),
             Some(flag) => {
                 let e = flag.evaluate(ctx, &*self.clock, &self.flags);
+                if !ctx.complete() {
+                    return Deferred::NeedsHashes;
+                }
                 flag.counters.record(e.enabled);
                 Deferred::Evaluated(e)
             }
@@ -1068,6 +1095,11 @@ impl Snapshot {
         keys
     }
 
+    /// The stickiness key of flag `id` (the context key its rollout hashes).
+    pub fn stickiness_of(&self, id: FlagId) -> Option<&str> {
+        self.flags.at(id).map(|f| &*f.stickiness)
+    }
+
     /// The custom conditions of `name` that have no Rust predicate, in
     /// condition order: an adapter answers them through
     /// [`Context::custom`] (the NIF runs the registered Erlang funs).
@@ -1116,12 +1148,14 @@ impl Snapshot {
         let mut trace = Trace::default();
         let reason = flag.evaluate_full(ctx, self.clock.now_unix_ms(), &self.flags, 0, &mut trace);
         let enabled = matches!(reason, Reason::Enabled);
-        flag.counters.record(enabled);
         let variant = if enabled {
             flag.variant_index(ctx, &mut trace)
         } else {
             None
         };
+        if ctx.complete() {
+            flag.counters.record(enabled);
+        }
         let variants = spec.and_then(|s| s.variants.as_ref());
         let (value, variant) = match (variants, variant) {
             (Some(vs), Some(i)) => match vs.iter().nth(i) {
@@ -1298,9 +1332,10 @@ impl Snapshot {
                 None => format!("{} missing: hashing <<>> as the reference does", flag.stickiness),
             };
             let bucket = flag.bucket(ctx);
-            let formula = match &spec.salt {
-                Some(s) => format!("phash2({{<<{s:?}>>, Value}}, 100)"),
-                None => "phash2(Value, 100)".to_owned(),
+            let formula = match (&spec.bucketing, &spec.salt) {
+                (Bucketing::Erlmcp, _) => "phash2(Value) rem 100".to_owned(),
+                (Bucketing::V1, Some(s)) => format!("phash2({{<<{s:?}>>, Value}}, 100)"),
+                (Bucketing::V1, None) => "phash2(Value, 100)".to_owned(),
             };
             let percentage = flag.percentage_at(stage, rule);
             let inside = bucket < percentage;
@@ -1435,6 +1470,9 @@ pub enum Deferred<'s> {
     /// The flag's custom conditions without a Rust predicate, to be answered
     /// through [`Context::custom`].
     NeedsCustom(&'s [Box<str>]),
+    /// A foreign context value's hash was needed and unknown
+    /// ([`Context::complete`] is false); nothing was counted.
+    NeedsHashes,
 }
 
 /// One flag in [`Snapshot::details`].

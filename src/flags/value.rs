@@ -27,7 +27,36 @@ pub enum Value<'a> {
         /// Absolute value, least significant byte first.
         magnitude: &'a [u8],
     },
+    /// A term of any other type (float, tuple, list, map, pid, ...), which
+    /// evaluation cannot hash itself: it is never equal to a configured
+    /// value, and its rollout bucket comes from [`ForeignTerm`].
+    Foreign(&'a dyn ForeignTerm),
 }
+
+/// A context value of a type the evaluator does not read (the reference
+/// accepts any Erlang term and hashes it with `erlang:phash2/2`).
+///
+/// The NIF implements it over the Erlang term: [`ForeignTerm::phash2_27`]
+/// from the VM (`enif_hash`), [`ForeignTerm::hash`] from answers computed by
+/// `erlang:phash2/2` in the caller. A hash it does not know yet makes the
+/// context incomplete ([`Context::complete`]): the evaluation is then not
+/// counted and is asked again with the answer.
+pub trait ForeignTerm: fmt::Debug {
+    /// `make_hash2` of the term (`erlang:phash2(T, 4294967296)`), or of
+    /// `{Salt, T}` with `salt`; `None` when not known.
+    fn hash(&self, salt: Option<&[u8]>) -> Option<u32>;
+    /// `erlang:phash2(T)` (the low 27 bits of `make_hash2`).
+    fn phash2_27(&self) -> u32;
+}
+
+/// Foreign values are equal only to themselves (by address).
+impl PartialEq for dyn ForeignTerm + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::addr_eq(self as *const Self, other as *const Self)
+    }
+}
+
+impl Eq for dyn ForeignTerm + '_ {}
 
 impl Value<'_> {
     /// The bytes a string comparison sees: a binary's bytes or an atom's
@@ -36,7 +65,7 @@ impl Value<'_> {
         match self {
             Value::Binary(b) => Some(b),
             Value::Atom(a) => Some(a.as_bytes()),
-            Value::Int(_) | Value::BigInt { .. } => None,
+            Value::Int(_) | Value::BigInt { .. } | Value::Foreign(_) => None,
         }
     }
 }
@@ -53,6 +82,7 @@ impl fmt::Display for Value<'_> {
             Value::BigInt { negative, magnitude } => {
                 write!(f, "{}{}", if *negative { "-" } else { "" }, big_to_decimal(magnitude))
             }
+            Value::Foreign(t) => write!(f, "{t:?}"),
         }
     }
 }
@@ -94,6 +124,15 @@ pub trait Context {
     fn custom(&self, name: &str) -> Option<bool> {
         let _ = name;
         None
+    }
+
+    /// `false` when evaluation needed a [`ForeignTerm::hash`] it did not
+    /// have: its result is a placeholder, not counted, and the caller asks
+    /// again with the answers. Contexts without foreign values keep the
+    /// default.
+    #[inline(always)]
+    fn complete(&self) -> bool {
+        true
     }
 }
 

@@ -7,8 +7,9 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use arc_swap::{ArcSwap, Cache};
 use erlmcp_rollout::flags::{
-    phash2, AuditLog, ConditionFailure, ConfigError, Deferred, Engine, EnvOverrides, ErrorCode, FlagsConfig,
-    PinnableClock, Problem, Reason, ReloadOutcome, Snapshot, Value,
+    erlmcp_flags, export_json, phash2, AuditLog, Clock, ConditionFailure, ConfigError, Context, Deferred, Engine,
+    EnvOverrides, ErlmcpFlag, ErlmcpState, ErrorCode, FlagsConfig, PinnableClock, Problem, Reason, ReloadOutcome,
+    Snapshot, Strategy, Value,
 };
 use erlmcp_rollout::flags::{EtcdFlagsOptions, EtcdWatcher};
 use rustler::{Atom, Encoder, Env, Error, NifResult, OwnedEnv, Term};
@@ -119,12 +120,13 @@ fn publish(env: Env<'_>) {
     retired.retain(|p| Arc::strong_count(p) > 1);
 }
 
-/// `true | false | unknown | {custom, [Name]}`: the hot path of
-/// `erlmcp_feature_flags:is_enabled/2`. `{custom, Names}` asks the caller to
-/// run the Erlang funs registered for the flag's custom conditions and call
-/// `flags_eval_custom/3` with the answers. `badarg` when the name is not a
-/// binary or atom, the context not a map, or a value evaluation reads is not
-/// a binary, atom or integer.
+/// `true | false | unknown | {custom, [Name]} | {hash, [Term]}`: the hot
+/// path of `erlmcp_feature_flags:is_enabled/2`. `{custom, Names}` asks the
+/// caller to run the Erlang funs registered for the flag's custom conditions
+/// and call `flags_eval_custom/4` with the answers; `{hash, Terms}` asks for
+/// `erlang:phash2(T, 4294967296)` of context values of other types than
+/// binary, atom and integer (nothing was counted). `badarg` when the name is
+/// not a binary or atom or the context not a map.
 fn flags_eval<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>) -> NifResult<Term<'a>> {
     match published_here() {
         // SAFETY: valid for this call (see `published_here`); evaluation
@@ -148,9 +150,28 @@ fn eval_published<'a>(env: Env<'a>, published: &Published, name: Term<'a>, ctx: 
             let names: Vec<&str> = names.iter().map(|n| &**n).collect();
             Ok((atoms::custom(), names).encode(env))
         }
+        Deferred::NeedsHashes => Ok(wanted_reply(env, &c)),
         Deferred::Evaluated(_) if c.saw_bad_value() => Err(Error::BadArg),
         Deferred::Evaluated(e) => Ok(reason_atom(e.reason).encode(env)),
     }
+}
+
+/// `{hash, [Term]}`: the terms whose `erlang:phash2(Term, 4294967296)` the
+/// caller computes and passes back (`[{Term, Hash}]`) to evaluate a foreign
+/// context value (a float, tuple, list, ...) exactly as the reference would.
+#[cold]
+#[inline(never)]
+fn wanted_reply<'a>(env: Env<'a>, c: &MapCtx<'a, '_>) -> Term<'a> {
+    (atoms::hash(), c.wanted()).encode(env)
+}
+
+/// `[{Term, Hash :: 0..2^32-1}]` decoded; `badarg` for anything else.
+fn hashes_of<'a>(hashes: Term<'a>) -> NifResult<Vec<(Term<'a>, u32)>> {
+    let mut out = Vec::with_capacity(hashes.list_length()?);
+    for item in hashes.decode::<rustler::ListIterator<'a>>()? {
+        out.push(item.decode::<(Term<'a>, u32)>()?);
+    }
+    Ok(out)
 }
 
 // The hot path of `erlmcp_feature_flags:is_enabled/2`.
@@ -189,20 +210,42 @@ fn answers_of<'a>(answers: Term<'a>) -> NifResult<Vec<(Vec<u8>, bool)>> {
     Ok(customs)
 }
 
-/// Like `flags_eval/2` with the custom conditions answered:
-/// `Answers :: [{Name :: binary(), boolean()}]`; a name without an answer is false.
+/// Like `flags_eval/2` with the custom conditions answered
+/// (`Answers :: [{Name :: binary(), boolean()}]`; a name without an answer is
+/// false) and foreign values' hashes (`Hashes :: [{Term, Hash}]`, see
+/// `{hash, Wanted}`).
 #[rustler::nif]
-fn flags_eval_custom<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>, answers: Term<'a>) -> NifResult<Term<'a>> {
+fn flags_eval_custom<'a>(
+    env: Env<'a>,
+    name: Term<'a>,
+    ctx: Term<'a>,
+    answers: Term<'a>,
+    hashes: Term<'a>,
+) -> NifResult<Term<'a>> {
+    eval_answered(env, name, ctx, answers, hashes)
+}
+
+fn eval_answered<'a>(
+    env: Env<'a>,
+    name: Term<'a>,
+    ctx: Term<'a>,
+    answers: Term<'a>,
+    hashes: Term<'a>,
+) -> NifResult<Term<'a>> {
     let customs = answers_of(answers)?;
+    let hashes = hashes_of(hashes)?;
     let published = PUBLISHED.load();
     let tables = &published.tables;
     let Some(id) = tables.flag_id(&published.snapshot, name)? else {
         return Ok(atoms::unknown().encode(env));
     };
-    let c = MapCtx::new(ctx, &tables.key_atoms, &customs)?;
+    let c = MapCtx::new(ctx, &tables.key_atoms, &customs)?.with_hashes(&hashes);
     let e = published.snapshot.evaluate_id(Some(id), &c);
     if c.saw_bad_value() {
         return Err(Error::BadArg);
+    }
+    if !c.complete() {
+        return Ok(wanted_reply(env, &c));
     }
     let reason = match e.reason {
         Reason::Condition {
@@ -212,6 +255,32 @@ fn flags_eval_custom<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>, answers: T
         r => r,
     };
     Ok(reason_atom(reason).encode(env))
+}
+
+/// erlmcp's `evaluate_rollout/2`: flag `Name` for a context whose only value
+/// is `Identifier` (any term) under the flag's stickiness key; answers as
+/// `flags_eval_custom/4` (custom conditions see no other value).
+#[rustler::nif]
+fn flags_eval_rollout<'a>(
+    env: Env<'a>,
+    name: Term<'a>,
+    identifier: Term<'a>,
+    answers: Term<'a>,
+    hashes: Term<'a>,
+) -> NifResult<Term<'a>> {
+    let published = PUBLISHED.load();
+    let Some(id) = published.tables.flag_id(&published.snapshot, name)? else {
+        published.snapshot.count_unknown();
+        return Ok(atoms::unknown().encode(env));
+    };
+    let key = published
+        .snapshot
+        .stickiness_of(id)
+        .unwrap_or(erlmcp_rollout::flags::DEFAULT_STICKINESS);
+    let mut k = rustler::NewBinary::new(env, key.len());
+    k.as_mut_slice().copy_from_slice(key.as_bytes());
+    let ctx = Term::map_from_pairs(env, &[(Term::from(k), identifier)])?;
+    eval_answered(env, name, ctx, answers, hashes)
 }
 
 /// `[Name :: binary()]`: the custom conditions (of the flag and of its
@@ -232,20 +301,31 @@ fn flags_custom_names<'a>(env: Env<'a>, name: Term<'a>) -> NifResult<Term<'a>> {
 
 /// OpenFeature-style evaluation details of one flag (binary keys: `flag`,
 /// `value`, `variant`, `reason`, `error_code`, `error_message`, `metadata`,
-/// `evaluation`), custom conditions answered as in `flags_eval_custom/3`. A
-/// context value the flag reads that is not a binary, atom or integer gives
-/// `reason` `ERROR` with `error_code` `PARSE_ERROR` (not `badarg`).
+/// `evaluation`), custom conditions and hashes answered as in
+/// `flags_eval_custom/4` (or `{hash, Wanted}`). A context value that cannot
+/// be decoded gives `reason` `ERROR` with `error_code` `PARSE_ERROR` (not
+/// `badarg`).
 #[rustler::nif]
-fn flags_eval_details<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>, answers: Term<'a>) -> NifResult<Term<'a>> {
+fn flags_eval_details<'a>(
+    env: Env<'a>,
+    name: Term<'a>,
+    ctx: Term<'a>,
+    answers: Term<'a>,
+    hashes: Term<'a>,
+) -> NifResult<Term<'a>> {
     let customs = answers_of(answers)?;
+    let hashes = hashes_of(hashes)?;
     let text = name_text(name)?;
     let published = PUBLISHED.load();
-    let c = MapCtx::new(ctx, &published.tables.key_atoms, &customs)?;
+    let c = MapCtx::new(ctx, &published.tables.key_atoms, &customs)?.with_hashes(&hashes);
     let mut d = published.snapshot.details(&text, &c);
+    if !c.complete() {
+        return Ok(wanted_reply(env, &c));
+    }
     if c.saw_bad_value() {
         d = d.with_error(
             ErrorCode::ParseError,
-            "a context value this flag reads is not a binary, atom or integer",
+            "a context value this flag reads cannot be decoded",
         );
     }
     Ok(to_term(env, &d))
@@ -430,13 +510,17 @@ fn flags_details(env: Env<'_>) -> Term<'_> {
 
 /// The full reason chain (binary keys), as `erlmcp-rollout flags explain --json`.
 #[rustler::nif]
-fn flags_explain<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>) -> NifResult<Term<'a>> {
+fn flags_explain<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>, hashes: Term<'a>) -> NifResult<Term<'a>> {
     let text = name_text(name)?;
+    let hashes = hashes_of(hashes)?;
     let published = PUBLISHED.load();
-    let c = MapCtx::new(ctx, &published.tables.key_atoms, &[])?;
+    let c = MapCtx::new(ctx, &published.tables.key_atoms, &[])?.with_hashes(&hashes);
     let x = published.snapshot.explain(&text, &c);
     if c.saw_bad_value() {
         return Err(Error::BadArg);
+    }
+    if !c.complete() {
+        return Ok(wanted_reply(env, &c));
     }
     Ok(to_term(env, &x))
 }
@@ -565,5 +649,193 @@ fn flags_etcd_status(env: Env<'_>) -> Term<'_> {
             .map_put("refused".encode(env), crate::etcd::access_error_term(env, denied))
             .unwrap_or(map),
         None => map,
+    }
+}
+
+/// One flag in erlmcp's `feature_flag()` shape: `#{name := binary(),
+/// category => binary() | custom, state => enabled | disabled | rollout,
+/// value => term(), rollout_percentage => 0..100, rollout_strategy => atom(),
+/// conditions => map(), description => binary(), updated_at => integer()}`
+/// (JSON objects as maps with binary keys, as OTP's `json:decode/1`).
+fn erlmcp_flag_term<'a>(env: Env<'a>, f: &ErlmcpFlag) -> Term<'a> {
+    let state = match f.state {
+        ErlmcpState::Enabled => atoms::enabled(),
+        ErlmcpState::Disabled => atoms::disabled(),
+        ErlmcpState::Rollout => atoms::rollout(),
+    };
+    let strategy = match f.rollout_strategy {
+        Strategy::All => atoms::all(),
+        Strategy::None => atoms::none(),
+        Strategy::Canary => atoms::canary(),
+        Strategy::Percentage => atoms::percentage(),
+        Strategy::UserSegment => atoms::user_segment(),
+    };
+    let mut pairs = vec![
+        (atoms::name().encode(env), f.name.encode(env)),
+        (
+            atoms::category().encode(env),
+            match &f.category {
+                Some(c) => c.encode(env),
+                None => atoms::custom().encode(env),
+            },
+        ),
+        (atoms::state().encode(env), state.encode(env)),
+        (atoms::value().encode(env), json_term(env, &f.value)),
+        (
+            atoms::rollout_percentage().encode(env),
+            f.rollout_percentage.encode(env),
+        ),
+        (atoms::rollout_strategy().encode(env), strategy.encode(env)),
+        (
+            atoms::conditions().encode(env),
+            json_term(env, &serde_json::Value::Object(f.conditions.clone())),
+        ),
+        (atoms::description().encode(env), f.description.encode(env)),
+    ];
+    if let Some(t) = f.updated_at {
+        pairs.push((atoms::updated_at().encode(env), t.encode(env)));
+    }
+    Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
+}
+
+/// erlmcp's view of flag `Name` (`undefined` when the config has none).
+/// Invariant: one flag's fields, bounded by the config's own size; the
+/// whole-config NIFs below run dirty.
+#[rustler::nif]
+fn flags_erlmcp_get<'a>(env: Env<'a>, name: Term<'a>) -> NifResult<Term<'a>> {
+    let text = name_text(name)?;
+    let published = PUBLISHED.load();
+    Ok(match published.snapshot.config().get(&text) {
+        Some(spec) => erlmcp_flag_term(env, &ErlmcpFlag::of(&text, spec)),
+        None => atoms::undefined().encode(env),
+    })
+}
+
+/// `#{Name :: binary() => feature_flag()}` of every flag (erlmcp's `list_flags/0`).
+#[rustler::nif(schedule = "DirtyCpu")]
+fn flags_erlmcp_list(env: Env<'_>) -> Term<'_> {
+    let published = PUBLISHED.load();
+    let pairs: Vec<(Term<'_>, Term<'_>)> = erlmcp_flags(published.snapshot.config())
+        .iter()
+        .map(|f| (f.name.encode(env), erlmcp_flag_term(env, f)))
+        .collect();
+    Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
+}
+
+/// erlmcp's export JSON (binary) of the flags in force.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn flags_erlmcp_export(env: Env<'_>) -> Term<'_> {
+    let published = PUBLISHED.load();
+    let snapshot = &published.snapshot;
+    let text = export_json(snapshot.config(), snapshot.environment(), CLOCK.now_unix_ms());
+    let mut b = rustler::NewBinary::new(env, text.len());
+    b.as_mut_slice().copy_from_slice(text.as_bytes());
+    b.into()
+}
+
+/// erlmcp's `set_flag/3`: `Fields` a map of erlmcp's field names (binaries
+/// or atoms) to values (binaries as strings, booleans, numbers, maps, lists);
+/// `ok`, `{error, Problems}` (the field named) or `{error, {bad_value,
+/// Message}}` for a term JSON cannot hold. Dirty I/O: the audit trail, when
+/// on, syncs a line.
+#[rustler::nif(schedule = "DirtyIo")]
+fn flags_erlmcp_set<'a>(env: Env<'a>, name: Term<'a>, fields: Term<'a>, actor: Term<'a>) -> NifResult<Term<'a>> {
+    let name = name_text(name)?;
+    let actor = name_text(actor)?;
+    let fields = match term_json(fields, 0) {
+        Ok(serde_json::Value::Object(m)) => m,
+        Ok(_) => return Err(Error::BadArg),
+        Err(message) => return Ok((atoms::error(), (atoms::bad_value(), message)).encode(env)),
+    };
+    let _w = writer();
+    let r = ENGINE.set_erlmcp_flag(&name, fields, Some(&actor));
+    publish(env);
+    Ok(match r {
+        Ok(_) => atoms::ok().encode(env),
+        Err(e) => reload_result(env, Err(e)),
+    })
+}
+
+/// erlmcp's `import_flags/1`: JSON of either format, in force until the
+/// source changes; `{ok, Info}` or `{error, Problems}`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn flags_import_json<'a>(env: Env<'a>, json: rustler::Binary<'a>, actor: Term<'a>) -> NifResult<Term<'a>> {
+    let actor = name_text(actor)?;
+    let _w = writer();
+    let r = ENGINE.import_json(json.as_slice(), Some(&actor));
+    publish(env);
+    Ok(reload_result(env, r))
+}
+
+/// Load a config file even when its content is what is loaded (erlmcp's
+/// `reload_flags/0` undoes `set_flag` and `import_flags`).
+#[rustler::nif(schedule = "DirtyIo")]
+fn flags_load_file_now<'a>(env: Env<'a>, path: &str) -> Term<'a> {
+    let _w = writer();
+    let r = ENGINE.reload_file_now(path);
+    publish(env);
+    reload_result(env, r)
+}
+
+/// Deepest nesting `term_json` follows (the config parser's own limit).
+const MAX_JSON_DEPTH: usize = 64;
+
+/// An Erlang term as JSON: binaries (UTF-8) as strings, `true`/`false` as
+/// booleans, other atoms as their names, integers and floats as numbers,
+/// maps (binary or atom keys) as objects, proper lists as arrays. `Err`
+/// names what JSON cannot hold.
+fn term_json(term: Term<'_>, depth: usize) -> Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    if depth > MAX_JSON_DEPTH {
+        return Err(format!("nested deeper than {MAX_JSON_DEPTH} levels"));
+    }
+    if let Some(bytes) = crate::term::binary_bytes(term) {
+        return std::str::from_utf8(bytes)
+            .map(|s| J::String(s.to_owned()))
+            .map_err(|_| "a binary that is not UTF-8 text".to_owned());
+    }
+    match term.get_type() {
+        rustler::TermType::Atom => {
+            let mut buf = [0u8; crate::term::ATOM_BUF];
+            let text = crate::term::atom_text(term, &mut buf).ok_or("an unreadable atom")?;
+            Ok(match text {
+                "true" => J::Bool(true),
+                "false" => J::Bool(false),
+                other => J::String(other.to_owned()),
+            })
+        }
+        rustler::TermType::Integer => match term.decode::<i64>() {
+            Ok(i) => Ok(J::from(i)),
+            Err(_) => term
+                .decode::<u64>()
+                .map(J::from)
+                .map_err(|_| "an integer beyond 64 bits".to_owned()),
+        },
+        rustler::TermType::Float => {
+            let f: f64 = term.decode().map_err(|_| "an unreadable float")?;
+            serde_json::Number::from_f64(f)
+                .map(J::Number)
+                .ok_or_else(|| "a float JSON cannot hold".to_owned())
+        }
+        rustler::TermType::Map => {
+            let mut m = serde_json::Map::new();
+            for (k, v) in rustler::types::map::MapIterator::new(term).ok_or("an unreadable map")? {
+                let key = match term_json(k, depth + 1)? {
+                    J::String(s) => s,
+                    _ => return Err(format!("a map key that is not a binary or atom: {k:?}")),
+                };
+                m.insert(key, term_json(v, depth + 1)?);
+            }
+            Ok(J::Object(m))
+        }
+        rustler::TermType::List => {
+            let items = crate::term::proper_list(term).ok_or("an improper list")?;
+            items
+                .into_iter()
+                .map(|t| term_json(t, depth + 1))
+                .collect::<Result<_, _>>()
+                .map(J::Array)
+        }
+        _ => Err(format!("{term:?} has no JSON form")),
     }
 }

@@ -1,8 +1,10 @@
 //! Erlang terms -> core values, without copying where the term allows it.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
+use std::fmt;
+use std::rc::Rc;
 
-use erlmcp_rollout::flags::{Context, FlagId, PinnableClock, Snapshot, Value};
+use erlmcp_rollout::flags::{Context, FlagId, ForeignTerm, PinnableClock, Snapshot, Value};
 use rustc_hash::FxHashMap;
 use rustler::sys::{
     c_char, c_uint, enif_get_atom, enif_get_map_size, enif_get_map_value, enif_inspect_binary, ErlNifBinary,
@@ -152,6 +154,62 @@ pub struct MapCtx<'a, 'k> {
     arena: RefCell<Vec<Box<[u8]>>>,
     customs: &'k [(Vec<u8>, bool)],
     bad: Cell<bool>,
+    /// `{Term, Hash}` answers from the caller (`erlang:phash2(Term, 2^32)`,
+    /// `Term` a foreign value or `{Salt, Value}`).
+    hashes: &'k [(Term<'a>, u32)],
+    /// Made at the first foreign value only (the hot path never allocates).
+    foreign: OnceCell<Foreign<'a, 'k>>,
+}
+
+/// The foreign values read so far and the hashes evaluation asked for.
+struct Foreign<'a, 'k> {
+    /// Boxed: evaluation holds references to these while the Vec grows, so
+    /// each must keep its address.
+    #[allow(clippy::vec_box)]
+    values: RefCell<Vec<Box<ErlTerm<'a, 'k>>>>,
+    wanted: Rc<RefCell<Vec<Term<'a>>>>,
+}
+
+/// A context value of a type the core does not read, as a [`ForeignTerm`]:
+/// its 27-bit `phash2/1` from the VM, its full hash from the caller's answers.
+pub struct ErlTerm<'a, 'k> {
+    term: Term<'a>,
+    hashes: &'k [(Term<'a>, u32)],
+    wanted: Rc<RefCell<Vec<Term<'a>>>>,
+}
+
+impl fmt::Debug for ErlTerm<'_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.term)
+    }
+}
+
+impl ForeignTerm for ErlTerm<'_, '_> {
+    fn hash(&self, salt: Option<&[u8]>) -> Option<u32> {
+        let env = self.term.get_env();
+        let asked = match salt {
+            None => self.term,
+            Some(s) => {
+                let mut b = rustler::NewBinary::new(env, s.len());
+                b.as_mut_slice().copy_from_slice(s);
+                rustler::types::tuple::make_tuple(env, &[b.into(), self.term])
+            }
+        };
+        // `==` on terms is `=:=` (enif_is_identical): {1} and {1.0} differ.
+        if let Some((_, h)) = self.hashes.iter().find(|(t, _)| *t == asked) {
+            return Some(*h);
+        }
+        let mut wanted = self.wanted.borrow_mut();
+        if !wanted.contains(&asked) {
+            wanted.push(asked);
+        }
+        None
+    }
+
+    fn phash2_27(&self) -> u32 {
+        // enif_hash(ERL_NIF_PHASH2, T, 0) is erlang:phash2/1.
+        self.term.hash_phash2()
+    }
 }
 
 impl<'a, 'k> MapCtx<'a, 'k> {
@@ -171,7 +229,23 @@ impl<'a, 'k> MapCtx<'a, 'k> {
             arena: RefCell::new(Vec::new()),
             customs,
             bad: Cell::new(false),
+            hashes: &[],
+            foreign: OnceCell::new(),
         })
+    }
+
+    /// With the caller's answers to earlier `{hash, Wanted}` replies.
+    pub fn with_hashes(mut self, hashes: &'k [(Term<'a>, u32)]) -> Self {
+        self.hashes = hashes;
+        self
+    }
+
+    /// The hashes evaluation asked for and did not have (`[]`: complete).
+    pub fn wanted(&self) -> Vec<Term<'a>> {
+        self.foreign
+            .get()
+            .map(|f| f.wanted.borrow().clone())
+            .unwrap_or_default()
     }
 
     /// A holder for decoding single terms (no map).
@@ -183,13 +257,37 @@ impl<'a, 'k> MapCtx<'a, 'k> {
             arena: RefCell::new(Vec::new()),
             customs: &[],
             bad: Cell::new(false),
+            hashes: &[],
+            foreign: OnceCell::new(),
         }
     }
 
-    /// Whether evaluation read a value of a type it does not understand
-    /// (float, list, tuple, pid, ...): the caller's mistake, `badarg`.
+    /// Whether evaluation read a value it could not decode (an atom or big
+    /// integer the VM would not render): `badarg`. Values of other types
+    /// (float, list, tuple, pid, ...) are foreign values, not bad ones.
     pub fn saw_bad_value(&self) -> bool {
         self.bad.get()
+    }
+
+    /// `term` as a foreign value, kept as long as the context.
+    #[cold]
+    #[inline(never)]
+    fn foreign_value(&self, term: Term<'a>) -> Value<'_> {
+        let f = self.foreign.get_or_init(|| Foreign {
+            values: RefCell::new(Vec::new()),
+            wanted: Rc::new(RefCell::new(Vec::new())),
+        });
+        let boxed = Box::new(ErlTerm {
+            term,
+            hashes: self.hashes,
+            wanted: f.wanted.clone(),
+        });
+        let ptr: *const ErlTerm<'a, 'k> = &*boxed;
+        f.values.borrow_mut().push(boxed);
+        // SAFETY: the box is owned by `values`, which only grows while `self`
+        // lives; moving the Box (or the Vec reallocating) does not move the
+        // heap value it points to.
+        Value::Foreign(unsafe { &*ptr })
     }
 
     /// A term as a core [`Value`]: binaries borrowed; atom text and big
@@ -315,11 +413,21 @@ impl Context for MapCtx<'_, '_> {
     #[inline(always)]
     fn get(&self, key: &str) -> Option<Value<'_>> {
         let term = self.lookup(key)?;
-        let v = self.value_of(term);
-        if v.is_none() {
-            self.bad.set(true);
+        match self.value_of(term) {
+            Some(v) => Some(v),
+            None => match term.get_type() {
+                TermType::Atom | TermType::Integer => {
+                    self.bad.set(true);
+                    None
+                }
+                _ => Some(self.foreign_value(term)),
+            },
         }
-        v
+    }
+
+    #[inline(always)]
+    fn complete(&self) -> bool {
+        self.foreign.get().is_none_or(|f| f.wanted.borrow().is_empty())
     }
 
     fn custom(&self, name: &str) -> Option<bool> {

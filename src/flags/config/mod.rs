@@ -92,6 +92,12 @@ impl FlagsConfig {
         self.flags.get(name)
     }
 
+    /// Add or replace flag `name` (not validated against the other flags:
+    /// re-read [`FlagsConfig::to_json_pretty`] for that).
+    pub(crate) fn insert(&mut self, name: String, spec: FlagSpec) {
+        self.flags.insert(name, spec);
+    }
+
     /// Mutable access, e.g. to attach a schedule.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut FlagSpec> {
         self.flags.get_mut(name)

@@ -37,6 +37,37 @@ pub struct FlagSpec {
     /// Flags that must be in a given state for this one to be on (checked in
     /// order after `enabled` and `environments`).
     pub prerequisites: Vec<Prerequisite>,
+    /// Which hash contract places a stickiness value in a percentage bucket
+    /// (default [`Bucketing::V1`]).
+    pub bucketing: Bucketing,
+}
+
+/// The hash contract of a flag's percentage rollout (docs/flags.md).
+///
+/// Cohorts are part of the product: switching a flag's contract re-draws its
+/// cohort, so each is fixed and versioned. `Erlmcp` exists so that a config
+/// written for erlmcp's own `erlmcp_feature_flags` (its `{"flags": [...]}`
+/// format) keeps every session in the cohort that module put it in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Bucketing {
+    /// Version 1: in when `erlang:phash2(Value, 100) < P` (salted:
+    /// `erlang:phash2({Salt, Value}, 100)`).
+    #[default]
+    V1,
+    /// erlmcp's module: in when `erlang:phash2(Value) rem 100 < P`, the
+    /// 27-bit `phash2/1` (a different bucket than `phash2(Value, 100)` for
+    /// most values). No salt, basis points or variants.
+    Erlmcp,
+}
+
+impl Bucketing {
+    /// The config spelling (`"v1"`, `"erlmcp"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Bucketing::V1 => "v1",
+            Bucketing::Erlmcp => "erlmcp",
+        }
+    }
 }
 
 impl Serialize for FlagSpec {
@@ -65,6 +96,9 @@ impl Serialize for FlagSpec {
         if !self.prerequisites.is_empty() {
             m.serialize_entry("prerequisites", &self.prerequisites)?;
         }
+        if self.bucketing != Bucketing::V1 {
+            m.serialize_entry("bucketing", self.bucketing.name())?;
+        }
         m.end()
     }
 }
@@ -83,6 +117,7 @@ impl Default for FlagSpec {
             schedule: None,
             variants: None,
             prerequisites: Vec::new(),
+            bucketing: Bucketing::V1,
         }
     }
 }

@@ -10,6 +10,8 @@ use crate::json::{self, Kind, Member, Node, Pos};
 use crate::time_text::{format_time, parse_time};
 use time::OffsetDateTime;
 
+mod erlmcp;
+
 /// A JSONPath built on the stack while validating; rendered to text only
 /// when a problem is reported.
 #[derive(Clone, Copy)]
@@ -94,7 +96,26 @@ impl Validator {
         Some(out)
     }
 
+    /// A flag name's rules (both formats).
+    fn flag_name(&mut self, path: &JPath<'_>, pos: Pos, name: &str) {
+        let chars = name.chars().count();
+        if chars == 0 {
+            self.problem(path, pos, "flag name is empty");
+        } else if chars > MAX_FLAG_NAME_CHARS {
+            self.problem(
+                path,
+                pos,
+                format!("flag name has {chars} characters; at most {MAX_FLAG_NAME_CHARS} (an Erlang atom's limit)"),
+            );
+        } else if name.chars().any(char::is_control) {
+            self.problem(path, pos, "flag name contains control characters");
+        }
+    }
+
     pub(super) fn config(&mut self, root: &Node) -> FlagsConfig {
+        if erlmcp::is_erlmcp_shape(root) {
+            return self.erlmcp_config(root);
+        }
         let mut flags = BTreeMap::new();
         let Some(members) = self.object(&JPath::Root, root, "an object mapping flag names to flags") else {
             return FlagsConfig { flags };
@@ -102,18 +123,7 @@ impl Validator {
         for m in &members {
             let path = JPath::Key(&JPath::Root, &m.key);
             self.flag = Some(m.key.clone());
-            let chars = m.key.chars().count();
-            if chars == 0 {
-                self.problem(&path, m.key_pos, "flag name is empty");
-            } else if chars > MAX_FLAG_NAME_CHARS {
-                self.problem(
-                    &path,
-                    m.key_pos,
-                    format!("flag name has {chars} characters; at most {MAX_FLAG_NAME_CHARS} (an Erlang atom's limit)"),
-                );
-            } else if m.key.chars().any(char::is_control) {
-                self.problem(&path, m.key_pos, "flag name contains control characters");
-            }
+            self.flag_name(&path, m.key_pos, &m.key);
             if let Some(spec) = self.flag_spec(&path, &m.value) {
                 flags.insert(m.key.clone(), spec);
             }
@@ -147,14 +157,43 @@ impl Validator {
                 "rollout_basis_points" => spec.rollout_basis_points = self.basis_points(&p, v),
                 "variants" => spec.variants = self.variants(&p, v),
                 "prerequisites" => spec.prerequisites = self.prerequisites(&p, v),
+                "bucketing" => match &v.kind {
+                    Kind::String(s) if s == "v1" => spec.bucketing = Bucketing::V1,
+                    Kind::String(s) if s == "erlmcp" => spec.bucketing = Bucketing::Erlmcp,
+                    _ => self.problem(&p, v.pos, "bucketing must be \"v1\" or \"erlmcp\""),
+                },
                 other => self.problem(
                     &p,
                     m.key_pos,
                     format!(
                         "unknown field {other:?}; a flag has enabled, rollout_percentage, rollout_basis_points, \
-                         environments, conditions, metadata, stickiness, salt, schedule, variants, prerequisites"
+                         environments, conditions, metadata, stickiness, salt, schedule, variants, prerequisites, \
+                         bucketing"
                     ),
                 ),
+            }
+        }
+        if spec.bucketing == Bucketing::Erlmcp {
+            // erlmcp's contract has one formula: phash2(Value) rem 100.
+            for field in ["salt", "rollout_basis_points", "variants"] {
+                if let Some(m) = members.iter().find(|m| m.key == field) {
+                    self.problem(
+                        &JPath::Key(path, &m.key),
+                        m.key_pos,
+                        format!("{field} cannot be used with \"bucketing\": \"erlmcp\" (phash2(Value) rem 100)"),
+                    );
+                }
+            }
+            if let Some(stages) = &spec.schedule {
+                if stages.stages().iter().any(|s| s.rollout_basis_points.is_some()) {
+                    let m = members.iter().find(|m| m.key == "schedule");
+                    let pos = m.map_or(node.pos, |m| m.key_pos);
+                    self.problem(
+                        &JPath::Key(path, "schedule"),
+                        pos,
+                        "schedule stages cannot set rollout_basis_points with \"bucketing\": \"erlmcp\"",
+                    );
+                }
             }
         }
         if let (Some(a), Some(b)) = (
