@@ -82,10 +82,16 @@ const SSMALL28_LIMIT: u64 = 1 << 27;
 #[must_use]
 #[inline(always)]
 pub fn hash(term: &Value<'_>) -> u32 {
-    if let Value::Foreign(f) = term {
-        return f.hash(None).unwrap_or(0);
-    }
-    mix_term(0, term)
+    mix_term(0, term, None)
+}
+
+/// A foreign value's hash, as its holder answers it (`0` while unknown: the
+/// context is then incomplete and the evaluation a placeholder). Out of line:
+/// the common terms' path stays as it was.
+#[cold]
+#[inline(never)]
+fn foreign_hash(f: &dyn super::ForeignTerm, salt: Option<&[u8]>) -> u32 {
+    f.hash(salt).unwrap_or(0)
 }
 
 /// `make_hash2({Salt, Term})` with `Salt` a binary: the full 32-bit hash,
@@ -93,12 +99,9 @@ pub fn hash(term: &Value<'_>) -> u32 {
 #[must_use]
 #[inline]
 pub fn hash_salted(salt: &[u8], term: &Value<'_>) -> u32 {
-    if let Value::Foreign(f) = term {
-        return f.hash(Some(salt)).unwrap_or(0);
-    }
     let h = uint32_hash_2(0, 2, 0, HCONST_9);
     let h = mix_binary(h, salt);
-    mix_term(h, term)
+    mix_term(h, term, Some(salt))
 }
 
 /// `erlang:phash2(Term, Range)`: the hash of `term` modulo `range`, in
@@ -160,7 +163,9 @@ pub fn atom_hash(name: &str) -> u32 {
 /// Must stay inlined into the caller that built the `Value`, so the value and
 /// its tag stay in registers (BENCHMARKS.md, issue 3).
 #[inline(always)]
-fn mix_term(h: u32, term: &Value<'_>) -> u32 {
+/// `salt` only serves a foreign value, whose whole hash (of `T` or of
+/// `{Salt, T}`) its holder answers: `h` is then not used.
+fn mix_term(h: u32, term: &Value<'_>, salt: Option<&[u8]>) -> u32 {
     match *term {
         Value::Binary(bytes) => mix_binary(h, bytes),
         Value::Atom(name) => {
@@ -173,8 +178,7 @@ fn mix_term(h: u32, term: &Value<'_>) -> u32 {
         }
         Value::Int(i) => mix_integer(h, i < 0, i.unsigned_abs()),
         Value::BigInt { negative, magnitude } => mix_bigint(h, negative, magnitude),
-        // Answered whole by `hash`/`hash_salted` (the VM hashes it).
-        Value::Foreign(_) => h,
+        Value::Foreign(f) => foreign_hash(f, salt),
     }
 }
 

@@ -193,22 +193,25 @@ enum CmpOp {
     Gte,
 }
 
-/// How a flag turns its stickiness value into a percentage bucket
-/// ([`Bucketing`], with the salt resolved once at compile time).
-enum Hashing {
-    /// `phash2(Value, 100)`.
-    Plain,
-    /// `phash2({Salt, Value}, 100)`.
-    Salted(Box<[u8]>),
-    /// `phash2(Value) rem 100` (erlmcp's module).
-    Erlmcp,
+/// erlmcp's bucket, `erlang:phash2(Value) rem 100`. Out of line, so that the
+/// hash contract v1's inlined path is what it was before this contract existed.
+#[inline(never)]
+fn erlmcp_bucket(value: Value<'_>) -> u32 {
+    match value {
+        Value::Foreign(f) => f.phash2_27() % 100,
+        // phash2/1 keeps the low 27 bits: phash2(V, 2^27) is the same number.
+        _ => phash2::phash2(&value, 1 << 27) % 100,
+    }
 }
 
 pub(crate) struct CompiledFlag {
     base: Rule,
     stages: Box<[(i64, Rule)]>,
     stickiness: Arc<str>,
-    hash: Hashing,
+    /// When set, buckets are `phash2({Salt, Value}, 100)` (contract v1).
+    salt: Option<Box<[u8]>>,
+    /// erlmcp's contract ([`Bucketing::Erlmcp`]): `phash2(Value) rem 100`.
+    erlmcp: bool,
     conditions: Box<[Cond]>,
     overridden: Option<Override>,
     /// Custom conditions without a Rust predicate (answered by the context),
@@ -534,11 +537,8 @@ impl CompiledFlag {
             base,
             stages,
             stickiness: keys.get(&spec.stickiness),
-            hash: match (spec.bucketing, spec.salt.as_deref()) {
-                (Bucketing::Erlmcp, _) => Hashing::Erlmcp,
-                (Bucketing::V1, Some(salt)) => Hashing::Salted(bytes(salt)),
-                (Bucketing::V1, None) => Hashing::Plain,
-            },
+            salt: spec.salt.as_deref().map(bytes),
+            erlmcp: spec.bucketing == Bucketing::Erlmcp,
             conditions,
             overridden: input.overrides.lookup(name),
             counters,
@@ -576,14 +576,13 @@ impl CompiledFlag {
     #[inline(always)]
     fn bucket<C: Context>(&self, ctx: &C) -> u8 {
         let value = ctx.get(&self.stickiness).unwrap_or(Value::Binary(b""));
-        let b = match &self.hash {
-            Hashing::Plain => phash2::phash2(&value, 100),
-            Hashing::Salted(salt) => phash2::phash2_salted(salt, &value, 100),
-            // phash2/1 keeps the low 27 bits: phash2(V, 2^27) is the same number.
-            Hashing::Erlmcp => match value {
-                Value::Foreign(f) => f.phash2_27() % 100,
-                _ => phash2::phash2(&value, 1 << 27) % 100,
-            },
+        let b = if self.erlmcp {
+            erlmcp_bucket(value)
+        } else {
+            match &self.salt {
+                Some(salt) => phash2::phash2_salted(salt, &value, 100),
+                None => phash2::phash2(&value, 100),
+            }
         };
         // phash2(_, 100) < 100.
         u8::try_from(b).unwrap_or(u8::MAX)
@@ -751,10 +750,10 @@ impl CompiledFlag {
         let value = ctx.get(&self.stickiness);
         trace.key_missing |= value.is_none();
         let value = value.unwrap_or(Value::Binary(b""));
-        // Validation keeps basis points and variants away from `Erlmcp`.
-        let b = match &self.hash {
-            Hashing::Salted(salt) => phash2::phash2_salted(salt, &value, 10_000),
-            Hashing::Plain | Hashing::Erlmcp => phash2::phash2(&value, 10_000),
+        // Validation keeps basis points and variants away from erlmcp's contract.
+        let b = match &self.salt {
+            Some(salt) => phash2::phash2_salted(salt, &value, 10_000),
+            None => phash2::phash2(&value, 10_000),
         };
         u16::try_from(b).unwrap_or(u16::MAX)
     }

@@ -239,7 +239,7 @@ fn eval_answered<'a>(
     let Some(id) = tables.flag_id(&published.snapshot, name)? else {
         return Ok(atoms::unknown().encode(env));
     };
-    let c = MapCtx::new(ctx, &tables.key_atoms, &customs)?.with_hashes(&hashes);
+    let c = MapCtx::new(ctx, &tables.key_atoms, &customs)?.with_hashes(hashes);
     let e = published.snapshot.evaluate_id(Some(id), &c);
     if c.saw_bad_value() {
         return Err(Error::BadArg);
@@ -317,7 +317,7 @@ fn flags_eval_details<'a>(
     let hashes = hashes_of(hashes)?;
     let text = name_text(name)?;
     let published = PUBLISHED.load();
-    let c = MapCtx::new(ctx, &published.tables.key_atoms, &customs)?.with_hashes(&hashes);
+    let c = MapCtx::new(ctx, &published.tables.key_atoms, &customs)?.with_hashes(hashes);
     let mut d = published.snapshot.details(&text, &c);
     if !c.complete() {
         return Ok(wanted_reply(env, &c));
@@ -514,7 +514,7 @@ fn flags_explain<'a>(env: Env<'a>, name: Term<'a>, ctx: Term<'a>, hashes: Term<'
     let text = name_text(name)?;
     let hashes = hashes_of(hashes)?;
     let published = PUBLISHED.load();
-    let c = MapCtx::new(ctx, &published.tables.key_atoms, &[])?.with_hashes(&hashes);
+    let c = MapCtx::new(ctx, &published.tables.key_atoms, &[])?.with_hashes(hashes);
     let x = published.snapshot.explain(&text, &c);
     if c.saw_bad_value() {
         return Err(Error::BadArg);
@@ -546,13 +546,18 @@ fn flags_phash2<'a>(term: Term<'a>, range: u64) -> NifResult<u64> {
         return Err(Error::BadArg);
     }
     let holder = MapCtx::holder(term, &[]);
+    // The core's own hash only: a foreign value would be the VM's answer.
     let hash = if term.is_tuple() {
         let (salt, inner) = term.decode::<(rustler::Binary<'a>, Term<'a>)>()?;
-        let v = holder.value_of(inner).ok_or(Error::BadArg)?;
-        phash2::hash_salted(salt.as_slice(), &v)
+        match holder.value_of(inner) {
+            Some(v) if !matches!(v, Value::Foreign(_)) => phash2::hash_salted(salt.as_slice(), &v),
+            _ => return Err(Error::BadArg),
+        }
     } else {
-        let v: Value<'_> = holder.value_of(term).ok_or(Error::BadArg)?;
-        phash2::hash(&v)
+        match holder.value_of(term) {
+            Some(v) if !matches!(v, Value::Foreign(_)) => phash2::hash(&v),
+            _ => return Err(Error::BadArg),
+        }
     };
     Ok(u64::from(hash) % range)
 }

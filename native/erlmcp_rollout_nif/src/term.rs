@@ -2,7 +2,6 @@
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::fmt;
-use std::rc::Rc;
 
 use erlmcp_rollout::flags::{Context, FlagId, ForeignTerm, PinnableClock, Snapshot, Value};
 use rustc_hash::FxHashMap;
@@ -154,38 +153,44 @@ pub struct MapCtx<'a, 'k> {
     arena: RefCell<Vec<Box<[u8]>>>,
     customs: &'k [(Vec<u8>, bool)],
     bad: Cell<bool>,
-    /// `{Term, Hash}` answers from the caller (`erlang:phash2(Term, 2^32)`,
-    /// `Term` a foreign value or `{Salt, Value}`).
-    hashes: &'k [(Term<'a>, u32)],
-    /// Made at the first foreign value only (the hot path never allocates).
-    foreign: OnceCell<Foreign<'a, 'k>>,
+    /// Foreign values and hash answers; made only off the hot path (one
+    /// word here, so the context a hot evaluation builds stays small).
+    foreign: OnceCell<Box<Foreign<'a>>>,
 }
 
-/// The foreign values read so far and the hashes evaluation asked for.
-struct Foreign<'a, 'k> {
+/// The caller's hash answers, the foreign values read so far and the
+/// hashes evaluation asked for and did not have.
+struct Foreign<'a> {
+    /// `{Term, Hash}` answers from the caller (`erlang:phash2(Term, 2^32)`,
+    /// `Term` a foreign value or `{Salt, Value}`).
+    hashes: Vec<(Term<'a>, u32)>,
     /// Boxed: evaluation holds references to these while the Vec grows, so
     /// each must keep its address.
     #[allow(clippy::vec_box)]
-    values: RefCell<Vec<Box<ErlTerm<'a, 'k>>>>,
-    wanted: Rc<RefCell<Vec<Term<'a>>>>,
+    values: RefCell<Vec<Box<ErlTerm<'a>>>>,
+    wanted: RefCell<Vec<Term<'a>>>,
 }
 
 /// A context value of a type the core does not read, as a [`ForeignTerm`]:
 /// its 27-bit `phash2/1` from the VM, its full hash from the caller's answers.
-pub struct ErlTerm<'a, 'k> {
+pub struct ErlTerm<'a> {
     term: Term<'a>,
-    hashes: &'k [(Term<'a>, u32)],
-    wanted: Rc<RefCell<Vec<Term<'a>>>>,
+    /// The context's `Foreign`, boxed: its address is stable while the
+    /// context lives, and every `ErlTerm` reference is bounded by a borrow
+    /// of the context.
+    shared: *const Foreign<'a>,
 }
 
-impl fmt::Debug for ErlTerm<'_, '_> {
+impl fmt::Debug for ErlTerm<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.term)
     }
 }
 
-impl ForeignTerm for ErlTerm<'_, '_> {
+impl ForeignTerm for ErlTerm<'_> {
     fn hash(&self, salt: Option<&[u8]>) -> Option<u32> {
+        // SAFETY: see `shared`: the Foreign outlives every ErlTerm reference.
+        let shared = unsafe { &*self.shared };
         let env = self.term.get_env();
         let asked = match salt {
             None => self.term,
@@ -196,10 +201,10 @@ impl ForeignTerm for ErlTerm<'_, '_> {
             }
         };
         // `==` on terms is `=:=` (enif_is_identical): {1} and {1.0} differ.
-        if let Some((_, h)) = self.hashes.iter().find(|(t, _)| *t == asked) {
+        if let Some((_, h)) = shared.hashes.iter().find(|(t, _)| *t == asked) {
             return Some(*h);
         }
-        let mut wanted = self.wanted.borrow_mut();
+        let mut wanted = shared.wanted.borrow_mut();
         if !wanted.contains(&asked) {
             wanted.push(asked);
         }
@@ -229,14 +234,19 @@ impl<'a, 'k> MapCtx<'a, 'k> {
             arena: RefCell::new(Vec::new()),
             customs,
             bad: Cell::new(false),
-            hashes: &[],
             foreign: OnceCell::new(),
         })
     }
 
     /// With the caller's answers to earlier `{hash, Wanted}` replies.
-    pub fn with_hashes(mut self, hashes: &'k [(Term<'a>, u32)]) -> Self {
-        self.hashes = hashes;
+    pub fn with_hashes(self, hashes: Vec<(Term<'a>, u32)>) -> Self {
+        if !hashes.is_empty() {
+            let _ = self.foreign.set(Box::new(Foreign {
+                hashes,
+                values: RefCell::new(Vec::new()),
+                wanted: RefCell::new(Vec::new()),
+            }));
+        }
         self
     }
 
@@ -257,7 +267,6 @@ impl<'a, 'k> MapCtx<'a, 'k> {
             arena: RefCell::new(Vec::new()),
             customs: &[],
             bad: Cell::new(false),
-            hashes: &[],
             foreign: OnceCell::new(),
         }
     }
@@ -271,18 +280,16 @@ impl<'a, 'k> MapCtx<'a, 'k> {
 
     /// `term` as a foreign value, kept as long as the context.
     #[cold]
-    #[inline(never)]
     fn foreign_value(&self, term: Term<'a>) -> Value<'_> {
-        let f = self.foreign.get_or_init(|| Foreign {
-            values: RefCell::new(Vec::new()),
-            wanted: Rc::new(RefCell::new(Vec::new())),
+        let f = self.foreign.get_or_init(|| {
+            Box::new(Foreign {
+                hashes: Vec::new(),
+                values: RefCell::new(Vec::new()),
+                wanted: RefCell::new(Vec::new()),
+            })
         });
-        let boxed = Box::new(ErlTerm {
-            term,
-            hashes: self.hashes,
-            wanted: f.wanted.clone(),
-        });
-        let ptr: *const ErlTerm<'a, 'k> = &*boxed;
+        let boxed = Box::new(ErlTerm { term, shared: &**f });
+        let ptr: *const ErlTerm<'a> = &*boxed;
         f.values.borrow_mut().push(boxed);
         // SAFETY: the box is owned by `values`, which only grows while `self`
         // lives; moving the Box (or the Vec reallocating) does not move the
@@ -291,7 +298,8 @@ impl<'a, 'k> MapCtx<'a, 'k> {
     }
 
     /// A term as a core [`Value`]: binaries borrowed; atom text and big
-    /// integer digits kept in the arena. `None` for other types.
+    /// integer digits kept in the arena; other types as foreign values.
+    /// `None` only for an atom or integer that cannot be decoded.
     ///
     /// Invariant: the binary case is inlined into evaluation (its
     /// `Option<Value>` stays in registers) and the rest kept out of line
@@ -335,7 +343,8 @@ impl<'a, 'k> MapCtx<'a, 'k> {
                     magnitude,
                 })
             }
-            _ => None,
+            // Any other type (float, tuple, list, map, pid, ...).
+            _ => Some(self.foreign_value(term)),
         }
     }
 
@@ -413,16 +422,11 @@ impl Context for MapCtx<'_, '_> {
     #[inline(always)]
     fn get(&self, key: &str) -> Option<Value<'_>> {
         let term = self.lookup(key)?;
-        match self.value_of(term) {
-            Some(v) => Some(v),
-            None => match term.get_type() {
-                TermType::Atom | TermType::Integer => {
-                    self.bad.set(true);
-                    None
-                }
-                _ => Some(self.foreign_value(term)),
-            },
+        let v = self.value_of(term);
+        if v.is_none() {
+            self.bad.set(true);
         }
+        v
     }
 
     #[inline(always)]
