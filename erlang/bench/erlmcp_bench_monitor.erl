@@ -24,8 +24,11 @@ longest() ->
 
 collect(Acc) ->
     receive
-        {monitor, _, long_schedule, Info} ->
+        {monitor, Who, long_schedule, Info} ->
             T = proplists:get_value(timeout, Info),
+            %% ERLMCP_BENCH_STRETCHES=1: each report, for attributing it.
+            _ = os:getenv("ERLMCP_BENCH_STRETCHES") =:= "1" andalso
+                io:format(standard_error, "  stretch ~b ms: ~p ~p~n", [T, Who, Info]),
             collect(case Acc of none -> T; _ -> max(Acc, T) end);
         {take, From, Ref} ->
             From ! {Ref, Acc},
