@@ -507,3 +507,44 @@ fn a_sweep_whose_answer_was_lost_counts_what_it_changed() {
         .iter()
         .all(|s| s.tombstone && s.version == 2 && s.last_accessed == T0 + 20));
 }
+
+#[test]
+fn a_page_over_expired_records_visits_a_bounded_number_of_keys() {
+    // 2500 expired sessions before 3 live ones: each scan call visits at most
+    // 2 x limit (at least 1024) keys and, short of `limit`, continues after the
+    // last key visited (a whole-prefix list no longer runs out of one call's time).
+    let clock = ManualClock::new(T0);
+    let store = etcd_cluster::store(StoreOptions::with_clock(clock.clone()));
+    let dead: Vec<Session> = (0..2500)
+        .map(|i| {
+            let mut s = Session::new(id(&format!("a-{i:05}")), T0, Timeout::ms(1000).unwrap(), vec![]);
+            s.version = 1;
+            s
+        })
+        .collect();
+    for chunk in dead.chunks(500) {
+        assert_eq!(store.apply_batch_if_newer(chunk.to_vec()).unwrap().applied, chunk.len());
+    }
+    for i in 1..=3 {
+        store
+            .put(Session::new(id(&format!("z-{i}")), T0, Timeout::Infinity, vec![]))
+            .unwrap();
+    }
+    clock.advance_ms(10_000);
+    let mut after: Option<SessionId> = None;
+    let mut live = Vec::new();
+    let mut calls = 0;
+    loop {
+        calls += 1;
+        let page = store.scan(after.as_ref(), 10, Visibility::Live).unwrap();
+        assert!(page.records.len() <= 10);
+        live.extend(page.records.iter().map(|s| s.id.clone()));
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(live, vec![id("z-1"), id("z-2"), id("z-3")]);
+    // 2503 keys at <= 1024 visited per call: at least 3 calls.
+    assert!(calls >= 3, "{calls} calls");
+}

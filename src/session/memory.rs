@@ -190,10 +190,6 @@ impl MemoryStore {
 }
 
 /// Most records one scan page visits: twice the page, at least 1024.
-fn visit_budget(limit: usize) -> usize {
-    limit.saturating_mul(2).max(1024)
-}
-
 fn read(shard: &Shard) -> RwLockReadGuard<'_, ShardMap> {
     // No code panics while holding a shard lock, so a poisoned lock holds consistent data.
     shard.0.read().unwrap_or_else(PoisonError::into_inner)
@@ -329,7 +325,7 @@ impl Store for MemoryStore {
         // A page visits at most this many records, live or not, so that a store full of
         // expired records (before a sweep frees them) costs a bounded time per page under
         // the shard locks; a short page then continues after the last key visited.
-        let budget = visit_budget(limit);
+        let budget = super::visit_budget(limit);
         let mut visited = 0usize;
         while let Some(std::cmp::Reverse((id, i))) = heap.pop() {
             if let Some(s) = guards[i].records.get(id).filter(|s| keep(s)) {

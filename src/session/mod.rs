@@ -209,6 +209,14 @@ pub struct ScanPage {
     pub next: Option<SessionId>,
 }
 
+/// How many records one [`Store::scan`] call visits at most, live or not: a
+/// store full of expired records or tombstones (before a sweep frees them)
+/// then costs a bounded time per page, and a short page with `next` set
+/// continues after the last record visited.
+pub(crate) fn visit_budget(limit: usize) -> usize {
+    limit.saturating_mul(2).max(1024)
+}
+
 impl ScanPage {
     /// A page from up to `limit + 1` records in key order: the extra one only says that
     /// more follow.

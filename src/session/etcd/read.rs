@@ -47,7 +47,7 @@ impl Inner {
         visibility: Visibility,
         now: i64,
         deadline: Instant,
-    ) -> Result<(Vec<(Session, Stored)>, bool), StoreError> {
+    ) -> Result<Scanned, StoreError> {
         let mut start = match &after {
             Some(a) => {
                 let mut k = self.key(a);
@@ -57,6 +57,11 @@ impl Inner {
             None => self.prefix.clone(),
         };
         let mut records = Vec::new();
+        // A call visits at most this many keys, live or not, so that a prefix full of
+        // expired records or tombstones (before a sweep removes them) costs a bounded time
+        // per page; a short page then continues after the last key visited.
+        let budget = crate::session::visit_budget(limit);
+        let mut visited = 0usize;
         loop {
             let chunk = (limit.saturating_add(1) - records.len()).clamp(1, SCAN_CHUNK);
             let resp = self
@@ -72,29 +77,60 @@ impl Inner {
                     },
                 )
                 .await?;
+            let mut last = None;
             for kv in resp.kvs() {
                 let raw_id = kv.key().get(self.prefix.len()..).unwrap_or_default();
                 let id = SessionId::new(raw_id).map_err(|e| StoreError::Corrupt {
                     key: None,
                     reason: format!("etcd key {:?}: {e}", String::from_utf8_lossy(kv.key())),
                 })?;
+                visited += 1;
                 let stored = self.decode(&id, kv)?;
                 if let Some(s) = stored.session.clone() {
                     if visibility == Visibility::Raw || s.is_live(now) {
                         records.push((s, stored));
                         if records.len() > limit {
-                            return Ok((records, true));
+                            return Ok(Scanned {
+                                records,
+                                more: true,
+                                last_visited: None,
+                            });
                         }
                     }
                 }
+                last = Some(id);
             }
             match resp.kvs().last() {
-                Some(last) if resp.more() => {
-                    start = last.key().to_vec();
+                Some(_) if resp.more() && visited >= budget => {
+                    return Ok(Scanned {
+                        records,
+                        more: true,
+                        last_visited: last,
+                    });
+                }
+                Some(kv) if resp.more() => {
+                    start = kv.key().to_vec();
                     start.push(0);
                 }
-                _ => return Ok((records, false)),
+                _ => {
+                    return Ok(Scanned {
+                        records,
+                        more: false,
+                        last_visited: last,
+                    })
+                }
             }
         }
     }
+}
+
+/// One call of [`Inner::scan`](super::Inner).
+pub(super) struct Scanned {
+    /// Up to `limit + 1` records in key order.
+    pub(super) records: Vec<(Session, Stored)>,
+    /// Keys follow (after the last record, or after `last_visited`).
+    pub(super) more: bool,
+    /// The last key visited, when it is not the last record's (set when the visit
+    /// budget ended the call or keys after the last record were skipped).
+    pub(super) last_visited: Option<SessionId>,
 }

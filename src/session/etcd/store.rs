@@ -165,11 +165,16 @@ impl Store for EtcdStore {
         let after = after.cloned();
         self.run(async move {
             let now = inner.now();
-            let (records, _) = inner.scan(after, limit, visibility, now, deadline).await?;
-            Ok(ScanPage::from_overfetch(
-                records.into_iter().map(|(s, _)| s).collect(),
-                limit,
-            ))
+            let scanned = inner.scan(after, limit, visibility, now, deadline).await?;
+            let records: Vec<Session> = scanned.records.into_iter().map(|(s, _)| s).collect();
+            Ok(match scanned.last_visited {
+                // The visit budget ended the call short of `limit`: go on after the last key visited.
+                Some(last) if scanned.more && records.len() <= limit => ScanPage {
+                    records,
+                    next: Some(last),
+                },
+                _ => ScanPage::from_overfetch(records, limit),
+            })
         })
     }
 

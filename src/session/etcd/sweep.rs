@@ -171,10 +171,11 @@ impl Inner {
         let mut after = None;
         loop {
             let deadline = Instant::now() + inner.etcd.operation_timeout;
-            let (page, more) = inner
+            let scanned = inner
                 .scan(after.clone(), SCAN_CHUNK, Visibility::Raw, now_ms, deadline)
                 .await?;
-            after = page.last().map(|(s, _)| s.id.clone());
+            let (page, more) = (scanned.records, scanned.more);
+            after = scanned.last_visited.or_else(|| page.last().map(|(s, _)| s.id.clone()));
             let due: Vec<(Session, Stored)> = page.into_iter().filter(|(s, _)| rule.applies(s)).collect();
             let mut chunks = Vec::new();
             let mut rest = due;
