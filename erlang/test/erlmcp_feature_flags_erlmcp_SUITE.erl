@@ -171,7 +171,7 @@ set_flag_layers_until_reload(Config) ->
     {error, {invalid_flag, [#{path := <<"$.flags[0].rollout_percentage">>, message := Msg}]}} =
         M:set_flag(on, true, #{rollout_percentage => 101}),
     ?assertMatch({_, _}, binary:match(Msg, <<"0..100">>)),
-    {error, {invalid_flag, [#{path := <<"$.flags[0].state">>}]}} = M:set_flag(on, true, #{state => maybe}),
+    {error, {invalid_flag, [#{path := <<"$.flags[0].state">>}]}} = M:set_flag(on, true, #{state => sometimes}),
     {error, {bad_value, _}} = M:set_flag(on, {not_json, self()}),
     ?assertEqual(false, M:get_flag(on), "failed sets change nothing"),
     {ok, _} = M:reload_flags(),
