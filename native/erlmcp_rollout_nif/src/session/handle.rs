@@ -54,7 +54,16 @@ fn reap(handle: StoreHandle) {
             .name("erlmcp_session_reaper".into())
             .spawn(move || {
                 for h in rx {
+                    // The store's last handle: dropping it frees every record, most of
+                    // them allocated on scheduler threads; hand that memory back here
+                    // (see `trim_heap`) rather than on the next large allocation of a
+                    // scheduler (28-37 ms inside a NIF after a 400k-session store was
+                    // reaped; BENCHMARKS.md, memory-store churn).
+                    let last = Arc::strong_count(&h.store) == 1;
                     let _ = catch_unwind(AssertUnwindSafe(move || drop(h)));
+                    if last {
+                        super::trim_heap();
+                    }
                 }
             })
             .ok()

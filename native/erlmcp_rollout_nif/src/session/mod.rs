@@ -456,8 +456,9 @@ const TRIM_AFTER_FREEING: usize = 10_000;
 /// unconsolidated small chunks, and the next large allocation on that scheduler
 /// consolidates them all first: 120-140 ms on a normal scheduler after 400k were
 /// freed (BENCHMARKS.md, memory-store churn). `malloc_trim` does that work here, for
-/// every arena, and returns the free pages to the OS.
-fn trim_heap() {
+/// every arena, and returns the free pages to the OS. (The reaper calls it too,
+/// after dropping a store's last handle.)
+pub(super) fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         extern "C" {
