@@ -194,3 +194,45 @@ fn cli_push_validates_first_and_publishes_only_valid_configs() {
         "{o:?}"
     );
 }
+
+#[test]
+fn an_erlmcp_format_file_is_pushed_and_served_with_erlmcps_cohorts() {
+    // erlmcp's own {"flags": [...]} format through `flags push` and a watcher: the
+    // partial rollout buckets by phash2(Id) rem 100, as erlmcp's module does.
+    let endpoints = etcd_cluster::shared().endpoints();
+    let key = format!("{}flags", etcd_cluster::unique_prefix());
+    let engine = empty_engine();
+    let w = watch(&engine, &endpoints, &key);
+    wait_for("the watcher connected", || w.status().connected);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("feature-flags.json");
+    std::fs::write(
+        &file,
+        br#"{"flags": [{"name": "new_transport", "state": "rollout", "rollout_strategy": "canary",
+                         "rollout_percentage": 70}, {"name": "off", "state": "disabled"}]}"#,
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_erlmcp-rollout"))
+        .args(["flags", "push"])
+        .arg(&file)
+        .args(["--etcd", &endpoints.join(","), "--key", &key, "--timeout-s", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("published: 2 flags"),
+        "{o:?}"
+    );
+    wait_for("the engine serves the pushed erlmcp file", || {
+        flag(&engine, "new_transport") == Some(true) && flag(&engine, "off") == Some(false)
+    });
+    use erlmcp_rollout::flags::{phash2, MapContext, Value};
+    for i in 0..500 {
+        let id = format!("session-{i}");
+        let want = phash2::phash2(&Value::Binary(id.as_bytes()), 1 << 27) % 100 < 70;
+        let ctx = MapContext::new().binary("session_id", &id);
+        assert_eq!(engine.is_enabled("new_transport", &ctx), want, "{id}");
+    }
+    // phash2(<<"session-123">>) = 86828266: bucket 66 (phash2(_, 100) would be 98, out).
+    assert!(engine.is_enabled("new_transport", &MapContext::new().binary("session_id", "session-123")));
+}
