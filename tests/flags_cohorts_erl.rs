@@ -5,8 +5,10 @@
 //! formulas in docs/flags.md, and by the engine, for thousands of session
 //! ids. Fails (never skips) when `erl` is not installed.
 
+#[path = "support/erl.rs"]
+mod erl;
+
 use std::fmt::Write as _;
-use std::process::Command;
 
 use erlmcp_rollout::flags::{Engine, FlagsConfig, MapContext, OwnedValue};
 
@@ -72,18 +74,7 @@ fn basis_points_percentages_and_variants_match_real_erl() {
         }
         text.push('\n');
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (input, output) = (dir.path().join("in.txt"), dir.path().join("out.txt"));
-    std::fs::write(&input, text).unwrap();
-    let run = Command::new("erl")
-        .args(["-noshell", "-eval", ERL_SCRIPT, "-extra"])
-        .arg(&input)
-        .arg(&output)
-        .output()
-        .expect("erl on PATH (scripts/setup installs erlang-nox)");
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let erl = std::fs::read_to_string(&output).unwrap();
-    let erl: Vec<&str> = erl.lines().collect();
+    let erl = erl::erl_lines(ERL_SCRIPT, &text);
     assert_eq!(erl.len(), values.len());
 
     let engine = Engine::builder().build(FlagsConfig::from_json(CONFIG.as_bytes()).unwrap());

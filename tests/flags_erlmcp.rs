@@ -4,8 +4,10 @@
 //! intends, its cohorts are `erlang:phash2(Id) rem 100 < P` computed by a
 //! real `erl`, and set/import/export keep erlmcp's shapes.
 
+#[path = "support/erl.rs"]
+mod erl;
+
 use std::fmt::Write as _;
-use std::process::Command;
 
 use erlmcp_rollout::flags::{
     export_json, Bucketing, ConfigError, Engine, ErlmcpFlag, ErlmcpState, FlagsConfig, MapContext, Problem, Strategy,
@@ -93,18 +95,7 @@ Line = fun (Id) -> Hash = erlang:phash2(Id),
 ok = file:write_file(Out, [Line(Id) || Id <- Ids]),
 halt(0).
 "#;
-    let dir = tempfile::tempdir().unwrap();
-    let (input, output) = (dir.path().join("in.txt"), dir.path().join("out.txt"));
-    std::fs::write(&input, text).unwrap();
-    let run = Command::new("erl")
-        .args(["-noshell", "-eval", script, "-extra"])
-        .arg(&input)
-        .arg(&output)
-        .output()
-        .expect("erl on PATH (scripts/setup installs erlang-nox)");
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let erl = std::fs::read_to_string(&output).unwrap();
-    let erl: Vec<&str> = erl.lines().collect();
+    let erl = erl::erl_lines(script, &text);
     assert_eq!(erl.len(), ids.len());
     let mut differs_from_v1 = 0;
     for (id, line) in ids.iter().zip(&erl) {

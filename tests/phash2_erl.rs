@@ -3,9 +3,10 @@
 //! Rust implementation, and compares the full 32-bit hash and the bucket in
 //! `0..100`. Fails (never skips) when `erl` is not installed.
 
+#[path = "support/erl.rs"]
+mod erl;
+
 use std::fmt::Write as _;
-use std::io::ErrorKind;
-use std::process::Command;
 
 use erlmcp_rollout::flags::phash2::{hash, hash_salted, phash2, phash2_salted};
 use erlmcp_rollout::flags::Value;
@@ -372,10 +373,6 @@ end.
 #[test]
 fn phash2_matches_real_erl() {
     let cases = cases();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let input = dir.path().join("terms.txt");
-    let output = dir.path().join("hashes.txt");
-
     let mut text = String::new();
     for case in &cases {
         match &case.salt {
@@ -389,30 +386,9 @@ fn phash2_matches_real_erl() {
         case.term.encode(&mut text);
         text.push('\n');
     }
-    std::fs::write(&input, text).expect("write terms");
-
-    let run = Command::new("erl")
-        .args(["-noshell", "-eval", ERL_SCRIPT, "-extra"])
-        .arg(&input)
-        .arg(&output)
-        .output();
-    let run = match run {
-        Ok(run) => run,
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            panic!("erl not found on PATH: run scripts/setup (installs erlang-nox)")
-        }
-        Err(e) => panic!("could not run erl: {e}"),
-    };
-    assert!(
-        run.status.success(),
-        "erl failed ({}):\n{}\n{}",
-        run.status,
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let results = std::fs::read_to_string(&output).expect("read erl output");
+    let results = erl::erl_lines(ERL_SCRIPT, &text);
     let results: Vec<(u32, u32)> = results
-        .lines()
+        .iter()
         .map(|line| {
             let (h, b) = line.split_once(' ').expect("two fields");
             (h.parse().expect("hash"), b.parse().expect("bucket"))

@@ -34,12 +34,12 @@ run([NStr, KindStr, Dir]) ->
     Tenth = [id(<<"s-">>, I) || I <- lists:seq(1, M)],
     New = [id(<<"n-">>, I) || I <- lists:seq(1, M)],
     Ets = ets:new(scale_control, [set, public, {write_concurrency, true}, {read_concurrency, true}]),
+    Control = fun() -> parallel(<<"s-">>, N, fun(Id) -> true = ets:insert(Ets, {Id, session(Id, T0)}) end) end,
     Phases =
         %% The control: the same writes into ETS, no NIF involved. A stretch
         %% here is the VM's or the OS's (preemption on a loaded 2-core host),
         %% the yardstick for the NIF's stretches below.
-        [{"control: ets:insert/2 (no NIF)", N,
-          fun() -> parallel(<<"s-">>, N, fun(Id) -> true = ets:insert(Ets, {Id, session(Id, T0)}) end) end},
+        [{"control: ets:insert/2 (no NIF)", N, Control},
          {"store/3", N, fun() -> parallel(<<"s-">>, N, fun(Id) -> {ok, S} = erlmcp_session_native:store(Id, session(Id, T0), S) end) end},
          {"fetch/2", N, fun() -> parallel(<<"s-">>, N, fun(Id) -> {ok, _, S} = erlmcp_session_native:fetch(Id, S) end) end},
          {"get/2", M, fun() -> parallel(<<"s-">>, M, fun(Id) -> {ok, _, S} = erlmcp_session_native:get(Id, S) end) end},
@@ -64,10 +64,7 @@ run([NStr, KindStr, Dir]) ->
                   true = Left =:= [] orelse KindStr =:= "etcd"
           end},
          {"control again: ets:insert/2 (no NIF)", N,
-          fun() ->
-                  true = ets:delete_all_objects(Ets),
-                  parallel(<<"s-">>, N, fun(Id) -> true = ets:insert(Ets, {Id, session(Id, T0)}) end)
-          end}],
+          fun() -> true = ets:delete_all_objects(Ets), Control() end}],
     io:format("~s store, ~b sessions, ~b writer processes, OTP ~s, ~b schedulers~n",
               [KindStr, N, ?WRITERS, erlang:system_info(otp_release), erlang:system_info(schedulers)]),
     io:format("~-36s ~10s ~12s ~14s~n", ["call", "calls", "wall ms", "longest ms"]),

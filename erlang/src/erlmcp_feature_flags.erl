@@ -122,11 +122,7 @@
 %% "config/feature_flags.json") and `environment' (default `dev').
 -spec start_link() -> {ok, pid()} | {error, term()}.
 start_link() ->
-    Fallback = case os:getenv("FEATURE_FLAGS_PATH") of
-                   false -> ?DEFAULT_CONFIG;
-                   Path -> Path
-               end,
-    Config = application:get_env(erlmcp_core, feature_flags_config, Fallback),
+    Config = application:get_env(erlmcp_core, feature_flags_config, feature_flags_path(?DEFAULT_CONFIG)),
     Env = application:get_env(erlmcp_core, environment, dev),
     start_link(#{config => Config, environment => Env}).
 
@@ -185,20 +181,19 @@ eval(Name, Context, Default) ->
     end.
 
 eval_custom(Name, Context, Names, Default) ->
-    Answers = [{N, run_custom(N, Context)} || N <- Names],
-    or_default(answered(fun(Hashes) -> erlmcp_rollout_nif:flags_eval_custom(Name, Context, Answers, Hashes) end,
-                        [], ?HASH_ROUNDS),
-               Default).
+    eval_answered(Name, Context, [{N, run_custom(N, Context)} || N <- Names], [], Default).
 
 %% A context value that is not a binary, atom or integer (a float, tuple,
 %% list, pid, ...): its bucket is `erlang:phash2/2''s, as in the reference.
 eval_hashed(Name, Context, Wanted, Default) ->
-    or_default(answered(fun(Hashes) -> erlmcp_rollout_nif:flags_eval_custom(Name, Context, [], Hashes) end,
-                        hashes(Wanted), ?HASH_ROUNDS),
-               Default).
+    eval_answered(Name, Context, [], hashes(Wanted), Default).
 
-or_default(unknown, Default) -> Default;
-or_default(Bool, _Default) -> Bool.
+eval_answered(Name, Context, Answers, Hashes, Default) ->
+    Eval = fun(Known) -> erlmcp_rollout_nif:flags_eval_custom(Name, Context, Answers, Known) end,
+    case answered(Eval, Hashes, ?HASH_ROUNDS) of
+        unknown -> Default;
+        Bool -> Bool
+    end.
 
 %% Call `Eval' with the hashes known so far until it stops asking for more
 %% (`{hash, Wanted}'). Every round answers all it asked for, so it ends
@@ -496,10 +491,11 @@ watch_config() ->
     end.
 
 erlmcp_path() ->
-    case os:getenv("FEATURE_FLAGS_PATH") of
-        false -> ?ERLMCP_CONFIG;
-        Path -> Path
-    end.
+    feature_flags_path(?ERLMCP_CONFIG).
+
+%% The OS variable erlmcp's module reads, else `Default'.
+feature_flags_path(Default) ->
+    os:getenv("FEATURE_FLAGS_PATH", Default).
 
 load_now(Path) ->
     case erlmcp_rollout_nif:flags_load_file_now(Path) of

@@ -374,8 +374,20 @@ impl Engine {
     /// # Errors
     /// Every problem in the config; the previous snapshot keeps serving.
     pub fn reload_json(&self, json: &[u8]) -> Result<ReloadOutcome, ConfigError> {
+        self.load_json(json, Fingerprint::Set(None), "json", None)
+    }
+
+    /// Parse `json` and swap it in; a config that does not parse is a counted
+    /// failure and changes nothing.
+    fn load_json(
+        &self,
+        json: &[u8],
+        fingerprint: Fingerprint,
+        source: &str,
+        actor: Option<&str>,
+    ) -> Result<ReloadOutcome, ConfigError> {
         match FlagsConfig::from_json(json) {
-            Ok(config) => Ok(self.reload_from(config, Fingerprint::Set(None), "json", None)),
+            Ok(config) => Ok(self.reload_from(config, fingerprint, source, actor)),
             Err(e) => {
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
                 Err(e)
@@ -389,8 +401,12 @@ impl Engine {
     /// # Errors
     /// The file is unreadable or invalid; the previous snapshot keeps serving.
     pub fn reload_file(&self, path: impl AsRef<Path>) -> Result<ReloadOutcome, ConfigError> {
-        match read(path.as_ref()) {
-            Ok(bytes) => self.reload_bytes(&bytes, &format!("file:{}", path.as_ref().display())),
+        self.reload_path(path.as_ref(), true)
+    }
+
+    fn reload_path(&self, path: &Path, only_changed: bool) -> Result<ReloadOutcome, ConfigError> {
+        match read(path) {
+            Ok(bytes) => self.reload_bytes_if(&bytes, &format!("file:{}", path.display()), only_changed),
             Err(e) => {
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
                 Err(e)
@@ -411,13 +427,7 @@ impl Engine {
     /// # Errors
     /// The file is unreadable or invalid; the previous snapshot keeps serving.
     pub fn reload_file_now(&self, path: impl AsRef<Path>) -> Result<ReloadOutcome, ConfigError> {
-        match read(path.as_ref()) {
-            Ok(bytes) => self.reload_bytes_if(&bytes, &format!("file:{}", path.as_ref().display()), false),
-            Err(e) => {
-                self.reload_failures.fetch_add(1, Ordering::Relaxed);
-                Err(e)
-            }
-        }
+        self.reload_path(path.as_ref(), false)
     }
 
     fn reload_bytes_if(&self, bytes: &[u8], source: &str, only_changed: bool) -> Result<ReloadOutcome, ConfigError> {
@@ -432,14 +442,7 @@ impl Engine {
                 });
             }
         }
-        let config = match FlagsConfig::from_json(bytes) {
-            Ok(c) => c,
-            Err(e) => {
-                self.reload_failures.fetch_add(1, Ordering::Relaxed);
-                return Err(e);
-            }
-        };
-        Ok(self.reload_from(config, Fingerprint::Set(Some(fp)), source, None))
+        self.load_json(bytes, Fingerprint::Set(Some(fp)), source, None)
     }
 
     /// erlmcp's `import_flags/1`: parse and validate `json` (either format)
@@ -452,13 +455,7 @@ impl Engine {
     /// # Errors
     /// Every problem in `json`; nothing changes.
     pub fn import_json(&self, json: &[u8], actor: Option<&str>) -> Result<ReloadOutcome, ConfigError> {
-        match FlagsConfig::from_json(json) {
-            Ok(config) => Ok(self.reload_from(config, Fingerprint::Keep, "import", actor)),
-            Err(e) => {
-                self.reload_failures.fetch_add(1, Ordering::Relaxed);
-                Err(e)
-            }
-        }
+        self.load_json(json, Fingerprint::Keep, "import", actor)
     }
 
     /// erlmcp's `set_flag/3`: add or replace flag `name` from erlmcp's fields

@@ -8,14 +8,14 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use arc_swap::{ArcSwap, Cache};
 use erlmcp_rollout::flags::{
     erlmcp_flags, export_json, phash2, AuditLog, Clock, ConditionFailure, ConfigError, Context, Deferred, Engine,
-    EnvOverrides, ErlmcpFlag, ErlmcpState, ErrorCode, FlagsConfig, PinnableClock, Problem, Reason, ReloadOutcome,
-    Snapshot, Strategy, Value,
+    EnvOverrides, ErlmcpFlag, ErlmcpState, ErrorCode, FlagId, FlagsConfig, PinnableClock, Problem, Reason,
+    ReloadOutcome, Snapshot, Strategy, Value,
 };
 use erlmcp_rollout::flags::{EtcdFlagsOptions, EtcdWatcher};
 use rustler::{Atom, Encoder, Env, Error, NifResult, OwnedEnv, Term};
 
 use crate::atoms;
-use crate::term::{name_text, set_clock, KeyAtom, MapCtx, Tables};
+use crate::term::{bytes_term, name_text, proper_list, set_clock, KeyAtom, MapCtx, Tables};
 
 /// The flags' clock: the system clock unless pinned with `flags_set_clock/1`
 /// (tests, and "what will this look like at T" checks).
@@ -89,6 +89,15 @@ fn atom(env: Env<'_>, text: &str) -> Option<Atom> {
     (text.chars().count() <= 255)
         .then(|| Atom::existing_from_utf8_bytes(env, text.as_bytes()).ok())
         .flatten()
+}
+
+/// Runs `change` on the engine under the writer lock and publishes what it
+/// left, so that a slower writer never publishes an older snapshot.
+fn changing<T>(env: Env<'_>, change: impl FnOnce(&Engine) -> T) -> T {
+    let _w = writer();
+    let r = change(&ENGINE);
+    publish(env);
+    r
 }
 
 /// Publish the engine's current snapshot; call with the writer lock held.
@@ -167,11 +176,11 @@ fn wanted_reply<'a>(env: Env<'a>, c: &MapCtx<'a, '_>) -> Term<'a> {
 
 /// `[{Term, Hash :: 0..2^32-1}]` decoded; `badarg` for anything else.
 fn hashes_of<'a>(hashes: Term<'a>) -> NifResult<Vec<(Term<'a>, u32)>> {
-    let mut out = Vec::with_capacity(hashes.list_length()?);
-    for item in hashes.decode::<rustler::ListIterator<'a>>()? {
-        out.push(item.decode::<(Term<'a>, u32)>()?);
-    }
-    Ok(out)
+    proper_list(hashes)
+        .ok_or(Error::BadArg)?
+        .into_iter()
+        .map(|t| t.decode())
+        .collect()
 }
 
 // The hot path of `erlmcp_feature_flags:is_enabled/2`.
@@ -201,13 +210,15 @@ fn reason_atom(reason: Reason) -> Atom {
 /// `[{Name :: binary(), boolean()}]` decoded; `badarg` for anything else.
 fn answers_of<'a>(answers: Term<'a>) -> NifResult<Vec<(Vec<u8>, bool)>> {
     // Not `Vec<_>` as the argument type: rustler 0.39's list decoding panics
-    // on an improper list; `list_length` refuses one first.
-    let mut customs = Vec::with_capacity(answers.list_length()?);
-    for item in answers.decode::<rustler::ListIterator<'a>>()? {
-        let (n, b): (Term<'a>, bool) = item.decode()?;
-        customs.push((name_text(n)?.into_bytes(), b));
-    }
-    Ok(customs)
+    // on an improper list; `proper_list` refuses one first.
+    let items = proper_list(answers).ok_or(Error::BadArg)?;
+    items
+        .into_iter()
+        .map(|item| {
+            let (n, b): (Term<'a>, bool) = item.decode()?;
+            Ok((name_text(n)?.into_bytes(), b))
+        })
+        .collect()
 }
 
 /// Like `flags_eval/2` with the custom conditions answered
@@ -222,24 +233,25 @@ fn flags_eval_custom<'a>(
     answers: Term<'a>,
     hashes: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    eval_answered(env, name, ctx, answers, hashes)
+    let published = PUBLISHED.load();
+    let Some(id) = published.tables.flag_id(&published.snapshot, name)? else {
+        return Ok(atoms::unknown().encode(env));
+    };
+    eval_answered(env, &published, id, ctx, answers, hashes)
 }
 
+/// Flag `id` of `published` for `ctx` with custom answers and hashes.
 fn eval_answered<'a>(
     env: Env<'a>,
-    name: Term<'a>,
+    published: &Published,
+    id: FlagId,
     ctx: Term<'a>,
     answers: Term<'a>,
     hashes: Term<'a>,
 ) -> NifResult<Term<'a>> {
     let customs = answers_of(answers)?;
     let hashes = hashes_of(hashes)?;
-    let published = PUBLISHED.load();
-    let tables = &published.tables;
-    let Some(id) = tables.flag_id(&published.snapshot, name)? else {
-        return Ok(atoms::unknown().encode(env));
-    };
-    let c = MapCtx::new(ctx, &tables.key_atoms, &customs)?.with_hashes(hashes);
+    let c = MapCtx::new(ctx, &published.tables.key_atoms, &customs)?.with_hashes(hashes);
     let e = published.snapshot.evaluate_id(Some(id), &c);
     if c.saw_bad_value() {
         return Err(Error::BadArg);
@@ -277,10 +289,8 @@ fn flags_eval_rollout<'a>(
         .snapshot
         .stickiness_of(id)
         .unwrap_or(erlmcp_rollout::flags::DEFAULT_STICKINESS);
-    let mut k = rustler::NewBinary::new(env, key.len());
-    k.as_mut_slice().copy_from_slice(key.as_bytes());
-    let ctx = Term::map_from_pairs(env, &[(Term::from(k), identifier)])?;
-    eval_answered(env, name, ctx, answers, hashes)
+    let ctx = Term::map_from_pairs(env, &[(bytes_term(env, key.as_bytes()), identifier)])?;
+    eval_answered(env, &published, id, ctx, answers, hashes)
 }
 
 /// `[Name :: binary()]`: the custom conditions (of the flag and of its
@@ -337,10 +347,10 @@ fn flags_configure<'a>(env: Env<'a>, environment: Term<'a>, overrides: &str) -> 
     let environment = name_text(environment)?;
     match EnvOverrides::parse(overrides) {
         Ok(o) => {
-            let _w = writer();
-            ENGINE.set_env_overrides(o);
-            ENGINE.set_environment(&environment);
-            publish(env);
+            changing(env, |engine| {
+                engine.set_env_overrides(o);
+                engine.set_environment(&environment);
+            });
             Ok(atoms::ok().encode(env))
         }
         Err(e) => Ok((atoms::error(), (atoms::bad_env_overrides(), e.to_string())).encode(env)),
@@ -393,9 +403,7 @@ fn problem<'a>(env: Env<'a>, p: &Problem) -> Term<'a> {
 /// Runs on a dirty I/O scheduler: it reads a file.
 #[rustler::nif(schedule = "DirtyIo")]
 fn flags_load_file<'a>(env: Env<'a>, path: &str) -> Term<'a> {
-    let _w = writer();
-    let r = ENGINE.reload_file(path);
-    publish(env);
+    let r = changing(env, |engine| engine.reload_file(path));
     reload_result(env, r)
 }
 
@@ -403,9 +411,7 @@ fn flags_load_file<'a>(env: Env<'a>, path: &str) -> Term<'a> {
 /// milliseconds, and the audit trail, when on, syncs a line).
 #[rustler::nif(schedule = "DirtyIo")]
 fn flags_load_json<'a>(env: Env<'a>, json: rustler::Binary<'a>) -> Term<'a> {
-    let _w = writer();
-    let r = ENGINE.reload_json(json.as_slice());
-    publish(env);
+    let r = changing(env, |engine| engine.reload_json(json.as_slice()));
     reload_result(env, r)
 }
 
@@ -434,9 +440,7 @@ fn set_override<'a>(env: Env<'a>, name: Term<'a>, value: Atom, actor: Option<&st
     } else {
         return Err(Error::BadArg);
     };
-    let _w = writer();
-    ENGINE.set_override_by(&name, value, actor);
-    publish(env);
+    changing(env, |engine| engine.set_override_by(&name, value, actor));
     Ok(atoms::ok())
 }
 
@@ -733,9 +737,7 @@ fn flags_erlmcp_export(env: Env<'_>) -> Term<'_> {
     let published = PUBLISHED.load();
     let snapshot = &published.snapshot;
     let text = export_json(snapshot.config(), snapshot.environment(), CLOCK.now_unix_ms());
-    let mut b = rustler::NewBinary::new(env, text.len());
-    b.as_mut_slice().copy_from_slice(text.as_bytes());
-    b.into()
+    bytes_term(env, text.as_bytes())
 }
 
 /// erlmcp's `set_flag/3`: `Fields` a map of erlmcp's field names (binaries
@@ -752,9 +754,7 @@ fn flags_erlmcp_set<'a>(env: Env<'a>, name: Term<'a>, fields: Term<'a>, actor: T
         Ok(_) => return Err(Error::BadArg),
         Err(message) => return Ok((atoms::error(), (atoms::bad_value(), message)).encode(env)),
     };
-    let _w = writer();
-    let r = ENGINE.set_erlmcp_flag(&name, fields, Some(&actor));
-    publish(env);
+    let r = changing(env, |engine| engine.set_erlmcp_flag(&name, fields, Some(&actor)));
     Ok(match r {
         Ok(_) => atoms::ok().encode(env),
         Err(e) => reload_result(env, Err(e)),
@@ -766,9 +766,7 @@ fn flags_erlmcp_set<'a>(env: Env<'a>, name: Term<'a>, fields: Term<'a>, actor: T
 #[rustler::nif(schedule = "DirtyIo")]
 fn flags_import_json<'a>(env: Env<'a>, json: rustler::Binary<'a>, actor: Term<'a>) -> NifResult<Term<'a>> {
     let actor = name_text(actor)?;
-    let _w = writer();
-    let r = ENGINE.import_json(json.as_slice(), Some(&actor));
-    publish(env);
+    let r = changing(env, |engine| engine.import_json(json.as_slice(), Some(&actor)));
     Ok(reload_result(env, r))
 }
 
@@ -776,9 +774,7 @@ fn flags_import_json<'a>(env: Env<'a>, json: rustler::Binary<'a>, actor: Term<'a
 /// `reload_flags/0` undoes `set_flag` and `import_flags`).
 #[rustler::nif(schedule = "DirtyIo")]
 fn flags_load_file_now<'a>(env: Env<'a>, path: &str) -> Term<'a> {
-    let _w = writer();
-    let r = ENGINE.reload_file_now(path);
-    publish(env);
+    let r = changing(env, |engine| engine.reload_file_now(path));
     reload_result(env, r)
 }
 

@@ -32,6 +32,13 @@ pub fn binary_bytes<'t>(term: Term<'t>) -> Option<&'t [u8]> {
     }
 }
 
+/// A new binary term holding a copy of `bytes`.
+pub fn bytes_term<'a>(env: rustler::Env<'a>, bytes: &[u8]) -> Term<'a> {
+    let mut bin = rustler::NewBinary::new(env, bytes.len());
+    bin.as_mut_slice().copy_from_slice(bytes);
+    Binary::from(bin).to_term(env)
+}
+
 /// Longest atom text in UTF-8: 255 characters of up to 4 bytes.
 pub const ATOM_BUF: usize = 1024;
 
@@ -171,6 +178,16 @@ struct Foreign<'a> {
     wanted: RefCell<Vec<Term<'a>>>,
 }
 
+impl<'a> Foreign<'a> {
+    fn new(hashes: Vec<(Term<'a>, u32)>) -> Box<Self> {
+        Box::new(Foreign {
+            hashes,
+            values: RefCell::new(Vec::new()),
+            wanted: RefCell::new(Vec::new()),
+        })
+    }
+}
+
 /// A context value of a type the core does not read, as a [`ForeignTerm`]:
 /// its 27-bit `phash2/1` from the VM, its full hash from the caller's answers.
 pub struct ErlTerm<'a> {
@@ -194,11 +211,7 @@ impl ForeignTerm for ErlTerm<'_> {
         let env = self.term.get_env();
         let asked = match salt {
             None => self.term,
-            Some(s) => {
-                let mut b = rustler::NewBinary::new(env, s.len());
-                b.as_mut_slice().copy_from_slice(s);
-                rustler::types::tuple::make_tuple(env, &[b.into(), self.term])
-            }
+            Some(s) => rustler::types::tuple::make_tuple(env, &[bytes_term(env, s), self.term]),
         };
         // `==` on terms is `=:=` (enif_is_identical): {1} and {1.0} differ.
         if let Some((_, h)) = shared.hashes.iter().find(|(t, _)| *t == asked) {
@@ -241,11 +254,7 @@ impl<'a, 'k> MapCtx<'a, 'k> {
     /// With the caller's answers to earlier `{hash, Wanted}` replies.
     pub fn with_hashes(self, hashes: Vec<(Term<'a>, u32)>) -> Self {
         if !hashes.is_empty() {
-            let _ = self.foreign.set(Box::new(Foreign {
-                hashes,
-                values: RefCell::new(Vec::new()),
-                wanted: RefCell::new(Vec::new()),
-            }));
+            let _ = self.foreign.set(Foreign::new(hashes));
         }
         self
     }
@@ -281,13 +290,7 @@ impl<'a, 'k> MapCtx<'a, 'k> {
     /// `term` as a foreign value, kept as long as the context.
     #[cold]
     fn foreign_value(&self, term: Term<'a>) -> Value<'_> {
-        let f = self.foreign.get_or_init(|| {
-            Box::new(Foreign {
-                hashes: Vec::new(),
-                values: RefCell::new(Vec::new()),
-                wanted: RefCell::new(Vec::new()),
-            })
-        });
+        let f = self.foreign.get_or_init(|| Foreign::new(Vec::new()));
         let boxed = Box::new(ErlTerm { term, shared: &**f });
         let ptr: *const ErlTerm<'a> = &*boxed;
         f.values.borrow_mut().push(boxed);

@@ -31,7 +31,7 @@ use rustler::{Atom, Encoder, Env, LocalPid, NifResult, OwnedEnv, Term};
 
 use crate::atoms;
 use crate::etf;
-use crate::term::set_clock;
+use crate::term::{bytes_term, set_clock};
 
 mod handle;
 mod migration;
@@ -42,7 +42,7 @@ pub use handle::open_handle_type;
 use handle::{handle_term, StoreHandle};
 use migration::open_hybrid;
 use record::invalid;
-use record::{bytes_term, decode_session, encode_meta, error_term, meta_bytes, session_id, session_tuple, Fields};
+use record::{decode_session, encode_meta, error_term, meta_bytes, session_id, session_tuple, Fields};
 use spec::{decode_open_options, decode_spec, triple};
 
 /// The clock every store opened here uses: the system clock unless pinned

@@ -5,18 +5,12 @@ use std::sync::Arc;
 
 use erlmcp_rollout::session::{MetaFormat, Session, SessionId, StoreError, Timeout, MAX_METADATA_LEN};
 use rustler::types::tuple::get_tuple;
-use rustler::{Atom, Binary, Encoder, Env, NewBinary, Term};
+use rustler::{Atom, Encoder, Env, Term};
 
 use super::spec::pair;
 use crate::atoms;
 use crate::etf;
-use crate::term::binary_bytes;
-
-pub fn bytes_term<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
-    let mut bin = NewBinary::new(env, bytes.len());
-    bin.as_mut_slice().copy_from_slice(bytes);
-    Binary::from(bin).to_term(env)
-}
+use crate::term::{binary_bytes, bytes_term};
 
 fn timeout_term<'a>(env: Env<'a>, t: Timeout) -> Term<'a> {
     match t {
