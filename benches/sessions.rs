@@ -269,6 +269,7 @@ fn bench_disk(c: &mut Criterion) {
             checkpoint_bytes: 0,
             checkpoint_interval: None,
             checkpoint_on_close: false,
+            ..DiskOptions::default()
         },
     )
     .unwrap();
@@ -473,6 +474,7 @@ fn bench_disk_reopen(c: &mut Criterion) {
         checkpoint_bytes: 0,
         checkpoint_interval: None,
         checkpoint_on_close: false,
+        ..DiskOptions::default()
     };
     // Written on the first call only (criterion skips the closure when filtered out).
     let mut written = false;

@@ -55,10 +55,14 @@ fn println_flushed(line: &str) {
 /// (chosen by the `ERLMCP_CRASH_CHECKPOINT` seed the parent passes).
 fn writer(path: &Path) {
     let mut seed = env_u64(CHECKPOINT_ENV).unwrap_or(1) | 1;
+    let checkpoint_bytes = 4096 << (xorshift(&mut seed) % 8);
     let settings = DiskOptions {
-        checkpoint_bytes: 4096 << (xorshift(&mut seed) % 8),
+        checkpoint_bytes,
         checkpoint_interval: Some(Duration::from_millis(1 + xorshift(&mut seed) % 20)),
         checkpoint_on_close: true,
+        // Files that grow to each frame's end, by small extents (many growths per
+        // checkpoint) or by large ones (room to spare).
+        log_extent_bytes: [0, 512, checkpoint_bytes][(xorshift(&mut seed) % 3) as usize],
     };
     let store = std::sync::Arc::new(DiskStore::create_with(path, StoreOptions::default(), settings).unwrap());
     println_flushed("opened");

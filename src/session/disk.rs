@@ -13,7 +13,7 @@
 //! A background thread checkpoints: it seals the active log file (the next group goes to
 //! the other one), copies the sealed file's records into redb in one durable write
 //! transaction that also records the last frame it holds, drops those records from the
-//! tail index and truncates the sealed file. The log format and the invariants are in
+//! tail index and recycles the sealed file. The log format and the invariants are in
 //! [`super::wal`] and `docs/disk-log.md`.
 
 use std::collections::BTreeMap;
@@ -64,15 +64,23 @@ pub struct DiskOptions {
     /// Checkpoint everything when the store is dropped, leaving an empty log. With
     /// `false` the log is kept and replayed by the next open, as after a crash.
     pub checkpoint_on_close: bool,
+    /// A log file that needs room for a frame grows by this many zero-filled bytes past
+    /// it (written with that frame, under its group's one `fdatasync`). Log files are
+    /// recycled after a checkpoint, not truncated, so once a file has reached its working
+    /// size (about [`checkpoint_bytes`](Self::checkpoint_bytes)) a group's append
+    /// overwrites blocks the file already has and its `fdatasync` commits no new file
+    /// size. `0`: a file grows exactly to each frame's end.
+    pub log_extent_bytes: u64,
 }
 
 impl Default for DiskOptions {
-    /// 16 MiB, every 2 s, and on close.
+    /// Checkpoints at 16 MiB, every 2 s, and on close; log files grow in 1 MiB extents.
     fn default() -> Self {
         DiskOptions {
             checkpoint_bytes: 16 << 20,
             checkpoint_interval: Some(Duration::from_secs(2)),
             checkpoint_on_close: true,
+            log_extent_bytes: 1 << 20,
         }
     }
 }
@@ -104,7 +112,7 @@ impl Default for DiskOptions {
 /// [`DiskOptions::checkpoint_interval`], on [`DiskStore::checkpoint`] and on drop. A
 /// checkpoint seals the active log file (writers go on in the other one, waiting at most
 /// for the group in flight), writes the sealed records into redb in one durable
-/// transaction, then truncates the sealed file. Opening replays the log's un-checkpointed
+/// transaction, then recycles the sealed file for later appends. Opening replays the log's un-checkpointed
 /// tail into memory; a torn last frame is dropped (it was never acknowledged), and damage
 /// anywhere else refuses to open ([`StoreError::Corrupt`]) rather than drop acknowledged
 /// writes.
@@ -171,6 +179,10 @@ struct Log {
     active: usize,
     /// Where each file's valid frames end (the next append goes to `ends[active]`).
     ends: [u64; 2],
+    /// Each file's length (appends within it change no file size).
+    lens: [u64; 2],
+    /// Each file's header salt (`None`: a format-1 file, until it is recycled).
+    salts: [Option<u32>; 2],
     /// Whether each file holds frames.
     has_frames: [bool; 2],
     /// The seq of the next frame.
@@ -248,6 +260,43 @@ fn write_at(file: &dyn StorageBackend, at: u64, data: &[u8]) -> Result<(), std::
         file.set_len(end)?;
     }
     file.write(at, data)
+}
+
+/// Writes `frame` at `at` into a log file `len` bytes long, growing the file by
+/// `extent` zero-filled bytes past the frame when it does not fit, then syncs. Returns
+/// the file's new length. (redb's backend contract does not let a write reach past the
+/// end, hence the `set_len` first; the zeros make the extent real blocks, so later
+/// frames overwrite them without changing the file's metadata.)
+fn append_frame(file: &dyn StorageBackend, len: u64, at: u64, frame: &[u8], extent: u64) -> std::io::Result<u64> {
+    const CHUNK: u64 = 1 << 20;
+    let end = at + frame.len() as u64;
+    let new_len = if end > len { end + extent } else { len };
+    if new_len > len {
+        file.set_len(new_len)?;
+    }
+    file.write(at, frame)?;
+    let mut zero_from = end.max(len);
+    if zero_from < new_len {
+        let zeros = vec![0u8; CHUNK.min(new_len - zero_from) as usize];
+        while zero_from < new_len {
+            let n = (new_len - zero_from).min(CHUNK);
+            file.write(zero_from, &zeros[..n as usize])?;
+            zero_from += n;
+        }
+    }
+    file.sync_data()?;
+    Ok(new_len)
+}
+
+/// Writes a fresh format-2 log file (a header with a new salt), synced; returns the
+/// salt. A crash part way leaves a file shorter than its header or all zeros, which an
+/// open initialises again.
+fn init_log_file(file: &dyn StorageBackend) -> Result<u32, std::io::Error> {
+    let salt = wal::new_salt();
+    file.set_len(0)?;
+    write_at(file, 0, &wal::header(salt))?;
+    file.sync_data()?;
+    Ok(salt)
 }
 
 fn decode_stored(key: &[u8], value: &[u8]) -> Result<Session, StoreError> {
@@ -686,25 +735,34 @@ impl DiskStore {
         };
         let mut contents = [Vec::new(), Vec::new()];
         let mut parsed: [wal::Parsed; 2] = Default::default();
+        let mut lens = [0u64; 2];
         for (i, file) in files.iter().enumerate() {
             let mut bytes = wal::read_all(&**file).map_err(|e| log_io(&format!("read log {i}"), e))?;
             // A file shorter than its header, or all zeros, is one whose creation was cut
             // short: nothing in it was ever acknowledged (frames follow a synced header).
             if bytes.len() < HEADER_LEN as usize || bytes.iter().all(|&b| b == 0) {
-                let header = wal::header();
-                file.set_len(0)
-                    .and_then(|()| write_at(&**file, 0, &header))
-                    .and_then(|()| file.sync_data())
-                    .map_err(|e| log_io(&format!("initialise log {i}"), e))?;
-                bytes = header.to_vec();
+                let salt = init_log_file(&**file).map_err(|e| log_io(&format!("initialise log {i}"), e))?;
+                bytes = wal::header(salt).to_vec();
             }
-            let p = wal::parse(&bytes).map_err(|reason| log_corrupt(i, reason))?;
-            if p.dropped > 0 {
-                // The torn last frame: cut it off before anything is appended after it.
+            // Frames up to the mark are in redb: for the parse they are stale.
+            let mut p = wal::parse(&bytes, done).map_err(|reason| log_corrupt(i, reason))?;
+            if p.salt.is_none() && p.frames.is_empty() {
+                // A format-1 file with nothing to replay: rewritten as format 2.
+                let salt = init_log_file(&**file).map_err(|e| log_io(&format!("rewrite log {i} as format 2"), e))?;
+                bytes = wal::header(salt).to_vec();
+                p = wal::parse(&bytes, done).map_err(|reason| log_corrupt(i, reason))?;
+            } else if p.salt.is_none() && p.dropped > 0 {
+                // Format 1: cut the torn last frame off before anything is appended after
+                // it (its bytes carry no salt, so none may stay past the end).
                 file.set_len(p.valid_end)
                     .and_then(|()| file.sync_data())
                     .map_err(|e| log_io(&format!("cut the torn tail of log {i}"), e))?;
             }
+            // Format 2 keeps what follows its valid end (zeros, a torn frame, stale frames):
+            // appends overwrite it, and no frame there can pass as newer (invariant 9).
+            lens[i] = file
+                .len()
+                .map_err(|e| log_io(&format!("read the length of log {i}"), e))?;
             contents[i] = bytes;
             parsed[i] = p;
         }
@@ -764,17 +822,8 @@ impl DiskStore {
         drop(entries);
         // Keys ascending and unique (`SessionId` orders as its bytes): built in bulk.
         let index: BTreeMap<SessionId, Pending> = latest.into_iter().collect();
-        // Files whose frames redb already holds (a checkpoint ended before its truncate).
-        for i in 0..2 {
-            if !parsed[i].frames.is_empty() && !order.contains(&i) {
-                files[i]
-                    .set_len(HEADER_LEN)
-                    .and_then(|()| files[i].sync_data())
-                    .map_err(|e| log_io(&format!("truncate checkpointed log {i}"), e))?;
-                parsed[i].valid_end = HEADER_LEN;
-                parsed[i].frames.clear();
-            }
-        }
+        // (A file whose frames redb already holds, a checkpoint that ended before its
+        // recycle, parsed as empty: its frames are at or below the mark.)
         let last_seq = [0, 1]
             .iter()
             .filter_map(|&i| parsed[i].frames.last().map(|f| f.seq))
@@ -788,6 +837,8 @@ impl DiskStore {
         let log = Log {
             active,
             ends: [parsed[0].valid_end, parsed[1].valid_end],
+            lens,
+            salts: [parsed[0].salt, parsed[1].salt],
             has_frames: [!parsed[0].frames.is_empty(), !parsed[1].frames.is_empty()],
             next_seq: last_seq.max(done) + 1,
             sealed,
@@ -830,27 +881,31 @@ impl DiskStore {
         &self.inner.options
     }
 
-    /// Brings redb up to date with every write acknowledged before the call and
-    /// truncates the log (what the background checkpoints do; writers go on meanwhile,
-    /// waiting at most for the group in flight when the active log file is sealed).
+    /// Brings redb up to date with every write acknowledged before the call and empties
+    /// the log (what the background checkpoints do; writers go on meanwhile, waiting at
+    /// most for the group in flight when the active log file is sealed). The log files
+    /// keep their length ([`DiskOptions::log_extent_bytes`]): they are recycled, not
+    /// truncated.
     ///
     /// # Examples
     /// ```
-    /// use erlmcp_rollout::session::{DiskStore, Session, SessionId, Store, StoreOptions, Timeout};
+    /// use erlmcp_rollout::session::{DiskOptions, DiskStore, Session, SessionId, Store, StoreOptions, Timeout};
     /// let dir = tempfile::tempdir()?;
     /// let path = dir.path().join("s.redb");
-    /// let store = DiskStore::create(&path, StoreOptions::default())?;
-    /// store.put(Session::new(SessionId::new("s1")?, 0, Timeout::Infinity, vec![]))?;
+    /// let settings = DiskOptions { log_extent_bytes: 4096, ..DiskOptions::default() };
+    /// let store = DiskStore::create_with(&path, StoreOptions::default(), settings)?;
+    /// let s = store.put(Session::new(SessionId::new("s1")?, 0, Timeout::Infinity, vec![]))?;
+    /// let [log, _] = DiskStore::log_paths(&path);
+    /// let len = std::fs::metadata(&log)?.len(); // header, frame, then 4 KiB of zeros
     /// store.checkpoint()?;
-    /// for log in DiskStore::log_paths(&path) {
-    ///     assert_eq!(std::fs::metadata(log)?.len(), 16); // the header only
-    /// }
+    /// assert_eq!(store.get(&s.id)?, s); // now from redb
+    /// assert_eq!(std::fs::metadata(&log)?.len(), len); // recycled, not truncated
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when redb or a log file fails (nothing acknowledged is
-    /// lost: the log is truncated only after redb's commit), [`StoreError::Corrupt`] when
+    /// lost: the log is recycled only after redb's commit), [`StoreError::Corrupt`] when
     /// a sealed log file no longer reads back as it was written.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         self.inner.checkpoint()
@@ -970,16 +1025,25 @@ impl Inner {
             return Err(StoreError::Unavailable { reason: reason.clone() });
         }
         let seq = log.next_seq;
+        let file = log.active;
         let frame = wal::encode_frame(
             seq,
             encoded.iter().map(|(k, v)| wal::Entry {
                 key: k.as_bytes(),
                 value: v.as_deref(),
             }),
+            log.salts[file],
         );
-        let file = log.active;
         let at = log.ends[file];
-        if let Err(e) = write_at(&*self.files[file], at, &frame).and_then(|()| self.files[file].sync_data()) {
+        let appended = append_frame(
+            &*self.files[file],
+            log.lens[file],
+            at,
+            &frame,
+            self.settings.log_extent_bytes,
+        );
+        let appended = appended.map(|len| log.lens[file] = len);
+        if let Err(e) = appended {
             let reason = format!(
                 "session log {file}: append at offset {at} failed ({e}); writes are refused until the store is reopened"
             );
@@ -1064,14 +1128,15 @@ impl Inner {
     }
 
     /// Copies the sealed file's records into redb (one durable transaction that also
-    /// moves the mark), prunes them from the index, truncates the file.
+    /// moves the mark), prunes them from the index, recycles the file.
     fn checkpoint_file(&self, f: usize) -> Result<(), StoreError> {
         let end = lock(&self.log).ends[f];
         let mut bytes = vec![0u8; usize::try_from(end).unwrap_or(usize::MAX)];
         self.files[f]
             .read(0, &mut bytes)
             .map_err(|e| log_io(&format!("read sealed log {f}"), e))?;
-        let parsed = wal::parse(&bytes).map_err(|reason| log_corrupt(f, reason))?;
+        // Everything before `end` was written in this generation of the file: no floor.
+        let parsed = wal::parse(&bytes, 0).map_err(|reason| log_corrupt(f, reason))?;
         if parsed.valid_end != end {
             return Err(log_corrupt(
                 f,
@@ -1079,7 +1144,7 @@ impl Inner {
             ));
         }
         let Some(last) = parsed.frames.last().map(|fr| fr.seq) else {
-            return self.truncate(f);
+            return self.recycle(f);
         };
         let mut txn = self.db.begin_write().map_err(unavailable)?;
         txn.set_durability(Durability::Immediate)
@@ -1120,15 +1185,21 @@ impl Inner {
                 }
             }
         }
-        self.truncate(f)
+        self.recycle(f)
     }
 
-    /// Empties a checkpointed (sealed) file, durably, and makes it the next to fill.
-    fn truncate(&self, f: usize) -> Result<(), StoreError> {
-        self.files[f]
-            .set_len(HEADER_LEN)
-            .and_then(|()| self.files[f].sync_data())
-            .map_err(|e| log_io(&format!("truncate log {f}"), e))?;
+    /// Makes a checkpointed (sealed) file the next to fill, from its header on. Its old
+    /// frames stay until overwritten: every one is at or below the durable checkpoint
+    /// mark, so an open parses them as stale. A format-1 file is rewritten as format 2
+    /// here (its frames carry no salt, so they may not stay past the end).
+    fn recycle(&self, f: usize) -> Result<(), StoreError> {
+        if lock(&self.log).salts[f].is_none() {
+            let salt =
+                init_log_file(&*self.files[f]).map_err(|e| log_io(&format!("rewrite log {f} as format 2"), e))?;
+            let mut log = lock(&self.log);
+            log.salts[f] = Some(salt);
+            log.lens[f] = HEADER_LEN;
+        }
         let mut log = lock(&self.log);
         log.ends[f] = HEADER_LEN;
         log.has_frames[f] = false;
@@ -1341,5 +1412,89 @@ impl Store for DiskStore {
             }
             Ok(outcome)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Timeout;
+
+    /// A format-1 log file (the first format: no salt, no preallocation) holding one
+    /// frame per session, seqs from 1.
+    fn format_1_log(sessions: &[Session]) -> Vec<u8> {
+        let mut f = wal::header(0).to_vec();
+        f[8..12].copy_from_slice(&wal::FILE_FORMAT_1.to_be_bytes());
+        for (n, s) in sessions.iter().enumerate() {
+            let value = codec::encode(s).unwrap();
+            let entry = wal::Entry {
+                key: s.id.as_bytes(),
+                value: Some(&value),
+            };
+            f.extend_from_slice(&wal::encode_frame(n as u64 + 1, std::iter::once(entry), None));
+        }
+        f
+    }
+
+    fn session(key: &str, meta: &str) -> Session {
+        let mut s = Session::new(
+            SessionId::new(key).unwrap(),
+            0,
+            Timeout::Infinity,
+            meta.as_bytes().to_vec(),
+        );
+        s.version = 1;
+        s
+    }
+
+    /// Logs written by the first format are replayed (a torn last frame cut off), then
+    /// each file is rewritten as format 2 when it is next recycled (or at once, when it
+    /// has nothing to replay).
+    #[test]
+    fn format_1_logs_are_replayed_then_rewritten_as_format_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let [log0, log1] = DiskStore::log_paths(&path);
+        let sessions: Vec<Session> = (0..5).map(|i| session(&format!("k{i}"), "v1")).collect();
+        let mut bytes = format_1_log(&sessions);
+        let whole = bytes.len();
+        bytes.extend_from_slice(&format_1_log(&[session("torn", "x")])[16..40]);
+        std::fs::write(&log0, &bytes).unwrap();
+        std::fs::write(&log1, format_1_log(&[])).unwrap();
+        let format = |p: &Path| u32::from_be_bytes(std::fs::read(p).unwrap()[8..12].try_into().unwrap());
+        let settings = DiskOptions {
+            log_extent_bytes: 4096,
+            checkpoint_interval: None,
+            checkpoint_on_close: false,
+            ..DiskOptions::default()
+        };
+        let store = DiskStore::create_with(&path, StoreOptions::default(), settings.clone()).unwrap();
+        assert_eq!(std::fs::metadata(&log0).unwrap().len(), whole as u64, "torn tail cut");
+        assert_eq!(
+            (format(&log0), format(&log1)),
+            (1, 2),
+            "the empty file is rewritten at once"
+        );
+        for s in &sessions {
+            assert_eq!(store.get(&s.id).unwrap(), *s);
+        }
+        // Appends go on in format 1 (frame 6 follows frame 5 in the same file).
+        let s = store.put(session("k0", "v2")).unwrap();
+        assert_eq!(s.version, 2);
+        drop(store);
+        let store = DiskStore::create_with(&path, StoreOptions::default(), settings).unwrap();
+        assert_eq!(store.get(&s.id).unwrap(), s);
+        store.checkpoint().unwrap();
+        assert_eq!((format(&log0), format(&log1)), (2, 2));
+        assert_eq!(
+            std::fs::metadata(&log0).unwrap().len(),
+            HEADER_LEN,
+            "rewritten: the header only"
+        );
+        assert!(store.get_raw(&SessionId::new("torn").unwrap()).unwrap().is_none());
+        drop(store);
+        let store = DiskStore::create(&path, StoreOptions::default()).unwrap();
+        assert_eq!(store.get(&s.id).unwrap(), s);
+        assert_eq!(store.scan(None, 10, Visibility::Raw).unwrap().records.len(), 5);
     }
 }

@@ -6,15 +6,18 @@
 //!
 //! # Files
 //! Two log files next to the redb file, `PATH.wal-0` and `PATH.wal-1` (both always
-//! exist). Each starts with a 16-byte header written once, when the file is created:
+//! exist). Each starts with a 16-byte header, written when the file is created (and when
+//! a format-1 file is recycled as format 2), then synced before any frame:
 //!
 //! | offset | size | field |
 //! |---:|---:|---|
 //! | 0 | 8 | magic `ERMCPWAL` |
-//! | 8 | 4 | format, `1` (u32, big-endian) |
-//! | 12 | 4 | `0` (reserved) |
+//! | 8 | 4 | format, `2` (u32, big-endian; `1` is still read) |
+//! | 12 | 4 | salt (u32): random, chosen when the header is written; `0` in format 1 |
 //!
-//! and is followed by frames, back to back, up to the end of the file.
+//! Frames follow the header back to back. In format 2 the file is zero-filled ahead of
+//! them (preallocated) and recycled after a checkpoint without being truncated, so after
+//! the last frame come zeros or *stale* frames of an earlier generation.
 //!
 //! # Frames
 //! One frame is one group commit: every record the group wrote, in one `write` and one
@@ -23,7 +26,7 @@
 //! | offset | size | field |
 //! |---:|---:|---|
 //! | 0 | 4 | frame magic `WALF` |
-//! | 4 | 4 | CRC-32 (IEEE) over the magic, `body_len` and the body (everything but this field) |
+//! | 4 | 4 | CRC-32 (IEEE) over the file's salt (format 2 only), the magic, `body_len` and the body |
 //! | 8 | 8 | `body_len` (u64) |
 //! | 16 | `body_len` | body |
 //!
@@ -33,15 +36,24 @@
 //! value (a [`codec`](super::codec) record whose id is the key). Keys are unique within a
 //! frame and ascending.
 //!
+//! The salt is why bytes a client chose (session metadata inside a stale frame) can never
+//! pass for a frame: without the salt, which never leaves the file, a forged frame's
+//! checksum is a guess.
+//!
 //! # Reading a file
-//! [`parse`] walks the frames from the header. The first frame that is cut short or fails
-//! its checksum ends the valid log: it is a torn last write (its group was never
-//! acknowledged, since acknowledgement follows the `fdatasync`) and it is dropped, with
-//! everything after it. Nothing before it is ever dropped. If a checksum-valid frame
-//! follows the bad one where the bad one's length says it ends, the damage is in the
-//! middle of the log, not a torn tail: [`parse`] refuses (an error) instead of dropping
-//! acknowledged frames. A checksum-valid frame that is malformed inside, or whose `seq`
-//! does not follow its predecessor's, is refused the same way.
+//! [`parse`] walks the frames from the header, given the *floor*: the highest seq redb
+//! already holds (the checkpoint mark). A checksum-valid frame whose seq is at most the
+//! floor (for the file's first frame) or at most its predecessor's is *stale*: it was
+//! written by an earlier generation of the file, and the valid log ends before it. The
+//! first frame that is cut short or fails its checksum also ends the valid log: it is a
+//! torn last write (its group was never acknowledged, since acknowledgement follows the
+//! `fdatasync`), or zeros, or the remains of a stale frame, and it is dropped with
+//! everything after it. Nothing before it is ever dropped. If a checksum-valid frame that
+//! is newer than the last valid one follows the bad one where the bad one's length says
+//! it ends, the damage is in the middle of the log, not a torn tail: [`parse`] refuses (an
+//! error) instead of dropping acknowledged frames. A checksum-valid frame that is
+//! malformed inside, or newer than its predecessor by more than one, is refused the same
+//! way.
 
 use std::fs::File;
 use std::io::{Error as IoError, ErrorKind};
@@ -54,8 +66,11 @@ use super::MAX_ID_LEN;
 
 /// The file header's magic.
 pub(crate) const FILE_MAGIC: [u8; 8] = *b"ERMCPWAL";
-/// The file format written by this code.
-pub(crate) const FILE_FORMAT: u32 = 1;
+/// The file format written by this code (salted checksums, preallocated, recycled).
+pub(crate) const FILE_FORMAT: u32 = 2;
+/// The first format (unsalted checksums, files grow and are truncated): still read, and
+/// appended to until the file is next recycled.
+pub(crate) const FILE_FORMAT_1: u32 = 1;
 /// Length of the file header; frames start here.
 pub(crate) const HEADER_LEN: u64 = 16;
 /// The magic that starts every frame.
@@ -70,12 +85,25 @@ const ENTRY_FIXED_LEN: usize = 7;
 const KIND_PUT: u8 = 1;
 const KIND_REMOVE: u8 = 2;
 
-/// The file header.
-pub(crate) fn header() -> [u8; HEADER_LEN as usize] {
+/// A format-2 file header with `salt`.
+pub(crate) fn header(salt: u32) -> [u8; HEADER_LEN as usize] {
     let mut h = [0u8; HEADER_LEN as usize];
     h[..8].copy_from_slice(&FILE_MAGIC);
     h[8..12].copy_from_slice(&FILE_FORMAT.to_be_bytes());
+    h[12..16].copy_from_slice(&salt.to_be_bytes());
     h
+}
+
+/// A fresh salt for a header: random (the standard library's per-process random keys,
+/// mixed with the time), never shown to clients.
+pub(crate) fn new_salt() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(now);
+    h.finish() as u32
 }
 
 /// One record of a frame: `value` is `None` for a remove.
@@ -85,9 +113,14 @@ pub(crate) struct Entry<'a> {
     pub value: Option<&'a [u8]>,
 }
 
-/// Encodes one frame. `entries` must have unique keys, ascending, each 1..=`MAX_ID_LEN`
-/// bytes, values under 4 GiB (the store's limits guarantee all of it).
-pub(crate) fn encode_frame<'a>(seq: u64, entries: impl ExactSizeIterator<Item = Entry<'a>>) -> Vec<u8> {
+/// Encodes one frame for a file with `salt` (`None`: a format-1 file). `entries` must
+/// have unique keys, ascending, each 1..=`MAX_ID_LEN` bytes, values under 4 GiB (the
+/// store's limits guarantee all of it).
+pub(crate) fn encode_frame<'a>(
+    seq: u64,
+    entries: impl ExactSizeIterator<Item = Entry<'a>>,
+    salt: Option<u32>,
+) -> Vec<u8> {
     let count = entries.len();
     let mut out = Vec::with_capacity(FRAME_HEADER_LEN + BODY_FIXED_LEN + count * 64);
     out.extend_from_slice(&FRAME_MAGIC);
@@ -109,13 +142,16 @@ pub(crate) fn encode_frame<'a>(seq: u64, entries: impl ExactSizeIterator<Item = 
     }
     let body_len = (out.len() - FRAME_HEADER_LEN) as u64;
     out[8..16].copy_from_slice(&body_len.to_be_bytes());
-    let crc = frame_crc(&out[..4], &out[8..]);
+    let crc = frame_crc(salt, &out[..4], &out[8..]);
     out[4..8].copy_from_slice(&crc.to_be_bytes());
     out
 }
 
-fn frame_crc(magic: &[u8], rest: &[u8]) -> u32 {
+fn frame_crc(salt: Option<u32>, magic: &[u8], rest: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
+    if let Some(salt) = salt {
+        h.update(&salt.to_be_bytes());
+    }
     h.update(magic);
     h.update(rest);
     h.finalize()
@@ -157,8 +193,10 @@ pub(crate) struct Parsed {
     pub frames: Vec<FrameRef>,
     /// Where the valid log ends: the next frame is written here.
     pub valid_end: u64,
-    /// Bytes after `valid_end` (a torn last frame), dropped.
+    /// Bytes after `valid_end` (a torn last frame, zeros, stale frames), dropped.
     pub dropped: u64,
+    /// The header's salt; `None` for a format-1 file.
+    pub salt: Option<u32>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -173,7 +211,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 
 /// A frame starting at `at` that is complete and passes its checksum: its total length
 /// and body range. `None` when it is cut short, has no frame magic or fails its checksum.
-fn checked_frame(file: &[u8], at: usize) -> Option<(usize, std::ops::Range<usize>)> {
+fn checked_frame(file: &[u8], at: usize, salt: Option<u32>) -> Option<(usize, std::ops::Range<usize>)> {
     let head = file.get(at..at.checked_add(FRAME_HEADER_LEN)?)?;
     if head[..4] != FRAME_MAGIC {
         return None;
@@ -184,7 +222,7 @@ fn checked_frame(file: &[u8], at: usize) -> Option<(usize, std::ops::Range<usize
     if body_end > file.len() {
         return None;
     }
-    if frame_crc(&head[..4], &file[at + 8..body_end]) != u32_at(head, 4) {
+    if frame_crc(salt, &head[..4], &file[at + 8..body_end]) != u32_at(head, 4) {
         return None;
     }
     Some((FRAME_HEADER_LEN + body_len, body_start..body_end))
@@ -233,12 +271,12 @@ fn check_body(body: &[u8]) -> Result<u64, String> {
     Ok(seq)
 }
 
-/// Parses one whole log file (see the module docs for what is dropped and what is
-/// refused).
+/// Parses one whole log file whose frames up to seq `floor` redb already holds (see the
+/// module docs for what is stale, what is dropped and what is refused).
 ///
 /// # Errors
 /// A message when the header is not this format's, or the damage is not a torn tail.
-pub(crate) fn parse(file: &[u8]) -> Result<Parsed, String> {
+pub(crate) fn parse(file: &[u8], floor: u64) -> Result<Parsed, String> {
     let header_len = HEADER_LEN as usize;
     let head = file
         .get(..header_len)
@@ -246,23 +284,36 @@ pub(crate) fn parse(file: &[u8]) -> Result<Parsed, String> {
     if head[..8] != FILE_MAGIC {
         return Err("not an erlmcp session log (bad magic)".into());
     }
-    let format = u32_at(head, 8);
-    if format != FILE_FORMAT {
-        return Err(format!("log format {format}; this build reads format {FILE_FORMAT}"));
-    }
-    let mut parsed = Parsed::default();
+    let salt = match u32_at(head, 8) {
+        FILE_FORMAT => Some(u32_at(head, 12)),
+        FILE_FORMAT_1 => None,
+        other => {
+            return Err(format!(
+                "log format {other}; this build reads formats 1 and {FILE_FORMAT}"
+            ))
+        }
+    };
+    let mut parsed = Parsed {
+        salt,
+        ..Parsed::default()
+    };
     let mut at = header_len;
+    // A frame is current only if its seq is above this: the floor, then the last frame's.
+    let mut newest = floor;
     while at < file.len() {
-        let Some((len, body)) = checked_frame(file, at) else {
-            // Not a valid frame: a torn tail, unless a valid frame follows where this one
-            // says it ends (then it is damage in the middle, and dropping would lose
-            // acknowledged frames).
+        let Some((len, body)) = checked_frame(file, at, salt) else {
+            // Not a valid frame: a torn tail (or zeros, or a stale frame's remains), unless
+            // a newer valid frame follows where this one says it ends (then it is damage in
+            // the middle, and dropping would lose acknowledged frames).
             if let Some(next) = file
                 .get(at + 8..at + FRAME_HEADER_LEN)
                 .and_then(|b| usize::try_from(u64_at(b, 0)).ok())
                 .and_then(|body_len| (at + FRAME_HEADER_LEN).checked_add(body_len))
             {
-                if next < file.len() && checked_frame(file, next).is_some() {
+                let newer = next < file.len()
+                    && checked_frame(file, next, salt)
+                        .is_some_and(|(_, b)| file.get(b.start..b.start + 8).is_some_and(|s| u64_at(s, 0) > newest));
+                if newer {
                     return Err(format!(
                         "the frame at offset {at} is damaged and a valid frame follows at offset {next}: \
                          the log is damaged before its end; refusing to drop acknowledged writes"
@@ -272,6 +323,10 @@ pub(crate) fn parse(file: &[u8]) -> Result<Parsed, String> {
             break;
         };
         let seq = check_body(&file[body.clone()]).map_err(|e| format!("frame at offset {at}: {e}"))?;
+        if seq <= newest {
+            // Stale: an earlier generation of this file; the valid log ends here.
+            break;
+        }
         if let Some(prev) = parsed.frames.last() {
             if prev.seq.checked_add(1) != Some(seq) {
                 return Err(format!(
@@ -280,6 +335,7 @@ pub(crate) fn parse(file: &[u8]) -> Result<Parsed, String> {
                 ));
             }
         }
+        newest = seq;
         parsed.frames.push(FrameRef { seq, body });
         at += len;
     }
@@ -339,8 +395,10 @@ pub(crate) fn read_all(b: &dyn StorageBackend) -> Result<Vec<u8>, IoError> {
 mod tests {
     use super::*;
 
+    const SALT: u32 = 0x5EED_1234;
+
     fn file_with(frames: &[Vec<u8>]) -> Vec<u8> {
-        let mut f = header().to_vec();
+        let mut f = header(SALT).to_vec();
         for fr in frames {
             f.extend_from_slice(fr);
         }
@@ -348,6 +406,10 @@ mod tests {
     }
 
     fn frame(seq: u64, keys: &[&str]) -> Vec<u8> {
+        salted_frame(seq, keys, Some(SALT))
+    }
+
+    fn salted_frame(seq: u64, keys: &[&str], salt: Option<u32>) -> Vec<u8> {
         let entries: Vec<Entry<'_>> = keys
             .iter()
             .map(|k| Entry {
@@ -355,13 +417,13 @@ mod tests {
                 value: (!k.starts_with('-')).then_some(k.as_bytes()),
             })
             .collect();
-        encode_frame(seq, entries.into_iter())
+        encode_frame(seq, entries.into_iter(), salt)
     }
 
     #[test]
     fn frames_round_trip() {
         let f = file_with(&[frame(1, &["a", "b"]), frame(2, &["-c"])]);
-        let p = parse(&f).unwrap();
+        let p = parse(&f, 0).unwrap();
         assert_eq!(p.valid_end, f.len() as u64);
         assert_eq!(p.frames.iter().map(|fr| fr.seq).collect::<Vec<_>>(), vec![1, 2]);
         let e: Vec<_> = p.frames[0].entries(&f).collect();
@@ -392,7 +454,7 @@ mod tests {
         let whole = file_with(&[frame(1, &["a"]), frame(2, &["b", "c"])]);
         let first_end = (HEADER_LEN as usize) + frame(1, &["a"]).len();
         for cut in first_end..whole.len() {
-            let p = parse(&whole[..cut]).unwrap();
+            let p = parse(&whole[..cut], 0).unwrap();
             assert_eq!(p.frames.len(), 1, "cut at {cut}");
             assert_eq!(p.valid_end, first_end as u64);
             assert_eq!(p.dropped, (cut - first_end) as u64);
@@ -406,7 +468,7 @@ mod tests {
         for byte in first_end..whole.len() {
             let mut f = whole.clone();
             f[byte] ^= 0x10;
-            let p = parse(&f).unwrap();
+            let p = parse(&f, 0).unwrap();
             assert_eq!(p.frames.len(), 1, "flip at {byte}");
         }
     }
@@ -417,22 +479,76 @@ mod tests {
         let mut f = file_with(&[f1.clone(), frame(2, &["b"]), frame(3, &["c"])]);
         let at = HEADER_LEN as usize + f1.len() + FRAME_HEADER_LEN + 3; // inside frame 2's body
         f[at] ^= 1;
-        let e = parse(&f).unwrap_err();
+        let e = parse(&f, 0).unwrap_err();
         assert!(e.contains("damaged before its end"), "{e}");
     }
 
     #[test]
     fn a_gap_in_seq_is_refused() {
         let f = file_with(&[frame(1, &["a"]), frame(3, &["b"])]);
-        assert!(parse(&f).unwrap_err().contains("frames are missing"));
+        assert!(parse(&f, 0).unwrap_err().contains("frames are missing"));
     }
 
     #[test]
     fn a_foreign_header_is_refused() {
-        assert!(parse(b"SQLite format 3\0").unwrap_err().contains("bad magic"));
-        let mut h = header();
+        assert!(parse(b"SQLite format 3\0", 0).unwrap_err().contains("bad magic"));
+        let mut h = header(SALT);
         h[11] = 9;
-        assert!(parse(&h).unwrap_err().contains("format 9"));
-        assert!(parse(&h[..5]).is_err());
+        assert!(parse(&h, 0).unwrap_err().contains("format 9"));
+        assert!(parse(&h[..5], 0).is_err());
+    }
+
+    #[test]
+    fn a_frame_checksummed_under_another_salt_is_not_a_frame() {
+        // Bytes a client wrote (say, session metadata that holds a frame) cannot pass
+        // for a frame without the file's salt.
+        for salt in [None, Some(SALT ^ 1), Some(0)] {
+            let f = file_with(&[frame(1, &["a"]), salted_frame(2, &["b"], salt)]);
+            let p = parse(&f, 0).unwrap();
+            assert_eq!(p.frames.len(), 1, "{salt:?}");
+        }
+        // Nor can a frame under the wrong salt make a damaged frame before it look like
+        // damage in the middle.
+        let f1 = frame(1, &["a"]);
+        let mut f = file_with(&[f1.clone(), frame(2, &["b"]), salted_frame(3, &["c"], None)]);
+        f[HEADER_LEN as usize + f1.len() + FRAME_HEADER_LEN + 3] ^= 1;
+        assert_eq!(parse(&f, 0).unwrap().frames.len(), 1);
+    }
+
+    #[test]
+    fn stale_frames_end_the_log() {
+        // Generation 2 (seqs 41, 42) over generation 1 (seqs 1..=5) of a recycled file:
+        // the frames that follow directly are older, so the log ends there.
+        let old: Vec<Vec<u8>> = (1..=5).map(|q| frame(q, &["k"])).collect();
+        let mut f = file_with(&old);
+        let new = [frame(41, &["k"]), frame(42, &["k"])];
+        let at = HEADER_LEN as usize;
+        let new_len = new[0].len() + new[1].len();
+        f[at..at + new_len].copy_from_slice(&[new[0].clone(), new[1].clone()].concat());
+        let p = parse(&f, 40).unwrap();
+        assert_eq!(p.frames.iter().map(|fr| fr.seq).collect::<Vec<_>>(), vec![41, 42]);
+        assert_eq!(p.valid_end, (at + new_len) as u64);
+        // The first frame at or below the floor: nothing is current (a file whose
+        // frames redb already holds).
+        let p = parse(&file_with(&old), 5).unwrap();
+        assert!(p.frames.is_empty() && p.valid_end == HEADER_LEN);
+        // A torn frame followed by a stale one is a torn tail, not damage.
+        let mut torn = f.clone();
+        torn[at + new[0].len() + FRAME_HEADER_LEN + 2] ^= 1;
+        assert_eq!(parse(&torn, 40).unwrap().frames.len(), 1);
+    }
+
+    #[test]
+    fn format_1_files_are_read() {
+        let mut f = header(0).to_vec();
+        f[8..12].copy_from_slice(&FILE_FORMAT_1.to_be_bytes());
+        for q in 1..=3 {
+            f.extend_from_slice(&salted_frame(q, &["a"], None));
+        }
+        let p = parse(&f, 0).unwrap();
+        assert_eq!((p.frames.len(), p.salt), (3, None));
+        // A salted frame is not a format-1 frame.
+        f.extend_from_slice(&frame(4, &["a"]));
+        assert_eq!(parse(&f, 0).unwrap().frames.len(), 3);
     }
 }
