@@ -1,6 +1,8 @@
 //! Group commit in `DiskStore`: concurrent writers share durable log appends (one
 //! fdatasync per group), compare-and-set stays exact, every operation gets its own
-//! result, and a failed commit acknowledges nothing.
+//! result, and a failed commit acknowledges nothing. Started writes (`Store::start`)
+//! join the same groups, alone or with waiting writers, are answered once durable, and
+//! are committed before a dropped store closes.
 
 #![cfg(feature = "disk")]
 
@@ -12,7 +14,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use erlmcp_rollout::session::{
-    DiskOptions, DiskStore, ManualClock, Session, SessionId, Store, StoreError, StoreOptions, Timeout,
+    DiskOptions, DiskStore, ManualClock, Session, SessionId, Store, StoreError, StoreOptions, Timeout, Unstarted,
+    WriteOp, Written,
 };
 use sim_disk::SimMachine;
 
@@ -385,4 +388,194 @@ fn a_panic_in_the_commit_is_unavailable_and_the_store_goes_on() {
             .unwrap();
         assert_eq!(s.version, 1);
     }
+}
+
+/// Started writes only, from one thread that never blocks: 8 keys x 50 puts, all
+/// started before any answer is awaited. Every answer is the put's own result (versions
+/// 1..=50 per key, in start order), groups are shared, and everything answered `Ok` is
+/// durable: it survives a power cut right after the last answer.
+#[test]
+fn started_writes_are_answered_once_durable_and_share_commits() {
+    const KEYS: usize = 8;
+    const PUTS: u64 = 50;
+    let machine = SimMachine::default();
+    let store = machine.open(opts(), DiskOptions::default()).unwrap();
+    for log in &machine.logs {
+        log.sync_delay(Duration::from_millis(1));
+    }
+    let before = machine.log_syncs();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for w in 0..PUTS {
+        for k in 0..KEYS {
+            let s = Session::new(id(&format!("k{k}")), T0, Timeout::Infinity, format!("{w}").into_bytes());
+            let tx = tx.clone();
+            let started = store.start(WriteOp::Put(s), Box::new(move |r| tx.send((k, w, r)).unwrap()));
+            assert!(started.is_ok());
+        }
+    }
+    drop(tx);
+    let answers: Vec<_> = rx.iter().take(KEYS * PUTS as usize).collect();
+    let syncs = machine.log_syncs() - before;
+    assert_eq!(answers.len(), KEYS * PUTS as usize);
+    for (k, w, r) in &answers {
+        match r {
+            Ok(Written::Session(s)) => {
+                assert_eq!(
+                    (s.version, s.metadata.as_ref()),
+                    (w + 1, format!("{w}").as_bytes()),
+                    "k{k}"
+                )
+            }
+            other => panic!("k{k} put {w}: {other:?}"),
+        }
+    }
+    assert!(
+        syncs < (KEYS as u64 * PUTS) / 4,
+        "{} started writes took {syncs} fsyncs",
+        KEYS as u64 * PUTS
+    );
+    let reopened = SimMachine::from_images(machine.power_cut(None))
+        .open(opts(), DiskOptions::default())
+        .unwrap();
+    for k in 0..KEYS {
+        assert_eq!(reopened.get(&id(&format!("k{k}"))).unwrap().version, PUTS);
+    }
+    drop(store);
+}
+
+/// Started and waiting writers on the same keys: waiting writers lead groups that hold
+/// started writes and the commit thread leads groups that hold waiting ones; every key's
+/// versions form one chain (each version answered exactly once, to whichever kind wrote
+/// it), and creates, compare-and-set and deletes answer as their waiting calls would.
+#[test]
+fn started_and_waiting_writes_mix_in_one_chain() {
+    const THREADS: usize = 4;
+    const WRITES: usize = 200;
+    let (_dir, store) = file_store();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (store, tx) = (Arc::clone(&store), tx.clone());
+            std::thread::spawn(move || {
+                let mut waited = Vec::new();
+                for w in 0..WRITES {
+                    let s = Session::new(id(&format!("k{}", w % 3)), T0, Timeout::Infinity, vec![t as u8]);
+                    if (w + t) % 2 == 0 {
+                        let s = store.put(s).unwrap();
+                        waited.push((s.id, s.version));
+                    } else {
+                        let tx = tx.clone();
+                        store
+                            .start(WriteOp::Put(s), Box::new(move |r| tx.send(r).unwrap()))
+                            .unwrap();
+                    }
+                }
+                waited
+            })
+        })
+        .collect();
+    drop(tx);
+    let mut versions: BTreeMap<SessionId, Vec<u64>> = BTreeMap::new();
+    for h in handles {
+        for (key, v) in h.join().unwrap() {
+            versions.entry(key).or_default().push(v);
+        }
+    }
+    let started: Vec<_> = rx.iter().collect();
+    assert_eq!(started.len(), THREADS * WRITES / 2);
+    for r in started {
+        let Ok(Written::Session(s)) = r else { panic!("{r:?}") };
+        versions.entry(s.id).or_default().push(s.version);
+    }
+    // Started and waited answers together: each key's chain is 1..=n, each version
+    // answered once, n the stored version.
+    assert_eq!(versions.len(), 3);
+    for (key, mut vs) in versions {
+        vs.sort_unstable();
+        let n = store.get(&key).unwrap().version;
+        assert_eq!(vs, (1..=n).collect::<Vec<_>>(), "{key:?}");
+    }
+    // The other writing calls.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ask = |op: WriteOp| {
+        let tx = tx.clone();
+        store.start(op, Box::new(move |r| tx.send(r).unwrap())).unwrap();
+        rx.recv().unwrap()
+    };
+    let fresh = Session::new(id("new"), T0, Timeout::Infinity, vec![]);
+    let Ok(Written::Session(created)) = ask(WriteOp::Create(fresh.clone())) else {
+        panic!()
+    };
+    assert_eq!(created.version, 1);
+    assert!(matches!(
+        ask(WriteOp::Create(fresh.clone())),
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        ask(WriteOp::UpdateIfVersion(fresh.clone(), 7)),
+        Err(StoreError::Conflict {
+            expected: 7,
+            actual: 1,
+            ..
+        })
+    ));
+    assert_eq!(
+        ask(WriteOp::UpdateIfVersion(fresh, 1)).unwrap(),
+        Written::Session(store.get(&id("new")).unwrap())
+    );
+    assert_eq!(ask(WriteOp::Delete(id("new"))).unwrap(), Written::Deleted(true));
+    assert_eq!(ask(WriteOp::Delete(id("new"))).unwrap(), Written::Deleted(false));
+}
+
+/// Invalid input is not started: the op and its callback come back unrun, and the
+/// caller's own run reports the error. A store dropped with started writes still queued
+/// commits and answers them before it closes; a panicking callback loses only its own
+/// answer.
+#[test]
+fn unstarted_invalid_writes_and_started_writes_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let store = DiskStore::create(&path, opts()).unwrap();
+    let big = Session::new(
+        id("big"),
+        T0,
+        Timeout::Infinity,
+        vec![0; erlmcp_rollout::session::MAX_METADATA_LEN + 1],
+    );
+    let called = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&called);
+    let Err(Unstarted { op, .. }) = store.start(
+        WriteOp::Put(big),
+        Box::new(move |_| flag.store(true, std::sync::atomic::Ordering::SeqCst)),
+    ) else {
+        panic!("an oversized put was started")
+    };
+    assert!(matches!(op.run(&store), Err(StoreError::Invalid { .. })));
+    assert!(!called.load(std::sync::atomic::Ordering::SeqCst));
+    let (tx, rx) = std::sync::mpsc::channel();
+    store
+        .start(
+            WriteOp::Put(Session::new(id("p"), T0, Timeout::Infinity, vec![])),
+            Box::new(|_| panic!("a callback that panics (injected)")),
+        )
+        .unwrap();
+    for i in 0..100 {
+        let tx = tx.clone();
+        let s = Session::new(id(&format!("c{i}")), T0, Timeout::Infinity, vec![]);
+        store
+            .start(WriteOp::Put(s), Box::new(move |r| tx.send(r).unwrap()))
+            .unwrap();
+    }
+    drop(tx);
+    drop(store);
+    let answers: Vec<_> = rx.iter().collect();
+    assert_eq!(answers.len(), 100);
+    assert!(answers
+        .iter()
+        .all(|r| matches!(r, Ok(Written::Session(s)) if s.version == 1)));
+    let store = DiskStore::create(&path, opts()).unwrap();
+    for i in 0..100 {
+        assert_eq!(store.get(&id(&format!("c{i}"))).unwrap().version, 1);
+    }
+    assert_eq!(store.get(&id("p")).unwrap().version, 1);
 }

@@ -29,7 +29,7 @@ use redb::{Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable,
 use super::wal::{self, FileLog, HEADER_LEN};
 use super::{
     codec, next_version, validate_batch, BatchOutcome, InvalidInput, ScanPage, Session, SessionId, Store, StoreError,
-    StoreOptions, SweepOutcome, Visibility,
+    StoreOptions, SweepOutcome, Unstarted, Visibility, WriteDone, WriteOp, Written,
 };
 
 /// Records by id bytes; values are [`codec`] records.
@@ -142,6 +142,9 @@ impl Default for DiskOptions {
 pub struct DiskStore {
     inner: Arc<Inner>,
     checkpointer: Option<JoinHandle<()>>,
+    /// Leads groups that hold only started writes ([`Store::start`]); started on the
+    /// first one.
+    committer: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Inner {
@@ -471,8 +474,49 @@ trait Job: Send {
     /// group committed, `Unavailable` when it failed.
     fn finish(self: Box<Self>, commit: &Result<(), StoreError>);
 
-    /// Wakes the waiting caller to lead the next group.
-    fn kick(&self);
+    /// Wakes the waiting caller to lead the next group; `false` when no caller waits (a
+    /// started write), so the committer thread must lead.
+    fn kick(&self) -> bool;
+}
+
+/// Where a job's result goes: a waiting caller's [`Slot`], or a started write's callback.
+trait Answer<T>: Send {
+    /// Delivers the result (called once).
+    fn answer(&mut self, result: Result<T, StoreError>);
+
+    /// See [`Job::kick`].
+    fn kick(&self) -> bool;
+}
+
+impl<T: Send> Answer<T> for Arc<Slot<T>> {
+    fn answer(&mut self, result: Result<T, StoreError>) {
+        Slot::answer(self, result);
+    }
+
+    fn kick(&self) -> bool {
+        lock(&self.state).kicked = true;
+        self.wake.notify_one();
+        true
+    }
+}
+
+/// A started write's callback (see [`Store::start`]).
+struct Callback<D>(Option<D>);
+
+impl<T, D> Answer<T> for Callback<D>
+where
+    D: FnOnce(Result<T, StoreError>) + Send,
+{
+    fn answer(&mut self, result: Result<T, StoreError>) {
+        if let Some(done) = self.0.take() {
+            // A panicking callback loses its own answer only, never the leader's others.
+            let _ = catch_unwind(AssertUnwindSafe(|| done(result)));
+        }
+    }
+
+    fn kick(&self) -> bool {
+        false
+    }
 }
 
 /// Where a waiting writer finds its result, or is told to lead.
@@ -522,17 +566,18 @@ impl<T> Slot<T> {
     }
 }
 
-struct Op<T, F> {
+struct Op<T, F, A: Answer<T>> {
     f: Option<F>,
     result: Option<Result<T, StoreError>>,
-    slot: Arc<Slot<T>>,
+    to: A,
     answered: bool,
 }
 
-impl<T, F> Job for Op<T, F>
+impl<T, F, A> Job for Op<T, F, A>
 where
     T: Send,
     F: FnOnce(&mut Stage<'_, '_>, i64) -> Result<T, StoreError> + Send,
+    A: Answer<T>,
 {
     fn plan(&mut self, view: &View<'_>, now: i64) -> Option<Writes> {
         let f = self.f.take()?;
@@ -560,21 +605,20 @@ where
                 reason: "the write was not run by the group commit".into(),
             }),
         };
-        self.slot.answer(result);
+        self.to.answer(result);
         self.answered = true;
     }
 
-    fn kick(&self) {
-        lock(&self.slot.state).kicked = true;
-        self.slot.wake.notify_one();
+    fn kick(&self) -> bool {
+        self.to.kick()
     }
 }
 
-impl<T, F> Drop for Op<T, F> {
+impl<T, F, A: Answer<T>> Drop for Op<T, F, A> {
     /// A job dropped without [`Job::finish`] (a leader that unwound) still answers.
     fn drop(&mut self) {
         if !self.answered {
-            self.slot.answer(Err(StoreError::Unavailable {
+            self.to.answer(Err(StoreError::Unavailable {
                 reason: "the group commit was abandoned; nothing in it is acknowledged".into(),
             }));
         }
@@ -583,16 +627,21 @@ impl<T, F> Drop for Op<T, F> {
 
 /// The group-commit queue. Each waiting writer waits on its own slot; a leader wakes
 /// the first queued writer to lead the next group, then exactly the writers whose
-/// results it delivered.
+/// results it delivered. When the first queued job is a started write (no caller waits
+/// for it), the committer thread leads instead.
 #[derive(Default)]
 struct Group {
     state: Mutex<GroupState>,
+    /// The committer thread waits here for a group only it can lead.
+    committer: Condvar,
 }
 
 #[derive(Default)]
 struct GroupState {
     queue: Vec<Box<dyn Job>>,
     committing: bool,
+    /// Set by drop: the committer thread leads what is queued, then exits.
+    shutdown: bool,
 }
 
 impl DiskStore {
@@ -873,6 +922,7 @@ impl DiskStore {
         Ok(DiskStore {
             inner,
             checkpointer: Some(checkpointer),
+            committer: Mutex::new(None),
         })
     }
 
@@ -926,7 +976,7 @@ impl DiskStore {
         state.queue.push(Box::new(Op {
             f: Some(f),
             result: None,
-            slot: Arc::clone(&slot),
+            to: Arc::clone(&slot),
             answered: false,
         }));
         loop {
@@ -935,33 +985,48 @@ impl DiskStore {
             }
             if !state.committing {
                 // Lead: commit everything queued so far (our own operation included).
-                state.committing = true;
-                let mut batch = std::mem::take(&mut state.queue);
-                drop(state);
-                let commit = catch_unwind(AssertUnwindSafe(|| inner.commit_group(&mut batch)))
-                    .unwrap_or_else(|_| {
-                        Err(StoreError::Unavailable {
-                            reason: "a panic interrupted it".into(),
-                        })
-                    })
-                    .map_err(commit_failed);
-                {
-                    // The next leader first: the disk should not wait for the wake-ups.
-                    let mut state = lock(&inner.group.state);
-                    state.committing = false;
-                    if let Some(next) = state.queue.first() {
-                        next.kick();
-                    }
-                }
-                for job in batch {
-                    job.finish(&commit);
-                }
+                inner.lead(state);
             } else {
                 drop(state);
                 // Until our result is in, or we are told to lead.
                 slot.wait();
             }
             state = lock(&inner.group.state);
+        }
+    }
+
+    /// Starts the committer thread unless it runs.
+    fn ensure_committer(&self) -> Result<(), std::io::Error> {
+        let mut committer = lock(&self.committer);
+        if committer.is_none() {
+            let inner = Arc::clone(&self.inner);
+            let handle = std::thread::Builder::new()
+                .name("erlmcp-session-commit".into())
+                .spawn(move || inner.run_committer())?;
+            *committer = Some(handle);
+        }
+        Ok(())
+    }
+
+    /// Queues `f` like [`DiskStore::write`] without waiting: `done` gets its result from
+    /// the thread that finishes its group. The committer thread must run.
+    fn enqueue<T, F, D>(&self, f: F, done: D)
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Stage<'_, '_>, i64) -> Result<T, StoreError> + Send + 'static,
+        D: FnOnce(Result<T, StoreError>) + Send + 'static,
+    {
+        let inner = &*self.inner;
+        let mut state = lock(&inner.group.state);
+        state.queue.push(Box::new(Op {
+            f: Some(f),
+            result: None,
+            to: Callback(Some(done)),
+            answered: false,
+        }));
+        if !state.committing {
+            // Nobody leads: the committer does (a kicked writer may beat it; either leads).
+            inner.group.committer.notify_one();
         }
     }
 
@@ -987,6 +1052,53 @@ impl DiskStore {
 }
 
 impl Inner {
+    /// Leads one group (the caller holds the group lock and nobody is committing): runs
+    /// and commits every queued job, hands leadership to the next queued one, then
+    /// answers this group's jobs.
+    fn lead(&self, mut state: MutexGuard<'_, GroupState>) {
+        state.committing = true;
+        let mut batch = std::mem::take(&mut state.queue);
+        drop(state);
+        let commit = catch_unwind(AssertUnwindSafe(|| self.commit_group(&mut batch)))
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable {
+                    reason: "a panic interrupted it".into(),
+                })
+            })
+            .map_err(commit_failed);
+        {
+            // The next leader first: the disk should not wait for the wake-ups.
+            let mut state = lock(&self.group.state);
+            state.committing = false;
+            if let Some(next) = state.queue.first() {
+                if !next.kick() {
+                    self.group.committer.notify_one();
+                }
+            }
+        }
+        for job in batch {
+            job.finish(&commit);
+        }
+    }
+
+    /// The committer thread: leads whenever jobs are queued and nobody leads (it is
+    /// woken when the first queued job is a started write); after shutdown, until the
+    /// queue is empty.
+    fn run_committer(&self) {
+        let mut state = lock(&self.group.state);
+        loop {
+            if !state.committing && !state.queue.is_empty() {
+                self.lead(state);
+                state = lock(&self.group.state);
+                continue;
+            }
+            if state.shutdown && state.queue.is_empty() {
+                return;
+            }
+            state = self.group.committer.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
     /// Runs `batch` as one group: plans every operation, appends the group's records as
     /// one frame, syncs it, publishes the records to the tail index.
     fn commit_group(&self, batch: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
@@ -1214,6 +1326,12 @@ impl Drop for DiskStore {
     /// Stops the checkpointer, then (with [`DiskOptions::checkpoint_on_close`])
     /// checkpoints everything; a failure there loses nothing (the next open replays).
     fn drop(&mut self) {
+        // Started writes still queued are committed (and answered) first.
+        lock(&self.inner.group.state).shutdown = true;
+        self.inner.group.committer.notify_all();
+        if let Some(h) = lock(&self.committer).take() {
+            let _ = h.join();
+        }
         lock(&self.inner.signal).shutdown = true;
         self.inner.wake.notify_all();
         if let Some(h) = self.checkpointer.take() {
@@ -1225,21 +1343,76 @@ impl Drop for DiskStore {
     }
 }
 
-impl Store for DiskStore {
-    fn create(&self, mut session: Session) -> Result<Session, StoreError> {
-        session.validate()?;
-        self.write(move |stage, now| {
-            let stored = stage.load(&session.id)?;
-            if stored.as_ref().is_some_and(|s| s.is_live(now)) {
-                return Err(StoreError::AlreadyExists {
-                    key: session.id.clone(),
-                });
+/// The group-commit operations of the writing [`Store`] calls, shared by the waiting
+/// calls and [`Store::start`]. Input was validated before.
+fn create_op(mut session: Session) -> impl FnOnce(&mut Stage<'_, '_>, i64) -> Result<Session, StoreError> + Send {
+    move |stage, now| {
+        let stored = stage.load(&session.id)?;
+        if stored.as_ref().is_some_and(|s| s.is_live(now)) {
+            return Err(StoreError::AlreadyExists {
+                key: session.id.clone(),
+            });
+        }
+        session.version = next_version(stored.as_ref());
+        session.tombstone = false;
+        stage.save(&session)?;
+        Ok(session)
+    }
+}
+
+fn put_op(mut session: Session) -> impl FnOnce(&mut Stage<'_, '_>, i64) -> Result<Session, StoreError> + Send {
+    move |stage, _| {
+        session.version = next_version(stage.load(&session.id)?.as_ref());
+        session.tombstone = false;
+        stage.save(&session)?;
+        Ok(session)
+    }
+}
+
+fn update_op(
+    mut session: Session,
+    expected: u64,
+) -> impl FnOnce(&mut Stage<'_, '_>, i64) -> Result<Session, StoreError> + Send {
+    move |stage, now| {
+        match stage.load(&session.id)? {
+            Some(s) if s.is_live(now) => {
+                if s.version != expected {
+                    return Err(StoreError::Conflict {
+                        key: session.id.clone(),
+                        expected,
+                        actual: s.version,
+                    });
+                }
             }
-            session.version = next_version(stored.as_ref());
-            session.tombstone = false;
-            stage.save(&session)?;
-            Ok(session)
-        })
+            _ => {
+                return Err(StoreError::NotFound {
+                    key: session.id.clone(),
+                })
+            }
+        }
+        session.version = expected.saturating_add(1);
+        session.tombstone = false;
+        stage.save(&session)?;
+        Ok(session)
+    }
+}
+
+fn delete_op(id: SessionId) -> impl FnOnce(&mut Stage<'_, '_>, i64) -> Result<bool, StoreError> + Send {
+    move |stage, now| match stage.load(&id)? {
+        Some(mut s) if !s.tombstone => {
+            let was_live = s.is_live(now);
+            s.bury(now);
+            stage.save(&s)?;
+            Ok(was_live)
+        }
+        _ => Ok(false),
+    }
+}
+
+impl Store for DiskStore {
+    fn create(&self, session: Session) -> Result<Session, StoreError> {
+        session.validate()?;
+        self.write(create_op(session))
     }
 
     fn get(&self, id: &SessionId) -> Result<Session, StoreError> {
@@ -1250,53 +1423,34 @@ impl Store for DiskStore {
         self.lookup(id)
     }
 
-    fn put(&self, mut session: Session) -> Result<Session, StoreError> {
+    fn put(&self, session: Session) -> Result<Session, StoreError> {
         session.validate()?;
-        self.write(move |stage, _| {
-            session.version = next_version(stage.load(&session.id)?.as_ref());
-            session.tombstone = false;
-            stage.save(&session)?;
-            Ok(session)
-        })
+        self.write(put_op(session))
     }
 
-    fn update_if_version(&self, mut session: Session, expected: u64) -> Result<Session, StoreError> {
+    fn update_if_version(&self, session: Session, expected: u64) -> Result<Session, StoreError> {
         session.validate()?;
-        self.write(move |stage, now| {
-            match stage.load(&session.id)? {
-                Some(s) if s.is_live(now) => {
-                    if s.version != expected {
-                        return Err(StoreError::Conflict {
-                            key: session.id.clone(),
-                            expected,
-                            actual: s.version,
-                        });
-                    }
-                }
-                _ => {
-                    return Err(StoreError::NotFound {
-                        key: session.id.clone(),
-                    })
-                }
-            }
-            session.version = expected.saturating_add(1);
-            session.tombstone = false;
-            stage.save(&session)?;
-            Ok(session)
-        })
+        self.write(update_op(session, expected))
     }
 
     fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
-        let id = id.clone();
-        self.write(move |stage, now| match stage.load(&id)? {
-            Some(mut s) if !s.tombstone => {
-                let was_live = s.is_live(now);
-                s.bury(now);
-                stage.save(&s)?;
-                Ok(was_live)
+        self.write(delete_op(id.clone()))
+    }
+
+    fn start(&self, op: WriteOp, done: WriteDone) -> Result<(), Unstarted> {
+        // Invalid input: the caller's own run of `op` reports it.
+        if op.validate().is_err() || self.ensure_committer().is_err() {
+            return Err(Unstarted { op, done });
+        }
+        match op {
+            WriteOp::Create(s) => self.enqueue(create_op(s), move |r| done(r.map(Written::Session))),
+            WriteOp::Put(s) => self.enqueue(put_op(s), move |r| done(r.map(Written::Session))),
+            WriteOp::UpdateIfVersion(s, expected) => {
+                self.enqueue(update_op(s, expected), move |r| done(r.map(Written::Session)))
             }
-            _ => Ok(false),
-        })
+            WriteOp::Delete(id) => self.enqueue(delete_op(id), move |r| done(r.map(Written::Deleted))),
+        }
+        Ok(())
     }
 
     fn touch(&self, id: &SessionId) -> Result<Session, StoreError> {

@@ -428,4 +428,113 @@ pub trait Store: Send + Sync {
     /// # Errors
     /// Only backend errors.
     fn sweep_expired(&self, now_ms: i64) -> Result<SweepOutcome, StoreError>;
+
+    /// Starts the write `op` without blocking the calling thread, when this store can:
+    /// then `done` later receives exactly what [`WriteOp::run`] would have returned,
+    /// on a thread of the store's, and this returns `Ok(())`. A store that cannot (the
+    /// default, and any store for input that is invalid) hands both back unrun: run
+    /// `op` with [`WriteOp::run`] on a thread that may block.
+    ///
+    /// [`DiskStore`] can: the write joins its next group commit, and `done` runs on the
+    /// thread that finishes that group, right after its `fdatasync` (after the next
+    /// group's leader was woken). `done` should be quick (it delays the other answers of
+    /// its group, not the disk); a panic in it is contained.
+    ///
+    /// # Errors
+    /// [`Unstarted`] (holding `op` and `done`): not started; nothing was written and
+    /// `done` was not called.
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::session::{DiskStore, Session, SessionId, Store, StoreOptions, Timeout, WriteOp, Written};
+    /// let dir = tempfile::tempdir()?;
+    /// let store = DiskStore::create(dir.path().join("s.redb"), StoreOptions::default())?;
+    /// let (tx, rx) = std::sync::mpsc::channel();
+    /// let op = WriteOp::Put(Session::new(SessionId::new("s1")?, 0, Timeout::Infinity, vec![]));
+    /// let started = store.start(op, Box::new(move |r| tx.send(r).unwrap()));
+    /// assert!(started.is_ok()); // this thread goes on; the answer comes once durable
+    /// let Written::Session(s) = rx.recv()?? else { unreachable!() };
+    /// assert_eq!(store.get(&s.id)?, s);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[allow(clippy::result_large_err)] // the unstarted op goes back by value, unboxed
+    fn start(&self, op: WriteOp, done: WriteDone) -> Result<(), Unstarted> {
+        Err(Unstarted { op, done })
+    }
+}
+
+/// A write for [`Store::start`] (or [`WriteOp::run`]): one of the writing calls of
+/// [`Store`], with its arguments.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WriteOp {
+    /// [`Store::create`].
+    Create(Session),
+    /// [`Store::put`].
+    Put(Session),
+    /// [`Store::update_if_version`] with the expected version.
+    UpdateIfVersion(Session, u64),
+    /// [`Store::delete`].
+    Delete(SessionId),
+}
+
+/// What a [`WriteOp`] returns.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Written {
+    /// The stored session ([`WriteOp::Create`], [`WriteOp::Put`],
+    /// [`WriteOp::UpdateIfVersion`]).
+    Session(Session),
+    /// Whether a live session was deleted ([`WriteOp::Delete`]).
+    Deleted(bool),
+}
+
+/// Receives the result of a started write ([`Store::start`]).
+pub type WriteDone = Box<dyn FnOnce(Result<Written, StoreError>) + Send>;
+
+/// A write [`Store::start`] did not start, given back: run `op` (and hand its result to
+/// `done`) on a thread that may block.
+pub struct Unstarted {
+    /// The write.
+    pub op: WriteOp,
+    /// Its callback, not called.
+    pub done: WriteDone,
+}
+
+impl std::fmt::Debug for Unstarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unstarted")
+            .field("op", &self.op)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WriteOp {
+    /// Runs the write on `store`, waiting for it (the calling thread may block).
+    ///
+    /// # Errors
+    /// As the [`Store`] method it stands for.
+    ///
+    /// # Examples
+    /// ```
+    /// use erlmcp_rollout::session::{MemoryStore, Store, SessionId, StoreOptions, WriteOp, Written};
+    /// let store = MemoryStore::new(StoreOptions::default());
+    /// let deleted = WriteOp::Delete(SessionId::new("absent")?).run(&store)?;
+    /// assert_eq!(deleted, Written::Deleted(false));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn run(self, store: &dyn Store) -> Result<Written, StoreError> {
+        match self {
+            WriteOp::Create(s) => store.create(s).map(Written::Session),
+            WriteOp::Put(s) => store.put(s).map(Written::Session),
+            WriteOp::UpdateIfVersion(s, expected) => store.update_if_version(s, expected).map(Written::Session),
+            WriteOp::Delete(id) => store.delete(&id).map(Written::Deleted),
+        }
+    }
+
+    /// The input checks every store makes before writing (metadata size).
+    fn validate(&self) -> Result<(), InvalidInput> {
+        match self {
+            WriteOp::Create(s) | WriteOp::Put(s) | WriteOp::UpdateIfVersion(s, _) => s.validate(),
+            WriteOp::Delete(_) => Ok(()),
+        }
+    }
 }

@@ -22,7 +22,8 @@ use std::time::Duration;
 use erlmcp_rollout::migrate::hybrid::HybridRegistry;
 use erlmcp_rollout::session::shared::{OpenError, StoreRegistry};
 use erlmcp_rollout::session::{
-    Clock, MetaFormat, PinnableClock, Session, SessionId, Store, StoreError, Visibility, MAX_METADATA_LEN,
+    Clock, MetaFormat, PinnableClock, Session, SessionId, Store, StoreError, Visibility, WriteOp, Written,
+    MAX_METADATA_LEN,
 };
 use erlmcp_rollout::workers::{Job, WorkerPool};
 use rustler::env::SavedTerm;
@@ -168,6 +169,50 @@ fn run<'a>(
     submit(env, job)
 }
 
+/// Starts the write `op` on a store that can start writes (disk: it joins the next
+/// group commit, and the thread that commits it sends `{Tag, Result}`; no worker
+/// thread waits per write), else runs it like [`run`]. `reply` turns its result into
+/// the reply.
+fn run_write<'a>(
+    env: Env<'a>,
+    handle: &StoreHandle,
+    tag: Term<'a>,
+    op: WriteOp,
+    reply: fn(Result<Written, StoreError>) -> Reply,
+) -> Term<'a> {
+    if !handle.blocking {
+        return run(env, handle, tag, false, move |store| reply(op.run(store)));
+    }
+    let pid: LocalPid = env.pid();
+    let mut owned = OwnedEnv::new();
+    let saved: SavedTerm = owned.save(tag);
+    let done: erlmcp_rollout::session::WriteDone = Box::new(move |result| {
+        let reply = reply(result);
+        let mut send = move || {
+            // The caller may have died meanwhile: nothing to do then.
+            let _ = owned.send_and_clear(&pid, |env| {
+                let tag = saved.load(env);
+                (tag, encode_reply(env, &reply))
+            });
+        };
+        // The committing thread is the store's or a worker, never a scheduler, unless
+        // some caller wrote on a scheduler thread; enif_send may not run there.
+        if rustler::thread::is_scheduler_thread() {
+            let _ = POOL.submit(Box::new(send));
+        } else {
+            send();
+        }
+    });
+    match handle.store.start(op, done) {
+        Ok(()) => atoms::async_().encode(env),
+        // Not started (invalid input, no commit thread): a worker runs it.
+        Err(erlmcp_rollout::session::Unstarted { op, done }) => {
+            let store = handle.store.clone();
+            submit(env, Box::new(move || done(op.run(store.as_ref()))))
+        }
+    }
+}
+
 /// `session_open(Spec, Opts) -> {ok, Handle, Kind} | {error, Reason}` with
 /// Spec `memory | {disk, Path} | {etcd, Endpoints} | {hybrid, Primary,
 /// Secondary}` and Opts a map (`name`, `prefix`, `touch_permille`,
@@ -244,7 +289,7 @@ fn session_put<'a>(
         }
     };
     let session = f.into_session(meta, format);
-    Ok(run(env, handle, tag, false, move |store| match store.put(session) {
+    Ok(run_write(env, handle, tag, WriteOp::Put(session), |r| match r {
         Ok(_) => Reply::Ok,
         Err(e) => Reply::Failed(e),
     }))
@@ -308,8 +353,11 @@ fn session_delete<'a>(env: Env<'a>, handle: &StoreHandle, tag: Term<'a>, id: Ter
         Ok(id) => id,
         Err(e) => return invalid(env, &e),
     };
-    run(env, handle, tag, false, move |store| match store.delete(&id) {
-        Ok(d) => Reply::Deleted(d),
+    run_write(env, handle, tag, WriteOp::Delete(id), |r| match r {
+        Ok(Written::Deleted(d)) => Reply::Deleted(d),
+        Ok(Written::Session(_)) => Reply::Failed(StoreError::Unavailable {
+            reason: "a delete answered with a session".into(),
+        }),
         Err(e) => Reply::Failed(e),
     })
 }
