@@ -9,7 +9,11 @@
 //! sends `{Tag, Result}` to the caller (the Erlang side waits for it with a
 //! selective receive on `Tag`, a fresh reference). Worker threads are not
 //! scheduler threads, so many concurrent callers do not queue behind the ten
-//! dirty I/O schedulers, and concurrent durable writes share commits.
+//! dirty I/O schedulers, and concurrent durable writes share commits. Writes
+//! (`session_put`, `session_delete`) to a store that can start them
+//! (`Store::start`: disk) skip the worker: the NIF queues the write for the
+//! store's next group commit (bounded: a lock and a push) and the thread that
+//! commits the group sends `{Tag, Result}` after its fdatasync.
 //!
 //! Files: `handle` (the resource and its lifecycle), `spec` (store specs and
 //! options), `record` (sessions and errors as terms), `migration` (hybrid
