@@ -34,10 +34,6 @@ use erlmcp_rollout::session::{DiskOptions, DiskStore, Session, Store, StoreOptio
 
 const N: usize = 10_000;
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 /// Bare durable appends for `span`: (count, elapsed).
 fn bare_for(file: &mut File, span: Duration) -> (u64, Duration) {
     let start = Instant::now();
@@ -115,19 +111,12 @@ fn main() {
     // `cargo bench -- FILTER` passes FILTER to every bench: run only when it is part of
     // this bench's name (or absent).
     let name = "disk_fsync_ratio";
-    if std::env::args()
-        .skip(1)
-        .any(|a| !a.starts_with('-') && !name.contains(a.as_str()))
-    {
+    if !workload::selected(name) {
         return;
     }
-    let rounds = env_or("ROUNDS", 6).max(1);
-    let span = Duration::from_millis(env_or("ROUND_MS", 1000).max(10));
-    let dir = match std::env::var_os("BENCH_DIR") {
-        Some(d) => tempfile::tempdir_in(d),
-        None => tempfile::tempdir(),
-    }
-    .unwrap();
+    let rounds = workload::env_or("ROUNDS", 6).max(1);
+    let span = Duration::from_millis(workload::env_or("ROUND_MS", 1000).max(10));
+    let dir = workload::bench_dir();
     let prepared: Vec<Session> = workload::ids(N).iter().map(workload::session).collect();
     let mut probe = std::fs::OpenOptions::new()
         .create(true)

@@ -29,6 +29,7 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 #[path = "support/workload.rs"]
+#[allow(dead_code)] // the shared workload; the harness-less benches' helpers are not used here
 mod workload;
 
 use workload::{bare_append, ids, order, session};

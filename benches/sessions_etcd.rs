@@ -17,7 +17,8 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 #[path = "support/workload.rs"]
-#[allow(dead_code)] // the shared workload; the disk floor (`bare_append`) is not this bench's baseline
+#[allow(dead_code)]
+// the shared workload; the disk floor (`bare_append`) and the harness-less benches' helpers are not used here
 mod workload;
 
 use workload::{ids, order, session};

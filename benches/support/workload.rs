@@ -33,3 +33,25 @@ pub fn bare_append(file: &mut std::fs::File) {
     file.write_all(&[b'x'; 512]).unwrap();
     file.sync_data().unwrap();
 }
+
+/// For a bench without criterion's harness: whether it runs. `cargo bench -- FILTER`
+/// passes FILTER to every bench; run only when it is part of `name` (or absent).
+pub fn selected(name: &str) -> bool {
+    !std::env::args()
+        .skip(1)
+        .any(|a| !a.starts_with('-') && !name.contains(a.as_str()))
+}
+
+/// The environment variable `name` as a number, else `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A fresh temporary directory in `BENCH_DIR` (default: the system's).
+pub fn bench_dir() -> tempfile::TempDir {
+    match std::env::var_os("BENCH_DIR") {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .unwrap()
+}
