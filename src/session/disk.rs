@@ -61,8 +61,9 @@ pub struct DiskOptions {
     /// Checkpoint this long after the previous one when the log holds anything (`None`:
     /// never because of time).
     pub checkpoint_interval: Option<Duration>,
-    /// Checkpoint everything when the store is dropped, leaving an empty log. With
-    /// `false` the log is kept and replayed by the next open, as after a crash.
+    /// Checkpoint everything when the store is dropped, leaving nothing in the log to
+    /// replay. With `false` the log is kept and replayed by the next open, as after a
+    /// crash.
     pub checkpoint_on_close: bool,
     /// A log file that needs room for a frame grows by this many zero-filled bytes past
     /// it (written with that frame, under its group's one `fdatasync`). Log files are
@@ -127,7 +128,7 @@ impl Default for DiskOptions {
 ///
 /// **Files.** `PATH` (redb) and the two log files [`DiskStore::log_paths`]`(PATH)`; they
 /// belong together (copy all three, with the store closed). A store dropped with
-/// [`DiskOptions::checkpoint_on_close`] leaves its logs empty and redb complete.
+/// [`DiskOptions::checkpoint_on_close`] leaves nothing in its logs to replay and redb complete.
 ///
 /// # Examples
 /// ```
