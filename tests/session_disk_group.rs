@@ -579,3 +579,46 @@ fn unstarted_invalid_writes_and_started_writes_at_close() {
     }
     assert_eq!(store.get(&id("p")).unwrap().version, 1);
 }
+
+/// A started write's callback that holds the last handle to the store: the store closes
+/// on its own commit thread, cleanly (it cannot join that thread; it checkpoints on close
+/// as usual), and the write is kept.
+#[test]
+fn a_callback_may_drop_the_last_handle() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let store = Arc::new(DiskStore::create(&path, opts()).unwrap());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let last = Arc::clone(&store);
+    let s = Session::new(id("kept"), T0, Timeout::Infinity, b"v".to_vec());
+    store
+        .start(
+            WriteOp::Put(s),
+            Box::new(move |r| {
+                ready_rx.recv().unwrap();
+                let ok = r.is_ok();
+                drop(last); // the last handle: the store closes here, on its commit thread
+                done_tx.send(ok).unwrap();
+            }),
+        )
+        .unwrap();
+    drop(store);
+    ready_tx.send(()).unwrap();
+    // A panic in the close (a thread joining itself) would drop `done_tx` unsent.
+    assert_eq!(done_rx.recv(), Ok(true));
+    // Closed with a checkpoint: redb alone holds the write. (The commit thread releases
+    // the files a moment after the callback returns: retry the open until it has.)
+    for log in DiskStore::log_paths(&path) {
+        std::fs::remove_file(log).unwrap();
+    }
+    let reopened = (0..500)
+        .find_map(|_| {
+            DiskStore::create(&path, opts()).ok().or_else(|| {
+                std::thread::sleep(Duration::from_millis(10));
+                None
+            })
+        })
+        .expect("the store's files were never released");
+    assert_eq!(reopened.get(&id("kept")).unwrap().metadata.as_ref(), b"v");
+}

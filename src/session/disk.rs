@@ -1331,7 +1331,12 @@ impl Drop for DiskStore {
         lock(&self.inner.group.state).shutdown = true;
         self.inner.group.committer.notify_all();
         if let Some(h) = lock(&self.committer).take() {
-            let _ = h.join();
+            // A started write's callback may drop the last handle: then this runs on the
+            // commit thread itself, which cannot be joined; it leads what is queued and
+            // exits once its current group is answered.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
         }
         lock(&self.inner.signal).shutdown = true;
         self.inner.wake.notify_all();
