@@ -189,7 +189,6 @@ impl MemoryStore {
     }
 }
 
-/// Most records one scan page visits: twice the page, at least 1024.
 fn read(shard: &Shard) -> RwLockReadGuard<'_, ShardMap> {
     // No code panics while holding a shard lock, so a poisoned lock holds consistent data.
     shard.0.read().unwrap_or_else(PoisonError::into_inner)

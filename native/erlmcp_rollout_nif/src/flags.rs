@@ -551,17 +551,15 @@ fn flags_phash2<'a>(term: Term<'a>, range: u64) -> NifResult<u64> {
     }
     let holder = MapCtx::holder(term, &[]);
     // The core's own hash only: a foreign value would be the VM's answer.
+    let core_value = |t: Term<'a>| match holder.value_of(t) {
+        Some(v) if !matches!(v, Value::Foreign(_)) => Ok(v),
+        _ => Err(Error::BadArg),
+    };
     let hash = if term.is_tuple() {
         let (salt, inner) = term.decode::<(rustler::Binary<'a>, Term<'a>)>()?;
-        match holder.value_of(inner) {
-            Some(v) if !matches!(v, Value::Foreign(_)) => phash2::hash_salted(salt.as_slice(), &v),
-            _ => return Err(Error::BadArg),
-        }
+        phash2::hash_salted(salt.as_slice(), &core_value(inner)?)
     } else {
-        match holder.value_of(term) {
-            Some(v) if !matches!(v, Value::Foreign(_)) => phash2::hash(&v),
-            _ => return Err(Error::BadArg),
-        }
+        phash2::hash(&core_value(term)?)
     };
     Ok(u64::from(hash) % range)
 }
